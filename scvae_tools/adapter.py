@@ -1,0 +1,373 @@
+"""AnnData → tensors: validation, covariate encoding and fast minibatches.
+
+This is the only module that reads an :class:`~anndata.AnnData`. It never writes to
+one: every array it keeps is a copy or a read-only view of the user's data.
+
+Two objects come out of here:
+
+* :class:`DataSpec` — *which* parts of the AnnData feed the model (layer, obs keys)
+  and the category lists learned at set-up. It is JSON-serialisable and saved with
+  a model, so a later AnnData is encoded exactly the same way.
+* :class:`CellData` — the encoded arrays (counts as CSR or dense, library sizes,
+  batch codes, covariates) for one AnnData, with :meth:`CellData.batches` yielding
+  torch minibatches without per-cell Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+# Data below this many dense float32 bytes is densified once and indexed as a tensor:
+# gathering rows of a dense tensor is far faster than slicing CSR per batch.
+DENSE_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class DataSpec:
+    """What the model reads from an AnnData, and the categories it knows."""
+
+    var_names: list[str]
+    layer: str | None = None
+    batch_key: str | None = None
+    batch_categories: list[str] = field(default_factory=list)
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    categorical_covariate_categories: dict[str, list[str]] = field(default_factory=dict)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    size_factor_key: str | None = None
+    allow_non_integer: bool = False
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_batch(self) -> int:
+        return max(len(self.batch_categories), 1)
+
+    @property
+    def n_cats_per_cov(self) -> list[int]:
+        return [len(self.categorical_covariate_categories[k]) for k in self.categorical_covariate_keys]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        return cls(**d)
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        size_factor_key: str | None = None,
+        allow_non_integer: bool = False,
+    ) -> DataSpec:
+        """Learn the spec (gene order, categories) from the AnnData used for training."""
+        _check_not_empty(adata)
+        if adata.var_names.has_duplicates:
+            dups = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"Gene names must be unique; duplicated: {dups}. "
+                "Fix with `adata.var_names_make_unique()`."
+            )
+        cat_keys = list(categorical_covariate_keys or [])
+        cont_keys = list(continuous_covariate_keys or [])
+        for key in [batch_key, size_factor_key, *cat_keys, *cont_keys]:
+            if key is not None:
+                _check_obs_key(adata, key)
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(
+                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
+                "Pass layer=None to use adata.X."
+            )
+        return cls(
+            var_names=[str(v) for v in adata.var_names],
+            layer=layer,
+            batch_key=batch_key,
+            batch_categories=_categories(adata.obs, batch_key) if batch_key else [],
+            categorical_covariate_keys=cat_keys,
+            categorical_covariate_categories={k: _categories(adata.obs, k) for k in cat_keys},
+            continuous_covariate_keys=cont_keys,
+            size_factor_key=size_factor_key,
+            allow_non_integer=allow_non_integer,
+        )
+
+
+@dataclass
+class Batch:
+    """One minibatch on the model's device."""
+
+    x: torch.Tensor  # (n, genes) float32 counts
+    library: torch.Tensor  # (n, 1) library size
+    batch_index: torch.Tensor  # (n,) int64 batch codes (zeros without batch_key)
+    cat_covs: torch.Tensor  # (n, k) int64 codes
+    cont_covs: torch.Tensor  # (n, m) float32
+    index: torch.Tensor  # (n,) int64 row numbers into the CellData
+
+
+class CellData:
+    """Encoded arrays of one AnnData under a :class:`DataSpec`.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes AnnData. Must contain every gene of ``spec.var_names``; columns are
+        reordered by name when the order differs.
+    spec
+        What to read (from :meth:`DataSpec.from_anndata` or a saved model).
+    validate
+        Check the counts (non-negative, finite, integer unless allowed, no empty cells).
+    """
+
+    def __init__(self, adata, spec: DataSpec, validate: bool = True):
+        _check_not_empty(adata)
+        self.spec = spec
+        self.n_obs = adata.n_obs
+        self.obs_names = adata.obs_names.copy()
+        counts = _select_genes(_get_counts(adata, spec.layer), adata.var_names, spec.var_names)
+        counts = _as_float32(counts)
+        if validate:
+            validate_counts(counts, allow_non_integer=spec.allow_non_integer)
+        self.X = counts  # CSR or dense float32 (a copy: user data is never aliased for writing)
+        obs = adata.obs
+        if spec.size_factor_key is not None:
+            lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
+            if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
+                raise ValueError(
+                    f"obs[{spec.size_factor_key!r}] must be positive and finite for every cell; "
+                    "fix or drop those cells, or leave size_factor_key=None to use each cell's total counts."
+                )
+        else:
+            lib = np.asarray(counts.sum(axis=1)).ravel().astype(np.float32)
+        self.library = lib
+        self.batch_index = (
+            _encode(obs, spec.batch_key, spec.batch_categories)
+            if spec.batch_key
+            else np.zeros(self.n_obs, dtype=np.int64)
+        )
+        self.cat_covs = np.stack(
+            [
+                _encode(obs, k, spec.categorical_covariate_categories[k])
+                for k in spec.categorical_covariate_keys
+            ],
+            axis=1,
+        ) if spec.categorical_covariate_keys else np.zeros((self.n_obs, 0), dtype=np.int64)
+        self.cont_covs = np.stack(
+            [_numeric_obs(obs, k).astype(np.float32) for k in spec.continuous_covariate_keys],
+            axis=1,
+        ) if spec.continuous_covariate_keys else np.zeros((self.n_obs, 0), dtype=np.float32)
+        if not np.all(np.isfinite(self.cont_covs)):
+            raise ValueError(
+                "Continuous covariates contain NaN or inf; fill or drop those cells first."
+            )
+        self._device_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ batching
+    def _on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """All per-cell arrays as tensors on ``device`` (counts dense if small enough)."""
+        key = str(device)
+        if key not in self._device_cache:
+            n, g = self.X.shape
+            dense_ok = n * g * 4 <= DENSE_LIMIT_BYTES
+            t: dict[str, torch.Tensor] = {
+                "library": torch.from_numpy(self.library).to(device).unsqueeze(1),
+                "batch_index": torch.from_numpy(self.batch_index).to(device),
+                "cat_covs": torch.from_numpy(self.cat_covs).to(device),
+                "cont_covs": torch.from_numpy(self.cont_covs).to(device),
+            }
+            if dense_ok:
+                dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
+                t["x"] = torch.from_numpy(dense).to(device)
+            self._device_cache = {key: t}  # keep only one device's copy
+        return self._device_cache[key]
+
+    def batches(
+        self,
+        indices: np.ndarray | None = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        drop_singleton: bool = False,
+    ) -> Iterator[Batch]:
+        """Yield minibatches over ``indices`` (default: all cells).
+
+        With ``drop_singleton`` a trailing batch of one cell is merged into the previous
+        batch instead (BatchNorm cannot train on one cell; every cell is still seen).
+        """
+        device = torch.device(device)
+        idx = torch.arange(self.n_obs) if indices is None else torch.as_tensor(indices)
+        if shuffle:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+        t = self._on_device(device)
+        starts = list(range(0, len(idx), batch_size))
+        if drop_singleton and len(starts) > 1 and len(idx) - starts[-1] == 1:
+            starts.pop()
+        for i, s in enumerate(starts):
+            e = starts[i + 1] if i + 1 < len(starts) else len(idx)
+            rows = idx[s:e]
+            rows_dev = rows.to(device, non_blocking=True)
+            if "x" in t:
+                x = t["x"].index_select(0, rows_dev)
+            else:
+                x = torch.from_numpy(_dense_rows(self.X, rows.numpy())).to(device, non_blocking=True)
+            yield Batch(
+                x=x,
+                library=t["library"].index_select(0, rows_dev),
+                batch_index=t["batch_index"].index_select(0, rows_dev),
+                cat_covs=t["cat_covs"].index_select(0, rows_dev),
+                cont_covs=t["cont_covs"].index_select(0, rows_dev),
+                index=rows_dev,
+            )
+
+
+# ---------------------------------------------------------------------- validation
+def validate_counts(X, allow_non_integer: bool = False) -> None:
+    """Raise ``ValueError`` naming the problem and the fix if ``X`` is not a count matrix."""
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if values.size and not np.all(np.isfinite(values)):
+        raise ValueError(
+            "The count matrix contains NaN or inf values. Replace them (e.g. with 0) or drop "
+            "the affected cells/genes before training."
+        )
+    if values.size and values.min() < 0:
+        raise ValueError(
+            "The count matrix contains negative values; a count model needs raw counts. "
+            "Pass the raw counts (e.g. layer='counts' or adata.raw) rather than scaled or "
+            "log-normalised data."
+        )
+    if not allow_non_integer and values.size and not np.all(values == np.round(values)):
+        raise ValueError(
+            "The count matrix contains non-integer values; it looks normalised or "
+            "log-transformed. Use raw integer counts (e.g. layer='counts'), or pass "
+            "allow_non_integer=True for ambient-corrected / pseudo-counts."
+        )
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals == 0)
+    if empty.size:
+        raise ValueError(
+            f"{empty.size} cell(s) have zero total counts (first row indices: {empty[:5].tolist()}). "
+            "Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+
+
+def _check_not_empty(adata) -> None:
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
+            "pass an AnnData with at least one cell and one gene."
+        )
+
+
+def _check_obs_key(adata, key: str) -> None:
+    if key not in adata.obs.columns:
+        raise KeyError(
+            f"{key!r} is not a column of adata.obs (available: {list(adata.obs.columns)}). "
+            "Check the spelling of the key or add the column first."
+        )
+
+
+def _get_counts(adata, layer: str | None):
+    if layer is None:
+        X = adata.X
+    else:
+        if layer not in adata.layers:
+            raise KeyError(
+                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)})."
+            )
+        X = adata.layers[layer]
+    if X is None:
+        raise ValueError("adata.X is None; pass layer= naming the layer with counts.")
+    if hasattr(X, "to_memory"):  # backed sparse dataset
+        X = X.to_memory()
+    return X
+
+
+def _as_float32(X):
+    """Counts as float32 CSR (sparse input) or a dense float32 array; always a new array."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        X.sum_duplicates()
+        return X
+    return np.array(X, dtype=np.float32, copy=True)
+
+
+def _select_genes(X, have: pd.Index, want: list[str]):
+    have_list = [str(v) for v in have]
+    if have_list == want:
+        return X
+    have_set, want_set = set(have_list), set(want)
+    missing = [g for g in want if g not in have_set]
+    if missing:
+        extra = [g for g in have_list if g not in want_set]
+        raise ValueError(
+            f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
+            f"(e.g. {missing[:5]}); it also has {len(extra)} genes the model does not know "
+            f"(e.g. {extra[:5]}). Subset/reorder it to the model's genes, e.g. "
+            "`adata[:, model.var_names]`, after adding the missing ones (as zeros) if needed."
+        )
+    if have.has_duplicates:
+        raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
+    order = pd.Index(have_list).get_indexer(want)
+    if sp.issparse(X):
+        return sp.csr_matrix(X)[:, order]
+    return np.asarray(X)[:, order]
+
+
+def _categories(obs: pd.DataFrame, key: str) -> list[str]:
+    col = obs[key]
+    if col.isna().any():
+        raise ValueError(
+            f"obs[{key!r}] has {int(col.isna().sum())} missing label(s). Fill them "
+            f"(e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)` or a placeholder) "
+            "or drop those cells."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(col.astype(str))
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    return sorted({str(v) for v in col})
+
+
+def _encode(obs: pd.DataFrame, key: str, categories: list[str]) -> np.ndarray:
+    if key not in obs.columns:
+        raise KeyError(f"{key!r} is not a column of adata.obs; the model was set up with it.")
+    col = obs[key]
+    if col.isna().any():
+        raise ValueError(
+            f"obs[{key!r}] has {int(col.isna().sum())} missing label(s); fill them or drop those cells."
+        )
+    codes = pd.Categorical(col.astype(str), categories=categories).codes.astype(np.int64)
+    if np.any(codes < 0):
+        unseen = sorted(set(col.astype(str)) - set(categories))
+        raise ValueError(
+            f"obs[{key!r}] has categories the model was not trained on: {unseen[:5]} "
+            f"(known: {categories[:10]}). Map those cells to a known category, or use "
+            "`SCVAE.load_query` to extend a reference model with new batches."
+        )
+    return codes
+
+
+def _numeric_obs(obs: pd.DataFrame, key: str) -> np.ndarray:
+    if key not in obs.columns:
+        raise KeyError(f"{key!r} is not a column of adata.obs (available: {list(obs.columns)}).")
+    try:
+        return obs[key].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"obs[{key!r}] must be numeric; it has dtype {obs[key].dtype}.") from err
+
+
+def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
+    if sp.issparse(X):
+        return X[rows].toarray()
+    return np.asarray(X[rows])

@@ -1,0 +1,486 @@
+"""The user-facing model: :class:`SCVAE` ties an AnnData to a :class:`~scvae_tools.module.VAE`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .adapter import CellData, DataSpec
+from .module import VAE, ModuleConfig
+from .train import TrainConfig, default_max_epochs, evaluate, split_indices, train_module
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+HISTORY_FILE = "history.csv"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA if available, else Apple MPS, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class SCVAE:
+    """Variational autoencoder for single-cell counts with a Negative Binomial likelihood.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes AnnData with raw counts in ``X`` or ``layers[layer]`` (dense, CSR or
+        CSC; integer-valued). It is validated here and never modified.
+    layer
+        Layer holding the counts; ``None`` uses ``adata.X``.
+    batch_key
+        ``obs`` column of batch labels; the encoder and decoder are conditioned on it.
+    categorical_covariate_keys, continuous_covariate_keys
+        Further ``obs`` columns to condition on (one-hot encoded / used as they are).
+    size_factor_key
+        ``obs`` column with each cell's library size; default: the cell's total counts.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Architecture: latent dimensions, hidden units per layer, hidden layers, encoder dropout.
+    likelihood
+        ``"nb"`` (Negative Binomial, default), ``"zinb"`` (zero-inflated NB) or ``"poisson"``.
+    dispersion
+        NB inverse dispersion θ per ``"gene"``, per ``"gene-batch"`` or per ``"gene-cell"``.
+    beta
+        Weight of the KL term in the ELBO (β-VAE); 1 gives the true ELBO.
+    free_bits
+        Per-dimension KL floor λ in nats (0 disables) against posterior collapse.
+    allow_non_integer
+        Accept non-integer values (e.g. ambient-corrected counts).
+
+    Examples
+    --------
+    >>> model = SCVAE(adata, n_latent=10)
+    >>> model.train()
+    >>> model.write_to_adata(adata)          # obsm["X_scvae"], layers["scvae_denoised"], ...
+    """
+
+    def __init__(
+        self,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        size_factor_key: str | None = None,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        likelihood: str = "nb",
+        dispersion: str = "gene",
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+        allow_non_integer: bool = False,
+    ):
+        if dispersion == "gene-batch" and batch_key is None:
+            raise ValueError("dispersion='gene-batch' needs a batch_key.")
+        self.spec = DataSpec.from_anndata(
+            adata, layer=layer, batch_key=batch_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            size_factor_key=size_factor_key, allow_non_integer=allow_non_integer,
+        )
+        self.module_config = ModuleConfig(
+            n_genes=self.spec.n_genes, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
+            dropout_rate=dropout_rate, likelihood=likelihood, dispersion=dispersion,
+            n_batch=self.spec.n_batch, n_cats_per_cov=self.spec.n_cats_per_cov,
+            n_continuous_cov=len(self.spec.continuous_covariate_keys),
+        )
+        self.beta = float(beta)
+        self.free_bits = float(free_bits)
+        self.module = VAE(self.module_config)
+        self.device = torch.device("cpu")
+        self.history = pd.DataFrame()
+        self.train_config: TrainConfig | None = None
+        self.train_indices: np.ndarray | None = None
+        self.validation_indices: np.ndarray | None = None
+        self.is_trained = False
+        self._data: CellData | None = CellData(adata, self.spec)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def var_names(self) -> pd.Index:
+        """The genes the model was built on, in its order."""
+        return pd.Index(self.spec.var_names)
+
+    @property
+    def n_latent(self) -> int:
+        return self.module_config.n_latent
+
+    def __repr__(self) -> str:
+        c = self.module_config
+        state = "trained" if self.is_trained else "untrained"
+        return (
+            f"SCVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, n_hidden={c.n_hidden}, "
+            f"n_layers={c.n_layers}, likelihood={c.likelihood!r}, dispersion={c.dispersion!r}, "
+            f"beta={self.beta}, batch_key={self.spec.batch_key!r}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        progress_bar: bool = True,
+        kl_warmup_epochs: int | None = None,
+        weight_decay: float = 1e-6,
+        eps: float = 1e-2,
+        early_stopping_patience: int = 30,
+    ) -> SCVAE:
+        """Fit the model by maximising the ELBO with Adam.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default ``min(400, 20000 / n_cells · 400)``.
+        batch_size
+            Cells per minibatch.
+        lr, weight_decay, eps
+            Adam settings (defaults as in scvi-tools).
+        train_size
+            Fraction of cells used for training; the rest is the validation set that early
+            stopping and ``history["validation_*"]`` use. 1.0 trains on all cells.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``
+            epochs, and restore the best weights.
+        seed
+            Seeds the split, initial weights, shuffling and sampling; same seed and device
+            give identical results on the CPU.
+        device
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        progress_bar
+            Show a tqdm bar with the train and validation ELBO.
+        kl_warmup_epochs
+            Epochs over which β ramps linearly from 0 to ``beta``; default
+            ``min(10, max_epochs // 4)``; 0 disables.
+
+        Returns
+        -------
+        The model itself, trained (``self.history`` holds one row per epoch).
+        """
+        data = self._require_data()
+        n = data.n_obs
+        max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
+        if kl_warmup_epochs is None:
+            kl_warmup_epochs = min(10, max_epochs // 4)
+        cfg = TrainConfig(
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            eps=eps, beta=self.beta, free_bits=self.free_bits, kl_warmup_epochs=kl_warmup_epochs,
+            early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            seed=seed,
+        )
+        train_idx, val_idx = split_indices(n, train_size, seed)
+        torch.manual_seed(seed)
+        # Re-initialise so that a seed fully determines the result, whatever came before.
+        self.module = VAE(self.module_config)
+        self.device = resolve_device(device)
+        self.history = train_module(self.module, data, train_idx, val_idx, cfg, self.device,
+                                    progress_bar=progress_bar)
+        self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx
+        self.is_trained = True
+        self._warn_if_collapsed()
+        return self
+
+    def _warn_if_collapsed(self) -> None:
+        if self.history.empty or self.validation_indices is None:
+            return
+        data = self._require_data()
+        kl = self._kl_per_dim_mean(data)
+        collapsed = int((kl < 0.01).sum())
+        if collapsed == len(kl):
+            warnings.warn(
+                "Posterior collapse: every latent dimension has KL < 0.01 nats — the latent "
+                "carries no information about the cells. Lower beta, use free_bits or a "
+                "longer kl_warmup_epochs.", UserWarning, stacklevel=3,
+            )
+        elif collapsed:
+            warnings.warn(
+                f"{collapsed} of {len(kl)} latent dimensions are collapsed (KL < 0.01 nats); "
+                "they encode nothing. This is often harmless (n_latent larger than needed); "
+                "see model.get_kl_per_dimension().", UserWarning, stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def _require_data(self) -> CellData:
+        if self._data is None:
+            raise ValueError("This model has no AnnData attached; pass adata= to this method.")
+        return self._data
+
+    def _data_for(self, adata) -> CellData:
+        """CellData for ``adata`` (the training data when None), encoded like the training data."""
+        if adata is None:
+            return self._require_data()
+        return CellData(adata, self.spec)
+
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            raise RuntimeError("The model is not trained yet; call model.train() first.")
+
+    def _eval_batches(self, data: CellData, batch_size: int, indices=None):
+        self.module.to(self.device).eval()
+        return data.batches(indices, batch_size=batch_size, device=self.device)
+
+    def get_latent_representation(
+        self, adata=None, give_mean: bool = True, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Latent coordinates of each cell: posterior means (or one sample), cells × n_latent."""
+        self._check_trained()
+        return self._latent(self._data_for(adata), give_mean, batch_size)
+
+    @torch.inference_mode()
+    def _latent(self, data: CellData, give_mean: bool = True, batch_size: int = 1024) -> np.ndarray:
+        out = []
+        for b in self._eval_batches(data, batch_size):
+            cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+            m, v = self.module.encode(b.x, cov)
+            out.append(m if give_mean else m + v.sqrt() * torch.randn_like(m))
+        return torch.cat(out).cpu().numpy()
+
+    def get_normalized_expression(
+        self,
+        adata=None,
+        library_size: float | str = 1e4,
+        n_samples: int = 1,
+        transform_batch: str | None = None,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Denoised expression, cells × genes.
+
+        Parameters
+        ----------
+        library_size
+            A number: expression per ``library_size`` counts (default 1e4, like
+            ``sc.pp.normalize_total``). ``"observed"``: expected counts at each cell's own
+            library size. ``1``: gene proportions.
+        n_samples
+            With 1, decode the posterior mean; with more, average the decoded mean over
+            this many posterior samples of z.
+        transform_batch
+            Decode every cell as if it came from this batch (counterfactual expression).
+        """
+        self._check_trained()
+        return self._expression(self._data_for(adata), library_size, n_samples, transform_batch,
+                                batch_size)
+
+    @torch.inference_mode()
+    def _expression(self, data: CellData, library_size: float | str = 1e4, n_samples: int = 1,
+                    transform_batch: str | None = None, batch_size: int = 1024) -> np.ndarray:
+        out = []
+        for b in self._eval_batches(data, batch_size):
+            batch_index = self._transform_batch_index(b.batch_index, transform_batch)
+            cov = self.module.covariates(batch_index, b.cat_covs, b.cont_covs)
+            m, v = self.module.encode(b.x, cov)
+            if n_samples > 1:
+                z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
+            else:
+                z = m
+            lib = b.library if library_size == "observed" else torch.full_like(b.library, float(library_size))
+            mean = self.module.decode(z, lib, cov, batch_index)["mu"]
+            out.append(mean.mean(0) if n_samples > 1 else mean)
+        return torch.cat(out).cpu().numpy()
+
+    def _transform_batch_index(self, batch_index: torch.Tensor, transform_batch) -> torch.Tensor:
+        if transform_batch is None:
+            return batch_index
+        cats = self.spec.batch_categories
+        if str(transform_batch) not in cats:
+            raise KeyError(f"transform_batch={transform_batch!r} is not a known batch; choose from {cats}.")
+        return torch.full_like(batch_index, cats.index(str(transform_batch)))
+
+    @torch.inference_mode()
+    def get_elbo(self, adata=None, indices: np.ndarray | None = None, batch_size: int = 1024) -> float:
+        """Mean per-cell ELBO in nats (higher is better; full normalised likelihood).
+
+        Uses one posterior sample per cell, like scvi-tools' ``get_elbo``. ``indices``
+        restricts to some cells (e.g. ``model.validation_indices``).
+        """
+        self._check_trained()
+        data = self._data_for(adata)
+        self.module.to(self.device)
+        return evaluate(self.module, data, indices, batch_size, self.device)["elbo"]
+
+    @torch.inference_mode()
+    def get_marginal_ll(
+        self, adata=None, n_samples: int = 100, indices: np.ndarray | None = None,
+        batch_size: int = 256, return_per_cell: bool = False,
+    ) -> float | np.ndarray:
+        """Importance-weighted estimate of log p(x), mean per cell in nats (higher is better).
+
+        With ``return_per_cell`` the per-cell values are returned instead of their mean.
+        """
+        self._check_trained()
+        data = self._data_for(adata)
+        vals = []
+        for b in self._eval_batches(data, batch_size, indices):
+            vals.append(self.module.importance_weighted_log_px(
+                b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs, n_samples=n_samples))
+        per_cell = torch.cat(vals).cpu().numpy().astype(np.float64)
+        return per_cell if return_per_cell else float(per_cell.mean())
+
+    @torch.inference_mode()
+    def get_kl_per_dimension(self, adata=None) -> pd.Series:
+        """Mean KL(q(z_d|x) ‖ N(0,1)) per latent dimension in nats; near 0 means collapsed."""
+        self._check_trained()
+        kl = self._kl_per_dim_mean(self._data_for(adata))
+        return pd.Series(kl, index=[f"z{d}" for d in range(len(kl))], name="kl")
+
+    def _kl_per_dim_mean(self, data: CellData) -> np.ndarray:
+        from .module import kl_normal_std
+
+        total, n = None, 0
+        with torch.inference_mode():
+            for b in self._eval_batches(data, 1024):
+                cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+                kl = kl_normal_std(*self.module.encode(b.x, cov)).sum(0)
+                total = kl if total is None else total + kl
+                n += b.x.shape[0]
+        return (total / n).cpu().numpy()
+
+    # ------------------------------------------------------------------ AnnData output
+    def write_to_adata(
+        self, adata, key_added: str = "scvae", layers: bool = True, batch_size: int = 1024
+    ) -> None:
+        """Store results in ``adata`` the scanpy way.
+
+        Writes ``obsm[f"X_{key_added}"]`` (latent means), ``layers[f"{key_added}_denoised"]``
+        (expression per 1e4 counts), ``layers[f"{key_added}_expected"]`` (expected counts at
+        each cell's library) and ``uns[key_added]`` (settings, version, history). Pass
+        ``layers=False`` to skip the two dense cells × genes layers on large data.
+        The AnnData must have the model's genes (in any order, extra genes are not allowed
+        for layers since layers must match ``adata.var``).
+        """
+        self._check_trained()
+        data = self._data_for(adata)
+        adata.obsm[f"X_{key_added}"] = self._latent(data, batch_size=batch_size)
+        if layers:
+            order = _gene_order(adata.var_names, self.spec.var_names)
+            den = self._expression(data, 1e4, batch_size=batch_size)
+            exp = self._expression(data, "observed", batch_size=batch_size)
+            adata.layers[f"{key_added}_denoised"] = den[:, order]
+            adata.layers[f"{key_added}_expected"] = exp[:, order]
+        adata.uns[key_added] = self._uns_record()
+
+    def _uns_record(self) -> dict[str, Any]:
+        """Settings, versions and history in h5ad-writable form (no None values)."""
+        hist = {c: self.history[c].to_numpy() for c in self.history.columns}
+        return _drop_none({
+            "version": __version__,
+            "torch_version": torch.__version__,
+            "model": self.module_config.to_dict(),
+            "data": self.spec.to_dict() | {"var_names": np.asarray(self.spec.var_names, dtype=object)},
+            "beta": self.beta,
+            "free_bits": self.free_bits,
+            "train": self.train_config.to_dict() if self.train_config else {},
+            "history": hist,
+        })
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Save to a directory: ``config.json``, ``model.pt`` (state dict), ``history.csv``.
+
+        The directory is written to a temporary sibling and renamed into place, so a crash
+        mid-save never leaves a half-written model (and with ``overwrite`` the previous one
+        survives until the new one is complete).
+        """
+        self._check_trained()
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        config = {
+            "format": "scvae_tools.model/1",
+            "version": __version__,
+            "torch_version": torch.__version__,
+            "module": self.module_config.to_dict(),
+            "data": self.spec.to_dict(),
+            "beta": self.beta,
+            "free_bits": self.free_bits,
+            "train": self.train_config.to_dict() if self.train_config else None,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
+        self.history.to_csv(tmp / HISTORY_FILE, index=False)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, adata=None, device: str | torch.device = "auto") -> SCVAE:
+        """Load a saved model; attach ``adata`` (checked against the saved genes) if given.
+
+        Weights are read with ``torch.load(weights_only=True)``: no code from the file runs.
+        """
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"No saved SCVAE at {path} ({CONFIG_FILE} missing).")
+        config = json.loads((path / CONFIG_FILE).read_text())
+        if not isinstance(config, dict) or "module" not in config or "data" not in config:
+            raise ValueError(f"{path / CONFIG_FILE} is not a scvae_tools model config.")
+        model = cls.__new__(cls)
+        model.spec = DataSpec.from_dict(config["data"])
+        model.module_config = ModuleConfig(**config["module"])
+        model.beta = float(config.get("beta", 1.0))
+        model.free_bits = float(config.get("free_bits", 0.0))
+        model.module = VAE(model.module_config)
+        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state)
+        model.device = resolve_device(device)
+        model.module.to(model.device).eval()
+        hist_file = path / HISTORY_FILE
+        model.history = pd.read_csv(hist_file) if hist_file.exists() and hist_file.stat().st_size > 1 else pd.DataFrame()
+        model.train_config = TrainConfig(**config["train"]) if config.get("train") else None
+        model.train_indices = model.validation_indices = None
+        model.is_trained = True
+        model._data = None if adata is None else CellData(adata, model.spec)
+        return model
+
+
+def _gene_order(have: pd.Index, want: list[str]) -> np.ndarray:
+    """Column order that maps the model's gene order onto ``have``."""
+    if [str(v) for v in have] == list(want):
+        return np.arange(len(want))
+    if len(have) != len(want):
+        raise ValueError(
+            f"write_to_adata with layers=True needs exactly the model's {len(want)} genes, "
+            f"the AnnData has {len(have)}. Subset it with `adata[:, model.var_names]` or pass layers=False."
+        )
+    return pd.Index(want).get_indexer([str(v) for v in have])
+
+
+def _drop_none(d):
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    if isinstance(d, (list, tuple)):
+        return [_drop_none(v) for v in d if v is not None]
+    return d

@@ -1,0 +1,285 @@
+"""The VAE itself, in plain PyTorch: encoder, decoder, ELBO terms.
+
+Nothing here knows about AnnData. Inputs are count tensors ``x`` (cells × genes), the
+library size ``library`` (cells × 1) and covariates (batch codes, categorical codes,
+continuous values), which are one-hot encoded and appended to both the encoder and
+decoder inputs.
+
+Generative model::
+
+    z ~ N(0, I)
+    ρ = softmax(f_θ(z, s))                  # gene proportions
+    x_g ~ NB(mean = ℓ·ρ_g, inv. dispersion θ_g)   (or ZINB / Poisson)
+
+Inference model: q(z | x, s) = N(μ_φ(log1p x, s), diag σ²_φ(log1p x, s)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributions import LIKELIHOODS, log_likelihood, sample_counts
+
+DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+
+
+@dataclass
+class ModuleConfig:
+    """Architecture of a :class:`VAE`; JSON-serialisable."""
+
+    n_genes: int
+    n_latent: int = 10
+    n_hidden: int = 128
+    n_layers: int = 1
+    dropout_rate: float = 0.1
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    n_batch: int = 1
+    n_cats_per_cov: list[int] = field(default_factory=list)
+    n_continuous_cov: int = 0
+    use_batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
+        if self.dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}.")
+        for name in ("n_genes", "n_latent", "n_hidden", "n_layers", "n_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+
+    @property
+    def n_covariates(self) -> int:
+        """Width of the covariate vector appended to encoder and decoder inputs."""
+        return (self.n_batch if self.n_batch > 1 else 0) + sum(self.n_cats_per_cov) + self.n_continuous_cov
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool) -> nn.Sequential:
+    """Linear → BatchNorm → ReLU → Dropout, ``n_layers`` times."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers.append(nn.Linear(n_in if i == 0 else n_hidden, n_hidden))
+        if batch_norm:
+            # scvi-tools' settings: slow running statistics, a larger eps for stability.
+            layers.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """q(z | x, s): an MLP on log1p counts (+ covariates) to a diagonal Gaussian."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.body = mlp(cfg.n_genes + cfg.n_covariates, cfg.n_hidden, cfg.n_layers,
+                        cfg.dropout_rate, cfg.use_batch_norm)
+        self.mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
+        self.log_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.log1p(x)
+        if cov.shape[1]:
+            h = torch.cat([h, cov], dim=1)
+        h = self.body(h)
+        # A small floor on the variance keeps the KL and the sampling numerically safe.
+        return self.mean(h), torch.exp(self.log_var(h)) + 1e-4
+
+
+class Decoder(nn.Module):
+    """p(x | z, s): an MLP from z (+ covariates) to gene proportions, dispersion, dropout."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.cfg = cfg
+        # No dropout in the decoder (as in scvi-tools): it would blur the reconstruction.
+        self.body = mlp(cfg.n_latent + cfg.n_covariates, cfg.n_hidden, cfg.n_layers, 0.0,
+                        cfg.use_batch_norm)
+        self.scale = nn.Linear(cfg.n_hidden, cfg.n_genes)
+        self.dropout = nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.likelihood == "zinb" else None
+        self.log_theta_cell = (
+            nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.dispersion == "gene-cell" else None
+        )
+
+    def forward(self, z: torch.Tensor, cov: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.cat([z, cov.expand(*z.shape[:-1], cov.shape[-1])], dim=-1) if cov.shape[-1] else z
+        if h.dim() == 3:  # (samples, cells, latent): BatchNorm wants 2-D
+            s, n, _ = h.shape
+            h = self.body(h.reshape(s * n, -1)).reshape(s, n, -1)
+        else:
+            h = self.body(h)
+        out = {"logits": self.scale(h)}
+        if self.dropout is not None:
+            out["pi_logits"] = self.dropout(h)
+        if self.log_theta_cell is not None:
+            out["log_theta"] = self.log_theta_cell(h)
+        return out
+
+
+class VAE(nn.Module):
+    """Variational autoencoder for counts; see the module docstring for the model."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.dispersion == "gene":
+            self.log_theta = nn.Parameter(torch.randn(cfg.n_genes) * 0.1)
+        elif cfg.dispersion == "gene-batch":
+            self.log_theta = nn.Parameter(torch.randn(cfg.n_genes, cfg.n_batch) * 0.1)
+        else:
+            self.register_parameter("log_theta", None)
+
+    # ------------------------------------------------------------------ covariates
+    def covariates(
+        self,
+        batch_index: torch.Tensor,
+        cat_covs: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One-hot batch and categorical covariates, plus continuous ones: (cells, n_covariates)."""
+        parts = []
+        if self.cfg.n_batch > 1:
+            parts.append(F.one_hot(batch_index, self.cfg.n_batch).float())
+        for i, n_cat in enumerate(self.cfg.n_cats_per_cov):
+            parts.append(F.one_hot(cat_covs[:, i], n_cat).float())
+        if self.cfg.n_continuous_cov:
+            parts.append(cont_covs.float())
+        if not parts:
+            return batch_index.new_zeros((batch_index.shape[0], 0), dtype=torch.float32)
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ pieces
+    def encode(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and variance of q(z | x)."""
+        return self.encoder(x, cov)
+
+    def decode(
+        self, z: torch.Tensor, library: torch.Tensor, cov: torch.Tensor, batch_index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Likelihood parameters of p(x | z): ``mu`` (mean counts), ``scale`` (proportions),
+        ``theta`` (inverse dispersion, NB/ZINB) and ``pi_logits`` (ZINB)."""
+        out = self.decoder(z, cov)
+        logits = out["logits"]
+        log_scale = torch.log_softmax(logits, dim=-1)
+        params = {"scale": log_scale.exp(), "mu": (log_scale + torch.log(library)).exp()}
+        if self.cfg.likelihood != "poisson":
+            params["theta"] = self._theta(out, batch_index)
+        if "pi_logits" in out:
+            params["pi_logits"] = out["pi_logits"]
+        return params
+
+    def _theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
+        if self.cfg.dispersion == "gene":
+            return self.log_theta.exp()
+        if self.cfg.dispersion == "gene-batch":
+            return self.log_theta.exp().T[batch_index]  # (cells, genes)
+        return out["log_theta"].exp()
+
+    def log_px(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x | z) summed over genes, one value per cell (and sample)."""
+        ll = log_likelihood(
+            self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
+        )
+        return ll.sum(-1)
+
+    # ------------------------------------------------------------------ ELBO
+    def elbo_terms(
+        self,
+        x: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor,
+        cat_covs: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        sample: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Per-cell ELBO pieces with one reparameterised sample of z.
+
+        Returns ``log_px`` (reconstruction log-likelihood, nats), ``kl`` (KL to the prior,
+        nats), ``kl_per_dim`` (cells × latent), and ``qz_mean``/``qz_var``.
+        """
+        cov = self.covariates(batch_index, cat_covs, cont_covs)
+        qz_m, qz_v = self.encode(x, cov)
+        z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
+        params = self.decode(z, library, cov, batch_index)
+        kl_per_dim = kl_normal_std(qz_m, qz_v)
+        return {
+            "log_px": self.log_px(x, params),
+            "kl": kl_per_dim.sum(-1),
+            "kl_per_dim": kl_per_dim,
+            "qz_mean": qz_m,
+            "qz_var": qz_v,
+        }
+
+    def loss(
+        self, terms: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0
+    ) -> torch.Tensor:
+        """Mean over cells of −log p(x|z) + β·KL, with an optional per-dimension KL floor.
+
+        Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at
+        least ``free_bits`` nats, so the optimiser gains nothing by collapsing it below that.
+        """
+        if free_bits > 0:
+            kl = torch.clamp(terms["kl_per_dim"].mean(0), min=free_bits).sum()
+        else:
+            kl = terms["kl"].mean()
+        return -terms["log_px"].mean() + beta * kl
+
+    @torch.no_grad()
+    def importance_weighted_log_px(
+        self,
+        x: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor,
+        cat_covs: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        n_samples: int = 100,
+        chunk: int = 25,
+    ) -> torch.Tensor:
+        """IWAE estimate of log p(x) per cell with ``n_samples`` samples from q(z|x).
+
+        log p(x) ≈ logsumexp_k[log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K, a lower
+        bound that tightens as K grows and equals the ELBO in expectation at K = 1.
+        """
+        cov = self.covariates(batch_index, cat_covs, cont_covs)
+        qz_m, qz_v = self.encode(x, cov)
+        std = qz_v.sqrt()
+        log_w = []
+        for start in range(0, n_samples, chunk):
+            k = min(chunk, n_samples - start)
+            eps = torch.randn((k, *qz_m.shape), device=x.device, dtype=qz_m.dtype)
+            z = qz_m + std * eps  # (k, cells, latent)
+            params = self.decode(z, library, cov, batch_index)
+            log_pz = _std_normal_log_prob(z).sum(-1)
+            log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
+            log_w.append(self.log_px(x, params) + log_pz - log_qz)
+        return torch.logsumexp(torch.cat(log_w, 0), dim=0) - math.log(n_samples)
+
+    @torch.no_grad()
+    def sample_counts(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Draw counts from p(x | z) given decoded parameters."""
+        return sample_counts(
+            self.cfg.likelihood, params["mu"], params.get("theta"), params.get("pi_logits")
+        )
+
+
+def kl_normal_std(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(N(mean, var) ‖ N(0, 1)) per dimension."""
+    return 0.5 * (var + mean.pow(2) - 1.0 - torch.log(var))
+
+
+def _std_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z.pow(2) + math.log(2 * math.pi))

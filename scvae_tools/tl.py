@@ -1,0 +1,35 @@
+"""Scanpy-style tools: ``svt.tl.scvae(adata)`` fits a model and writes its results back."""
+
+from __future__ import annotations
+
+import inspect
+
+from .model import SCVAE
+
+_INIT_ARGS = set(inspect.signature(SCVAE.__init__).parameters) - {"self", "adata"}
+_TRAIN_ARGS = set(inspect.signature(SCVAE.train).parameters) - {"self"}
+
+
+def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCVAE:
+    """Fit an :class:`~scvae_tools.SCVAE` on ``adata`` and write its results into it.
+
+    Keyword arguments go to :class:`~scvae_tools.SCVAE` (``n_latent``, ``batch_key``,
+    ``likelihood``, …) or to :meth:`~scvae_tools.SCVAE.train` (``max_epochs``, ``seed``,
+    ``device``, …). Results land in ``obsm[f"X_{key_added}"]``, ``layers`` (unless
+    ``layers=False``) and ``uns[key_added]``; then
+    ``sc.pp.neighbors(adata, use_rep="X_scvae")`` works as with PCA.
+
+    Returns
+    -------
+    The trained model.
+    """
+    unknown = set(kwargs) - _INIT_ARGS - _TRAIN_ARGS
+    if unknown:
+        raise TypeError(
+            f"Unknown argument(s) {sorted(unknown)} for svt.tl.scvae; model options are "
+            f"{sorted(_INIT_ARGS)}, training options {sorted(_TRAIN_ARGS)}."
+        )
+    model = SCVAE(adata, **{k: v for k, v in kwargs.items() if k in _INIT_ARGS})
+    model.train(**{k: v for k, v in kwargs.items() if k in _TRAIN_ARGS})
+    model.write_to_adata(adata, key_added=key_added, layers=layers)
+    return model
