@@ -1,0 +1,59 @@
+"""Shared fixtures: small synthetic counts, the embedded PBMC data and (when present) pbmc3k."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scvae_tools as svt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_data_dir() -> Path | None:
+    for cand in (os.environ.get("SCVAE_TOOLS_DATA_DIR"), ROOT.parent / "shared" / "data"):
+        if cand and (Path(cand) / "pbmc3k_hvg_counts.h5ad").exists():
+            return Path(cand)
+    return None
+
+
+DATA_DIR = _find_data_dir()
+# Tests must never download: point the loaders at the shared data (or nowhere).
+os.environ["SCVAE_TOOLS_NO_DOWNLOAD"] = "1"
+if DATA_DIR is not None:
+    os.environ["SCVAE_TOOLS_DATA_DIR"] = str(DATA_DIR)
+
+needs_data = pytest.mark.skipif(DATA_DIR is None, reason="real data (../shared/data) not available")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # The CI machine has 2 cores; keep torch from oversubscribing them.
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def synthetic():
+    """600 cells × 200 genes, 3 cell types, 2 batches; CSR integer counts."""
+    return svt.datasets.synthetic_counts(n_cells=600, n_genes=200, n_types=3, n_batches=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pbmc68k():
+    return svt.datasets.pbmc68k()
+
+
+@pytest.fixture(scope="session")
+def pbmc3k_hvg():
+    if DATA_DIR is None:
+        pytest.skip("real data (../shared/data) not available")
+    return svt.datasets.pbmc3k(DATA_DIR, hvg_only=True)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
