@@ -1,0 +1,388 @@
+"""Out-of-core data: stream cells from an .h5ad on disk with bounded memory.
+
+:class:`BackedCellData` is the on-disk counterpart of :class:`~scvae_tools.adapter.CellData`:
+same attributes (``n_obs``, ``spec``, ``library``, ``batch_index``, ``cat_covs``,
+``cont_covs``, ``obs_names``) and the same :meth:`~BackedCellData.batches` interface, but
+the count matrix stays in the file. Only per-cell vectors (library size, covariate codes)
+and one read buffer live in memory, so a 1M-cell × 2,000-gene atlas trains in well under
+3 GB of RAM.
+
+How rows are read
+-----------------
+The counts must be stored row-wise: CSR (what ``AnnData.write_h5ad`` writes for CSR ``X``)
+or a dense array. A contiguous run of rows of a CSR matrix is two contiguous slices of the
+``data``/``indices`` datasets, so reading is sequential and fast; random single-row reads
+are not. Training therefore shuffles at two levels (as in scDataset / cellxgene-census
+loaders): the sorted cells are cut into *chunks* of ``chunk_size`` consecutive cells, the
+chunk order is shuffled, and groups of ``buffer_chunks`` chunks are read together and
+their cells shuffled within that buffer. Every cell is still visited exactly once per
+epoch, and a minibatch mixes cells from ``buffer_chunks`` random places of the file.
+
+Validation (finite, non-negative, integer counts, no empty cells) and the library sizes
+are done in one streaming pass over the file when the object is created.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .adapter import Batch, CellData, DataSpec, _encode, _numeric_obs
+
+# Rows further apart than this are read with separate HDF5 reads; closer ones are read
+# as one span (an HDF5 read call costs about as much as reading ~100 extra rows).
+_GAP_ROWS = 64
+# Rows per read in the validation / library-size pass.
+_SCAN_ROWS = 16384
+
+
+def is_backed(adata) -> bool:
+    """True for a path to an .h5ad or an AnnData opened with ``backed="r"``."""
+    return isinstance(adata, (str, os.PathLike)) or bool(getattr(adata, "isbacked", False))
+
+
+def read_backed(path: str | os.PathLike):
+    """Open an .h5ad with ``backed="r"``: ``obs``/``var`` in memory, ``X`` left on disk.
+
+    Note that anndata's backed mode reads ``layers`` into memory; keep the counts of a
+    large atlas in ``X`` for out-of-core training.
+    """
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass the path of an .h5ad file.")
+    return ad.read_h5ad(path, backed="r")
+
+
+def make_cell_data(adata, spec: DataSpec, validate: bool = True, **backed_kwargs):
+    """:class:`BackedCellData` for backed AnnData / paths, else an in-memory ``CellData``."""
+    if is_backed(adata):
+        return BackedCellData(adata, spec, validate=validate, **backed_kwargs)
+    return CellData(adata, spec, validate=validate)
+
+
+class BackedCellData:
+    """Cells of an on-disk .h5ad, encoded under a :class:`~scvae_tools.adapter.DataSpec`.
+
+    Parameters
+    ----------
+    adata
+        An AnnData opened with ``anndata.read_h5ad(path, backed="r")``, or the path of an
+        .h5ad file. The counts (``X`` or ``layers[spec.layer]``) must be CSR or dense on
+        disk. The file is only read, never written.
+    spec
+        What to read (from :meth:`DataSpec.from_anndata` or a saved model). Genes are
+        matched by name; genes of the file that the model lacks are ignored.
+    validate
+        Check the counts chunk by chunk (non-negative, finite, integer unless allowed,
+        no empty cells) during the library-size pass.
+    chunk_size
+        Consecutive cells per read (the unit of the chunk-order shuffle).
+    buffer_chunks
+        Chunks read together and shuffled as one buffer during training; memory is about
+        ``chunk_size · buffer_chunks · non-zeros per cell · 8`` bytes.
+
+    Attributes
+    ----------
+    n_obs, spec, obs_names, library, batch_index, cat_covs, cont_covs
+        As in :class:`~scvae_tools.adapter.CellData` (per-cell vectors are in memory).
+    path
+        The file the counts are read from.
+    """
+
+    def __init__(self, adata, spec: DataSpec, validate: bool = True, chunk_size: int = 1024,
+                 buffer_chunks: int = 16):
+        if chunk_size < 1 or buffer_chunks < 1:
+            raise ValueError("chunk_size and buffer_chunks must be positive integers.")
+        self.spec = spec
+        self.chunk_size = int(chunk_size)
+        self.buffer_chunks = int(buffer_chunks)
+        if isinstance(adata, (str, os.PathLike)):
+            self.path = Path(adata)
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path} does not exist; pass an .h5ad path.")
+            obs, var_names = _read_obs_var(self.path)
+        else:
+            if not getattr(adata, "isbacked", False) or adata.filename is None:
+                raise ValueError(
+                    "BackedCellData needs an AnnData opened with backed='r' (or an .h5ad path); "
+                    "use scvae_tools.adapter.CellData for in-memory AnnData."
+                )
+            self.path = Path(adata.filename)
+            obs, var_names = adata.obs, adata.var_names
+        self.n_obs = len(obs)
+        if self.n_obs == 0 or len(var_names) == 0:
+            raise ValueError(
+                f"The AnnData is empty ({self.n_obs} cells × {len(var_names)} genes); "
+                "pass an AnnData with at least one cell and one gene."
+            )
+        self.obs_names = pd.Index(obs.index).copy()
+        self._key = "X" if spec.layer is None else f"layers/{spec.layer}"
+        self._h5: h5py.File | None = None
+        self._pid = -1
+        f = self._file()
+        if self._key not in f:
+            raise KeyError(
+                f"{self._key!r} not found in {self.path}; the counts must be in X or "
+                f"layers[{spec.layer!r}]. Pass layer= naming the layer with counts."
+            )
+        node = f[self._key]
+        if isinstance(node, h5py.Group):
+            enc = node.attrs.get("encoding-type", "")
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            if enc != "csr_matrix":
+                raise ValueError(
+                    f"{self._key} in {self.path} is stored as {enc or 'an unknown group'}; "
+                    "streaming rows needs CSR (or dense) on disk. Rewrite the file with CSR "
+                    "counts, e.g. `adata.X = adata.X.tocsr(); adata.write_h5ad(path)`."
+                )
+            self._sparse = True
+            self._indptr = np.asarray(node["indptr"][:], dtype=np.int64)
+            shape = tuple(int(s) for s in node.attrs["shape"])
+        else:
+            self._sparse = False
+            self._indptr = None
+            shape = tuple(node.shape)
+        if shape[0] != self.n_obs or shape[1] != len(var_names):
+            raise ValueError(
+                f"{self._key} has shape {shape} but obs/var have {self.n_obs} × "
+                f"{len(var_names)}; the file is inconsistent."
+            )
+        self._n_file_genes = shape[1]
+        self._col_map = _column_map(pd.Index(var_names), spec.var_names)
+        totals = self._scan(validate)
+        if validate:
+            empty = np.flatnonzero(totals == 0)
+            if empty.size:
+                raise ValueError(
+                    f"{empty.size} cell(s) have zero total counts (first row indices: "
+                    f"{empty[:5].tolist()}). Remove them first, e.g. "
+                    "`sc.pp.filter_cells(adata, min_counts=1)` on the data, then rewrite the file."
+                )
+        if spec.size_factor_key is not None:
+            lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
+            if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
+                raise ValueError(
+                    f"obs[{spec.size_factor_key!r}] must be positive and finite for every cell; "
+                    "fix or drop those cells, or leave size_factor_key=None to use each cell's "
+                    "total counts."
+                )
+        else:
+            lib = totals.astype(np.float32)
+        self.library = lib
+        n = self.n_obs
+        self.batch_index = (_encode(obs, spec.batch_key, spec.batch_categories)
+                            if spec.batch_key else np.zeros(n, dtype=np.int64))
+        self.cat_covs = (np.stack([_encode(obs, k, spec.categorical_covariate_categories[k])
+                                   for k in spec.categorical_covariate_keys], axis=1)
+                         if spec.categorical_covariate_keys else np.zeros((n, 0), dtype=np.int64))
+        self.cont_covs = (np.stack([_numeric_obs(obs, k).astype(np.float32)
+                                    for k in spec.continuous_covariate_keys], axis=1)
+                          if spec.continuous_covariate_keys else np.zeros((n, 0), dtype=np.float32))
+        if not np.all(np.isfinite(self.cont_covs)):
+            raise ValueError(
+                "Continuous covariates contain NaN or inf; fill or drop those cells first."
+            )
+
+    # ------------------------------------------------------------------ file access
+    def _file(self) -> h5py.File:
+        """The open HDF5 file; reopened in a forked / spawned process (handles don't survive)."""
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        """Close the HDF5 file (it is reopened on the next read)."""
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: h5py may already be gone
+            pass
+
+    def _read_span(self, r0: int, r1: int) -> sp.csr_matrix:
+        """Rows ``r0 … r1 - 1`` as float32 CSR over the file's genes (one contiguous read)."""
+        node = self._file()[self._key]
+        if not self._sparse:
+            return sp.csr_matrix(np.asarray(node[r0:r1], dtype=np.float32))
+        p0, p1 = int(self._indptr[r0]), int(self._indptr[r1])
+        data = np.asarray(node["data"][p0:p1], dtype=np.float32)
+        indices = np.asarray(node["indices"][p0:p1])
+        indptr = self._indptr[r0:r1 + 1] - p0
+        return sp.csr_matrix((data, indices, indptr), shape=(r1 - r0, self._n_file_genes))
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of ``rows`` (any order, repeats allowed) as float32 CSR in the model's genes.
+
+        Nearby rows are coalesced into contiguous reads, so rows that come from a few
+        chunks of the file cost a few reads.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.spec.n_genes), dtype=np.float32)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(uniq) > _GAP_ROWS) + 1
+        parts = []
+        for run in np.split(uniq, breaks):
+            r0, r1 = int(run[0]), int(run[-1]) + 1
+            span = self._read_span(r0, r1)
+            parts.append(span if len(run) == r1 - r0 else span[run - r0])
+        X = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+        X = X[inverse]
+        if self._col_map is not None:
+            X = X[:, self._col_map]
+        X.sum_duplicates()
+        return X
+
+    def _scan(self, validate: bool) -> np.ndarray:
+        """One pass over the file: per-cell totals (model genes) and chunk-wise validation."""
+        totals = np.empty(self.n_obs, dtype=np.float64)
+        for r0 in range(0, self.n_obs, _SCAN_ROWS):
+            r1 = min(r0 + _SCAN_ROWS, self.n_obs)
+            X = self._read_span(r0, r1)
+            if self._col_map is not None:
+                X = X[:, self._col_map]
+            if validate:
+                _validate_values(X.data, self.spec.allow_non_integer, r0)
+            totals[r0:r1] = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        return totals
+
+    # ------------------------------------------------------------------ batching
+    def epoch_order(self, indices: np.ndarray | None = None,
+                    generator: torch.Generator | None = None) -> np.ndarray:
+        """A chunk-local random order of ``indices`` (default: all cells) for one epoch.
+
+        The sorted cells are cut into chunks of ``chunk_size``; chunks are shuffled, grouped
+        into buffers of ``buffer_chunks`` chunks and the cells of each buffer shuffled. The
+        result is a permutation of ``indices``, determined by ``generator``'s state.
+        """
+        idx = np.arange(self.n_obs) if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        n_chunks = max(1, -(-len(idx) // self.chunk_size))
+        chunk_perm = torch.randperm(n_chunks, generator=generator).numpy()
+        out = np.empty_like(idx)
+        pos = 0
+        for b in range(0, n_chunks, self.buffer_chunks):
+            cells = np.concatenate([idx[c * self.chunk_size:(c + 1) * self.chunk_size]
+                                    for c in chunk_perm[b:b + self.buffer_chunks]])
+            cells = cells[torch.randperm(len(cells), generator=generator).numpy()]
+            out[pos:pos + len(cells)] = cells
+            pos += len(cells)
+        return out
+
+    def batches(
+        self,
+        indices: np.ndarray | None = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        drop_singleton: bool = False,
+    ) -> Iterator[Batch]:
+        """Yield minibatches over ``indices`` (default: all cells), reading from disk.
+
+        Same contract as :meth:`CellData.batches <scvae_tools.adapter.CellData.batches>`:
+        without ``shuffle`` cells come in the order of ``indices``; with it, in a
+        chunk-local random order (:meth:`epoch_order`). With ``drop_singleton`` a trailing
+        batch of one cell is merged into the previous one. At most about
+        ``chunk_size · buffer_chunks`` cells are held in memory at a time.
+        """
+        device = torch.device(device)
+        idx = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle:
+            idx = self.epoch_order(idx, generator)
+        n = len(idx)
+        starts = list(range(0, n, batch_size))
+        if drop_singleton and len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        ends = starts[1:] + [n]
+        window = max(self.chunk_size * self.buffer_chunks, batch_size)
+        buf, w0, w1 = sp.csr_matrix((0, self.spec.n_genes), dtype=np.float32), 0, 0
+        for s, e in zip(starts, ends, strict=True):
+            if e > w1:  # read the next window of the order, keeping the rows still needed
+                new_w1 = min(n, max(e, w1 + window))
+                fresh = self.read_rows(idx[w1:new_w1])
+                buf = sp.vstack([buf[s - w0:], fresh], format="csr") if w1 > s else fresh
+                w0, w1 = s, new_w1
+            rows = idx[s:e]
+            x = torch.from_numpy(buf[s - w0:e - w0].toarray())
+            rows_t = torch.from_numpy(rows)
+            yield Batch(
+                x=x.to(device, non_blocking=True),
+                library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),
+                batch_index=torch.from_numpy(self.batch_index[rows]).to(device),
+                cat_covs=torch.from_numpy(self.cat_covs[rows]).to(device),
+                cont_covs=torch.from_numpy(self.cont_covs[rows]).to(device),
+                index=rows_t.to(device),
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:
+    """``obs`` and ``var_names`` of an .h5ad without touching the matrices."""
+    import anndata as ad
+
+    with h5py.File(path, "r") as f:
+        for key in ("obs", "var"):
+            if key not in f:
+                raise ValueError(f"{path} has no {key!r}; it is not an .h5ad written by anndata.")
+        obs = ad.io.read_elem(f["obs"])
+        var = ad.io.read_elem(f["var"])
+    return obs, var.index
+
+
+def _column_map(have: pd.Index, want: list[str]) -> np.ndarray | None:
+    """File columns in the model's gene order (``None`` when they already match)."""
+    have_list = [str(v) for v in have]
+    if have_list == list(want):
+        return None
+    have_set = set(have_list)
+    missing = [g for g in want if g not in have_set]
+    if missing:
+        raise ValueError(
+            f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
+            f"(e.g. {missing[:5]}). Subset/reorder it to the model's genes (adding the "
+            "missing ones as zeros) and rewrite the file."
+        )
+    if pd.Index(have_list).has_duplicates:
+        raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
+    return pd.Index(have_list).get_indexer(list(want))
+
+
+def _validate_values(values: np.ndarray, allow_non_integer: bool, first_row: int) -> None:
+    where = f"(in rows {first_row}…{first_row + _SCAN_ROWS - 1})"
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"The count matrix contains NaN or inf values {where}. Replace them (e.g. with 0) "
+            "or drop the affected cells/genes before training."
+        )
+    if values.min() < 0:
+        raise ValueError(
+            f"The count matrix contains negative values {where}; a count model needs raw "
+            "counts. Pass the raw counts (e.g. layer='counts') rather than scaled or "
+            "log-normalised data."
+        )
+    if not allow_non_integer and not np.all(values == np.round(values)):
+        raise ValueError(
+            f"The count matrix contains non-integer values {where}; it looks normalised or "
+            "log-transformed. Use raw integer counts, or pass allow_non_integer=True for "
+            "ambient-corrected / pseudo-counts."
+        )
