@@ -16,6 +16,15 @@ import torch
 
 from . import __version__
 from .adapter import CellData, DataSpec
+from .backed import BackedCellData, is_backed, make_cell_data, read_backed
+from .checkpoint import (
+    CheckpointConfig,
+    check_state_dict,
+    package_versions,
+    replace_dir,
+    safe_torch_load,
+    validate_model_config,
+)
 from .module import VAE, ModuleConfig
 from .train import TrainConfig, default_max_epochs, evaluate, split_indices, train_module
 
@@ -65,6 +74,12 @@ class SCVAE:
         Per-dimension KL floor λ in nats (0 disables) against posterior collapse.
     allow_non_integer
         Accept non-integer values (e.g. ambient-corrected counts).
+    prior
+        p(z): ``"normal"`` (N(0, I), default; KL in closed form) or ``"mog"``, a learned
+        mixture of ``n_prior_components`` diagonal Gaussians that can follow the shape of the
+        aggregated posterior (fewer "holes"); its KL is a one-sample Monte-Carlo estimate.
+    n_prior_components
+        Mixture components of the ``"mog"`` prior.
 
     Examples
     --------
@@ -90,9 +105,13 @@ class SCVAE:
         beta: float = 1.0,
         free_bits: float = 0.0,
         allow_non_integer: bool = False,
+        prior: str = "normal",
+        n_prior_components: int = 10,
     ):
         if dispersion == "gene-batch" and batch_key is None:
             raise ValueError("dispersion='gene-batch' needs a batch_key.")
+        if isinstance(adata, (str, os.PathLike)):  # out of core: counts stay on disk
+            adata = read_backed(adata)
         self.spec = DataSpec.from_anndata(
             adata, layer=layer, batch_key=batch_key,
             categorical_covariate_keys=categorical_covariate_keys,
@@ -104,6 +123,7 @@ class SCVAE:
             dropout_rate=dropout_rate, likelihood=likelihood, dispersion=dispersion,
             n_batch=self.spec.n_batch, n_cats_per_cov=self.spec.n_cats_per_cov,
             n_continuous_cov=len(self.spec.continuous_covariate_keys),
+            prior=prior, n_prior_components=int(n_prior_components),
         )
         self.beta = float(beta)
         self.free_bits = float(free_bits)
@@ -114,7 +134,8 @@ class SCVAE:
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
-        self._data: CellData | None = CellData(adata, self.spec)
+        # Backed AnnData (or a path) streams from disk; see scvae_tools.backed.
+        self._data: CellData | BackedCellData | None = make_cell_data(adata, self.spec)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -150,6 +171,10 @@ class SCVAE:
         weight_decay: float = 1e-6,
         eps: float = 1e-2,
         early_stopping_patience: int = 30,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
+        strategy: str | None = None,
     ) -> SCVAE:
         """Fit the model by maximising the ELBO with Adam.
 
@@ -177,10 +202,33 @@ class SCVAE:
         kl_warmup_epochs
             Epochs over which β ramps linearly from 0 to ``beta``; default
             ``min(10, max_epochs // 4)``; 0 disables.
+        checkpoint_dir
+            Folder for a training checkpoint (model, optimiser, RNG states, epoch, history,
+            early-stopping state), written atomically so that a killed run never leaves a
+            torn file. ``None`` (default) writes none.
+        checkpoint_every
+            Write the checkpoint every this many epochs (and after the last one).
+        resume
+            Continue from the checkpoint in ``checkpoint_dir`` (pass the same data and
+            settings; ``max_epochs`` may grow); starts afresh when there is none yet. On the
+            CPU a resumed run gives the same model as an uninterrupted one.
+        strategy
+            ``None``: one process. ``"ddp"``: distributed data parallel inside a process
+            group started by ``torchrun`` (see :mod:`scvae_tools.distributed`): each rank
+            trains on its shard of every epoch (``batch_size`` is per rank), gradients are
+            all-reduced (NCCL on GPUs, Gloo on CPUs) and only rank 0 shows progress and
+            writes checkpoints. ``device="auto"`` then means ``cuda:LOCAL_RANK`` or the CPU.
 
         Returns
         -------
         The model itself, trained (``self.history`` holds one row per epoch).
+
+        Raises
+        ------
+        FloatingPointError
+            Training kept producing NaN/inf after ``max_rollbacks`` (3) rollbacks to the last
+            good epoch, each with a 4× lower learning rate. The model is left as it was
+            before this call (an earlier fit is kept; nothing diverged is ever used).
         """
         data = self._require_data()
         n = data.n_obs
@@ -193,17 +241,38 @@ class SCVAE:
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             seed=seed,
         )
+        checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         train_idx, val_idx = split_indices(n, train_size, seed)
         torch.manual_seed(seed)
         # Re-initialise so that a seed fully determines the result, whatever came before.
-        self.module = VAE(self.module_config)
-        self.device = resolve_device(device)
-        self.history = train_module(self.module, data, train_idx, val_idx, cfg, self.device,
-                                    progress_bar=progress_bar)
+        module = VAE(self.module_config)
+        dist_ctx = _dist_context(strategy, device)
+        device = resolve_device(device) if dist_ctx is None else dist_ctx.device
+        try:
+            history = train_module(module, data, train_idx, val_idx, cfg, device,
+                                   progress_bar=progress_bar, checkpoint=checkpoint,
+                                   dist=dist_ctx)
+        finally:
+            if dist_ctx is not None:
+                dist_ctx.close()
+        # Only a run that finished replaces the model: a diverged one raised above.
+        self.module, self.device, self.history = module, device, history
         self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx
         self.is_trained = True
-        self._warn_if_collapsed()
+        if dist_ctx is None or dist_ctx.is_main:  # one warning, not one per rank
+            self._warn_if_collapsed()
         return self
+
+    def _checkpoint_config(self, checkpoint_dir, every: int, resume: bool) -> CheckpointConfig | None:
+        if checkpoint_dir is None:
+            if resume:
+                raise ValueError("resume=True needs checkpoint_dir=, the folder that the "
+                                 "interrupted run wrote its checkpoint to.")
+            return None
+        # A checkpoint is only resumed into the same architecture, genes and covariates.
+        identity = {"module": self.module_config.to_dict(), "data": self.spec.to_dict()}
+        return CheckpointConfig(Path(checkpoint_dir), every=every, resume=resume,
+                                identity=identity)
 
     def _warn_if_collapsed(self) -> None:
         if self.history.empty or self.validation_indices is None:
@@ -225,16 +294,19 @@ class SCVAE:
             )
 
     # ------------------------------------------------------------------ evaluation
-    def _require_data(self) -> CellData:
+    def _require_data(self) -> CellData | BackedCellData:
         if self._data is None:
             raise ValueError("This model has no AnnData attached; pass adata= to this method.")
         return self._data
 
-    def _data_for(self, adata) -> CellData:
-        """CellData for ``adata`` (the training data when None), encoded like the training data."""
+    def _data_for(self, adata) -> CellData | BackedCellData:
+        """CellData for ``adata`` (the training data when None), encoded like the training data.
+
+        A backed AnnData or an .h5ad path gives a :class:`BackedCellData` (read in chunks).
+        """
         if adata is None:
             return self._require_data()
-        return CellData(adata, self.spec)
+        return make_cell_data(adata, self.spec)
 
     def _check_trained(self) -> None:
         if not self.is_trained:
@@ -343,22 +415,35 @@ class SCVAE:
 
     @torch.inference_mode()
     def get_kl_per_dimension(self, adata=None) -> pd.Series:
-        """Mean KL(q(z_d|x) ‖ N(0,1)) per latent dimension in nats; near 0 means collapsed."""
+        """Mean KL(q(z_d|x) ‖ p(z_d)) per latent dimension in nats; near 0 means collapsed.
+
+        Closed form for the standard normal prior; a Monte-Carlo estimate against each
+        dimension's marginal for a learned (``"mog"``) prior.
+        """
         self._check_trained()
         kl = self._kl_per_dim_mean(self._data_for(adata))
         return pd.Series(kl, index=[f"z{d}" for d in range(len(kl))], name="kl")
 
     def _kl_per_dim_mean(self, data: CellData) -> np.ndarray:
-        from .module import kl_normal_std
-
         total, n = None, 0
         with torch.inference_mode():
             for b in self._eval_batches(data, 1024):
                 cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
-                kl = kl_normal_std(*self.module.encode(b.x, cov)).sum(0)
+                kl = self.module.kl_per_dim(*self.module.encode(b.x, cov))[1].sum(0)
                 total = kl if total is None else total + kl
                 n += b.x.shape[0]
         return (total / n).cpu().numpy()
+
+    def sample(self, n: int, source: str = "prior", adata=None, seed: int = 0):
+        """Generate ``n`` cells of counts from the model; see :func:`scvae_tools.diagnostics.sample`.
+
+        ``source="prior"`` draws z from p(z); ``source="aggregated"`` from the aggregated
+        posterior q(z) = mean over cells of q(z|x). Returns an AnnData (counts in ``X``, the
+        drawn z in ``obsm["X_latent"]``).
+        """
+        from .diagnostics import sample
+
+        return sample(self, n, source=source, adata=adata, seed=seed)
 
     # ------------------------------------------------------------------ AnnData output
     def write_to_adata(
@@ -372,29 +457,46 @@ class SCVAE:
         ``layers=False`` to skip the two dense cells × genes layers on large data.
         The AnnData must have the model's genes (in any order, extra genes are not allowed
         for layers since layers must match ``adata.var``).
+
+        Everything is computed and checked for NaN/inf before anything is written, so on an
+        error ``adata`` is left untouched.
         """
         self._check_trained()
         data = self._data_for(adata)
-        adata.obsm[f"X_{key_added}"] = self._latent(data, batch_size=batch_size)
+        out_obsm = {f"X_{key_added}": self._latent(data, batch_size=batch_size)}
+        out_layers = {}
         if layers:
             order = _gene_order(adata.var_names, self.spec.var_names)
             den = self._expression(data, 1e4, batch_size=batch_size)
             exp = self._expression(data, "observed", batch_size=batch_size)
-            adata.layers[f"{key_added}_denoised"] = den[:, order]
-            adata.layers[f"{key_added}_expected"] = exp[:, order]
-        adata.uns[key_added] = self._uns_record()
+            out_layers = {f"{key_added}_denoised": den[:, order],
+                          f"{key_added}_expected": exp[:, order]}
+        for name, arr in {**out_obsm, **out_layers}.items():
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(
+                    f"The model produced NaN/inf values for {name!r}; nothing was written. "
+                    "Its weights or this AnnData's counts are broken (e.g. extreme values): "
+                    "check the input, or retrain."
+                )
+        record = self._uns_record()
+        adata.obsm.update(out_obsm)
+        for name, arr in out_layers.items():
+            adata.layers[name] = arr
+        adata.uns[key_added] = record
 
     def _uns_record(self) -> dict[str, Any]:
         """Settings, versions and history in h5ad-writable form (no None values)."""
         hist = {c: self.history[c].to_numpy() for c in self.history.columns}
         return _drop_none({
             "version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "model": self.module_config.to_dict(),
             "data": self.spec.to_dict() | {"var_names": np.asarray(self.spec.var_names, dtype=object)},
             "beta": self.beta,
             "free_bits": self.free_bits,
             "train": self.train_config.to_dict() if self.train_config else {},
+            "seed": self.train_config.seed if self.train_config else None,
+            "versions": package_versions(),
             "history": hist,
         })
 
@@ -412,58 +514,81 @@ class SCVAE:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self._write_model_files(tmp)
+            replace_dir(tmp, path)  # atomic: the old model survives any failure before this
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_model_files(self, tmp: Path) -> None:
         config = {
             "format": "scvae_tools.model/1",
             "version": __version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "module": self.module_config.to_dict(),
             "data": self.spec.to_dict(),
             "beta": self.beta,
             "free_bits": self.free_bits,
             "train": self.train_config.to_dict() if self.train_config else None,
+            "seed": self.train_config.seed if self.train_config else None,
+            "versions": package_versions(),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
         self.history.to_csv(tmp / HISTORY_FILE, index=False)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, adata=None, device: str | torch.device = "auto") -> SCVAE:
         """Load a saved model; attach ``adata`` (checked against the saved genes) if given.
 
-        Weights are read with ``torch.load(weights_only=True)``: no code from the file runs.
+        Weights are read with ``torch.load(weights_only=True)``: no code from the file runs,
+        and a file that would need to run code is refused with a ``ValueError``.
+        ``config.json`` is validated field by field (types, ranges, consistency) and the
+        weights must match it and be finite; any problem raises a ``ValueError`` naming it.
         """
         path = Path(path)
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"No saved SCVAE at {path} ({CONFIG_FILE} missing).")
-        config = json.loads((path / CONFIG_FILE).read_text())
-        if not isinstance(config, dict) or "module" not in config or "data" not in config:
-            raise ValueError(f"{path / CONFIG_FILE} is not a scvae_tools model config.")
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); the file is "
+                             "corrupted: re-save the model or restore it from a backup.") from None
+        config = validate_model_config(raw, str(path / CONFIG_FILE))
         model = cls.__new__(cls)
-        model.spec = DataSpec.from_dict(config["data"])
-        model.module_config = ModuleConfig(**config["module"])
-        model.beta = float(config.get("beta", 1.0))
-        model.free_bits = float(config.get("free_bits", 0.0))
+        model.spec = config["data"]
+        model.module_config = config["module"]
+        model.beta = config["beta"]
+        model.free_bits = config["free_bits"]
         model.module = VAE(model.module_config)
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        model.module.load_state_dict(state)
+        state = check_state_dict(safe_torch_load(path / WEIGHTS_FILE, "model weights"),
+                                 str(path / WEIGHTS_FILE))
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not match {CONFIG_FILE} "
+                             f"({str(err)[:300]}); the two files come from different models.") from None
         model.device = resolve_device(device)
         model.module.to(model.device).eval()
         hist_file = path / HISTORY_FILE
         model.history = pd.read_csv(hist_file) if hist_file.exists() and hist_file.stat().st_size > 1 else pd.DataFrame()
-        model.train_config = TrainConfig(**config["train"]) if config.get("train") else None
+        model.train_config = config["train"]
         model.train_indices = model.validation_indices = None
         model.is_trained = True
-        model._data = None if adata is None else CellData(adata, model.spec)
+        model._data = None if adata is None else make_cell_data(adata, model.spec)
         return model
+
+
+def _dist_context(strategy: str | None, device):
+    """The process group for ``strategy="ddp"`` (``None`` for one process)."""
+    if strategy is None:
+        return None
+    if strategy != "ddp":
+        raise ValueError(f"strategy must be None or 'ddp', got {strategy!r}.")
+    from .distributed import DistContext
+
+    return DistContext.from_env(device)
 
 
 def _gene_order(have: pd.Index, want: list[str]) -> np.ndarray:

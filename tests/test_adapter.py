@@ -1,0 +1,150 @@
+"""The AnnData adapter: input forms, validation errors, gene matching, no side effects."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae_tools as svt
+from scvae_tools.adapter import CellData, DataSpec
+
+
+def small(n=40, g=15, seed=0, sparse=True):
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(2.0, (n, g)).astype(np.float32)
+    x[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame({"batch": rng.choice(["a", "b"], n), "cov": rng.normal(size=n),
+                        "lib": x.sum(1) / 2}, index=[f"c{i}" for i in range(n)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(g)])
+    return ad.AnnData(sp.csr_matrix(x) if sparse else x, obs=obs, var=var)
+
+
+@pytest.mark.parametrize("form", ["dense", "csr", "csc", "int64", "int32", "float64", "layer"])
+def test_input_forms_give_the_same_counts(form):
+    a = small(sparse=False)
+    ref = a.X.copy()
+    layer = None
+    if form == "csr":
+        a.X = sp.csr_matrix(ref)
+    elif form == "csc":
+        a.X = sp.csc_matrix(ref)
+    elif form in ("int64", "int32", "float64"):
+        a.X = ref.astype(form)
+    elif form == "layer":
+        a.layers["counts"] = ref.copy()
+        a.X = np.log1p(ref)  # X holds something else; the layer must be used
+        layer = "counts"
+    data = CellData(a, DataSpec.from_anndata(a, layer=layer))
+    dense = data.X.toarray() if sp.issparse(data.X) else data.X
+    np.testing.assert_array_equal(dense, ref)
+    np.testing.assert_allclose(data.library, ref.sum(1))
+
+
+def test_size_factor_key_and_covariates_are_encoded():
+    a = small()
+    spec = DataSpec.from_anndata(a, batch_key="batch", continuous_covariate_keys=["cov"],
+                                 size_factor_key="lib")
+    data = CellData(a, spec)
+    np.testing.assert_allclose(data.library, a.obs["lib"].to_numpy())
+    assert spec.batch_categories == ["a", "b"]
+    np.testing.assert_array_equal(data.batch_index, (a.obs["batch"] == "b").to_numpy().astype(int))
+    np.testing.assert_allclose(data.cont_covs[:, 0], a.obs["cov"].to_numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "corrupt, exc, words",
+    [
+        (lambda a: a.X.data.__setitem__(0, -1.0), ValueError, "negative"),
+        (lambda a: a.X.data.__setitem__(0, np.nan), ValueError, "NaN"),
+        (lambda a: a.X.data.__setitem__(0, np.inf), ValueError, "inf"),
+        (lambda a: a.X.data.__setitem__(0, 0.5), ValueError, "non-integer"),
+    ],
+)
+def test_bad_counts_are_named(corrupt, exc, words):
+    a = small()
+    corrupt(a)
+    with pytest.raises(exc, match=words):
+        svt.SCVAE(a)
+
+
+def test_non_integer_allowed_on_request():
+    a = small()
+    a.X.data[0] = 0.5
+    svt.SCVAE(a, allow_non_integer=True)
+
+
+def test_empty_cells_and_empty_anndata():
+    a = small(sparse=False)
+    a.X[3] = 0
+    with pytest.raises(ValueError, match="zero total counts.*filter_cells"):
+        svt.SCVAE(a)
+    with pytest.raises(ValueError, match="empty"):
+        svt.SCVAE(small()[:0].copy())
+
+
+def test_unknown_keys_and_missing_labels():
+    a = small()
+    with pytest.raises(KeyError, match="not a column of adata.obs"):
+        svt.SCVAE(a, batch_key="nope")
+    with pytest.raises(KeyError, match="Layer 'nope'"):
+        svt.SCVAE(a, layer="nope")
+    a.obs.loc["c0", "batch"] = np.nan
+    with pytest.raises(ValueError, match="missing label"):
+        svt.SCVAE(a, batch_key="batch")
+
+
+def test_duplicate_genes_rejected():
+    a = small()
+    a.var_names = ["g0"] * 2 + [f"g{j}" for j in range(2, a.n_vars)]
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        svt.SCVAE(a)
+
+
+def test_genes_are_matched_by_name():
+    a = small()
+    spec = DataSpec.from_anndata(a)
+    perm = np.random.default_rng(1).permutation(a.n_vars)
+    shuffled = a[:, perm].copy()
+    np.testing.assert_array_equal(CellData(shuffled, spec).X.toarray(), a.X.toarray())
+    with pytest.raises(ValueError, match="lacks 1 of the model's 15 genes.*g3"):
+        CellData(a[:, [j for j in range(a.n_vars) if j != 3]].copy(), spec)
+
+
+def test_unseen_batch_category_is_named():
+    a = small()
+    spec = DataSpec.from_anndata(a, batch_key="batch")
+    b = a.copy()
+    b.obs["batch"] = "zzz"
+    with pytest.raises(ValueError, match="not trained on.*zzz"):
+        CellData(b, spec)
+
+
+def test_batches_cover_every_cell_once_and_never_leave_one_alone():
+    a = small(n=129)
+    data = CellData(a, DataSpec.from_anndata(a))
+    gen = torch.Generator().manual_seed(0)
+    sizes, seen = [], []
+    for b in data.batches(np.arange(129), batch_size=32, shuffle=True, generator=gen,
+                          drop_singleton=True):
+        sizes.append(len(b.index))
+        seen.append(b.index.numpy())
+        np.testing.assert_array_equal(b.x.numpy(), a.X[b.index.numpy()].toarray())
+    assert min(sizes) > 1 and sum(sizes) == 129
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(129))
+
+
+def test_adata_is_not_modified():
+    a = small()
+    a.layers["counts"] = a.X.copy()
+    before = a.copy()
+    model = svt.SCVAE(a, batch_key="batch", layer="counts")
+    model.train(max_epochs=2, progress_bar=False)
+    model.get_latent_representation(a)
+    model.get_normalized_expression(a)
+    assert (a.X != before.X).nnz == 0
+    assert (a.layers["counts"] != before.layers["counts"]).nnz == 0
+    pd.testing.assert_frame_equal(a.obs, before.obs)
+    pd.testing.assert_frame_equal(a.var, before.var)
+    assert set(a.uns) == set(before.uns) and set(a.obsm) == set(before.obsm)

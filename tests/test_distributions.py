@@ -1,0 +1,76 @@
+"""Likelihoods against scipy.stats, and the closed-form KL against Monte Carlo."""
+
+import numpy as np
+import pytest
+import scipy.stats as st
+import torch
+
+from scvae_tools.distributions import log_nb, log_poisson, log_zinb, sample_counts
+from scvae_tools.module import kl_normal_std
+
+RNG = np.random.default_rng(0)
+X = RNG.poisson(3.0, size=(50, 40)).astype(np.float64)
+X[:, :5] = RNG.poisson(200.0, size=(50, 5))  # large counts too
+MU = RNG.gamma(2.0, 2.0, size=(50, 40)) + 1e-2
+THETA = RNG.gamma(2.0, 1.0, size=(1, 40)) + 1e-2
+PI_LOGITS = RNG.normal(-1.0, 1.0, size=(50, 40))
+
+
+def t(a):
+    return torch.as_tensor(a, dtype=torch.float64)
+
+
+def nb_scipy(x, mu, theta):
+    # scipy's nbinom(n, p): n = θ successes, p = θ / (θ + μ) gives mean μ.
+    return st.nbinom.logpmf(x, theta, theta / (theta + mu))
+
+
+def test_nb_matches_scipy():
+    ours = log_nb(t(X), t(MU), t(THETA)).numpy()
+    np.testing.assert_allclose(ours, nb_scipy(X, MU, THETA), rtol=1e-5, atol=1e-5)
+
+
+def test_poisson_matches_scipy():
+    ours = log_poisson(t(X), t(MU)).numpy()
+    np.testing.assert_allclose(ours, st.poisson.logpmf(X, MU), rtol=1e-5, atol=1e-5)
+
+
+def test_zinb_matches_mixture():
+    pi = 1.0 / (1.0 + np.exp(-PI_LOGITS))
+    nb_pmf = np.exp(nb_scipy(X, MU, THETA))
+    ref = np.log(np.where(X == 0, pi + (1 - pi) * nb_pmf, (1 - pi) * nb_pmf))
+    ours = log_zinb(t(X), t(MU), t(THETA), t(PI_LOGITS)).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nb_float32_close_to_scipy():
+    ours = log_nb(torch.tensor(X, dtype=torch.float32), torch.tensor(MU, dtype=torch.float32),
+                  torch.tensor(THETA, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(ours, nb_scipy(X, MU, THETA), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_samples_have_the_right_mean_and_variance(likelihood):
+    torch.manual_seed(0)
+    mu = torch.full((20000, 3), 5.0, dtype=torch.float64)
+    theta = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)
+    pi_logits = torch.full_like(mu, -1.0)
+    x = sample_counts(likelihood, mu, theta, pi_logits).numpy()
+    pi = 1 / (1 + np.e) if likelihood == "zinb" else 0.0
+    nb_var = 5.0 + 25.0 / 2.0 if likelihood != "poisson" else 5.0
+    mean = (1 - pi) * 5.0
+    var = (1 - pi) * (nb_var + 25.0) - mean**2
+    np.testing.assert_allclose(x.mean(), mean, rtol=0.03)
+    np.testing.assert_allclose(x.var(), var, rtol=0.06)
+
+
+def test_closed_form_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    mean = torch.tensor([0.0, 1.5, -2.0, 0.3], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.2, 3.0, 0.05], dtype=torch.float64)
+    q = torch.distributions.Normal(mean, var.sqrt())
+    p = torch.distributions.Normal(0.0, 1.0)
+    z = q.sample((400000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    np.testing.assert_allclose(kl_normal_std(mean, var).numpy(), mc.numpy(), atol=0.01)
+    assert kl_normal_std(mean, var)[0].item() == pytest.approx(0.0, abs=1e-12)

@@ -1,0 +1,147 @@
+"""SCVAE end to end on synthetic counts: training, outputs, save/load, reproducibility."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score
+
+import scvae_tools as svt
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = svt.datasets.synthetic_counts(n_cells=600, n_genes=200, n_types=3, seed=0)
+    model = svt.SCVAE(adata, n_latent=5, n_hidden=64)
+    model.train(max_epochs=40, progress_bar=False, seed=0)
+    return adata, model
+
+
+def test_history_columns_and_learning(trained):
+    _, model = trained
+    h = model.history
+    for col in ["epoch", "beta", "train_elbo", "train_reconstruction", "train_kl",
+                "validation_elbo", "validation_reconstruction", "validation_kl", "seconds"]:
+        assert col in h
+    np.testing.assert_allclose(h["train_elbo"], -h["train_reconstruction"] - h["train_kl"])
+    assert h["validation_elbo"].iloc[-1] > h["validation_elbo"].iloc[0] + 10  # it learned
+    assert h["beta"].iloc[0] < h["beta"].iloc[-1] == 1.0  # KL warm-up ramped β
+
+
+def test_latent_separates_cell_types(trained):
+    adata, model = trained
+    z = model.get_latent_representation()
+    assert z.shape == (adata.n_obs, 5) and np.isfinite(z).all()
+    b = adata.copy()
+    b.obsm["X_scvae"] = z
+    sc.pp.neighbors(b, use_rep="X_scvae", random_state=0)
+    sc.tl.leiden(b, flavor="igraph", n_iterations=2, directed=False, resolution=0.3, random_state=0)
+    assert adjusted_rand_score(b.obs["cell_type"], b.obs["leiden"]) > 0.8
+
+
+def test_expression_outputs(trained):
+    adata, model = trained
+    den = model.get_normalized_expression(library_size=1e4)
+    np.testing.assert_allclose(den.sum(1), 1e4, rtol=1e-4)
+    exp = model.get_normalized_expression(library_size="observed")
+    np.testing.assert_allclose(exp.sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
+    sampled = model.get_normalized_expression(n_samples=5)
+    assert sampled.shape == den.shape and np.allclose(sampled.sum(1), 1e4, rtol=1e-4)
+
+
+def test_elbo_and_marginal_ll(trained):
+    adata, model = trained
+    elbo = model.get_elbo(indices=model.validation_indices)
+    ll = model.get_marginal_ll(indices=model.validation_indices, n_samples=50)
+    assert np.isfinite(elbo) and elbo < 0
+    assert ll >= elbo - 0.5  # importance weighting cannot be worse than the ELBO on average
+    assert model.get_elbo(adata) == pytest.approx(model.get_elbo(), rel=0.01)
+
+
+def test_write_to_adata_keys(trained):
+    adata, model = trained
+    a = adata.copy()
+    model.write_to_adata(a)
+    assert a.obsm["X_scvae"].shape == (a.n_obs, 5)
+    assert a.layers["scvae_denoised"].shape == a.shape
+    assert a.layers["scvae_expected"].shape == a.shape
+    assert a.uns["scvae"]["model"]["n_latent"] == 5
+    assert len(a.uns["scvae"]["history"]["train_elbo"]) == len(model.history)
+    b = adata.copy()
+    model.write_to_adata(b, key_added="vae2", layers=False)
+    assert "X_vae2" in b.obsm and "vae2_denoised" not in b.layers
+
+
+def test_write_to_adata_reorders_genes(trained, tmp_path):
+    adata, model = trained
+    perm = np.random.default_rng(0).permutation(adata.n_vars)
+    a = adata[:, perm].copy()
+    model.write_to_adata(a)
+    ref = model.get_normalized_expression()
+    np.testing.assert_allclose(a.layers["scvae_denoised"], ref[:, perm], rtol=1e-5)
+    a.write_h5ad(tmp_path / "out.h5ad")  # uns must be h5ad-writable
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    adata, model = trained
+    model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+    loaded = svt.SCVAE.load(tmp_path / "m", adata)
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  model.get_latent_representation())
+    pd.testing.assert_frame_equal(loaded.history, model.history, check_dtype=False)
+    with pytest.raises(ValueError, match="lacks 2 of the model's 200 genes"):
+        svt.SCVAE.load(tmp_path / "m", adata[:, 2:].copy())
+
+
+def test_same_seed_same_latent():
+    adata = svt.datasets.synthetic_counts(n_cells=200, n_genes=50, seed=1)
+    z = []
+    for _ in range(2):
+        m = svt.SCVAE(adata, n_latent=3)
+        m.train(max_epochs=3, progress_bar=False, seed=7)
+        z.append(m.get_latent_representation())
+    np.testing.assert_array_equal(z[0], z[1])
+    m.train(max_epochs=3, progress_bar=False, seed=8)
+    assert not np.array_equal(z[0], m.get_latent_representation())
+
+
+@pytest.mark.parametrize("likelihood,dispersion", [("zinb", "gene"), ("poisson", "gene"),
+                                                    ("nb", "gene-batch"), ("nb", "gene-cell")])
+def test_options_train(likelihood, dispersion, synthetic):
+    m = svt.SCVAE(synthetic, batch_key="batch", likelihood=likelihood, dispersion=dispersion,
+                  n_latent=4, n_hidden=32)
+    m.train(max_epochs=8, progress_bar=False)
+    assert m.history["validation_elbo"].iloc[-1] > m.history["validation_elbo"].iloc[0]
+    assert np.isfinite(m.get_latent_representation()).all()
+
+
+def test_batch_conditioning_and_transform_batch(synthetic):
+    m = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
+    m.train(max_epochs=5, progress_bar=False)
+    as0 = m.get_normalized_expression(transform_batch="batch0")
+    as1 = m.get_normalized_expression(transform_batch="batch1")
+    assert not np.allclose(as0, as1)
+    with pytest.raises(KeyError, match="not a known batch"):
+        m.get_normalized_expression(transform_batch="nope")
+
+
+def test_tl_scvae_one_liner(pbmc68k):
+    a = pbmc68k.copy()
+    model = svt.tl.scvae(a, n_latent=6, max_epochs=3, progress_bar=False)
+    assert isinstance(model, svt.SCVAE) and a.obsm["X_scvae"].shape == (700, 6)
+    with pytest.raises(TypeError, match="Unknown argument"):
+        svt.tl.scvae(a, n_latnet=3)
+
+
+def test_untrained_model_says_so(synthetic):
+    with pytest.raises(RuntimeError, match="train"):
+        svt.SCVAE(synthetic).get_latent_representation()
+
+
+def test_pbmc68k_counts_are_recovered(pbmc68k):
+    x = pbmc68k.X.toarray()
+    assert np.all(x == np.round(x)) and x.min() >= 0
+    # the 765 genes are a subset of the full library: totals below obs.n_counts
+    assert np.all(x.sum(1) <= pbmc68k.obs["n_counts"].to_numpy() + 1e-3)
