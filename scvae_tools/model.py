@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .adapter import CellData, DataSpec
+from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec
 from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
@@ -445,6 +445,182 @@ class SCVAE:
 
         return sample(self, n, source=source, adata=adata, seed=seed)
 
+    # ------------------------------------------------------------------ downstream analysis
+    def differential_expression(
+        self,
+        adata,
+        groupby: str,
+        group1: str | list[str] | None = None,
+        group2: str | None = None,
+        mode: str = "change",
+        delta: float = 0.25,
+        n_samples: int = 1000,
+        fdr_target: float = 0.05,
+        pseudocounts: float | None = None,
+        batch_correction: bool = False,
+        max_cells_per_group: int = 2000,
+        seed: int = 0,
+        batch_size: int = 1024,
+        key_added: str | None = None,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression between groups of cells.
+
+        Compares each group's mean denoised expression (a pseudo-bulk of the decoded gene
+        proportions) through its posterior: every one of ``n_samples`` replicates redraws the
+        group's cells with replacement and one posterior sample of z per drawn cell. See
+        :mod:`scvae_tools.differential` for the method.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes and ``obs[groupby]``.
+        groupby
+            ``obs`` column defining the groups.
+        group1
+            Group(s) to test; ``None``: every group, each against the rest.
+        group2
+            Reference group; ``None``: all cells not in ``group1`` ("Rest").
+        mode
+            ``"change"``: P(|LFC| ≥ ``delta``) per gene; ``"vanilla"``: P(mean1 > mean2).
+        delta
+            Smallest log2 fold change that counts as a change (``mode="change"``).
+        n_samples
+            Posterior replicates per group.
+        fdr_target
+            Genes are called (column ``is_de_fdr_<fdr_target>``) while the posterior expected
+            false discovery rate of the called set stays at or below this.
+        pseudocounts
+            ε in log2(mean + ε), on the proportion scale; ``None`` estimates it from genes
+            not detected in a group (as scvi-tools does).
+        batch_correction
+            Decode every cell under every batch and average (batch-free expression); default:
+            each cell's own batch.
+        max_cells_per_group
+            Larger groups are subsampled to this many cells (conservative, and bounds memory).
+        seed
+            Seeds the subsampling, bootstrap and posterior draws.
+        key_added
+            Also store the results in ``adata.uns[key_added]`` in ``sc.tl.rank_genes_groups``'
+            format, so ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` work
+            (see :func:`scvae_tools.differential.store_rank_genes_groups`). ``adata`` is not
+            modified otherwise.
+
+        Returns
+        -------
+        DataFrame indexed by gene, strongest evidence first, with scvi-tools' columns:
+        ``proba_de``, ``proba_not_de``, ``bayes_factor`` (log odds), ``scale1``/``scale2``
+        (posterior mean proportions), ``pseudocounts``, ``delta``, ``lfc_mean``/``median``/
+        ``std``/``min``/``max`` (log2, positive = higher in group1), ``raw_mean1/2``,
+        ``non_zeros_proportion1/2``, ``raw_normalized_mean1/2`` (counts per 1e4),
+        ``is_de_fdr_<fdr_target>``, ``comparison``, ``group1``, ``group2``. With
+        ``mode="vanilla"``: ``proba_m1``/``proba_m2`` instead of ``proba_de``/``proba_not_de``.
+
+        Examples
+        --------
+        >>> de = model.differential_expression(adata, "cell_type", "B", "CD14+ Mono")
+        >>> de[de["is_de_fdr_0.05"] & (de["lfc_mean"] > 0)].head()    # up in B cells
+        """
+        from .differential import differential_expression
+
+        return differential_expression(
+            self, adata, groupby, group1=group1, group2=group2, mode=mode, delta=delta,
+            n_samples=n_samples, fdr_target=fdr_target, pseudocounts=pseudocounts,
+            batch_correction=batch_correction, max_cells_per_group=max_cells_per_group,
+            seed=seed, batch_size=batch_size, key_added=key_added,
+        )
+
+    def posterior_predictive_sample(
+        self, adata=None, n_samples: int = 1, gene_list: list[str] | None = None,
+        batch_size: int = 256, seed: int | None = 0,
+    ) -> np.ndarray:
+        """Counts simulated from the fitted model for each observed cell.
+
+        For each of ``n_samples`` replicates every cell draws z ~ q(z|x) and then counts from
+        p(x|z) (NB / ZINB / Poisson) at its observed library size and covariates.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None``: the training data.
+        n_samples
+            Replicates per cell.
+        gene_list
+            Only these genes (in this order); ``None``: all of the model's genes.
+        seed
+            Seeds the draws (``None``: torch's global random state).
+
+        Returns
+        -------
+        Dense float32 array of integer counts, shape (cells, genes, n_samples). Memory is
+        cells × genes × n_samples × 4 bytes: use ``gene_list`` or :func:`scvae_tools.tl.ppc`
+        (which streams) on large data.
+        """
+        from .ppc import posterior_predictive_sample
+
+        return posterior_predictive_sample(self, adata, n_samples=n_samples, gene_list=gene_list,
+                                           batch_size=batch_size, seed=seed)
+
+    @classmethod
+    def load_query(
+        cls,
+        reference_dir: str | os.PathLike,
+        query_adata,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 30,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        progress_bar: bool = True,
+    ) -> SCVAE:
+        """Map a query dataset with new batches onto a saved reference model (scArches).
+
+        The reference (saved with :meth:`save`, trained with ``batch_key``) is grown by the
+        query's unseen batch (and categorical covariate) categories: new input columns in the
+        first encoder and decoder layers (and new per-batch dispersions). All reference
+        weights are frozen, BatchNorm keeps the reference statistics, and only the new
+        columns are fine-tuned on the query cells, so query cells land in the reference's
+        latent space while reference cells keep exactly their coordinates. See
+        :mod:`scvae_tools.query`.
+
+        Parameters
+        ----------
+        reference_dir
+            Directory of the saved reference model.
+        query_adata
+            Query cells: the reference's genes (any order; extra genes are dropped, missing
+            ones are an error) and its ``obs`` columns (``batch_key``, covariates).
+        max_epochs
+            Fine-tuning epochs; default ``min(200, 20000 / n_cells · 400)``. 0 skips
+            fine-tuning (the new columns keep their start: the mean of the reference batches).
+        batch_size, lr, train_size, early_stopping, early_stopping_patience, seed, device,
+        progress_bar
+            As in :meth:`train` (no KL warm-up, no weight decay).
+
+        Returns
+        -------
+        A trained model attached to ``query_adata``; ``model.history`` holds the fine-tuning,
+        ``model.query_info`` the new categories. Use it like any model (latent,
+        ``write_to_adata``, ``save``); it also embeds reference cells, as before. Calling
+        :meth:`train` on it would retrain from scratch.
+
+        Examples
+        --------
+        >>> reference.save("ref_model")
+        >>> query_model = svt.SCVAE.load_query("ref_model", query_adata)
+        >>> query_adata.obsm["X_scvae"] = query_model.get_latent_representation()
+        """
+        from .query import load_query
+
+        return load_query(
+            cls, reference_dir, query_adata, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+            train_size=train_size, early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience, seed=seed, device=device,
+            progress_bar=progress_bar,
+        )
+
     # ------------------------------------------------------------------ AnnData output
     def write_to_adata(
         self, adata, key_added: str = "scvae", layers: bool = True, batch_size: int = 1024
@@ -460,8 +636,13 @@ class SCVAE:
 
         Everything is computed and checked for NaN/inf before anything is written, so on an
         error ``adata`` is left untouched.
+
+        A backed AnnData (``backed="r"``) is read in chunks; the latent and ``uns`` go to
+        its in-memory ``obsm``/``uns`` (save with ``adata.write_h5ad(new_path)``), and the
+        dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
         """
         self._check_trained()
+        _check_writable(adata, layers, self.spec.n_genes)
         data = self._data_for(adata)
         out_obsm = {f"X_{key_added}": self._latent(data, batch_size=batch_size)}
         out_layers = {}
@@ -578,6 +759,22 @@ class SCVAE:
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec)
         return model
+
+
+def _check_writable(adata, layers: bool, n_genes: int) -> None:
+    """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data."""
+    if isinstance(adata, (str, os.PathLike)):
+        raise ValueError(
+            "write_to_adata writes into an AnnData object, not a path; open the file with "
+            "`anndata.read_h5ad(path, backed='r')`, write, then `adata.write_h5ad(out_path)`."
+        )
+    if layers and is_backed(adata) and 2 * adata.n_obs * n_genes * 4 > DENSE_LIMIT_BYTES:
+        gb = 2 * adata.n_obs * n_genes * 4 / 1e9
+        raise ValueError(
+            f"The dense denoised/expected layers of this backed AnnData would take {gb:.1f} GB "
+            "of memory; pass layers=False (the latent and uns are still written), or compute "
+            "expression for subsets with model.get_normalized_expression(adata[idx].to_memory())."
+        )
 
 
 def _dist_context(strategy: str | None, device):

@@ -26,6 +26,9 @@ from torch import nn
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
 
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+# "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
+# (weights, means, variances trained with the ELBO); its KL is a Monte-Carlo estimate.
+PRIORS = ("normal", "mog")
 
 
 @dataclass
@@ -43,8 +46,16 @@ class ModuleConfig:
     n_cats_per_cov: list[int] = field(default_factory=list)
     n_continuous_cov: int = 0
     use_batch_norm: bool = True
+    prior: str = "normal"
+    n_prior_components: int = 10
 
     def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}.")
+        if not isinstance(self.n_prior_components, int) or self.n_prior_components < 1:
+            raise ValueError(
+                f"n_prior_components must be a positive integer, got {self.n_prior_components!r}."
+            )
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
         if self.dispersion not in DISPERSIONS:
@@ -142,6 +153,66 @@ class VAE(nn.Module):
             self.log_theta = nn.Parameter(torch.randn(cfg.n_genes, cfg.n_batch) * 0.1)
         else:
             self.register_parameter("log_theta", None)
+        if cfg.prior == "mog":
+            k = cfg.n_prior_components
+            # Start near N(0, I): unit variances, means spread a little so components differ.
+            self.prior_means = nn.Parameter(torch.randn(k, cfg.n_latent) * 0.5)
+            self.prior_log_var = nn.Parameter(torch.zeros(k, cfg.n_latent))
+            self.prior_logits = nn.Parameter(torch.zeros(k))
+
+    # ------------------------------------------------------------------ prior
+    def _mog_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The clamp keeps a component from shrinking to a spike (KL → ∞) or blowing up.
+        log_var = self.prior_log_var.clamp(-6.0, 4.0)
+        return self.prior_means, log_var, torch.log_softmax(self.prior_logits, 0)
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) summed over latent dimensions, shape ``z.shape[:-1]``."""
+        if self.cfg.prior == "normal":
+            return _std_normal_log_prob(z).sum(-1)
+        means, log_var, log_w = self._mog_parts()
+        diff = z.unsqueeze(-2) - means  # (..., k, latent)
+        comp = -0.5 * (diff.pow(2) / log_var.exp() + log_var + math.log(2 * math.pi)).sum(-1)
+        return torch.logsumexp(comp + log_w, dim=-1)
+
+    def prior_log_prob_per_dim(self, z: torch.Tensor) -> torch.Tensor:
+        """log of each dimension's marginal prior density, shape ``z.shape``."""
+        if self.cfg.prior == "normal":
+            return _std_normal_log_prob(z)
+        means, log_var, log_w = self._mog_parts()
+        diff = z.unsqueeze(-2) - means
+        comp = -0.5 * (diff.pow(2) / log_var.exp() + log_var + math.log(2 * math.pi))
+        return torch.logsumexp(comp + log_w.unsqueeze(-1), dim=-2)
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from p(z) on the module's device, (n, n_latent)."""
+        dev = next(self.parameters()).device
+        eps = torch.randn(n, self.cfg.n_latent, generator=generator).to(dev)
+        if self.cfg.prior == "normal":
+            return eps
+        means, log_var, log_w = self._mog_parts()
+        comp = torch.multinomial(log_w.exp().cpu(), n, replacement=True, generator=generator).to(dev)
+        return means[comp] + (0.5 * log_var[comp]).exp() * eps
+
+    def kl_per_dim(
+        self, qz_m: torch.Tensor, qz_v: torch.Tensor, z: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL per cell, KL per cell and dimension) of q(z|x) to the prior, in nats.
+
+        Standard normal prior: closed form, and the total is the sum over dimensions. Learned
+        prior: Monte-Carlo estimate log q(z|x) − log p(z) at the sample ``z`` (drawn here when
+        not given); per dimension, the same against each dimension's marginal prior (their sum
+        is not the total KL, since a mixture does not factorise over dimensions).
+        """
+        if self.cfg.prior == "normal":
+            per_dim = kl_normal_std(qz_m, qz_v)
+            return per_dim.sum(-1), per_dim
+        if z is None:
+            z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+        log_q = -0.5 * ((z - qz_m).pow(2) / qz_v + torch.log(qz_v) + math.log(2 * math.pi))
+        kl = log_q.sum(-1) - self.prior_log_prob(z)
+        return kl, log_q - self.prior_log_prob_per_dim(z)
 
     # ------------------------------------------------------------------ covariates
     def covariates(
@@ -213,12 +284,15 @@ class VAE(nn.Module):
         """
         cov = self.covariates(batch_index, cat_covs, cont_covs)
         qz_m, qz_v = self.encode(x, cov)
-        z = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if sample else qz_m
+        # A learned prior's KL is estimated at a sample, so draw one even when decoding the mean.
+        draw = sample or self.cfg.prior != "normal"
+        z_sample = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if draw else None
+        z = z_sample if sample else qz_m
         params = self.decode(z, library, cov, batch_index)
-        kl_per_dim = kl_normal_std(qz_m, qz_v)
+        kl, kl_per_dim = self.kl_per_dim(qz_m, qz_v, z_sample)
         return {
             "log_px": self.log_px(x, params),
-            "kl": kl_per_dim.sum(-1),
+            "kl": kl,
             "kl_per_dim": kl_per_dim,
             "qz_mean": qz_m,
             "qz_var": qz_v,
@@ -233,7 +307,10 @@ class VAE(nn.Module):
         least ``free_bits`` nats, so the optimiser gains nothing by collapsing it below that.
         """
         if free_bits > 0:
-            kl = torch.clamp(terms["kl_per_dim"].mean(0), min=free_bits).sum()
+            # KL + Σ_d max(0, λ − KL_d): equals Σ_d max(KL_d, λ) for the standard normal prior,
+            # and stays the full KL plus the floor penalty for a learned (non-factorised) prior.
+            kl_d = terms["kl_per_dim"].mean(0)
+            kl = terms["kl"].mean() + torch.clamp(free_bits - kl_d, min=0.0).sum()
         else:
             kl = terms["kl"].mean()
         return -terms["log_px"].mean() + beta * kl
@@ -263,7 +340,7 @@ class VAE(nn.Module):
             eps = torch.randn((k, *qz_m.shape), device=x.device, dtype=qz_m.dtype)
             z = qz_m + std * eps  # (k, cells, latent)
             params = self.decode(z, library, cov, batch_index)
-            log_pz = _std_normal_log_prob(z).sum(-1)
+            log_pz = self.prior_log_prob(z)
             log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
             log_w.append(self.log_px(x, params) + log_pz - log_qz)
         return torch.logsumexp(torch.cat(log_w, 0), dim=0) - math.log(n_samples)
