@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from .plotting import training_history
+from .plotting import (
+    aggregated_posterior,
+    amortization_gap,
+    disentanglement,
+    latent_traversal,
+    posterior_collapse,
+    rate_distortion,
+    training_history,
+    variational_gap,
+)
 
-__all__ = ["training_history"]
+__all__ = [
+    "aggregated_posterior",
+    "amortization_gap",
+    "disentanglement",
+    "latent_traversal",
+    "posterior_collapse",
+    "rate_distortion",
+    "training_history",
+    "variational_gap",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 
@@ -47,6 +48,318 @@ def training_history(model_or_history, show: bool = False):
         b = axes[2].twinx()
         b.plot(hist["epoch"], hist["beta"], color="grey", ls=":", label="β")
         b.set_ylabel("β in force", color="grey")
+    if show:
+        plt.show()
+    return fig
+
+
+# ---------------------------------------------------------------------- VAE diagnostics
+# Figures for scvae_tools.diagnostics (svt.tl.rate_distortion_sweep, …).
+
+
+def rate_distortion(sweep: pd.DataFrame, show: bool = False):
+    """The rate–distortion trade-off of a β sweep (:func:`svt.tl.rate_distortion_sweep`).
+
+    Left: distortion −E[log p(x|z)] against rate KL(q(z|x) ‖ p(z)), one point per β (lower
+    left is better; the β = 1 ELBO is constant along lines of slope −1). Right: held-out
+    ELBO and importance-weighted log p(x) against β, with the number of active latent
+    units on a second axis.
+
+    Parameters
+    ----------
+    sweep
+        The DataFrame returned by ``svt.tl.rate_distortion_sweep``.
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure.
+    """
+    need = {"beta", "rate", "distortion", "elbo", "active_units", "marginal_ll"}
+    missing = need - set(sweep.columns)
+    if missing:
+        raise KeyError(f"sweep lacks column(s) {sorted(missing)}; pass the DataFrame from "
+                       "svt.tl.rate_distortion_sweep.")
+    df = sweep.sort_values("beta")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4), constrained_layout=True)
+    a.plot(df["rate"], df["distortion"], "-o", color="C0")
+    for _, r in df.iterrows():
+        a.annotate(f"β={r['beta']:g}", (r["rate"], r["distortion"]), textcoords="offset points",
+                   xytext=(5, 5), fontsize=8)
+    a.set_xlabel("rate  KL(q(z|x) ‖ p(z))  [nats/cell]")
+    a.set_ylabel("distortion  −E[log p(x|z)]  [nats/cell]")
+    a.set_title("Rate–distortion (held-out cells)", fontsize=10)
+    b.plot(df["beta"], df["elbo"], "-o", label="ELBO")
+    b.plot(df["beta"], df["marginal_ll"], "-s", label="log p(x) (IWAE)")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("β")
+    b.set_ylabel("nats/cell (higher is better)")
+    b.set_title("Held-out fit and active units", fontsize=10)
+    c = b.twinx()
+    c.plot(df["beta"], df["active_units"], ":^", color="grey", label="active units")
+    c.set_ylabel("active units", color="grey")
+    c.set_ylim(-0.5, max(df["active_units"].max(), 1) + 0.5)
+    h1, l1 = b.get_legend_handles_labels()
+    h2, l2 = c.get_legend_handles_labels()
+    b.legend(h1 + h2, l1 + l2, frameon=False, fontsize=8, loc="lower left")
+    if show:
+        plt.show()
+    return fig
+
+
+def posterior_collapse(model_or_table, adata=None, threshold: float = 0.01, show: bool = False):
+    """Per-dimension KL and variance of the posterior mean, collapsed axes in grey.
+
+    Parameters
+    ----------
+    model_or_table
+        A trained :class:`~scvae_tools.SCVAE` or the table from ``svt.tl.posterior_collapse``.
+    adata, threshold
+        Passed to ``svt.tl.posterior_collapse`` when a model is given.
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure.
+    """
+    if isinstance(model_or_table, pd.DataFrame):
+        table = model_or_table
+    else:
+        from .diagnostics import posterior_collapse as _pc
+
+        table = _pc(model_or_table, adata, threshold)
+    colors = np.where(table["active"].to_numpy(), "C0", "lightgrey")
+    x = np.arange(len(table))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
+    a.bar(x, table["kl"], color=colors)
+    a.set_title("KL(q(z_d|x) ‖ p(z_d)) per dimension [nats]", fontsize=10)
+    b.bar(x, table["mean_variance"], color=colors)
+    b.axhline(threshold, color="k", ls="--", lw=0.8, label=f"active threshold {threshold:g}")
+    b.set_yscale("log")
+    b.set_title(f"Var over cells of E[z_d|x]: {int(table['active'].sum())}/{len(table)} active",
+                fontsize=10)
+    b.legend(frameon=False, fontsize=8)
+    for ax in (a, b):
+        ax.set_xticks(x, table.index, fontsize=8)
+    if show:
+        plt.show()
+    return fig
+
+
+def variational_gap(adata, key: str = "scvae", groupby: str | None = None, show: bool = False):
+    """Per-cell variational gap log p̂(x) − ELBO (from ``svt.tl.variational_gap``).
+
+    Left: its distribution (or one box per group of ``obs[groupby]``); right: against the
+    cell's total counts, since deeper cells carry more evidence and usually have larger gaps.
+
+    Returns
+    -------
+    The figure.
+    """
+    col = f"{key}_variational_gap"
+    if col not in adata.obs:
+        raise KeyError(f"obs[{col!r}] not found; run svt.tl.variational_gap(model, adata, "
+                       f"key_added={key!r}) first.")
+    gap = adata.obs[col].to_numpy()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    if groupby is None:
+        a.hist(gap, bins=40, color="C0")
+        a.axvline(np.median(gap), color="k", ls="--", lw=0.8, label=f"median {np.median(gap):.2f}")
+        a.legend(frameon=False, fontsize=8)
+        a.set_xlabel("variational gap [nats]")
+        a.set_ylabel("cells")
+    else:
+        groups = adata.obs[groupby].astype("category")
+        cats = list(groups.cat.categories)
+        a.boxplot([gap[(groups == c).to_numpy()] for c in cats], showfliers=False)
+        a.set_xticks(np.arange(1, len(cats) + 1), cats, rotation=45, ha="right", fontsize=8)
+        a.set_ylabel("variational gap [nats]")
+    a.set_title("log p̂(x) (IWAE) − ELBO per cell", fontsize=10)
+    depth = np.asarray(adata.X.sum(1)).ravel() if adata.X is not None else None
+    if depth is not None:
+        b.scatter(depth, gap, s=4, alpha=0.5, rasterized=True)
+        b.set_xscale("log")
+        b.set_xlabel("total counts (adata.X)")
+        b.set_ylabel("variational gap [nats]")
+        b.set_title("Gap vs sequencing depth", fontsize=10)
+    if show:
+        plt.show()
+    return fig
+
+
+def amortization_gap(adata, key: str = "scvae", show: bool = False):
+    """Amortized vs refined per-cell ELBO (from ``svt.tl.amortization_gap``).
+
+    Left: the distribution of the gap; right: refined against amortized ELBO (points on the
+    diagonal: the encoder is already optimal for that cell).
+
+    Returns
+    -------
+    The figure.
+    """
+    cols = [f"{key}_amortized_elbo", f"{key}_refined_elbo", f"{key}_amortization_gap"]
+    missing = [c for c in cols if c not in adata.obs]
+    if missing:
+        raise KeyError(f"obs lacks {missing}; run svt.tl.amortization_gap(model, adata, "
+                       f"key_added={key!r}) first.")
+    amort, refined, gap = (adata.obs[c].to_numpy() for c in cols)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    a.hist(gap, bins=40, color="C1")
+    a.axvline(gap.mean(), color="k", ls="--", lw=0.8, label=f"mean {gap.mean():.2f} nats")
+    a.set_xlabel("amortization gap [nats]")
+    a.set_ylabel("cells")
+    a.set_title("Refined − amortized ELBO per cell", fontsize=10)
+    a.legend(frameon=False, fontsize=8)
+    b.scatter(amort, refined, s=4, alpha=0.5, rasterized=True)
+    lo, hi = min(amort.min(), refined.min()), max(amort.max(), refined.max())
+    b.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+    b.set_xlabel("amortized ELBO (encoder) [nats]")
+    b.set_ylabel("refined ELBO (per-cell q) [nats]")
+    b.legend(frameon=False, fontsize=8)
+    b.set_title("Every cell on or above the diagonal", fontsize=10)
+    if show:
+        plt.show()
+    return fig
+
+
+def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show: bool = False):
+    """Prior draws over the aggregated posterior q(z), holes highlighted.
+
+    Grey: draws from q(z) (where the decoder was trained); coloured: draws from the prior
+    p(z), coloured by their log-density under q(z); red crosses: prior draws in holes.
+
+    Parameters
+    ----------
+    result
+        The dict from ``svt.tl.aggregated_posterior``.
+    dims
+        The two latent axes to show (default: the two with the largest spread of cells'
+        posterior means).
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure.
+    """
+    need = ("prior_samples", "prior_log_q", "posterior_samples", "hole_threshold")
+    if not all(k in result for k in need):
+        raise KeyError("Pass the dict returned by svt.tl.aggregated_posterior (with its arrays).")
+    zp, lq, zq = result["prior_samples"], result["prior_log_q"], result["posterior_samples"]
+    if zp.shape[1] < 2:
+        raise ValueError("aggregated_posterior needs a model with at least 2 latent dimensions.")
+    if dims is None:
+        dims = tuple(np.argsort(-result["posterior_means"].var(0))[:2])
+    i, j = dims
+    holes = lq < result["hole_threshold"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4.2), constrained_layout=True)
+    a.scatter(zq[:, i], zq[:, j], s=3, c="lightgrey", label="q(z) draws", rasterized=True)
+    sc_ = a.scatter(zp[~holes, i], zp[~holes, j], s=5, c=lq[~holes], cmap="viridis",
+                    label="prior draws", rasterized=True)
+    a.scatter(zp[holes, i], zp[holes, j], s=10, marker="x", c="red", lw=0.8,
+              label=f"prior draws in holes ({holes.mean():.0%})")
+    fig.colorbar(sc_, ax=a, label="log q(z)")
+    a.set_xlabel(f"z{i}")
+    a.set_ylabel(f"z{j}")
+    a.legend(frameon=False, fontsize=8, loc="upper right", markerscale=2)
+    a.set_title(f"prior = {result.get('prior', '?')}:  KL(q(z) ‖ p(z)) = "
+                f"{result['kl_aggregated_prior']:.2f} nats", fontsize=10)
+    bins = np.linspace(min(lq.min(), result["posterior_log_q"].min()),
+                       max(lq.max(), result["posterior_log_q"].max()), 50)
+    b.hist(result["posterior_log_q"], bins=bins, alpha=0.6, label="q(z) draws", color="grey")
+    b.hist(lq, bins=bins, alpha=0.6, label="prior draws", color="C0")
+    b.axvline(result["hole_threshold"], color="red", ls="--", lw=0.8,
+              label=f"hole threshold ({result.get('hole_quantile', 0.01):g} quantile)")
+    b.set_xlabel("log q(z)  (density under the aggregated posterior)")
+    b.set_ylabel("draws")
+    b.legend(frameon=False, fontsize=8)
+    b.set_title("Hole score of prior draws", fontsize=10)
+    if show:
+        plt.show()
+    return fig
+
+
+def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False):
+    """Expression of the genes that move most along each traversed axis.
+
+    One panel per axis: log2 expression (per 1e4) of its top ``n_genes`` genes against
+    the z value on that axis.
+
+    Parameters
+    ----------
+    traversal
+        The :class:`~scvae_tools.diagnostics.LatentTraversal` from ``svt.tl.latent_traversal``.
+    n_genes
+        Genes per panel.
+    dims
+        Subset of the traversed axes to draw (default: all).
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure.
+    """
+    all_dims = list(traversal.dims)
+    dims = all_dims if dims is None else [int(d) for d in np.atleast_1d(dims)]
+    bad = [d for d in dims if d not in all_dims]
+    if bad:
+        raise ValueError(f"dims {bad} were not traversed; traversed axes are {all_dims}.")
+    top = traversal.top_genes(n_genes)
+    genes = list(traversal.var_names)
+    ncol = min(len(dims), 4)
+    nrow = int(np.ceil(len(dims) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.ravel()[len(dims):]:
+        ax.set_visible(False)
+    for ax, d in zip(axes.ravel(), dims, strict=False):
+        i = all_dims.index(d)
+        for g in top.loc[top["dim"] == d, "gene"]:
+            ax.plot(traversal.values[i], np.log2(traversal.expression[i, :, genes.index(g)] + 1e-8),
+                    "-o", ms=2.5, lw=1.2, label=g)
+        ax.set_xlabel(f"z{d}")
+        ax.set_ylabel("log2 expression per 1e4")
+        ax.set_title(f"Traversal of z{d}", fontsize=10)
+        ax.legend(frameon=False, fontsize=7)
+    if show:
+        plt.show()
+    return fig
+
+
+def disentanglement(result: dict, show: bool = False):
+    """Mutual information between latent axes and known factors, and Jacobian coupling.
+
+    Parameters
+    ----------
+    result
+        The dict from ``svt.tl.disentanglement``.
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure.
+    """
+    if "mutual_information" not in result or "coupling_matrix" not in result:
+        raise KeyError("Pass the dict returned by svt.tl.disentanglement.")
+    mi, cm = result["mutual_information"], result["coupling_matrix"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    im = a.imshow(mi.to_numpy(), cmap="Blues", aspect="auto", vmin=0)
+    a.set_xticks(range(mi.shape[1]), mi.columns, rotation=30, ha="right", fontsize=8)
+    a.set_yticks(range(mi.shape[0]), mi.index, fontsize=8)
+    for (r, c), v in np.ndenumerate(mi.to_numpy()):
+        a.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+               color="white" if v > 0.6 * mi.to_numpy().max() else "black")
+    fig.colorbar(im, ax=a, label="mutual information [nats]")
+    a.set_title(f"I(z_d; factor): MIG = {result['mig']:.3f}", fontsize=10)
+    im2 = b.imshow(cm.to_numpy(), cmap="Oranges", vmin=0, vmax=1)
+    b.set_xticks(range(cm.shape[1]), cm.columns, fontsize=8)
+    b.set_yticks(range(cm.shape[0]), cm.index, fontsize=8)
+    fig.colorbar(im2, ax=b, label="mean |cos| of decoder-Jacobian columns")
+    b.set_title(f"Decoder coupling of latent axes: {result['coupling']:.3f}", fontsize=10)
     if show:
         plt.show()
     return fig

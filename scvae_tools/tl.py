@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import inspect
 
+# VAE diagnostics (rate–distortion, collapse, the two gaps, holes, disentanglement).
+from .diagnostics import (  # noqa: F401  (re-exported as svt.tl.*)
+    active_units,
+    aggregated_posterior,
+    amortization_gap,
+    decoder_jacobian,
+    disentanglement,
+    jacobian_coupling,
+    latent_traversal,
+    mutual_information_gap,
+    posterior_collapse,
+    rate_distortion_sweep,
+    variational_gap,
+)
 from .model import SCVAE
 
 _INIT_ARGS = set(inspect.signature(SCVAE.__init__).parameters) - {"self", "adata"}
