@@ -1,0 +1,340 @@
+"""VAE diagnostics: each test checks that a diagnostic measures what it claims, on data."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scvae_tools as svt
+from scvae_tools.module import VAE
+
+matplotlib.use("Agg")
+
+SMALL = {"n_latent": 4, "n_hidden": 32}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread is faster than two fighting over a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(adata, epochs=30, seed=0, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # collapse warnings are tested separately
+        model = svt.SCVAE(adata, **(SMALL | kwargs))
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # Small batches: enough optimiser steps in few epochs on a few hundred cells.
+            model.train(max_epochs=epochs, seed=seed, batch_size=32, progress_bar=False)
+        finally:
+            torch.set_num_threads(before)
+    return model
+
+
+@pytest.fixture(scope="module")
+def factors():
+    """400 cells × 120 genes driven by 2 independent factors of 20 genes each."""
+    return svt.datasets.synthetic_factors(n_cells=400, n_genes=120, n_factors=2,
+                                          genes_per_factor=20, effect=2.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(factors):
+    return _train(factors, epochs=30)
+
+
+# ---------------------------------------------------------------------- 1. rate–distortion
+def test_rate_falls_as_beta_grows(factors):
+    sweep = svt.tl.rate_distortion_sweep(factors, betas=(0.5, 2, 8), max_epochs=15,
+                                         batch_size=32, n_samples=10, **SMALL)
+    print(sweep.to_string())
+    assert list(sweep.columns[:6]) == ["beta", "rate", "distortion", "elbo", "active_units",
+                                       "marginal_ll"]
+    assert (sweep["evaluated_on"] == "validation").all()
+    assert np.all(np.diff(sweep["rate"]) < 0), "rate must fall as β grows"
+    assert sweep["distortion"].iloc[-1] > sweep["distortion"].iloc[0]
+    np.testing.assert_allclose(sweep["elbo"], -sweep["rate"] - sweep["distortion"])
+    # IWAE with 10 samples is a tighter bound than the one-sample ELBO.
+    assert (sweep["marginal_ll"] > sweep["elbo"] - 1.0).all()
+
+
+def test_rate_distortion_sweep_rejects_bad_input(factors):
+    with pytest.raises(TypeError, match="betas="):
+        svt.tl.rate_distortion_sweep(factors, beta=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        svt.tl.rate_distortion_sweep(factors, betas=(-1,))
+    with pytest.raises(TypeError, match="Unknown argument"):
+        svt.tl.rate_distortion_sweep(factors, betas=(1,), n_latnt=3)
+
+
+# ---------------------------------------------------------------------- 2. collapse
+def test_collapse_detected_and_free_bits_keep_units_active(factors):
+    with pytest.warns(UserWarning, match="collapse"):
+        collapsed = svt.SCVAE(factors, beta=50.0, **SMALL)
+        torch.set_num_threads(1)
+        collapsed.train(max_epochs=20, batch_size=32, kl_warmup_epochs=0, progress_bar=False)
+    table = svt.tl.posterior_collapse(collapsed)
+    assert svt.tl.active_units(collapsed) == 0
+    assert not table["active"].any()
+    assert (table["kl"] < 0.05).all()
+
+    kept = _train(factors, epochs=20, beta=50.0, free_bits=1.0)
+    kept_table = svt.tl.posterior_collapse(kept)
+    print("KL per dim, beta=50:", table["kl"].round(3).tolist(),
+          "with free bits 1.0:", kept_table["kl"].round(3).tolist())
+    assert svt.tl.active_units(kept) >= 2
+    assert kept_table["kl"].sum() > 10 * table["kl"].sum()
+
+    healthy = svt.tl.posterior_collapse(_train(factors, epochs=20))
+    assert healthy["active"].sum() >= 2  # the 2 true factors need at least 2 axes
+
+
+# ---------------------------------------------------------------------- 3. variational gap
+def test_iwae_never_below_elbo_and_grows_with_k(trained, factors):
+    adata = factors.copy()
+    means = {}
+    for k in (1, 5, 50):
+        res = svt.tl.variational_gap(trained, adata, n_samples=k, key_added=f"k{k}", seed=1)
+        assert (res["log_px_iw"] >= res["elbo"]).all()
+        assert (adata.obs[f"k{k}_variational_gap"] >= 0).all()
+        means[k] = res["log_px_iw"].mean()
+        if k == 1:  # one sample: the bound is the ELBO
+            np.testing.assert_allclose(res["log_px_iw"], res["elbo"], atol=1e-6)
+    print("mean IWAE by K:", means)
+    assert means[1] < means[5] < means[50]
+    # Agrees with the model's own importance-sampling estimate.
+    assert abs(means[50] - trained.get_marginal_ll(n_samples=50)) < 1.0
+
+
+def test_variational_gap_needs_adata(trained):
+    with pytest.raises(ValueError, match="adata"):
+        svt.tl.variational_gap(trained, None)
+
+
+# ---------------------------------------------------------------------- 4. amortization gap
+def _retrain_encoder(model, epochs: int, seed: int = 0):
+    """A copy of ``model`` with a fresh encoder trained ``epochs`` epochs on the frozen decoder."""
+    new = copy.copy(model)
+    new.module = copy.deepcopy(model.module)
+    torch.manual_seed(seed)
+    new.module.encoder.load_state_dict(VAE(model.module_config).encoder.state_dict())
+    for name, p in new.module.named_parameters():
+        p.requires_grad_(name.startswith("encoder."))
+    opt = torch.optim.Adam(new.module.encoder.parameters(), lr=1e-3, eps=1e-2)
+    data = new._require_data()
+    gen = torch.Generator().manual_seed(seed)
+    new.module.train()
+    new.module.decoder.eval()  # frozen decoder: its BatchNorm statistics stay as trained
+    for _ in range(epochs):
+        for b in data.batches(model.train_indices, 64, shuffle=True, generator=gen,
+                              drop_singleton=True):
+            t = new.module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+            loss = new.module.loss(t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for p in new.module.parameters():
+        p.requires_grad_(True)
+    new.module.eval()
+    return new
+
+
+def test_amortization_gap_nonnegative_and_shrinks_with_encoder_training(trained, factors):
+    cells = factors[:120].copy()
+    gaps = {}
+    for epochs in (1, 40):
+        model = _retrain_encoder(trained, epochs)
+        res, latents = svt.tl.amortization_gap(model, cells, n_steps=60, return_latents=True,
+                                               key_added=f"e{epochs}")
+        assert (res["amortization_gap"] >= 0).all()
+        assert (res["refined_elbo"] >= res["amortized_elbo"]).all()
+        assert latents.shape == (cells.n_obs, trained.n_latent)
+        gaps[epochs] = res["amortization_gap"].mean()
+    print("mean amortization gap by encoder epochs:", gaps)
+    assert gaps[40] < gaps[1]
+    assert "e40_amortization_gap" in cells.obs
+    # The diagnostic leaves the model's weights alone.
+    before = {k: v.clone() for k, v in trained.module.state_dict().items()}
+    svt.tl.amortization_gap(trained, cells, n_steps=5)
+    assert all(torch.equal(before[k], v) for k, v in trained.module.state_dict().items())
+    assert all(p.requires_grad for p in trained.module.parameters())
+
+
+# ---------------------------------------------------------------------- 5. holes, sampling, learned prior
+def test_aggregated_posterior_and_sampling(trained, factors):
+    adata = factors.copy()
+    res = svt.tl.aggregated_posterior(trained, adata, n_samples=500)
+    assert res["kl_aggregated_prior"] > 0
+    assert 0 <= res["hole_fraction"] <= 1
+    assert res["prior_samples"].shape == (500, trained.n_latent)
+    assert adata.uns["scvae_aggregated_posterior"]["hole_fraction"] == res["hole_fraction"]
+    # Draws from q(z) are, by construction of the threshold, rarely in holes.
+    assert (res["posterior_log_q"] < res["hole_threshold"]).mean() <= 0.02
+
+    for source in ("prior", "aggregated"):
+        gen = trained.sample(60, source=source, seed=3)
+        assert gen.shape == (60, factors.n_vars)
+        assert list(gen.var_names) == list(factors.var_names)
+        x = gen.X.toarray()
+        assert (x >= 0).all() and np.array_equal(x, np.round(x))
+        assert (gen.obs["source"] == source).all()
+        assert gen.obsm["X_latent"].shape == (60, trained.n_latent)
+    again = trained.sample(60, source="aggregated", seed=3)
+    assert np.array_equal(again.X.toarray(), gen.X.toarray())  # seeded
+    with pytest.raises(ValueError, match="source"):
+        trained.sample(5, source="posterior")
+
+
+def test_mog_prior_trains_saves_and_loads(factors, tmp_path):
+    model = _train(factors, epochs=10, prior="mog", n_prior_components=5)
+    assert model.module_config.prior == "mog"
+    assert np.isfinite(model.history["validation_elbo"]).all()
+    kl = model.get_kl_per_dimension()
+    assert np.isfinite(kl).all()
+    model.save(tmp_path / "m")
+    loaded = svt.SCVAE.load(tmp_path / "m", factors)
+    assert loaded.module_config.prior == "mog" and loaded.module_config.n_prior_components == 5
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation())
+    assert torch.equal(loaded.module.prior_means.cpu(), model.module.prior_means.cpu())
+    # The prior's KL estimate is unbiased: MC over many draws matches its definition.
+    torch.manual_seed(0)
+    m = torch.zeros(1, model.n_latent)
+    v = torch.ones(1, model.n_latent)
+    with torch.no_grad():
+        est = torch.stack([model.module.kl_per_dim(m, v)[0] for _ in range(4000)]).mean()
+        z = torch.randn(200000, model.n_latent)
+        exact = (-0.5 * (z.pow(2) + np.log(2 * np.pi))).sum(-1) - model.module.prior_log_prob(z)
+    assert abs(est.item() - exact.mean().item()) < 0.1
+    with pytest.raises(ValueError, match="prior"):
+        svt.SCVAE(factors, prior="vampire")
+
+
+@pytest.mark.slow
+def test_learned_prior_closes_holes_on_pbmc3k(pbmc3k_hvg):
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    adata = pbmc3k_hvg[np.random.default_rng(0).choice(pbmc3k_hvg.n_obs, 1200, replace=False)].copy()
+    kw = {"n_latent": 10, "n_hidden": 64}
+    normal = _train(adata, epochs=25, **kw)
+    mog = _train(adata, epochs=25, prior="mog", n_prior_components=10, **kw)
+    r_normal = svt.tl.aggregated_posterior(normal, n_samples=1000)
+    r_mog = svt.tl.aggregated_posterior(mog, n_samples=1000)
+    print(f"KL(q(z)||p(z)): normal {r_normal['kl_aggregated_prior']:.2f}, "
+          f"mog {r_mog['kl_aggregated_prior']:.2f}; hole fraction normal "
+          f"{r_normal['hole_fraction']:.2f}, mog {r_mog['hole_fraction']:.2f}")
+    assert r_mog["kl_aggregated_prior"] < r_normal["kl_aggregated_prior"]
+
+    def embed(x):
+        x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+        return np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+
+    real = embed(adata.X)
+    pca = PCA(20, random_state=0).fit(real)
+    nn_ = NearestNeighbors(n_neighbors=1).fit(pca.transform(real))
+    dist = {}
+    for source in ("prior", "aggregated"):
+        gen = normal.sample(500, source=source, seed=0)
+        dist[source] = float(np.median(nn_.kneighbors(pca.transform(embed(gen.X)))[0]))
+    print("median distance to the nearest real cell:", dist)
+    assert dist["aggregated"] < dist["prior"]
+
+
+# ---------------------------------------------------------------------- 6. disentanglement
+def test_mig_measures_axis_alignment():
+    rng = np.random.default_rng(0)
+    f = rng.uniform(-1, 1, (3000, 2))
+    aligned = np.column_stack([f, rng.normal(size=3000)])  # one axis per factor + noise
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    rotated = np.column_stack([f @ np.array([[c, -s], [s, c]]), rng.normal(size=3000)])
+    good = svt.tl.mutual_information_gap(aligned, pd.DataFrame(f, columns=["a", "b"]))
+    bad = svt.tl.mutual_information_gap(rotated, pd.DataFrame(f, columns=["a", "b"]))
+    assert good["mig"] > 0.6 and bad["mig"] < 0.2
+    assert good["mutual_information"].shape == (3, 2)
+    with pytest.raises(ValueError, match="rows"):
+        svt.tl.mutual_information_gap(aligned[:10], f)
+
+
+def test_decoder_jacobian_matches_finite_differences(trained, factors):
+    jac = svt.tl.decoder_jacobian(trained, factors, n_cells=20, seed=0)
+    rows = np.sort(np.random.default_rng(0).choice(factors.n_obs, 20, replace=False))
+    z = torch.as_tensor(trained.get_latent_representation(factors)[rows])
+    cov = torch.zeros(20, 0)
+    h = 1e-3
+    with torch.no_grad():
+        for d in range(trained.n_latent):
+            dz = torch.zeros_like(z)
+            dz[:, d] = h
+            up = torch.log_softmax(trained.module.decoder(z + dz, cov)["logits"], -1)
+            down = torch.log_softmax(trained.module.decoder(z - dz, cov)["logits"], -1)
+            np.testing.assert_allclose(jac[:, :, d], ((up - down) / (2 * h)).numpy(),
+                                       atol=2e-2, rtol=2e-2)
+
+
+def test_disentanglement_and_traversal_recover_factor_genes(factors):
+    keys = ["factor0", "factor1"]
+    for beta in (1.0, 4.0):
+        model = _train(factors, epochs=40, beta=beta, n_latent=3)
+        res = svt.tl.disentanglement(model, factors.copy(), keys)
+        print(f"beta={beta}: MIG={res['mig']:.3f} Jacobian coupling={res['coupling']:.3f}")
+        assert 0 <= res["mig"] <= 1 and 0 <= res["coupling"] <= 1
+        # Traverse the axis most informative about each factor: its top genes are that
+        # factor's genes (chance level: 20 of 120 genes).
+        mi = res["mutual_information"]
+        for k in keys:
+            axis = int(np.argmax(mi[k].to_numpy()))
+            top = svt.tl.latent_traversal(model, axis).top_genes(20)
+            owner = factors.var.loc[top["gene"], "factor"].astype(str)
+            precision = float((owner == k).mean())
+            print(f"  {k}: axis z{axis}, precision of its top-20 genes {precision:.2f}")
+            assert precision >= 0.5
+
+
+def test_latent_traversal_output(trained):
+    tr = svt.tl.latent_traversal(trained, dim=[0, 2], n_steps=7)
+    assert tr.values.shape == (2, 7) and tr.expression.shape == (2, 7, trained.spec.n_genes)
+    np.testing.assert_allclose(tr.expression.sum(-1), 1e4, rtol=1e-4)
+    top = tr.top_genes(3)
+    assert list(top["dim"]) == [0, 0, 0, 2, 2, 2]
+    assert (np.diff(top.loc[top["dim"] == 0, "log2_range"]) <= 0).all()
+    with pytest.raises(ValueError, match="n_latent"):
+        svt.tl.latent_traversal(trained, dim=9)
+
+
+# ---------------------------------------------------------------------- figures
+def test_figures_render(trained, factors, tmp_path):
+    adata = factors.copy()
+    sweep = pd.DataFrame({"beta": [0.5, 1, 2], "rate": [9.0, 6.0, 3.0],
+                          "distortion": [600.0, 603.0, 610.0], "elbo": [-609.0, -609.0, -613.0],
+                          "active_units": [4, 3, 2], "marginal_ll": [-605.0, -606.0, -611.0]})
+    svt.tl.variational_gap(trained, adata, n_samples=5)
+    svt.tl.amortization_gap(trained, adata, n_steps=5)
+    figs = {
+        "rate_distortion": svt.pl.rate_distortion(sweep),
+        "collapse": svt.pl.posterior_collapse(trained),
+        "variational_gap": svt.pl.variational_gap(adata),
+        "amortization_gap": svt.pl.amortization_gap(adata),
+        "holes": svt.pl.aggregated_posterior(svt.tl.aggregated_posterior(trained, n_samples=300)),
+        "traversal": svt.pl.latent_traversal(svt.tl.latent_traversal(trained), n_genes=4),
+        "disentanglement": svt.pl.disentanglement(
+            svt.tl.disentanglement(trained, adata, ["factor0", "factor1"], key_added=None)),
+    }
+    for name, fig in figs.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path, dpi=60)
+        assert path.stat().st_size > 5000, name
+    with pytest.raises(KeyError, match="variational_gap"):
+        svt.pl.variational_gap(factors.copy())
+    with pytest.raises(KeyError, match="rate_distortion_sweep"):
+        svt.pl.rate_distortion(sweep.drop(columns="rate"))
