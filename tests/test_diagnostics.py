@@ -28,7 +28,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _train(adata, epochs=30, seed=0, **kwargs):
+def _train(adata, epochs=30, seed=0, batch_size=32, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # collapse warnings are tested separately
         model = svt.SCVAE(adata, **(SMALL | kwargs))
@@ -36,7 +36,7 @@ def _train(adata, epochs=30, seed=0, **kwargs):
         torch.set_num_threads(1)
         try:
             # Small batches: enough optimiser steps in few epochs on a few hundred cells.
-            model.train(max_epochs=epochs, seed=seed, batch_size=32, progress_bar=False)
+            model.train(max_epochs=epochs, seed=seed, batch_size=batch_size, progress_bar=False)
         finally:
             torch.set_num_threads(before)
     return model
@@ -225,10 +225,10 @@ def test_learned_prior_closes_holes_on_pbmc3k(pbmc3k_hvg):
     from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
 
-    adata = pbmc3k_hvg[np.random.default_rng(0).choice(pbmc3k_hvg.n_obs, 1200, replace=False)].copy()
+    adata = pbmc3k_hvg[np.random.default_rng(0).choice(pbmc3k_hvg.n_obs, 1000, replace=False)].copy()
     kw = {"n_latent": 10, "n_hidden": 64}
-    normal = _train(adata, epochs=25, **kw)
-    mog = _train(adata, epochs=25, prior="mog", n_prior_components=10, **kw)
+    normal = _train(adata, epochs=20, batch_size=64, **kw)
+    mog = _train(adata, epochs=20, batch_size=64, prior="mog", n_prior_components=10, **kw)
     r_normal = svt.tl.aggregated_posterior(normal, n_samples=1000)
     r_mog = svt.tl.aggregated_posterior(mog, n_samples=1000)
     print(f"KL(q(z)||p(z)): normal {r_normal['kl_aggregated_prior']:.2f}, "
