@@ -11,13 +11,17 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import checkpoint as ckpt
 from .adapter import CellData
+from .checkpoint import CheckpointConfig
+from .distributed import DistContext
 from .module import VAE
 
 
@@ -38,6 +42,10 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     restore_best: bool = True
     seed: int = 0
+    # Divergence (NaN/inf loss or gradient): roll back to the last good epoch with the
+    # learning rate times `rollback_lr_factor`, at most `max_rollbacks` times per run.
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:
@@ -50,6 +58,10 @@ class TrainConfig:
             raise ValueError(f"beta must be non-negative, got {self.beta}.")
         if self.kl_warmup_epochs < 0:
             raise ValueError("kl_warmup_epochs must be >= 0.")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}.")
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ValueError(f"rollback_lr_factor must be in (0, 1), got {self.rollback_lr_factor}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +106,15 @@ def evaluate(
     return {"elbo": log_px - kl, "reconstruction": -log_px, "kl": kl}
 
 
+def _epoch_batches(data, train_idx: np.ndarray, batch_size: int, gen: torch.Generator,
+                   device: torch.device, dist: DistContext | None):
+    """One epoch's shuffled training batches: all of them, or this DDP rank's shard."""
+    if dist is None:
+        return data.batches(train_idx, batch_size, shuffle=True, generator=gen, device=device,
+                            drop_singleton=True)
+    return dist.train_batches(data, train_idx, batch_size, gen, device)
+
+
 def train_module(
     module: VAE,
     data: CellData,
@@ -102,19 +123,35 @@ def train_module(
     cfg: TrainConfig,
     device: torch.device,
     progress_bar: bool = True,
+    checkpoint: CheckpointConfig | None = None,
+    dist: DistContext | None = None,
 ) -> pd.DataFrame:
     """Train ``module`` in place; return the per-epoch history.
+
+    With ``dist`` (a :class:`~scvae_tools.distributed.DistContext`) this process trains
+    one DDP replica on its shard of ``train_idx``; epoch metrics are all-reduced over
+    ranks, and only rank 0 shows progress and writes checkpoints.
 
     Columns: ``epoch``, ``beta``, ``train_elbo``, ``train_reconstruction``, ``train_kl``,
     ``validation_elbo``, ``validation_reconstruction``, ``validation_kl`` (NaN without a
     validation set), ``lr`` and ``seconds``. ``reconstruction`` is the distortion
     −E_q[log p(x|z)] and ``kl`` the rate KL(q(z|x) ‖ p(z)), both mean nats per cell;
     ``elbo`` = −reconstruction − kl (β = 1, so epochs are comparable during warm-up).
+
+    With ``checkpoint`` the full training state is written atomically every
+    ``checkpoint.every`` epochs and, with ``checkpoint.resume``, restored first, so an
+    interrupted run continues exactly where it stopped.
+
+    A NaN/inf loss or gradient is caught at the step it happens (on accelerators it is
+    flagged on the device and read once per epoch): the module and optimiser roll back to
+    the end of the last good epoch and the epoch is retried with the learning rate times
+    ``cfg.rollback_lr_factor``. After ``cfg.max_rollbacks`` rollbacks a
+    ``FloatingPointError`` is raised; the module then holds the last good weights.
     """
     if len(train_idx) < 2:
         raise ValueError(
             f"Training needs at least 2 cells in the training split, got {len(train_idx)}; "
-            "use more cells or train_size=1.0."
+            "use more cells (with very few cells, also train_size=1.0)."
         )
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -123,66 +160,246 @@ def train_module(
         module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps,
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    rows: list[dict] = []
-    best, best_state, since_best = -math.inf, None, 0
-    epochs = range(cfg.max_epochs)
+    loop = _LoopState()
+    if checkpoint is not None and checkpoint.resume:
+        _resume(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx, device)
+    guard = _StepGuard(device, list(module.parameters()))
+    good = _snapshot(module, optim)  # the state a divergence rolls back to
+    elbo_fn = module.elbo_terms if dist is None else dist.wrap(module)  # DDP syncs gradients
     bar = None
-    if progress_bar:
+    if progress_bar and (dist is None or dist.is_main):
         from tqdm.auto import tqdm
 
-        bar = tqdm(epochs, desc="Training", unit="epoch")
-        epochs = bar
-    for epoch in epochs:
+        bar = tqdm(total=cfg.max_epochs, initial=loop.epoch, desc="Training", unit="epoch")
+    while not loop.stopped and loop.epoch < cfg.max_epochs:
+        epoch = loop.epoch
         t0 = time.perf_counter()
         beta = cfg.beta_at(epoch)
         sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for b in data.batches(train_idx, cfg.batch_size, shuffle=True, generator=gen,
-                              device=device, drop_singleton=True):
-            terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+        guard.reset()
+        for step, b in enumerate(_epoch_batches(data, train_idx, cfg.batch_size, gen, device,
+                                                dist)):
+            terms = elbo_fn(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
             loss = module.loss(terms, beta=beta, free_bits=cfg.free_bits)
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            if guard.bad_step(step, loss):  # CPU: checked now; accelerators: flagged on device
+                break
             optim.step()
             sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).double()
-        train_log_px, train_kl = (sums / len(train_idx)).tolist()
-        row = {
-            "epoch": epoch + 1,
-            "beta": beta,
-            "train_elbo": train_log_px - train_kl,
-            "train_reconstruction": -train_log_px,
-            "train_kl": train_kl,
-        }
-        if len(val_idx):
-            val = evaluate(module, data, val_idx, cfg.batch_size, device)
-            row.update({f"validation_{k}": v for k, v in val.items()})
-        else:
-            row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
-                       validation_kl=math.nan)
-        row["lr"] = optim.param_groups[0]["lr"]
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        if not math.isfinite(row["train_elbo"]):
-            raise FloatingPointError(
-                f"Training diverged at epoch {epoch + 1} (ELBO {row['train_elbo']}). "
-                "Try a lower lr, or check the input counts."
-            )
+        if dist is not None:
+            dist.end_epoch(module, sums)  # global sums; rank 0's BatchNorm statistics
+        bad_step = guard.first_bad_step()
+        row: dict = {}
+        if bad_step is None:
+            train_log_px, train_kl = (sums / len(train_idx)).tolist()
+            row = {
+                "epoch": epoch + 1,
+                "beta": beta,
+                "train_elbo": train_log_px - train_kl,
+                "train_reconstruction": -train_log_px,
+                "train_kl": train_kl,
+            }
+            if len(val_idx):
+                val = (evaluate(module, data, val_idx, cfg.batch_size, device) if dist is None
+                       else dist.evaluate(module, data, val_idx, cfg.batch_size))
+                row.update({f"validation_{k}": v for k, v in val.items()})
+            else:
+                row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
+                           validation_kl=math.nan)
+            row["lr"] = optim.param_groups[0]["lr"]
+            row["seconds"] = time.perf_counter() - t0
+        if bad_step is not None or not _row_finite(row, has_validation=len(val_idx) > 0):
+            _roll_back(module, optim, good, loop, cfg, epoch, bad_step)
+            continue
+        loop.rows.append(row)
+        loop.epoch = epoch + 1
+        good = _snapshot(module, optim)
         if bar is not None:
+            bar.update(1)
             bar.set_postfix(elbo=f"{row['train_elbo']:.1f}",
                             val=f"{row['validation_elbo']:.1f}")
         # Early stopping watches the validation ELBO once β has reached its final value.
         monitor = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
         if epoch + 1 >= cfg.kl_warmup_epochs:
-            if monitor > best + cfg.early_stopping_min_delta:
-                best, since_best = monitor, 0
+            if monitor > loop.best + cfg.early_stopping_min_delta:
+                loop.best, loop.since_best = monitor, 0
                 if cfg.restore_best and cfg.early_stopping:
-                    best_state = copy.deepcopy(module.state_dict())
+                    loop.best_state = copy.deepcopy(module.state_dict())
             else:
-                since_best += 1
-            if cfg.early_stopping and since_best >= cfg.early_stopping_patience:
-                break
+                loop.since_best += 1
+            loop.stopped = cfg.early_stopping and loop.since_best >= cfg.early_stopping_patience
+        if checkpoint is not None and (dist is None or dist.is_main) and (
+            loop.epoch % checkpoint.every == 0 or loop.stopped or loop.epoch >= cfg.max_epochs
+        ):
+            _write_checkpoint(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx)
     if bar is not None:
         bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    if loop.best_state is not None:
+        module.load_state_dict(loop.best_state)
     module.eval()
-    return pd.DataFrame(rows)
+    return pd.DataFrame(loop.rows)
+
+
+# ---------------------------------------------------------------------- loop helpers
+# Divergence handling and checkpointing, kept out of the step so the hot loop stays small.
+@dataclass
+class _LoopState:
+    """Everything besides module/optimiser/RNG that a resumed run needs."""
+
+    rows: list = field(default_factory=list)
+    epoch: int = 0  # completed epochs
+    best: float = -math.inf
+    best_state: dict | None = None
+    since_best: int = 0
+    stopped: bool = False  # early stopping fired
+    rollbacks: int = 0
+
+
+class _StepGuard:
+    """Detects a non-finite loss or gradient at the step it happens.
+
+    On the CPU the check is immediate and cheap, and the bad step is never applied. On an
+    accelerator the first bad step is recorded in a device tensor and read once per epoch,
+    so steps never wait for the host; the epoch is then discarded by the rollback.
+    """
+
+    def __init__(self, device: torch.device, params: list[torch.nn.Parameter]):
+        self.immediate = device.type == "cpu"
+        self.device = device
+        self.params = params
+        self.reset()
+
+    def reset(self) -> None:
+        self._cpu_bad: int | None = None
+        self._dev_bad = None if self.immediate else torch.full((), -1, dtype=torch.long,
+                                                               device=self.device)
+
+    def bad_step(self, step: int, loss: torch.Tensor) -> bool:
+        # Any NaN/inf in the loss or a gradient makes this sum non-finite.
+        total = loss.detach().float() + torch.stack(
+            [p.grad.sum() for p in self.params if p.grad is not None]).float().sum()
+        bad = ~torch.isfinite(total)
+        if self.immediate:
+            if bool(bad):
+                self._cpu_bad = step
+                return True
+            return False
+        self._dev_bad.masked_fill_(bad & (self._dev_bad < 0), step)
+        return False
+
+    def first_bad_step(self) -> int | None:
+        if self.immediate:
+            return self._cpu_bad
+        value = int(self._dev_bad.item())
+        return None if value < 0 else value
+
+
+def _row_finite(row: dict, has_validation: bool) -> bool:
+    keys = ["train_elbo", "train_reconstruction", "train_kl"]
+    if has_validation:
+        keys += ["validation_elbo", "validation_reconstruction", "validation_kl"]
+    return bool(row) and all(math.isfinite(row[k]) for k in keys)
+
+
+def _snapshot(module: VAE, optim: torch.optim.Optimizer) -> dict:
+    return {
+        "module": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "optim": copy.deepcopy(optim.state_dict()),
+    }
+
+
+def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _LoopState,
+               cfg: TrainConfig, epoch: int, bad_step: int | None) -> None:
+    """Restore the last good state and lower the lr, or raise after too many rollbacks."""
+    where = f"epoch {epoch + 1}" + (f", step {bad_step + 1}" if bad_step is not None else "")
+    lr = optim.param_groups[0]["lr"]
+    module.load_state_dict(good["module"])
+    # A copy: the optimiser keeps references to the tensors it is given and updates them.
+    optim.load_state_dict(copy.deepcopy(good["optim"]))
+    if loop.rollbacks >= cfg.max_rollbacks:
+        raise FloatingPointError(
+            f"Training diverged: NaN/inf loss or gradient at {where}, after {loop.rollbacks} "
+            f"rollback(s) with the learning rate lowered to {lr:.3g}. The module was reset to "
+            f"the last finite state (end of epoch {epoch}). Check the input (raw integer "
+            "counts, no extreme values, the right layer) or train with a lower lr or beta."
+        )
+    loop.rollbacks += 1
+    new_lr = lr * cfg.rollback_lr_factor
+    for group in optim.param_groups:
+        group["lr"] = group["lr"] * cfg.rollback_lr_factor
+    warnings.warn(
+        f"NaN/inf loss or gradient at {where}; rolled back to the end of epoch {epoch} and "
+        f"lowered the learning rate to {new_lr:.3g} (rollback {loop.rollbacks} of at most "
+        f"{cfg.max_rollbacks}).", RuntimeWarning, stacklevel=3,
+    )
+
+
+def _cpu_state(state: dict | None) -> dict | None:
+    return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
+                      gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
+                      train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+    cuda = torch.cuda.is_available() and any(p.is_cuda for p in module.parameters())
+    ckpt.save_checkpoint(ck.path, {
+        "epoch": loop.epoch,
+        "stopped": loop.stopped,
+        "rollbacks": loop.rollbacks,
+        # Plain Python numbers only, so that weights_only loading accepts them.
+        "rows": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in loop.rows],
+        "best": float(loop.best),
+        "since_best": loop.since_best,
+        "best_state": _cpu_state(loop.best_state),
+        "module": _cpu_state(module.state_dict()),
+        "optimizer": optim.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "generator": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+        },
+        "train_config": cfg.to_dict(),
+        "identity": ck.identity,
+        "train_idx": torch.from_numpy(np.asarray(train_idx, dtype=np.int64)),
+        "val_idx": torch.from_numpy(np.asarray(val_idx, dtype=np.int64)),
+    })
+
+
+def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
+            gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
+            train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device) -> None:
+    """Load ``ck.path`` into module, optimiser, RNGs and ``loop``; no-op without a checkpoint."""
+    state = ckpt.load_checkpoint(ck.path)
+    if state is None:
+        return
+    fix = ("Pass the same settings as the interrupted run, resume=False to start afresh "
+           "(the checkpoint is then overwritten), or another checkpoint_dir.")
+    if state.get("identity") != ck.identity:
+        raise ValueError(f"The checkpoint {ck.path} belongs to a different model (architecture, "
+                         f"genes or covariates differ). {fix}")
+    saved_cfg = dict(state["train_config"])
+    now_cfg = cfg.to_dict()
+    diff = sorted(k for k in now_cfg if k != "max_epochs" and saved_cfg.get(k) != now_cfg[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {now_cfg[k]!r}" for k in diff)
+        raise ValueError(f"The checkpoint {ck.path} was written with other training settings "
+                         f"({detail}). {fix}")
+    if not (np.array_equal(state["train_idx"].numpy(), train_idx)
+            and np.array_equal(state["val_idx"].numpy(), val_idx)):
+        raise ValueError(f"The checkpoint {ck.path} used another train/validation split (a "
+                         f"different number of cells or train_size). {fix}")
+    module.load_state_dict(ckpt.check_state_dict(state["module"], f"checkpoint {ck.path}"))
+    optim.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    gen.set_state(state["rng"]["generator"])
+    if device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    loop.rows = list(state["rows"])
+    loop.epoch = int(state["epoch"])
+    loop.best = float(state["best"])
+    loop.since_best = int(state["since_best"])
+    loop.stopped = bool(state["stopped"])
+    loop.rollbacks = int(state["rollbacks"])
+    best = state["best_state"]
+    loop.best_state = None if best is None else {k: v.to(device) for k, v in best.items()}

@@ -1,0 +1,368 @@
+"""Safe persistence: atomic writes, training checkpoints and validated model files.
+
+Three guarantees live here, shared by :meth:`SCVAE.save <scvae_tools.SCVAE.save>`,
+:meth:`SCVAE.load <scvae_tools.SCVAE.load>` and the training loop:
+
+* **Atomic writes.** A file is written to a temporary sibling, flushed to disk and renamed
+  over the target (:func:`atomic_torch_save`); a model directory is swapped in the same way
+  (:func:`replace_dir`). A crash or ``SIGKILL`` at any moment leaves either the old or the new
+  version, never a torn one.
+* **No code from files.** Weights and checkpoints are read with ``torch.load(weights_only=True)``
+  (:func:`safe_torch_load`): only tensors and plain containers are unpickled; a file that asks
+  for anything else (e.g. a ``__reduce__`` calling a function) is refused with a
+  ``ValueError`` before any of it runs.
+* **Validated configs.** ``config.json`` is checked field by field against the dataclasses
+  it rebuilds (types, ranges, cross-field consistency) by :func:`validate_model_config`, so a
+  corrupted or hand-edited file gives one clear error instead of a torch stack trace.
+
+Training checkpoints (:class:`CheckpointConfig`, :func:`save_checkpoint`,
+:func:`load_checkpoint`) hold the model and optimiser state, the RNG states, the epoch, the
+history and the early-stopping state, so a resumed run continues exactly where the
+interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import math
+import os
+import pickle
+import platform
+import shutil
+import tempfile
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "scvae_tools.checkpoint/1"
+MODEL_FORMAT_PREFIX = "scvae_tools.model/"
+
+
+# ---------------------------------------------------------------------- versions
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that determine a result (for provenance)."""
+    out = {"python": platform.python_version()}
+    for name in ("scvae_tools", "torch", "numpy", "scipy", "pandas", "anndata"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    out["torch"] = str(torch.__version__)  # the running build (e.g. +cu121), not only the wheel name
+    return out
+
+
+# ---------------------------------------------------------------------- atomic files
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary sibling, then it is renamed.
+
+    If ``write`` raises (or the process dies), ``path`` keeps its previous content and the
+    temporary file is removed (or, after a kill, left as a hidden ``.name.*.tmp`` file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` (before it is renamed into place)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the complete directory ``tmp`` to ``path``, replacing any previous ``path``.
+
+    The old directory is first renamed aside and only deleted once the new one is in place;
+    if the second rename fails the old one is put back, so ``path`` is never lost.
+    """
+    fsync_tree(tmp)
+    if not path.exists():
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- safe loading
+def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
+    """``torch.load`` that never executes code from the file (``weights_only=True``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        The file is truncated, not a torch file, or contains objects other than tensors and
+        plain containers (a pickle that would run code is refused before anything runs).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"Refused to load {what} {path}: it contains Python objects other than tensors and "
+            "plain containers, which could run arbitrary code. Only load files from sources you "
+            f"trust; re-save the model with scvae_tools to get a safe file. ({str(err)[:300]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not read {what} {path}: the file is truncated or not a torch file "
+            f"({type(err).__name__}: {str(err)[:200]}). Re-save it, or restore it from a backup."
+        ) from None
+
+
+def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
+    """Check that ``state`` is a ``{name: finite tensor}`` dict; return it."""
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{source} is not a state dict of named tensors.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"{source} has NaN or inf weights (in {bad[:5]}); it comes from a diverged or "
+            "corrupted model. Retrain, or load an earlier save."
+        )
+    return state
+
+
+# ---------------------------------------------------------------------- config validation
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether a JSON value matches a (resolved) dataclass annotation."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # JSON writes 1.0 as 1 only by hand, but accept it; never NaN/inf
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict) and (
+            not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+        )
+    return True  # an annotation this checker does not know: the dataclass checks it
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_dataclass(cls: type, data: Any, section: str, source: str):
+    """Build ``cls(**data)`` after checking keys and types; errors name ``section`` and ``source``."""
+    prefix = f"{source}: '{section}'"
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix} must be a JSON object, got {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{prefix} has unknown field(s) {unknown}; the file was written by a newer or "
+            "different scvae_tools version, or edited by hand."
+        )
+    required = [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ValueError(f"{prefix} lacks required field(s) {missing}.")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        tp = hints.get(name, Any)
+        if not _type_ok(value, tp):
+            raise ValueError(
+                f"{prefix}.{name} must be of type {_type_name(tp)}, got {value!r} "
+                f"({type(value).__name__})."
+            )
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{prefix} is invalid: {err}") from None
+
+
+def _finite_nonneg(config: dict, key: str, source: str, default: float) -> float:
+    value = config.get(key, default)
+    if not _type_ok(value, float) or value < 0:
+        raise ValueError(f"{source}: '{key}' must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def validate_model_config(config: Any, source: str = "config.json") -> dict[str, Any]:
+    """Check a saved model's ``config.json`` content; return the rebuilt parts.
+
+    Returns a dict with ``module`` (:class:`~scvae_tools.module.ModuleConfig`), ``data``
+    (:class:`~scvae_tools.adapter.DataSpec`), ``train``
+    (:class:`~scvae_tools.train.TrainConfig` or ``None``), ``beta`` and ``free_bits``.
+    Unknown top-level keys are ignored (later versions may add some); unknown fields inside
+    ``module``, ``data`` and ``train`` are errors.
+
+    Raises
+    ------
+    ValueError
+        Naming the field, what was expected and what the file holds.
+    """
+    from .adapter import DataSpec
+    from .module import ModuleConfig
+    from .train import TrainConfig
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(config).__name__}.")
+    fmt = config.get("format")
+    if fmt is not None and (not isinstance(fmt, str) or not fmt.startswith(MODEL_FORMAT_PREFIX)):
+        raise ValueError(f"{source} is not a scvae_tools model config (format {fmt!r}).")
+    for key in ("module", "data"):
+        if key not in config:
+            raise ValueError(f"{source} is not a scvae_tools model config: '{key}' is missing.")
+    module = build_dataclass(ModuleConfig, config["module"], "module", source)
+    data = build_dataclass(DataSpec, config["data"], "data", source)
+    # Cross-field consistency: the weights are shaped by `module`, the encoding by `data`.
+    if len(set(data.var_names)) != len(data.var_names):
+        raise ValueError(f"{source}: 'data.var_names' has duplicate gene names.")
+    if data.n_genes != module.n_genes:
+        raise ValueError(
+            f"{source}: 'data.var_names' lists {data.n_genes} genes but 'module.n_genes' is "
+            f"{module.n_genes}."
+        )
+    if (data.batch_key is None) != (len(data.batch_categories) == 0) or data.n_batch != module.n_batch:
+        raise ValueError(
+            f"{source}: batch settings disagree (batch_key={data.batch_key!r}, "
+            f"{len(data.batch_categories)} batch categories, module.n_batch={module.n_batch})."
+        )
+    if set(data.categorical_covariate_categories) != set(data.categorical_covariate_keys) or (
+        data.n_cats_per_cov != list(module.n_cats_per_cov)
+    ):
+        raise ValueError(
+            f"{source}: categorical covariates disagree between 'data' "
+            f"({data.categorical_covariate_keys}) and 'module.n_cats_per_cov' "
+            f"({module.n_cats_per_cov})."
+        )
+    if len(data.continuous_covariate_keys) != module.n_continuous_cov:
+        raise ValueError(
+            f"{source}: {len(data.continuous_covariate_keys)} continuous covariate keys but "
+            f"module.n_continuous_cov={module.n_continuous_cov}."
+        )
+    train_cfg = config.get("train")
+    train = None if train_cfg is None else build_dataclass(TrainConfig, train_cfg, "train", source)
+    versions = config.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise ValueError(f"{source}: 'versions' must map package names to version strings.")
+    return {
+        "module": module,
+        "data": data,
+        "train": train,
+        "beta": _finite_nonneg(config, "beta", source, 1.0),
+        "free_bits": _finite_nonneg(config, "free_bits", source, 0.0),
+    }
+
+
+# ---------------------------------------------------------------------- training checkpoints
+@dataclass
+class CheckpointConfig:
+    """Where and how often :func:`~scvae_tools.train.train_module` checkpoints.
+
+    Parameters
+    ----------
+    directory
+        Folder for ``checkpoint.pt`` (created if needed); one file, replaced atomically.
+    every
+        Write after every ``every`` completed epochs, and always after the last one.
+    resume
+        Continue from the checkpoint in ``directory`` if there is one (else start afresh).
+    identity
+        What the checkpoint must match to be resumed (model architecture, genes, …), set by
+        the caller; a checkpoint of another model is refused.
+    """
+
+    directory: Path
+    every: int = 10
+    resume: bool = False
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"checkpoint_every must be a positive integer, got {self.every!r}.")
+
+    @property
+    def path(self) -> Path:
+        return self.directory / CHECKPOINT_FILE
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (see :func:`atomic_torch_save`)."""
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Read a training checkpoint safely; ``None`` when there is none at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = safe_torch_load(path, "training checkpoint")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a scvae_tools training checkpoint; delete it or pass another "
+            "checkpoint_dir."
+        )
+    return state
