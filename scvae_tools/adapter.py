@@ -27,6 +27,9 @@ import torch
 # Data below this many dense float32 bytes is densified once and indexed as a tensor:
 # gathering rows of a dense tensor is far faster than slicing CSR per batch.
 DENSE_LIMIT_BYTES = 1 << 30
+# On an accelerator, CSR data + int64 column indices up to this size stay resident there;
+# batches are then scattered into dense blocks on the device with no host copy of counts.
+SPARSE_DEVICE_LIMIT_BYTES = 8 << 30
 
 
 @dataclass
@@ -175,7 +178,13 @@ class CellData:
 
     # ------------------------------------------------------------------ batching
     def _on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """All per-cell arrays as tensors on ``device`` (counts dense if small enough)."""
+        """All per-cell arrays as tensors on ``device``.
+
+        Counts are kept, in order of preference: as one dense tensor on the device (when
+        it takes at most ``DENSE_LIMIT_BYTES``), as CSR arrays on the device (``x_data``,
+        ``x_indices``; when they take at most ``SPARSE_DEVICE_LIMIT_BYTES``), or in host
+        memory, gathered per batch into a (pinned, on CUDA) dense block.
+        """
         key = str(device)
         if key not in self._device_cache:
             n, g = self.X.shape
@@ -189,6 +198,12 @@ class CellData:
             if dense_ok:
                 dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
                 t["x"] = torch.from_numpy(dense).to(device)
+            elif sp.issparse(self.X) and device.type != "cpu" and (
+                self.X.nnz * 8 <= SPARSE_DEVICE_LIMIT_BYTES
+            ):
+                # The whole CSR matrix lives on the accelerator; only index arrays travel.
+                t["x_data"] = torch.from_numpy(self.X.data).to(device)
+                t["x_indices"] = torch.from_numpy(self.X.indices.astype(np.int64)).to(device)
             self._device_cache = {key: t}  # keep only one device's copy
         return self._device_cache[key]
 
@@ -203,8 +218,11 @@ class CellData:
     ) -> Iterator[Batch]:
         """Yield minibatches over ``indices`` (default: all cells).
 
-        With ``drop_singleton`` a trailing batch of one cell is merged into the previous
-        batch instead (BatchNorm cannot train on one cell; every cell is still seen).
+        No per-cell Python: rows are gathered with one indexing call per batch, from a dense
+        tensor on the device, from CSR arrays on the device, or from host CSR into a dense
+        block (pinned memory and a non-blocking copy on CUDA). Nothing here waits on the
+        device. With ``drop_singleton`` a trailing batch of one cell is merged into the
+        previous batch instead (BatchNorm cannot train on one cell; every cell is still seen).
         """
         device = torch.device(device)
         idx = torch.arange(self.n_obs) if indices is None else torch.as_tensor(indices)
@@ -214,14 +232,20 @@ class CellData:
         starts = list(range(0, len(idx), batch_size))
         if drop_singleton and len(starts) > 1 and len(idx) - starts[-1] == 1:
             starts.pop()
+        pin = device.type == "cuda"
         for i, s in enumerate(starts):
             e = starts[i + 1] if i + 1 < len(starts) else len(idx)
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
             if "x" in t:
                 x = t["x"].index_select(0, rows_dev)
+            elif "x_data" in t:
+                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device)
             else:
-                x = torch.from_numpy(_dense_rows(self.X, rows.numpy())).to(device, non_blocking=True)
+                block = torch.from_numpy(_dense_rows(self.X, rows.numpy()))
+                if pin:
+                    block = block.pin_memory()
+                x = block.to(device, non_blocking=True)
             yield Batch(
                 x=x,
                 library=t["library"].index_select(0, rows_dev),
@@ -296,6 +320,13 @@ def _get_counts(adata, layer: str | None):
 
 def _as_float32(X):
     """Counts as float32 CSR (sparse input) or a dense float32 array; always a new array."""
+    dtype = np.dtype(getattr(X, "dtype", np.float32))
+    if dtype.kind not in "biuf":  # e.g. object/str columns would fail inside numpy, unclearly
+        raise ValueError(
+            f"The count matrix has dtype {dtype}; counts must be numeric (integer, float or "
+            "bool). Convert it after checking what it holds, e.g. "
+            "`adata.X = adata.X.astype(np.float32)`."
+        )
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=True)
         X.sum_duplicates()
@@ -367,7 +398,45 @@ def _numeric_obs(obs: pd.DataFrame, key: str) -> np.ndarray:
         raise ValueError(f"obs[{key!r}] must be numeric; it has dtype {obs[key].dtype}.") from err
 
 
+def _csr_positions(X: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the given rows of a CSR matrix: (output row of each stored entry, its position).
+
+    Vectorised (no per-row Python): positions are ``indptr[row] + k`` for ``k < row length``.
+    """
+    starts = X.indptr[rows].astype(np.int64)
+    lengths = X.indptr[rows + 1].astype(np.int64) - starts
+    out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    offsets = np.cumsum(lengths) - lengths  # where each row's entries begin in the output
+    pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - starts, lengths)
+    return out_row, pos
+
+
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` as a dense float32 block (one vectorised scatter for CSR)."""
     if sp.issparse(X):
-        return X[rows].toarray()
+        out_row, pos = _csr_positions(X, rows)
+        block = np.zeros((len(rows), X.shape[1]), dtype=np.float32)
+        block[out_row, X.indices[pos]] = X.data[pos]
+        return block
     return np.asarray(X[rows])
+
+
+def _gather_csr_on_device(
+    X: sp.csr_matrix, rows: np.ndarray, data: torch.Tensor, indices: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """Dense block of ``rows`` from CSR arrays resident on ``device``.
+
+    The index arithmetic runs on the host copy of ``indptr`` (so the device never has to
+    report a size back); two index arrays go over non-blocking and the scatter runs there.
+    """
+    out_row, pos = _csr_positions(X, rows)
+    pin = device.type == "cuda"
+    out_row_t, pos_t = torch.from_numpy(out_row), torch.from_numpy(pos)
+    if pin:
+        out_row_t, pos_t = out_row_t.pin_memory(), pos_t.pin_memory()
+    out_row_t = out_row_t.to(device, non_blocking=True)
+    pos_t = pos_t.to(device, non_blocking=True)
+    block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)
+    block[out_row_t, indices[pos_t]] = data[pos_t]
+    return block

@@ -32,6 +32,61 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     )
 
 
+def log_nb_sparse(
+    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, include_constant: bool = True
+) -> torch.Tensor:
+    """Per-cell NB log-likelihood Σ_g log NB(x_g; μ_g, θ_g), with log Γ only at non-zeros.
+
+    For x = 0 the log-pmf is θ·log(θ/(θ+μ)): the terms lgamma(x+θ) − lgamma(θ) cancel and
+    lgamma(x+1) = 0, so those are evaluated only where ``x > 0`` (about 10% of the entries
+    of single-cell data). Equal to ``log_nb(x, mu, theta).sum(-1)``; differentiable in ``mu``
+    and ``theta`` through ordinary autograd.
+
+    Parameters
+    ----------
+    x
+        Counts, ``(cells, genes)`` (or with leading sample dimensions broadcast from ``mu``).
+    mu, theta
+        NB mean and inverse dispersion, broadcastable to each other and to ``x``.
+    include_constant
+        Subtract lgamma(x+1). It does not depend on the parameters, so training can skip it;
+        reported values keep it (the full normalised likelihood).
+
+    Returns
+    -------
+    Tensor of shape ``broadcast(x, mu, theta).shape[:-1]``.
+    """
+    shape = torch.broadcast_shapes(x.shape, mu.shape, theta.shape)
+    x_b = x.expand(shape)
+    theta_b = theta.expand(shape)
+    log_theta_mu = torch.log(theta_b + mu + _EPS)
+    dense = theta_b * (torch.log(theta_b + _EPS) - log_theta_mu) + x_b * (
+        torch.log(mu + _EPS) - log_theta_mu
+    )
+    ll = dense.sum(-1)
+    nz = torch.nonzero(x_b, as_tuple=True)
+    xv, tv = x_b[nz], theta_b[nz]
+    sparse = torch.lgamma(xv + tv) - torch.lgamma(tv)
+    if include_constant:
+        sparse = sparse - torch.lgamma(xv + 1.0)
+    # Scatter the non-zero terms back to their cells (all leading indices but the gene).
+    flat = ll.reshape(-1)
+    row = torch.zeros_like(nz[0])
+    for dim_idx, size in zip(nz[:-1], shape[:-1], strict=True):
+        row = row * size + dim_idx
+    return flat.index_add(0, row, sparse).reshape(ll.shape)
+
+
+def log_factorial_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ_g lgamma(x_g + 1) per cell, over the non-zeros only (the NB/Poisson constant)."""
+    nz = torch.nonzero(x, as_tuple=True)
+    out = x.new_zeros(x.shape[:-1]).reshape(-1)
+    row = torch.zeros_like(nz[0])
+    for dim_idx, size in zip(nz[:-1], x.shape[:-1], strict=True):
+        row = row * size + dim_idx
+    return out.index_add(0, row, torch.lgamma(x[nz] + 1.0)).reshape(x.shape[:-1])
+
+
 def log_zinb(
     x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor
 ) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
+from .fused import nb_log_likelihood_from_logits
 
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 # "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
@@ -239,29 +240,52 @@ class VAE(nn.Module):
         return self.encoder(x, cov)
 
     def decode(
-        self, z: torch.Tensor, library: torch.Tensor, cov: torch.Tensor, batch_index: torch.Tensor
+        self, z: torch.Tensor, library: torch.Tensor, cov: torch.Tensor, batch_index: torch.Tensor,
+        means: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Likelihood parameters of p(x | z): ``mu`` (mean counts), ``scale`` (proportions),
-        ``theta`` (inverse dispersion, NB/ZINB) and ``pi_logits`` (ZINB)."""
+        ``theta`` (inverse dispersion, NB/ZINB) and ``pi_logits`` (ZINB), plus ``logits``,
+        ``log_library`` and ``log_theta`` for the fused NB likelihood.
+
+        ``means=False`` skips ``mu``/``scale`` (and ``theta`` for NB): the ELBO of the NB
+        model needs only the logits, and skipping them saves passes over cells × genes.
+        """
         out = self.decoder(z, cov)
         logits = out["logits"]
-        log_scale = torch.log_softmax(logits, dim=-1)
-        params = {"scale": log_scale.exp(), "mu": (log_scale + torch.log(library)).exp()}
+        log_library = torch.log(library)
+        params = {"logits": logits, "log_library": log_library}
+        if means:
+            log_scale = torch.log_softmax(logits, dim=-1)
+            params.update(scale=log_scale.exp(), mu=(log_scale + log_library).exp())
         if self.cfg.likelihood != "poisson":
-            params["theta"] = self._theta(out, batch_index)
+            params["log_theta"] = self._log_theta(out, batch_index)
+            if means or self.cfg.likelihood != "nb":
+                params["theta"] = params["log_theta"].exp()
         if "pi_logits" in out:
             params["pi_logits"] = out["pi_logits"]
         return params
 
-    def _theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
+    def _log_theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
         if self.cfg.dispersion == "gene":
-            return self.log_theta.exp()
+            return self.log_theta
         if self.cfg.dispersion == "gene-batch":
-            return self.log_theta.exp().T[batch_index]  # (cells, genes)
-        return out["log_theta"].exp()
+            return self.log_theta.T[batch_index]  # (cells, genes)
+        return out["log_theta"]
+
+    def _theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
+        return self._log_theta(out, batch_index).exp()
 
     def log_px(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(x | z) summed over genes, one value per cell (and sample)."""
+        """log p(x | z) summed over genes, one value per cell (and sample).
+
+        For the NB likelihood with decoder ``logits`` in ``params`` this is the fused,
+        sparsity-aware :func:`~scvae_tools.fused.nb_log_likelihood_from_logits` (one pass,
+        hand-written gradient); otherwise the element-wise formula of ``distributions``.
+        """
+        if self.cfg.likelihood == "nb" and "logits" in params and "log_theta" in params:
+            return nb_log_likelihood_from_logits(
+                params["logits"], params["log_library"], params["log_theta"], x
+            )
         ll = log_likelihood(
             self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
         )
@@ -288,7 +312,8 @@ class VAE(nn.Module):
         draw = sample or self.cfg.prior != "normal"
         z_sample = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if draw else None
         z = z_sample if sample else qz_m
-        params = self.decode(z, library, cov, batch_index)
+        # The NB ELBO needs only the logits (fused likelihood): skip the means.
+        params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
         kl, kl_per_dim = self.kl_per_dim(qz_m, qz_v, z_sample)
         return {
             "log_px": self.log_px(x, params),
@@ -339,7 +364,7 @@ class VAE(nn.Module):
             k = min(chunk, n_samples - start)
             eps = torch.randn((k, *qz_m.shape), device=x.device, dtype=qz_m.dtype)
             z = qz_m + std * eps  # (k, cells, latent)
-            params = self.decode(z, library, cov, batch_index)
+            params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
             log_pz = self.prior_log_prob(z)
             log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
             log_w.append(self.log_px(x, params) + log_pz - log_qz)

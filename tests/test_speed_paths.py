@@ -1,0 +1,170 @@
+"""Correctness of the fast paths: sparse NB likelihood, fused autograd function, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae_tools as svt
+from scvae_tools.adapter import CellData, DataSpec
+from scvae_tools.distributions import log_factorial_sum, log_nb, log_nb_sparse
+from scvae_tools.fused import nb_log_likelihood_from_logits
+from scvae_tools.module import VAE, ModuleConfig
+
+
+def _nb_inputs(n=40, g=60, dtype=torch.float64, seed=0, zero_frac=0.8):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, g, generator=gen, dtype=dtype)
+    library = torch.exp(torch.randn(n, 1, generator=gen, dtype=dtype) * 0.3 + 6.0)
+    log_theta = torch.randn(g, generator=gen, dtype=dtype) * 0.7
+    mu = torch.softmax(logits, -1) * library
+    x = torch.poisson(mu, generator=gen)
+    x = x * (torch.rand(n, g, generator=gen, dtype=dtype) > zero_frac)  # mostly zeros
+    return logits, library, log_theta, x
+
+
+def _dense(logits, library, log_theta, x):
+    """The plain NB formula (no eps inside the logs), differentiated by autograd."""
+    log_mu = torch.log_softmax(logits, -1) + library.log()
+    theta = log_theta.exp()
+    log_tm = torch.log(theta + log_mu.exp())
+    return (
+        theta * (log_theta - log_tm) + x * (log_mu - log_tm)
+        + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    ).sum(-1)
+
+
+def test_sparse_nb_equals_dense_formula():
+    logits, library, log_theta, x = _nb_inputs(dtype=torch.float32)
+    mu = torch.softmax(logits, -1) * library
+    theta = log_theta.exp()
+    dense = log_nb(x, mu, theta).sum(-1)
+    sparse = log_nb_sparse(x, mu, theta)
+    assert (x == 0).float().mean() > 0.7
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    # Per-cell theta and a leading sample dimension broadcast the same way.
+    theta_cell = theta.expand_as(mu) * torch.rand_like(mu).add(0.5)
+    mu3 = torch.stack([mu, mu * 1.5])
+    torch.testing.assert_close(
+        log_nb_sparse(x, mu3, theta_cell), log_nb(x, mu3, theta_cell).sum(-1), rtol=1e-5, atol=1e-5
+    )
+    # Dropping the constant removes exactly Σ lgamma(x+1).
+    torch.testing.assert_close(
+        log_nb_sparse(x, mu, theta, include_constant=False) - log_factorial_sum(x),
+        dense, rtol=1e-5, atol=1e-4,
+    )
+    torch.testing.assert_close(log_factorial_sum(x), torch.lgamma(x + 1).sum(-1))
+
+
+def test_sparse_nb_gradient_matches_dense():
+    logits, library, log_theta, x = _nb_inputs()
+    mu = (torch.softmax(logits, -1) * library).requires_grad_()
+    theta = log_theta.exp().requires_grad_()
+    g_dense = torch.autograd.grad(log_nb(x, mu, theta).sum(), [mu, theta])
+    g_sparse = torch.autograd.grad(log_nb_sparse(x, mu, theta).sum(), [mu, theta])
+    for a, b in zip(g_dense, g_sparse, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("theta_kind", ["gene", "cell"])
+def test_fused_value_and_gradient_match_autograd(theta_kind):
+    logits, library, log_theta, x = _nb_inputs(seed=1)
+    if theta_kind == "cell":
+        log_theta = log_theta + 0.3 * torch.randn(x.shape, dtype=x.dtype)
+    logits.requires_grad_()
+    log_theta.requires_grad_()
+    weights = torch.randn(x.shape[0], dtype=x.dtype)  # a non-uniform upstream gradient
+    ref = _dense(logits, library, log_theta, x)
+    got = nb_log_likelihood_from_logits(logits, library.log(), log_theta, x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8)
+    # distributions.log_nb adds eps = 1e-8 inside its logs: equal up to that.
+    mu = torch.softmax(logits, -1) * library
+    torch.testing.assert_close(got, log_nb(x, mu, log_theta.exp()).sum(-1), rtol=1e-7, atol=1e-5)
+    g_ref = torch.autograd.grad((ref * weights).sum(), [logits, log_theta])
+    g_got = torch.autograd.grad((got * weights).sum(), [logits, log_theta])
+    for a, b in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)
+
+
+def test_fused_gradcheck_double():
+    logits, library, log_theta, x = _nb_inputs(n=5, g=7, seed=2, zero_frac=0.5)
+    logits.requires_grad_()
+    log_theta.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda lo, lt: nb_log_likelihood_from_logits(lo, library.log(), lt, x),
+        (logits, log_theta),
+    )
+    # Per-cell dispersion with a leading sample dimension (the IWAE path).
+    logits3 = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    lt3 = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda lo, lt: nb_log_likelihood_from_logits(lo, library.log(), lt, x), (logits3, lt3)
+    )
+
+
+def test_fused_rejects_mismatched_shapes():
+    logits, library, log_theta, x = _nb_inputs()
+    with pytest.raises(ValueError, match="genes"):
+        nb_log_likelihood_from_logits(logits[:, :-1], library.log(), log_theta, x)
+    with pytest.raises(ValueError, match="log_library"):
+        nb_log_likelihood_from_logits(logits, library.log().T, log_theta, x)
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-cell"])
+def test_module_nb_path_equals_dense_likelihood(dispersion):
+    """VAE.log_px (fused) and the ELBO equal the dense formula on the decoded means."""
+    torch.manual_seed(0)
+    cfg = ModuleConfig(n_genes=30, n_latent=4, n_hidden=16, n_batch=2, dispersion=dispersion)
+    vae = VAE(cfg).double().eval()
+    x = torch.poisson(torch.rand(12, 30, dtype=torch.float64) * 3)
+    x[:, 0] += 1
+    library = x.sum(1, keepdim=True)
+    batch = torch.tensor([0, 1] * 6)
+    cov = vae.covariates(batch)
+    z = torch.randn(3, 12, 4, dtype=torch.float64)  # with a sample dimension
+    params = vae.decode(z, library, cov, batch)
+    dense = log_nb(x, params["mu"], params["theta"]).sum(-1)
+    torch.testing.assert_close(vae.log_px(x, params), dense, rtol=1e-7, atol=1e-5)
+    fast = vae.decode(z, library, cov, batch, means=False)
+    assert "mu" not in fast
+    torch.testing.assert_close(vae.log_px(x, fast), dense, rtol=1e-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
+def test_other_likelihoods_unchanged(likelihood):
+    """ZINB and Poisson still use the element-wise formulas on the decoded means."""
+    from scvae_tools.distributions import log_likelihood
+
+    torch.manual_seed(0)
+    vae = VAE(ModuleConfig(n_genes=20, n_latent=3, n_hidden=8, likelihood=likelihood)).eval()
+    x = torch.poisson(torch.rand(6, 20) * 4)
+    x[:, 0] += 1
+    library = x.sum(1, keepdim=True)
+    batch = torch.zeros(6, dtype=torch.long)
+    params = vae.decode(torch.randn(6, 3), library, vae.covariates(batch), batch,
+                        means=False)
+    full = vae.decode(torch.randn(6, 3), library, vae.covariates(batch), batch)
+    assert "mu" not in params and "mu" in full
+    want = log_likelihood(likelihood, x, full["mu"], full.get("theta"), full.get("pi_logits")).sum(-1)
+    torch.testing.assert_close(vae.log_px(x, full), want)
+
+
+def test_batches_sparse_gather_equals_dense(monkeypatch):
+    """The vectorised CSR row gather gives the same minibatches as the dense tensor path."""
+    adata = svt.datasets.synthetic_counts(n_cells=157, n_genes=40, seed=3)
+    spec = DataSpec.from_anndata(adata)
+    dense_data = CellData(adata, spec)
+    idx = np.random.default_rng(0).permutation(157)[:100]
+    want = [b.x.clone() for b in dense_data.batches(idx, batch_size=32)]
+    import scvae_tools.adapter as adapter
+
+    monkeypatch.setattr(adapter, "DENSE_LIMIT_BYTES", 0)  # force the sparse path
+    sparse_data = CellData(adata, spec)
+    got = list(sparse_data.batches(idx, batch_size=32))
+    assert sp.issparse(sparse_data.X) and "x" not in sparse_data._on_device(torch.device("cpu"))
+    assert len(got) == len(want)
+    for b, w in zip(got, want, strict=True):
+        torch.testing.assert_close(b.x, w)
+        np.testing.assert_array_equal(b.x.numpy(), adata.X[b.index.numpy()].toarray())
