@@ -53,6 +53,65 @@ def training_history(model_or_history, show: bool = False):
     return fig
 
 
+def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = False):
+    """Posterior predictive check: observed (x) vs replicated (y) per-gene statistics.
+
+    Parameters
+    ----------
+    tables
+        A table from :func:`scvae_tools.tl.ppc`, or a dict ``{label: table}`` to overlay
+        several models (e.g. NB vs Poisson).
+    stats
+        Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show.
+    show
+        Call ``plt.show()``.
+
+    Returns
+    -------
+    The figure: one panel per statistic, one point per gene, the diagonal y = x marking a
+    perfect fit; legends give each model's error from ``scvae_tools.ppc.ppc_summary``.
+    """
+    import numpy as np
+
+    from .ppc import STATISTICS, ppc_summary
+
+    if isinstance(tables, pd.DataFrame):
+        tables = {tables.attrs.get("likelihood", "model"): tables}
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError("tables must be a PPC table from svt.tl.ppc or a non-empty dict of them.")
+    bad = [s for s in stats if s not in STATISTICS]
+    if bad:
+        raise ValueError(f"Unknown statistic(s) {bad}; choose from {STATISTICS}.")
+    titles = {"mean": "mean count", "variance": "variance", "zero_fraction": "fraction of zeros",
+              "cv": "coefficient of variation"}
+    fig, axes = plt.subplots(1, len(stats), figsize=(3.6 * len(stats), 3.6), constrained_layout=True,
+                             squeeze=False)
+    for a, stat in zip(axes[0], stats, strict=True):
+        lo, hi = np.inf, -np.inf
+        for label, table in tables.items():
+            err = ppc_summary(table)[stat]
+            obs, rep = table[f"{stat}_obs"].to_numpy(), table[f"{stat}_rep"].to_numpy()
+            ok = np.isfinite(obs) & np.isfinite(rep)
+            if stat != "zero_fraction":
+                ok &= (obs > 0) & (rep > 0)
+            a.scatter(obs[ok], rep[ok], s=4, alpha=0.4, linewidths=0,
+                      label=f"{label} (err {err:.3f})")
+            if ok.any():
+                lo, hi = min(lo, obs[ok].min(), rep[ok].min()), max(hi, obs[ok].max(), rep[ok].max())
+        if np.isfinite(lo):
+            a.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--")
+        if stat != "zero_fraction":
+            a.set_xscale("log")
+            a.set_yscale("log")
+        a.set_xlabel("observed")
+        a.set_ylabel("replicated (posterior predictive)")
+        a.set_title(titles[stat], fontsize=10)
+        a.legend(frameon=False, fontsize=8, markerscale=3)
+    if show:
+        plt.show()
+    return fig
+
+
 # ---------------------------------------------------------------------- VAE diagnostics
 # Figures for scvae_tools.diagnostics (svt.tl.rate_distortion_sweep, …).
 

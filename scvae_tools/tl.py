@@ -47,3 +47,40 @@ def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCV
     model.train(**{k: v for k, v in kwargs.items() if k in _TRAIN_ARGS})
     model.write_to_adata(adata, key_added=key_added, layers=layers)
     return model
+
+
+def ppc(model: SCVAE, adata=None, n_samples: int = 10, batch_size: int = 256, seed: int | None = 0):
+    """Posterior predictive check: observed vs model-replicated per-gene statistics.
+
+    Simulates ``n_samples`` datasets from the fitted model (z ~ q(z|x), counts ~ p(x|z) at
+    each cell's observed library; see :meth:`~scvae_tools.SCVAE.posterior_predictive_sample`)
+    and compares per-gene statistics over cells with those of the observed counts. Nothing is
+    written to ``adata``.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scvae_tools.SCVAE`.
+    adata
+        AnnData with the model's genes; ``None``: the training data.
+    n_samples
+        Simulated datasets; the replicated statistics are averaged over them.
+    seed
+        Seeds the simulation.
+
+    Returns
+    -------
+    DataFrame indexed by gene with, for each statistic ``mean``, ``variance``,
+    ``zero_fraction`` (fraction of cells with 0) and ``cv`` (standard deviation / mean):
+    ``{stat}_obs``, ``{stat}_rep`` (mean over replicates) and ``{stat}_rep_sd`` (spread over
+    replicates). ``scvae_tools.ppc.ppc_summary(table)`` condenses it to one error per statistic;
+    ``svt.pl.ppc(table)`` plots it.
+
+    Examples
+    --------
+    >>> table = svt.tl.ppc(model, adata, n_samples=10)
+    >>> svt.pl.ppc({"NB": table, "Poisson": svt.tl.ppc(poisson_model, adata)})
+    """
+    from .ppc import ppc as _ppc
+
+    return _ppc(model, adata, n_samples=n_samples, batch_size=batch_size, seed=seed)

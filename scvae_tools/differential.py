@@ -1,0 +1,347 @@
+"""Bayesian differential expression from posterior samples of normalised expression.
+
+For two groups of cells A and B the quantity compared is each group's *mean* normalised
+expression (gene proportions, i.e. a pseudo-bulk of the denoised profiles),
+
+    h_g^A = mean over cells c in A of ρ_cg,     LFC_g = log2(h_g^A + ε) − log2(h_g^B + ε),
+
+with ε a small pseudocount. Its posterior is approximated by Monte Carlo: every replicate
+draws the group's cells with replacement (a bootstrap over cells, for the uncertainty of a
+population mean estimated from finitely many cells) and, for each drawn cell, one sample of
+z ~ q(z | x) decoded to ρ (for the model's uncertainty about that cell). From the replicates:
+
+* ``mode="change"`` (default): ``proba_de`` = P(|LFC_g| ≥ δ), ``bayes_factor`` =
+  log(p / (1 − p)); genes are called DE while the posterior expected false discovery rate
+  of the called set stays ≤ ``fdr_target`` (column ``is_de_fdr_<target>``).
+* ``mode="vanilla"``: ``proba_m1`` = P(h^A > h^B), ``proba_m2`` = 1 − ``proba_m1``,
+  ``bayes_factor`` = log(p / (1 − p)).
+
+Unlike scvi-tools' default, which pairs single random cells of each group, the quantity
+here is a population mean: cell-to-cell variability within a group does not count as a
+difference between groups, so a random split of one cell type yields no DE calls (tested on
+pbmc3k). Column names follow scvi-tools' ``differential_expression`` output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .adapter import CellData
+
+if TYPE_CHECKING:
+    from .model import SCVAE
+
+MODES = ("change", "vanilla")
+_BF_EPS = 1e-8
+# Rows of decoded profiles kept per group; more cells than this get fewer z draws each.
+_POOL_TARGET = 4000
+_MAX_Z_PER_CELL = 20
+
+
+def differential_expression(
+    model: SCVAE,
+    adata,
+    groupby: str,
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    mode: str = "change",
+    delta: float = 0.25,
+    n_samples: int = 1000,
+    fdr_target: float = 0.05,
+    pseudocounts: float | None = None,
+    batch_correction: bool = False,
+    max_cells_per_group: int = 2000,
+    seed: int = 0,
+    batch_size: int = 1024,
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Differential expression between groups of cells; see :meth:`SCVAE.differential_expression`."""
+    model._check_trained()
+    if adata is None:
+        raise ValueError(
+            "differential_expression needs the AnnData that holds obs[groupby]; pass adata=."
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode == "change" and not (isinstance(delta, (int, float)) and delta > 0):
+        raise ValueError(f"delta must be a positive log2 fold change, got {delta!r}.")
+    if not (isinstance(n_samples, (int, np.integer)) and n_samples >= 10):
+        raise ValueError(f"n_samples must be an integer >= 10, got {n_samples!r}.")
+    if not 0 < fdr_target < 1:
+        raise ValueError(f"fdr_target must be in (0, 1), got {fdr_target!r}.")
+    if max_cells_per_group < 2:
+        raise ValueError("max_cells_per_group must be at least 2.")
+    if groupby not in adata.obs.columns:
+        raise KeyError(
+            f"{groupby!r} is not a column of adata.obs (available: {list(adata.obs.columns)}). "
+            "Pass the obs column that holds the groups."
+        )
+    labels = adata.obs[groupby]
+    if labels.isna().any():
+        raise ValueError(f"obs[{groupby!r}] has missing labels; fill them or drop those cells.")
+    labels = labels.astype(str).to_numpy()
+    categories = _categories(adata.obs[groupby])
+    if len(categories) < 2:
+        raise ValueError(f"obs[{groupby!r}] has a single group; DE needs at least two.")
+    if group1 is None:
+        groups1 = categories
+    elif isinstance(group1, str):
+        groups1 = [group1]
+    else:
+        groups1 = [str(g) for g in group1]
+    for g in [*groups1, *([] if group2 is None else [group2])]:
+        if str(g) not in categories:
+            raise KeyError(f"Group {g!r} is not in obs[{groupby!r}]; groups are {categories}.")
+    if group2 is not None and str(group2) in groups1:
+        raise ValueError(f"group1 and group2 must differ; both contain {group2!r}.")
+
+    data = CellData(adata, model.spec)
+    counts = data.X
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pools: dict[str, torch.Tensor] = {}
+
+    def pool_of(key: str, cells: np.ndarray) -> torch.Tensor:
+        if key not in pools:
+            pools[key] = _posterior_pool(model, data, cells, gen, batch_correction, batch_size,
+                                         max_cells_per_group)
+        return pools[key]
+
+    results = []
+    for g1 in groups1:
+        cells1 = np.flatnonzero(labels == g1)
+        cells2 = np.flatnonzero(labels != g1) if group2 is None else np.flatnonzero(labels == str(group2))
+        for name, cells in ((g1, cells1), (group2 or f"rest of {g1}", cells2)):
+            if len(cells) < 2:
+                raise ValueError(f"Group {name!r} has {len(cells)} cell(s); DE needs at least 2 per group.")
+        pool1 = pool_of(f"g:{g1}", cells1)
+        pool2 = pool_of(f"g:{group2}" if group2 is not None else f"rest:{g1}", cells2)
+        m1 = _bootstrap_means(pool1, min(len(cells1), max_cells_per_group), n_samples, gen)
+        m2 = _bootstrap_means(pool2, min(len(cells2), max_cells_per_group), n_samples, gen)
+        eps = _pseudocount(pseudocounts, m1, m2, counts, cells1, cells2)
+        res = _summarise(m1, m2, mode, delta, eps, fdr_target)
+        res = pd.concat([res, _raw_stats(counts, data.library, cells1, cells2)], axis=1)
+        res.index = pd.Index(model.spec.var_names, name=None)
+        if mode == "change":
+            # Strongest evidence first; genes tied at the same probability by effect size.
+            order = np.lexsort((-res["lfc_mean"].abs().to_numpy(), -res["proba_de"].to_numpy()))
+            res = res.iloc[order]
+            res[f"is_de_fdr_{fdr_target}"] = _fdr_calls(res["proba_de"].to_numpy(), fdr_target)
+        else:
+            res = res.sort_values("bayes_factor", ascending=False, kind="stable")
+        g2 = "Rest" if group2 is None else str(group2)
+        res["comparison"] = f"{g1} vs {g2}"
+        res["group1"] = g1
+        res["group2"] = g2
+        results.append(res)
+    out = pd.concat(results, axis=0)
+    if key_added is not None:
+        store_rank_genes_groups(adata, out, groupby=groupby, key_added=key_added, mode=mode,
+                                reference="rest" if group2 is None else str(group2),
+                                fdr_target=fdr_target, delta=delta)
+    return out
+
+
+# ---------------------------------------------------------------------- sampling
+def _categories(col: pd.Series) -> list[str]:
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(col.astype(str))
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    return sorted({str(v) for v in col})
+
+
+@torch.inference_mode()
+def _posterior_pool(
+    model: SCVAE, data: CellData, cells: np.ndarray, gen: torch.Generator,
+    batch_correction: bool, batch_size: int, max_cells: int,
+) -> torch.Tensor:
+    """Decoded gene proportions ρ for the group's cells, several z draws each: (rows, genes).
+
+    Rows are ordered cell-major, ``n_z`` consecutive rows per cell, so drawing a row uniformly
+    is drawing a cell uniformly and then one of its posterior samples.
+    """
+    if len(cells) > max_cells:
+        cells = np.sort(cells[torch.randperm(len(cells), generator=gen)[:max_cells].numpy()])
+    n_z = int(min(_MAX_Z_PER_CELL, max(1, math.ceil(_POOL_TARGET / len(cells)))))
+    module = model.module
+    out = []
+    for b in model._eval_batches(data, batch_size, indices=cells):
+        cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+        m, v = module.encode(b.x, cov)
+        eps = torch.randn((n_z, *m.shape), generator=gen).to(m.device)
+        z = m + v.sqrt() * eps
+        ones = torch.ones_like(b.library)
+        if batch_correction and module.cfg.n_batch > 1:
+            # Average the decoded profile over every known batch: batch-free expression.
+            scale = 0
+            for k in range(module.cfg.n_batch):
+                bi = torch.full_like(b.batch_index, k)
+                scale = scale + module.decode(z, ones, module.covariates(bi, b.cat_covs, b.cont_covs), bi)["scale"]
+            scale = scale / module.cfg.n_batch
+        else:
+            scale = module.decode(z, ones, cov, b.batch_index)["scale"]
+        out.append(scale.transpose(0, 1).reshape(-1, scale.shape[-1]).float().cpu())
+    return torch.cat(out)
+
+
+def _bootstrap_means(pool: torch.Tensor, n_draw: int, n_samples: int, gen: torch.Generator,
+                     chunk: int = 250) -> np.ndarray:
+    """Posterior replicates of the group's mean profile: (n_samples, genes), float64.
+
+    Each replicate averages ``n_draw`` rows drawn with replacement from the pool.
+    """
+    n_rows = pool.shape[0]
+    out = []
+    for start in range(0, n_samples, chunk):
+        k = min(chunk, n_samples - start)
+        idx = torch.randint(0, n_rows, (k, n_draw), generator=gen)
+        weights = torch.zeros(k, n_rows)
+        weights.scatter_add_(1, idx, torch.full((k, n_draw), 1.0 / n_draw))
+        out.append((weights @ pool).double().numpy())
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------- statistics
+def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray, counts,
+                 cells1: np.ndarray, cells2: np.ndarray) -> float:
+    """The ε in log2(h + ε); ``None`` estimates it as scvi-tools does.
+
+    Estimated from genes never detected in a group: the 90th percentile of their largest
+    posterior mean proportion is the model's 'background' level, below which fold changes
+    are not interpretable.
+    """
+    if pseudocounts is not None:
+        if pseudocounts < 0:
+            raise ValueError(f"pseudocounts must be >= 0, got {pseudocounts!r}.")
+        return float(pseudocounts) + 1e-12
+    levels = []
+    for m, cells in ((m1, cells1), (m2, cells2)):
+        detected = _nonzero_fraction(counts, cells) > 0
+        if (~detected).any():
+            levels.append(float(np.quantile(m.max(0)[~detected], 0.9)))
+    return max([*levels, 1e-10])
+
+
+def _summarise(m1: np.ndarray, m2: np.ndarray, mode: str, delta: float, eps: float,
+               fdr_target: float) -> pd.DataFrame:
+    lfc = np.log2(m1 + eps) - np.log2(m2 + eps)
+    cols: dict[str, np.ndarray] = {}
+    if mode == "change":
+        p = (np.abs(lfc) >= delta).mean(0)
+        cols["proba_de"] = p
+        cols["proba_not_de"] = 1.0 - p
+    else:
+        p = (m1 > m2).mean(0)
+        cols["proba_m1"] = p
+        cols["proba_m2"] = 1.0 - p
+    cols["bayes_factor"] = np.log(p + _BF_EPS) - np.log(1.0 - p + _BF_EPS)
+    cols["scale1"] = m1.mean(0)
+    cols["scale2"] = m2.mean(0)
+    cols["pseudocounts"] = np.full(lfc.shape[1], eps)
+    cols["delta"] = np.full(lfc.shape[1], delta if mode == "change" else np.nan)
+    cols["lfc_mean"] = lfc.mean(0)
+    cols["lfc_median"] = np.median(lfc, 0)
+    cols["lfc_std"] = lfc.std(0)
+    cols["lfc_min"] = lfc.min(0)
+    cols["lfc_max"] = lfc.max(0)
+    return pd.DataFrame(cols)
+
+
+def _nonzero_fraction(counts, cells: np.ndarray) -> np.ndarray:
+    sub = counts[cells]
+    return np.asarray((sub > 0).mean(0)).ravel()
+
+
+def _raw_stats(counts, library: np.ndarray, cells1: np.ndarray, cells2: np.ndarray) -> pd.DataFrame:
+    cols = {}
+    for i, cells in ((1, cells1), (2, cells2)):
+        sub = counts[cells]
+        cols[f"raw_mean{i}"] = np.asarray(sub.mean(0)).ravel()
+        cols[f"non_zeros_proportion{i}"] = _nonzero_fraction(counts, cells)
+        # Counts per 1e4 of the cell's library (as sc.pp.normalize_total), averaged.
+        scale = (1e4 / library[cells]).astype(np.float64)
+        norm = sp.diags(scale) @ sub if sp.issparse(sub) else sub * scale[:, None]
+        cols[f"raw_normalized_mean{i}"] = np.asarray(norm.mean(0)).ravel()
+    order = [f"{c}{i}" for c in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
+             for i in (1, 2)]
+    return pd.DataFrame(cols)[order]
+
+
+def _fdr_calls(proba_de_sorted: np.ndarray, fdr_target: float) -> np.ndarray:
+    """Call the top genes while the posterior expected FDR of the called set is ≤ target.
+
+    ``proba_de_sorted`` must be in decreasing order; the expected FDR of the top k is the
+    mean of their (1 − proba_de), which only grows with k.
+    """
+    expected_fdr = posterior_expected_fdr(proba_de_sorted)
+    n_called = int((expected_fdr <= fdr_target).sum())
+    calls = np.zeros(len(proba_de_sorted), dtype=bool)
+    calls[:n_called] = True
+    return calls
+
+
+def posterior_expected_fdr(proba_de_sorted: np.ndarray) -> np.ndarray:
+    """Posterior expected FDR of calling the top 1, 2, … genes (input sorted decreasingly)."""
+    p = np.asarray(proba_de_sorted, dtype=np.float64)
+    return np.cumsum(1.0 - p) / np.arange(1, len(p) + 1)
+
+
+# ---------------------------------------------------------------------- scanpy format
+def store_rank_genes_groups(
+    adata, results: pd.DataFrame, groupby: str, key_added: str = "rank_genes_groups",
+    mode: str = "change", reference: str = "rest", fdr_target: float = 0.05,
+    delta: float = 0.25,
+) -> None:
+    """Write DE results to ``adata.uns[key_added]`` in ``sc.tl.rank_genes_groups``' layout.
+
+    For each ``group1``, all genes are listed with those higher in group1 first, strongest
+    evidence first, and those lower in group1 last. Fields (structured arrays indexed by
+    group name): ``names``; ``scores`` = sign(lfc_mean) × proba_de (``mode="change"``) or
+    the Bayes factor (``"vanilla"``); ``logfoldchanges`` = lfc_mean (log2);
+    ``pvals`` = ``proba_not_de`` (resp. 1 − proba_m1) and ``pvals_adj`` = the posterior
+    expected FDR of calling that gene and all genes with stronger evidence. These are
+    Bayesian analogues, not frequentist p-values, but they make ``sc.get.rank_genes_groups_df``
+    and ``sc.pl.rank_genes_groups_*`` (e.g. ``values_to_plot="logfoldchanges"``) work.
+    """
+    names, scores, lfcs, pvals, padj = {}, {}, {}, {}, {}
+    for g1, res in results.groupby("group1", sort=False):
+        if mode == "change":
+            signed = np.sign(res["lfc_mean"].to_numpy()) * res["proba_de"].to_numpy()
+            p_not = res["proba_not_de"].to_numpy()
+            strength = res["proba_de"].to_numpy()
+        else:
+            signed = res["bayes_factor"].to_numpy()
+            p_not = res["proba_m2"].to_numpy()
+            strength = np.maximum(res["proba_m1"].to_numpy(), res["proba_m2"].to_numpy())
+        order = np.lexsort((-res["lfc_mean"].to_numpy(), -signed))
+        # Expected FDR along the evidence ranking, whatever the direction.
+        ev_order = np.argsort(-strength, kind="stable")
+        efdr = np.empty(len(res))
+        efdr[ev_order] = posterior_expected_fdr(strength[ev_order])
+        key = str(g1)
+        names[key] = res.index.to_numpy().astype(object)[order]
+        scores[key] = signed[order].astype(np.float32)
+        lfcs[key] = res["lfc_mean"].to_numpy()[order].astype(np.float32)
+        pvals[key] = p_not[order].astype(np.float64)
+        padj[key] = efdr[order].astype(np.float64)
+
+    def rec(d: dict[str, np.ndarray], dtype: str) -> np.recarray:
+        return pd.DataFrame(d).to_records(index=False, column_dtypes=dtype)
+
+    adata.uns[key_added] = {
+        "params": {"groupby": groupby, "reference": reference, "method": f"scvae_{mode}",
+                   "use_raw": False, "corr_method": "posterior_expected_fdr",
+                   "delta": float(delta) if mode == "change" else -1.0,
+                   "fdr_target": float(fdr_target)},
+        "names": rec(names, "O"),
+        "scores": rec(scores, "float32"),
+        "logfoldchanges": rec(lfcs, "float32"),
+        "pvals": rec(pvals, "float64"),
+        "pvals_adj": rec(padj, "float64"),
+    }

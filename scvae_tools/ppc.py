@@ -1,0 +1,147 @@
+"""Posterior predictive checks: does data simulated from the fitted model look like the data?
+
+For each replicate, every cell gets a sample z ~ q(z | x), is decoded at its observed
+library size and covariates, and counts are drawn from the likelihood p(x | z) (NB, ZINB or
+Poisson). Per-gene statistics over cells — mean, variance, fraction of zeros and coefficient
+of variation — are computed for the observed counts and for each replicate; a model that
+fits puts the observed values inside the spread of the replicated ones. A Poisson model,
+for example, cannot produce the over-dispersion and excess zeros of real UMI counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+if TYPE_CHECKING:
+    from .model import SCVAE
+
+STATISTICS = ("mean", "variance", "zero_fraction", "cv")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's global RNGs (used by the count samplers) without disturbing the caller's."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.inference_mode()
+def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int | None):
+    """Yield (row indices, counts of shape (n_samples, cells in batch, genes)) per minibatch."""
+    module = model.module
+    with _seeded(seed, model.device):
+        for b in model._eval_batches(data, batch_size):
+            cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+            m, v = module.encode(b.x, cov)
+            z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
+            params = module.decode(z, b.library, cov, b.batch_index)
+            yield b.index.cpu().numpy(), module.sample_counts(params)
+
+
+def _check_n_samples(n_samples) -> int:
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+    return int(n_samples)
+
+
+def posterior_predictive_sample(
+    model: SCVAE, adata=None, n_samples: int = 1, gene_list: list[str] | None = None,
+    batch_size: int = 256, seed: int | None = 0,
+) -> np.ndarray:
+    """Counts drawn from the posterior predictive; see :meth:`SCVAE.posterior_predictive_sample`."""
+    model._check_trained()
+    n_samples = _check_n_samples(n_samples)
+    data = model._data_for(adata)
+    genes = _gene_indices(model, gene_list)
+    out = np.empty((data.n_obs, len(genes), n_samples), dtype=np.float32)
+    for rows, counts in _replicates(model, data, n_samples, batch_size, seed):
+        out[rows] = counts[:, :, genes].permute(1, 2, 0).cpu().numpy()
+    return out
+
+
+def _gene_indices(model: SCVAE, gene_list: list[str] | None) -> np.ndarray:
+    if gene_list is None:
+        return np.arange(model.spec.n_genes)
+    if isinstance(gene_list, str):
+        gene_list = [gene_list]
+    idx = pd.Index(model.spec.var_names).get_indexer([str(g) for g in gene_list])
+    if (idx < 0).any():
+        missing = [g for g, i in zip(gene_list, idx, strict=True) if i < 0]
+        raise KeyError(f"Genes not in the model: {missing[:5]}; see model.var_names.")
+    return idx
+
+
+def _stats_from_moments(n: int, s: np.ndarray, ss: np.ndarray, nz: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-gene mean, sample variance, zero fraction and CV from sums over ``n`` cells."""
+    mean = s / n
+    var = np.maximum(ss - n * mean**2, 0.0) / max(n - 1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cv = np.where(mean > 0, np.sqrt(var) / mean, np.nan)
+    return {"mean": mean, "variance": var, "zero_fraction": 1.0 - nz / n, "cv": cv}
+
+
+def ppc(
+    model: SCVAE, adata=None, n_samples: int = 10, batch_size: int = 256, seed: int | None = 0,
+) -> pd.DataFrame:
+    """Per-gene posterior predictive check; see :func:`scvae_tools.tl.ppc`."""
+    model._check_trained()
+    n_samples = _check_n_samples(n_samples)
+    data = model._data_for(adata)
+    X = data.X
+    n, g = X.shape
+    # Observed moments (float64: sums of squares of large counts lose precision in float32).
+    if sp.issparse(X):
+        s = np.asarray(X.sum(0), dtype=np.float64).ravel()
+        ss = np.asarray(X.multiply(X).sum(0), dtype=np.float64).ravel()
+        nz = np.asarray((X > 0).sum(0), dtype=np.float64).ravel()
+    else:
+        Xd = np.asarray(X, dtype=np.float64)
+        s, ss, nz = Xd.sum(0), (Xd**2).sum(0), (Xd > 0).sum(0).astype(np.float64)
+    observed = _stats_from_moments(n, s, ss, nz)
+    rs = torch.zeros(n_samples, g, dtype=torch.float64)
+    rss = torch.zeros(n_samples, g, dtype=torch.float64)
+    rnz = torch.zeros(n_samples, g, dtype=torch.float64)
+    for _, counts in _replicates(model, data, n_samples, batch_size, seed):
+        c = counts.double().cpu()
+        rs += c.sum(1)
+        rss += (c * c).sum(1)
+        rnz += (c > 0).sum(1)
+    rep = _stats_from_moments(n, rs.numpy(), rss.numpy(), rnz.numpy())  # (n_samples, genes) each
+    cols: dict[str, np.ndarray] = {}
+    for stat in STATISTICS:
+        cols[f"{stat}_obs"] = observed[stat]
+        cols[f"{stat}_rep"] = np.nanmean(rep[stat], 0) if n_samples > 1 else rep[stat][0]
+        cols[f"{stat}_rep_sd"] = np.nanstd(rep[stat], 0) if n_samples > 1 else np.zeros(g)
+    table = pd.DataFrame(cols, index=pd.Index(model.spec.var_names))
+    table.attrs["likelihood"] = model.module_config.likelihood
+    table.attrs["n_samples"] = n_samples
+    return table
+
+
+def ppc_summary(table: pd.DataFrame) -> pd.Series:
+    """One number per statistic: how far replicated values sit from observed ones.
+
+    ``zero_fraction``: mean absolute difference (fraction of cells). ``mean``, ``variance``
+    and ``cv``: median absolute log10 ratio replicated / observed over genes (0 = perfect;
+    0.3 ≈ a factor of 2). Lower is better.
+    """
+    missing = [f"{s}_{k}" for s in STATISTICS for k in ("obs", "rep") if f"{s}_{k}" not in table]
+    if missing:
+        raise KeyError(f"Not a PPC table (from svt.tl.ppc): columns {missing} are missing.")
+    out = {"zero_fraction": float(np.mean(np.abs(table["zero_fraction_rep"] - table["zero_fraction_obs"])))}
+    for stat in ("mean", "variance", "cv"):
+        obs, rep = table[f"{stat}_obs"].to_numpy(), table[f"{stat}_rep"].to_numpy()
+        ok = (obs > 0) & (rep > 0) & np.isfinite(obs) & np.isfinite(rep)
+        out[stat] = float(np.median(np.abs(np.log10(rep[ok] / obs[ok])))) if ok.any() else np.nan
+    return pd.Series(out, name="ppc_error")

@@ -1,0 +1,281 @@
+"""Reference mapping (scArches-style architecture surgery).
+
+A reference model was trained with ``batch_key`` (and possibly categorical covariates).
+A query AnnData brings new batch categories the reference has never seen. Surgery:
+
+1. The covariate one-hot vector grows by the new categories, so the first linear layer
+   of the encoder (input: log1p counts + covariates) and of the decoder (input: z +
+   covariates) gets new input columns; with ``dispersion="gene-batch"`` the per-batch
+   inverse dispersion gets new columns too.
+2. Every reference weight is copied and **frozen**; BatchNorm layers stay in evaluation
+   mode (their running statistics are the reference's). Only the new columns are trained,
+   through gradient masks, on the query cells' ELBO.
+
+Because nothing the reference cells use changes, reference cells keep exactly their
+latent coordinates, and query cells are encoded into that same latent space: labels can
+be transferred by nearest neighbours (Lotfollahi et al. 2022, *Nat. Biotechnol.*).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .adapter import CellData, DataSpec
+from .module import VAE, ModuleConfig
+from .train import default_max_epochs, evaluate, split_indices
+
+if TYPE_CHECKING:
+    from .model import SCVAE
+
+_FIRST_LAYERS = ("encoder.body.0.weight", "decoder.body.0.weight")
+
+
+def _cov_labels(spec: DataSpec, cfg: ModuleConfig) -> list[tuple[str, str]]:
+    """Names of the covariate one-hot / continuous columns, in the module's order."""
+    labels: list[tuple[str, str]] = []
+    if cfg.n_batch > 1:
+        labels += [("batch", c) for c in spec.batch_categories]
+    for key in spec.categorical_covariate_keys:
+        labels += [(f"cat:{key}", c) for c in spec.categorical_covariate_categories[key]]
+    labels += [("cont", k) for k in spec.continuous_covariate_keys]
+    return labels
+
+
+def _extended_spec(ref: DataSpec, query_adata) -> tuple[DataSpec, dict[str, list[str]]]:
+    """The reference spec with the query's unseen categories appended; and what was added."""
+    keys = ([ref.batch_key] if ref.batch_key else []) + list(ref.categorical_covariate_keys)
+    for key in [*keys, *ref.continuous_covariate_keys, *([ref.size_factor_key] if ref.size_factor_key else [])]:
+        if key not in query_adata.obs.columns:
+            raise KeyError(
+                f"The query AnnData lacks obs[{key!r}], which the reference model was set up "
+                f"with. Add the column (query cells' batch / covariate labels) first."
+            )
+    spec = copy.deepcopy(ref)
+    added: dict[str, list[str]] = {}
+    from .adapter import _categories  # the same category rules as at set-up
+
+    if ref.batch_key:
+        new = [c for c in _categories(query_adata.obs, ref.batch_key) if c not in ref.batch_categories]
+        spec.batch_categories = [*ref.batch_categories, *new]
+        added["batch"] = new
+    for key in ref.categorical_covariate_keys:
+        known = ref.categorical_covariate_categories[key]
+        new = [c for c in _categories(query_adata.obs, key) if c not in known]
+        spec.categorical_covariate_categories[key] = [*known, *new]
+        added[f"cat:{key}"] = new
+    return spec, added
+
+
+def _transplant(ref_module: VAE, ref_spec: DataSpec, new_module: VAE, new_spec: DataSpec,
+                new_labels: set[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Copy reference weights into the grown module; return gradient masks (1 = trainable).
+
+    New covariate columns start at the mean of the reference's columns for the same
+    covariate (an 'average batch'), or at zero when the reference had none.
+    """
+    ref_cfg, new_cfg = ref_module.cfg, new_module.cfg
+    old_labels, labels = _cov_labels(ref_spec, ref_cfg), _cov_labels(new_spec, new_cfg)
+    old_pos = {lab: i for i, lab in enumerate(old_labels)}
+    ref_state = ref_module.state_dict()
+    state = new_module.state_dict()
+    masks: dict[str, torch.Tensor] = {}
+    for name, new_t in state.items():
+        old_t = ref_state[name]
+        if name in _FIRST_LAYERS:
+            n_front = ref_cfg.n_genes if name.startswith("encoder") else ref_cfg.n_latent
+            w = torch.zeros_like(new_t)
+            mask = torch.zeros_like(new_t)
+            w[:, :n_front] = old_t[:, :n_front]
+            for j, lab in enumerate(labels):
+                col = n_front + j
+                if lab in old_pos:
+                    w[:, col] = old_t[:, n_front + old_pos[lab]]
+                else:
+                    siblings = [n_front + i for l2, i in old_pos.items() if l2[0] == lab[0]]
+                    if siblings:
+                        w[:, col] = old_t[:, siblings].mean(1)
+                    # Columns of reference categories that had no column before (a reference
+                    # with a single batch) stay zero and frozen: reference cells are unchanged.
+                    if lab in new_labels:
+                        mask[:, col] = 1.0
+            state[name] = w
+            masks[name] = mask
+        elif name == "log_theta" and new_cfg.dispersion == "gene-batch":
+            w = new_t.clone()
+            mask = torch.zeros_like(new_t)
+            n_old = old_t.shape[1]
+            w[:, :n_old] = old_t
+            for j in range(n_old, w.shape[1]):
+                w[:, j] = old_t.mean(1)
+                mask[:, j] = 1.0
+            state[name] = w
+            masks[name] = mask
+        else:
+            if old_t.shape != new_t.shape:
+                raise RuntimeError(f"Unexpected shape change in {name}: {tuple(old_t.shape)} → {tuple(new_t.shape)}.")
+            state[name] = old_t.clone()
+    new_module.load_state_dict(state)
+    return masks
+
+
+def _query_train_mode(module: nn.Module) -> None:
+    """Training mode (dropout on) but BatchNorm frozen with the reference's statistics."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def load_query(
+    cls: type[SCVAE],
+    reference_dir: str | os.PathLike,
+    query_adata,
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    eps: float = 1e-2,
+    train_size: float = 0.9,
+    early_stopping: bool = True,
+    early_stopping_patience: int = 30,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress_bar: bool = True,
+) -> SCVAE:
+    """Map query cells onto a saved reference; see :meth:`SCVAE.load_query`."""
+    reference = cls.load(reference_dir, adata=None, device="cpu")
+    ref_spec, ref_cfg = reference.spec, reference.module_config
+    if ref_spec.batch_key is None and not ref_spec.categorical_covariate_keys:
+        raise ValueError(
+            "The reference model was trained without batch_key (or categorical covariates), "
+            "so there are no batch inputs to extend. Embed the query with the reference as it is "
+            "(`SCVAE.load(reference_dir, query_adata)`), or retrain the reference with batch_key=."
+        )
+    new_spec, added = _extended_spec(ref_spec, query_adata)
+    new_cfg = ModuleConfig(**{**ref_cfg.to_dict(), "n_batch": new_spec.n_batch,
+                              "n_cats_per_cov": new_spec.n_cats_per_cov})
+    data = CellData(query_adata, new_spec)  # checks genes and counts; raises with the fix
+    torch.manual_seed(seed)
+    module = VAE(new_cfg)
+    new_labels = {(k, c) for k, cats in added.items() for c in cats}
+    masks = _transplant(reference.module, ref_spec, module, new_spec, new_labels)
+
+    model = cls.__new__(cls)
+    model.spec, model.module_config, model.module = new_spec, new_cfg, module
+    model.beta, model.free_bits = reference.beta, reference.free_bits
+    model.train_config = reference.train_config
+    model.train_indices = model.validation_indices = None
+    model.is_trained = True
+    model._data = data
+    model.device = _resolve(device)
+    model.query_info = {"reference_dir": str(reference_dir),
+                        "new_categories": {k: v for k, v in added.items() if v}}
+
+    n_epochs = min(200, default_max_epochs(data.n_obs)) if max_epochs is None else int(max_epochs)
+    if not new_labels or n_epochs == 0:
+        # Nothing new to learn (all query categories known): the reference maps it as it is.
+        model.history = pd.DataFrame()
+        module.to(model.device).eval()
+        return model
+    train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
+    model.history = _fine_tune(module, data, masks, train_idx, val_idx, n_epochs, batch_size, lr,
+                               eps, model.beta, model.free_bits, early_stopping,
+                               early_stopping_patience, seed, model.device, progress_bar)
+    model.train_indices, model.validation_indices = train_idx, val_idx
+    return model
+
+
+def _resolve(device):
+    from .model import resolve_device
+
+    return resolve_device(device)
+
+
+def _fine_tune(
+    module: VAE, data: CellData, masks: dict[str, torch.Tensor], train_idx: np.ndarray,
+    val_idx: np.ndarray, max_epochs: int, batch_size: int, lr: float, eps: float, beta: float,
+    free_bits: float, early_stopping: bool, patience: int, seed: int, device: torch.device,
+    progress_bar: bool,
+) -> pd.DataFrame:
+    """Train only the masked-in entries of the new parameters; return the history."""
+    module.to(device)
+    params = dict(module.named_parameters())
+    for p in module.parameters():
+        p.requires_grad_(False)
+    trainable, hooks = [], []
+    for name, mask in masks.items():
+        p = params[name]
+        p.requires_grad_(True)
+        m = mask.to(device)
+        hooks.append(p.register_hook(lambda g, m=m: g * m))
+        trainable.append(p)
+    # No weight decay: it would shrink the frozen reference entries despite the zero gradient.
+    optim = torch.optim.Adam(trainable, lr=lr, eps=eps, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rows, best, best_state, since_best = [], -math.inf, None, 0
+    epochs = range(max_epochs)
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(epochs, desc="Query", unit="epoch")
+        epochs = bar
+    try:
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            _query_train_mode(module)
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            for b in data.batches(train_idx, batch_size, shuffle=True, generator=gen,
+                                  device=device):
+                terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+                loss = module.loss(terms, beta=beta, free_bits=free_bits)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).double()
+            log_px, kl = (sums / len(train_idx)).tolist()
+            row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
+                   "train_reconstruction": -log_px, "train_kl": kl}
+            if len(val_idx):
+                row.update({f"validation_{k}": v for k, v in
+                            evaluate(module, data, val_idx, batch_size, device).items()})
+            else:
+                row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
+                           validation_kl=math.nan)
+            row["lr"], row["seconds"] = lr, time.perf_counter() - t0
+            rows.append(row)
+            if not math.isfinite(row["train_elbo"]):
+                raise FloatingPointError(
+                    f"Query fine-tuning diverged at epoch {epoch + 1}; try a lower lr.")
+            if bar is not None:
+                bar.set_postfix(elbo=f"{row['train_elbo']:.1f}", val=f"{row['validation_elbo']:.1f}")
+            monitor = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
+            if monitor > best:
+                best, since_best = monitor, 0
+                best_state = {n: params[n].detach().clone() for n in masks}
+            else:
+                since_best += 1
+            if early_stopping and since_best >= patience:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    if early_stopping and best_state is not None:
+        with torch.no_grad():
+            for n, t in best_state.items():
+                params[n].copy_(t)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    module.eval()
+    return pd.DataFrame(rows)

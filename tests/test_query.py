@@ -1,0 +1,133 @@
+"""Reference mapping (SCVAE.load_query): architecture surgery, frozen reference, label transfer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+import scvae_tools as svt
+
+N_LATENT = 6
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Three batches with a strong batch effect; batch2 is held out as the query."""
+    adata = svt.datasets.synthetic_counts(n_cells=600, n_genes=150, n_types=4, n_batches=3,
+                                          batch_effect=0.8, seed=3)
+    query_mask = (adata.obs["batch"] == "batch2").to_numpy()
+    return adata[~query_mask].copy(), adata[query_mask].copy()
+
+
+@pytest.fixture(scope="module")
+def reference(split, tmp_path_factory):
+    ref_adata, _ = split
+    model = svt.SCVAE(ref_adata, batch_key="batch", n_latent=N_LATENT, dispersion="gene-batch")
+    model.train(max_epochs=40, batch_size=64, progress_bar=False, seed=0)
+    path = tmp_path_factory.mktemp("ref") / "model"
+    model.save(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def query_model(split, reference):
+    _, query_adata = split
+    return svt.SCVAE.load_query(reference[1], query_adata, max_epochs=40, batch_size=64,
+                                progress_bar=False)
+
+
+def test_surgery_adds_the_new_batch_and_keeps_reference_cells_fixed(split, reference, query_model):
+    ref_adata, _ = split
+    ref_model, _ = reference
+    assert query_model.spec.batch_categories == ["batch0", "batch1", "batch2"]
+    assert query_model.module_config.n_batch == 3
+    assert query_model.query_info["new_categories"] == {"batch": ["batch2"]}
+    # Every reference weight is unchanged; only the new batch's input columns moved.
+    n_genes = ref_model.spec.n_genes
+    ref_sd, q_sd = ref_model.module.state_dict(), query_model.module.state_dict()
+    for name, old in ref_sd.items():
+        new = q_sd[name].cpu()
+        if name == "encoder.body.0.weight":
+            assert torch.equal(new[:, : n_genes + 2], old.cpu())
+            assert not torch.allclose(new[:, n_genes + 2], old[:, n_genes:].mean(1).cpu())
+        elif name == "decoder.body.0.weight":
+            assert torch.equal(new[:, : N_LATENT + 2], old.cpu())
+        elif name == "log_theta":
+            assert torch.equal(new[:, :2], old.cpu())
+        else:
+            assert torch.equal(new, old.cpu()), name
+    # Hence reference cells keep exactly their latent coordinates in the query model.
+    np.testing.assert_allclose(query_model.get_latent_representation(ref_adata),
+                               ref_model.get_latent_representation(ref_adata), atol=1e-5)
+
+
+def test_query_cells_map_next_to_their_type(split, reference, query_model):
+    ref_adata, query_adata = split
+    ref_model, _ = reference
+    knn = KNeighborsClassifier(n_neighbors=15).fit(
+        ref_model.get_latent_representation(ref_adata), ref_adata.obs["cell_type"].astype(str))
+    pred = knn.predict(query_model.get_latent_representation(query_adata))
+    accuracy = float(np.mean(pred == query_adata.obs["cell_type"].astype(str).to_numpy()))
+    assert accuracy >= 0.9, accuracy
+
+
+def test_fine_tuning_improves_the_query_fit(split, reference, query_model):
+    _, query_adata = split
+    start = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=0, progress_bar=False)
+    assert start.history.empty
+    assert query_model.get_elbo() > start.get_elbo() + 1.0
+    assert len(query_model.history) > 0
+    assert query_model.history["validation_elbo"].notna().all()
+
+
+def test_query_model_saves_and_reloads(split, query_model, tmp_path):
+    _, query_adata = split
+    query_model.save(tmp_path / "q")
+    again = svt.SCVAE.load(tmp_path / "q", query_adata)
+    np.testing.assert_allclose(again.get_latent_representation(),
+                               query_model.get_latent_representation(), atol=1e-5)
+
+
+def test_known_batches_only_need_no_fine_tuning(split, reference):
+    ref_adata, _ = split
+    ref_model, path = reference
+    same = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
+    model = svt.SCVAE.load_query(path, same, progress_bar=False)
+    assert model.history.empty and model.query_info["new_categories"] == {}
+    np.testing.assert_allclose(model.get_latent_representation(),
+                               ref_model.get_latent_representation(same), atol=1e-5)
+
+
+def test_single_batch_reference_gets_a_zero_frozen_column(tmp_path):
+    adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=60, n_types=2, n_batches=2, seed=0)
+    ref_adata = adata[adata.obs["batch"] == "batch0"].copy()
+    ref = svt.SCVAE(ref_adata, batch_key="batch", n_latent=3)
+    ref.train(max_epochs=3, progress_bar=False)
+    ref.save(tmp_path / "ref")
+    q = svt.SCVAE.load_query(tmp_path / "ref", adata[adata.obs["batch"] == "batch1"].copy(),
+                             max_epochs=3, progress_bar=False)
+    w = q.module.encoder.body[0].weight.detach().cpu()
+    assert torch.all(w[:, 60] == 0)  # the reference batch's column: frozen at zero
+    assert torch.any(w[:, 61] != 0)  # the new batch's column: trained
+    np.testing.assert_allclose(q.get_latent_representation(ref_adata),
+                               ref.get_latent_representation(ref_adata), atol=1e-5)
+
+
+def test_bad_input_is_explained(split, tmp_path):
+    ref_adata, query_adata = split
+    plain = svt.SCVAE(ref_adata, n_latent=3)
+    plain.train(max_epochs=2, progress_bar=False)
+    plain.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="without batch_key"):
+        svt.SCVAE.load_query(tmp_path / "plain", query_adata)
+    batched = svt.SCVAE(ref_adata, batch_key="batch", n_latent=3)
+    batched.train(max_epochs=2, progress_bar=False)
+    batched.save(tmp_path / "batched")
+    no_col = query_adata.copy()
+    del no_col.obs["batch"]
+    with pytest.raises(KeyError, match="batch"):
+        svt.SCVAE.load_query(tmp_path / "batched", no_col)
+    with pytest.raises(ValueError, match="genes"):
+        svt.SCVAE.load_query(tmp_path / "batched", query_adata[:, :50].copy())
