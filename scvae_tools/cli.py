@@ -1,13 +1,19 @@
 """Command line: ``scvae-tools fit IN.h5ad -o OUT.h5ad`` and ``scvae-tools demo``.
 
-Also runs as ``python -m scvae_tools.cli`` (e.g. under ``torchrun``).
+Also runs as ``python -m scvae_tools.cli``, e.g. under ``torchrun`` for distributed
+data-parallel training (``torchrun --nproc-per-node 2 -m scvae_tools.cli fit IN.h5ad -o
+OUT.h5ad``): DDP is used automatically when torchrun started the process, and only
+rank 0 writes the output and the saved model.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from .distributed import is_main_process
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,18 +42,38 @@ def _fit(adata, args):
                   n_hidden=args.n_hidden, n_layers=args.n_layers, likelihood=args.likelihood,
                   dispersion=args.dispersion, beta=args.beta)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                device=args.device, progress_bar=not args.quiet)
+                device=args.device, progress_bar=not args.quiet,
+                strategy=_strategy(getattr(args, "strategy", "none")))
+    if not is_main_process():  # DDP: rank 0 alone computes and writes the results
+        return model
     model.write_to_adata(adata, layers=not args.no_layers)
     if args.save_model:
         model.save(args.save_model, overwrite=True)
     return model
 
 
+def _strategy(choice: str) -> str | None:
+    """``--strategy`` → ``SCVAE.train(strategy=)``; ``auto`` picks DDP under torchrun."""
+    from .distributed import launched_by_torchrun
+
+    if choice == "auto":
+        multi = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return "ddp" if multi else None
+    return None if choice == "none" else choice
+
+
 def cmd_fit(args) -> int:
     import anndata as ad
 
-    adata = ad.read_h5ad(args.input)
+    if args.backed:  # out of core: X stays on disk; anndata copies it into the output
+        from .backed import read_backed
+
+        adata = read_backed(args.input)
+    else:
+        adata = ad.read_h5ad(args.input)
     model = _fit(adata, args)
+    if not is_main_process():
+        return 0
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(args.output)
     h = model.history.iloc[-1]
@@ -96,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("input", help="input .h5ad with raw counts")
     fit.add_argument("-o", "--output", required=True, help="output .h5ad")
     _add_model_args(fit)
+    fit.add_argument("--backed", action="store_true",
+                     help="stream the counts from disk (out of core; X must be CSR or dense); "
+                          "combine with --no-layers for large data")
+    fit.add_argument("--strategy", choices=["auto", "none", "ddp"], default="auto",
+                     help="ddp: distributed data parallel (under torchrun); auto: ddp when "
+                          "launched by torchrun with more than one process")
     fit.set_defaults(func=cmd_fit)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")
     demo.add_argument("-o", "--output", default="demo_out", help="output folder")

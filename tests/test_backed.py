@@ -1,0 +1,183 @@
+"""Out-of-core training: BackedCellData streams an .h5ad and matches the in-memory CellData."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae_tools as svt
+from scvae_tools.adapter import CellData, DataSpec
+from scvae_tools.backed import BackedCellData, is_backed, make_cell_data, read_backed
+
+
+@pytest.fixture
+def h5ad_path(synthetic, tmp_path):
+    path = tmp_path / "synthetic.h5ad"
+    synthetic.write_h5ad(path)
+    return path
+
+
+def _spec(adata, **kw):
+    return DataSpec.from_anndata(adata, **kw)
+
+
+def test_backed_arrays_match_in_memory(synthetic, h5ad_path):
+    spec = _spec(synthetic, batch_key="batch", categorical_covariate_keys=["cell_type"])
+    mem = CellData(synthetic, spec)
+    for source in (h5ad_path, str(h5ad_path), read_backed(h5ad_path)):
+        bk = BackedCellData(source, spec)
+        assert bk.n_obs == mem.n_obs
+        assert list(bk.obs_names) == list(mem.obs_names)
+        np.testing.assert_allclose(bk.library, mem.library)
+        np.testing.assert_array_equal(bk.batch_index, mem.batch_index)
+        np.testing.assert_array_equal(bk.cat_covs, mem.cat_covs)
+
+
+def test_unshuffled_batches_follow_indices(synthetic, h5ad_path):
+    bk = BackedCellData(h5ad_path, _spec(synthetic), chunk_size=32, buffer_chunks=2)
+    dense = synthetic.X.toarray()
+    order = np.random.default_rng(0).permutation(synthetic.n_obs)[:250]  # unsorted on purpose
+    got = list(bk.batches(order, batch_size=64))
+    assert [len(b.index) for b in got] == [64, 64, 64, 58]
+    idx = np.concatenate([b.index.numpy() for b in got])
+    np.testing.assert_array_equal(idx, order)
+    x = np.concatenate([b.x.numpy() for b in got])
+    np.testing.assert_array_equal(x, dense[order])
+    lib = np.concatenate([b.library.numpy()[:, 0] for b in got])
+    np.testing.assert_allclose(lib, dense[order].sum(1))
+
+
+def test_shuffled_epoch_sees_each_cell_once_chunk_locally(synthetic, h5ad_path):
+    bk = BackedCellData(h5ad_path, _spec(synthetic), chunk_size=50, buffer_chunks=2)
+    dense = synthetic.X.toarray()
+    train = np.sort(np.random.default_rng(1).choice(synthetic.n_obs, 541, replace=False))
+    gen = torch.Generator().manual_seed(0)
+    orders = []
+    for _ in range(2):
+        batches = list(bk.batches(train, batch_size=60, shuffle=True, generator=gen,
+                                  drop_singleton=True))
+        # 541 = 9·60 + 1: the trailing single cell is merged into the last batch.
+        assert [len(b.index) for b in batches] == [60] * 8 + [61]
+        idx = np.concatenate([b.index.numpy() for b in batches])
+        np.testing.assert_array_equal(np.sort(idx), train)  # every cell exactly once
+        np.testing.assert_array_equal(np.concatenate([b.x.numpy() for b in batches]), dense[idx])
+        orders.append(idx)
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled each epoch
+    # Chunk-local: the sorted cells form chunks of 50; the order visits them two chunks (one
+    # buffer) at a time, so each pair of chunks fills a contiguous stretch of the order.
+    chunk_ids = np.searchsorted(train, orders[0]) // 50
+    first_pos = {c: int(np.flatnonzero(chunk_ids == c)[0]) for c in np.unique(chunk_ids)}
+    by_first = sorted(first_pos, key=first_pos.get)
+    start = 0
+    for pair in (by_first[i:i + 2] for i in range(0, len(by_first), 2)):
+        size = int(np.isin(chunk_ids, pair).sum())
+        assert set(chunk_ids[start:start + size]) == set(pair)
+        start += size
+    # Same generator state → same order (what DDP ranks rely on).
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    np.testing.assert_array_equal(bk.epoch_order(train, g1), bk.epoch_order(train, g2))
+
+
+def test_genes_matched_by_name(synthetic, tmp_path):
+    spec = _spec(synthetic)
+    shuffled = synthetic[:, np.random.default_rng(0).permutation(synthetic.n_vars)].copy()
+    extra = ad.AnnData(sp.csr_matrix(np.ones((synthetic.n_obs, 1), dtype=np.float32)),
+                       obs=synthetic.obs, var=shuffled.var.iloc[:0].reindex(["extra_gene"]))
+    wider = ad.concat([shuffled, extra], axis=1, merge="same")
+    wider.obs = synthetic.obs.copy()
+    path = tmp_path / "wider.h5ad"
+    wider.write_h5ad(path)
+    bk = BackedCellData(path, spec)
+    b = next(iter(bk.batches(np.arange(10), batch_size=10)))
+    np.testing.assert_array_equal(b.x.numpy(), synthetic.X[:10].toarray())
+    np.testing.assert_allclose(bk.library, np.asarray(synthetic.X.sum(1)).ravel())
+    missing = synthetic[:, :-3].copy()
+    mpath = tmp_path / "missing.h5ad"
+    missing.write_h5ad(mpath)
+    with pytest.raises(ValueError, match="lacks 3 of the model's"):
+        BackedCellData(mpath, spec)
+
+
+def test_validation_is_chunked_and_clear(synthetic, tmp_path):
+    spec = _spec(synthetic)
+    bad = synthetic.copy()
+    bad.X = bad.X.copy()
+    bad.X.data[-1] = 0.5  # last cell: found by the streaming pass
+    path = tmp_path / "bad.h5ad"
+    bad.write_h5ad(path)
+    with pytest.raises(ValueError, match="non-integer"):
+        BackedCellData(path, spec, chunk_size=16)
+    neg = synthetic.copy()
+    neg.X = neg.X.copy()
+    neg.X.data[3] = -1
+    neg.write_h5ad(path)
+    with pytest.raises(ValueError, match="negative"):
+        BackedCellData(path, spec)
+    empty = synthetic.copy()
+    X = empty.X.copy()
+    X.data[X.indptr[7]:X.indptr[8]] = 0
+    X.eliminate_zeros()
+    empty.X = X
+    empty.write_h5ad(path)
+    with pytest.raises(ValueError, match="zero total counts.*7"):
+        BackedCellData(path, spec)
+    csc = synthetic.copy()
+    csc.X = csc.X.tocsc()
+    csc.write_h5ad(path)
+    with pytest.raises(ValueError, match="CSR"):
+        BackedCellData(path, spec)
+    with pytest.raises(FileNotFoundError):
+        svt.SCVAE(tmp_path / "nope.h5ad")
+    with pytest.raises(ValueError, match="backed='r'"):
+        BackedCellData(synthetic, spec)
+
+
+def test_dense_on_disk(synthetic, tmp_path):
+    dense = synthetic.copy()
+    dense.X = dense.X.toarray()
+    path = tmp_path / "dense.h5ad"
+    dense.write_h5ad(path)
+    bk = BackedCellData(path, _spec(synthetic))
+    b = next(iter(bk.batches(np.array([5, 2, 9]), batch_size=3)))
+    np.testing.assert_array_equal(b.x.numpy(), dense.X[[5, 2, 9]])
+
+
+def test_scvae_trains_out_of_core_like_in_memory(synthetic, h5ad_path):
+    """Backed training reaches the in-memory model's held-out ELBO; inference works in chunks."""
+    kw = dict(max_epochs=25, batch_size=64, seed=0, progress_bar=False, device="cpu")
+    mem = svt.SCVAE(synthetic, n_latent=5, batch_key="batch").train(**kw)
+    backed = read_backed(h5ad_path)
+    model = svt.SCVAE(backed, n_latent=5, batch_key="batch")
+    assert isinstance(model._data, BackedCellData) and is_backed(backed)
+    model._data.chunk_size = 64  # several chunks even for 600 cells
+    model.train(**kw)
+    np.testing.assert_array_equal(model.validation_indices, mem.validation_indices)
+    e_mem = mem.get_elbo(indices=mem.validation_indices)
+    e_bk = model.get_elbo(indices=model.validation_indices)
+    assert abs(e_bk - e_mem) / abs(e_mem) < 0.02, (e_bk, e_mem)
+    # Inference on backed data equals inference on the same cells in memory.
+    lat_b = model.get_latent_representation()
+    lat_m = model.get_latent_representation(synthetic)
+    np.testing.assert_allclose(lat_b, lat_m, rtol=1e-4, atol=1e-5)
+    # write_to_adata into the backed AnnData (latent + uns), then save it to a new file.
+    model.write_to_adata(backed, layers=False)
+    assert backed.obsm["X_scvae"].shape == (synthetic.n_obs, 5)
+    out = h5ad_path.with_name("out.h5ad")
+    backed.write_h5ad(out)
+    back = ad.read_h5ad(out)
+    np.testing.assert_allclose(back.obsm["X_scvae"], lat_m, rtol=1e-4, atol=1e-5)
+    assert (back.X != synthetic.X).nnz == 0
+    with pytest.raises(ValueError, match="not a path"):
+        model.write_to_adata(str(h5ad_path))
+
+
+def test_scvae_accepts_path_and_make_cell_data(synthetic, h5ad_path):
+    model = svt.SCVAE(h5ad_path, n_latent=3)
+    assert isinstance(model._data, BackedCellData)
+    assert isinstance(make_cell_data(synthetic, model.spec), CellData)
+    model.train(max_epochs=2, batch_size=128, progress_bar=False, device="cpu")
+    assert model.get_latent_representation(h5ad_path).shape == (synthetic.n_obs, 3)
+    assert np.isfinite(model.get_elbo(h5ad_path))
