@@ -30,6 +30,10 @@ DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 # "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
 # (weights, means, variances trained with the ELBO); its KL is a Monte-Carlo estimate.
 PRIORS = ("normal", "mog")
+# The mixture's parameters are stored divided by this factor: Adam's step size is
+# scale-free, so the prior then moves this many times faster than the networks' weights and
+# can follow the aggregated posterior within a short training run.
+_PRIOR_PARAM_SCALE = 10.0
 
 
 @dataclass
@@ -157,15 +161,16 @@ class VAE(nn.Module):
         if cfg.prior == "mog":
             k = cfg.n_prior_components
             # Start near N(0, I): unit variances, means spread a little so components differ.
-            self.prior_means = nn.Parameter(torch.randn(k, cfg.n_latent) * 0.5)
+            self.prior_means = nn.Parameter(torch.randn(k, cfg.n_latent) * 0.5 / _PRIOR_PARAM_SCALE)
             self.prior_log_var = nn.Parameter(torch.zeros(k, cfg.n_latent))
             self.prior_logits = nn.Parameter(torch.zeros(k))
 
     # ------------------------------------------------------------------ prior
     def _mog_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The clamp keeps a component from shrinking to a spike (KL → ∞) or blowing up.
-        log_var = self.prior_log_var.clamp(-6.0, 4.0)
-        return self.prior_means, log_var, torch.log_softmax(self.prior_logits, 0)
+        c = _PRIOR_PARAM_SCALE
+        log_var = (c * self.prior_log_var).clamp(-6.0, 4.0)
+        return c * self.prior_means, log_var, torch.log_softmax(c * self.prior_logits, 0)
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z) summed over latent dimensions, shape ``z.shape[:-1]``."""

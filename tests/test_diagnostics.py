@@ -244,11 +244,13 @@ def test_learned_prior_closes_holes_on_pbmc3k(pbmc3k_hvg):
     pca = PCA(20, random_state=0).fit(real)
     nn_ = NearestNeighbors(n_neighbors=1).fit(pca.transform(real))
     dist = {}
-    for source in ("prior", "aggregated"):
-        gen = normal.sample(500, source=source, seed=0)
-        dist[source] = float(np.median(nn_.kneighbors(pca.transform(embed(gen.X)))[0]))
+    for name, model, source in (("prior", normal, "prior"), ("aggregated", normal, "aggregated"),
+                                ("mog prior", mog, "prior")):
+        gen = model.sample(500, source=source, seed=0)
+        dist[name] = float(np.median(nn_.kneighbors(pca.transform(embed(gen.X)))[0]))
     print("median distance to the nearest real cell:", dist)
     assert dist["aggregated"] < dist["prior"]
+    assert dist["mog prior"] < dist["prior"]  # the learned prior samples where cells are
 
 
 # ---------------------------------------------------------------------- 6. disentanglement
