@@ -192,6 +192,15 @@ class BackedCellData:
                 "Continuous covariates contain NaN or inf; fill or drop those cells first."
             )
 
+    @property
+    def X(self):
+        """Not available: the counts stay on disk (use :meth:`read_rows` or :meth:`batches`)."""
+        raise ValueError(
+            "This operation needs the whole count matrix in memory, but the AnnData is backed "
+            "(out of core). Pass an in-memory AnnData instead, e.g. adata[idx].to_memory() "
+            "for a subset of cells."
+        )
+
     # ------------------------------------------------------------------ file access
     def _file(self) -> h5py.File:
         """The open HDF5 file; reopened in a forked / spawned process (handles don't survive)."""

@@ -3,7 +3,8 @@
 Trains ``SCVAE(...).train(strategy="ddp")`` on an .h5ad (in memory, or backed with
 ``--backed``) and records, per rank and epoch, which training cells the sampler gave this
 rank (by wrapping :func:`scvae_tools.distributed.shard_batches`, the function the trainer
-calls once per epoch). Rank ``r`` writes ``OUT/seen_rank{r}.npz``; rank 0 also writes
+calls once per epoch). Rank ``r`` writes ``OUT/seen_rank{r}.npz`` and its final weights
+``OUT/params_rank{r}.npy``; rank 0 also writes
 ``OUT/result.json`` (held-out ELBO, history, split).
 """
 
@@ -51,6 +52,9 @@ def main() -> None:
                 progress_bar=False, device="cpu", strategy="ddp")
     rank = int(os.environ["RANK"])
     np.savez(out / f"seen_rank{rank}.npz", *seen)
+    # DDP keeps the replicas identical: the test compares these across ranks.
+    params = torch.cat([p.detach().flatten() for p in model.module.parameters()]).numpy()
+    np.save(out / f"params_rank{rank}.npy", params)
     if rank == 0:
         result = {
             "world_size": int(os.environ["WORLD_SIZE"]),
