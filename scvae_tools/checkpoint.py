@@ -205,7 +205,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:  # list[str], str | None, ...
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", None) or str(tp)
 
 
 def build_dataclass(cls: type, data: Any, section: str, source: str):
@@ -230,9 +232,11 @@ def build_dataclass(cls: type, data: Any, section: str, source: str):
     hints = typing.get_type_hints(cls)
     for name, value in data.items():
         tp = hints.get(name, Any)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source}: '{section}.{name}' must be finite, got {value!r}.")
         if not _type_ok(value, tp):
             raise ValueError(
-                f"{prefix}.{name} must be of type {_type_name(tp)}, got {value!r} "
+                f"{source}: '{section}.{name}' must be of type {_type_name(tp)}, got {value!r} "
                 f"({type(value).__name__})."
             )
     try:

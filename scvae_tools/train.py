@@ -156,10 +156,7 @@ def train_module(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     module.to(device).train()
-    optim = torch.optim.Adam(
-        module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
+    optim = _adam(module, cfg, device)
     loop = _LoopState()
     if checkpoint is not None and checkpoint.resume:
         _resume(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx, device)
@@ -241,6 +238,22 @@ def train_module(
     return pd.DataFrame(loop.rows)
 
 
+def _adam(module: VAE, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel where torch has one for the device (CPU and CUDA).
+
+    The optimiser step touches every weight each step; on a CPU the fused kernel is several
+    times faster than the default multi-tensor one, and for this model that step costs as
+    much as the forward pass.
+    """
+    kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "eps": cfg.eps}
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(module.parameters(), fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # older torch without a fused kernel for this device
+            pass
+    return torch.optim.Adam(module.parameters(), **kwargs)
+
+
 # ---------------------------------------------------------------------- loop helpers
 # Divergence handling and checkpointing, kept out of the step so the hot loop stays small.
 @dataclass
@@ -302,11 +315,19 @@ def _row_finite(row: dict, has_validation: bool) -> bool:
     return bool(row) and all(math.isfinite(row[k]) for k in keys)
 
 
+def _clone_tree(obj):
+    """Copy of nested dicts/lists/tuples with every tensor cloned (cheaper than deepcopy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_tree(v) for v in obj)
+    return obj
+
+
 def _snapshot(module: VAE, optim: torch.optim.Optimizer) -> dict:
-    return {
-        "module": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "optim": copy.deepcopy(optim.state_dict()),
-    }
+    return {"module": _clone_tree(module.state_dict()), "optim": _clone_tree(optim.state_dict())}
 
 
 def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _LoopState,
@@ -316,7 +337,7 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
     lr = optim.param_groups[0]["lr"]
     module.load_state_dict(good["module"])
     # A copy: the optimiser keeps references to the tensors it is given and updates them.
-    optim.load_state_dict(copy.deepcopy(good["optim"]))
+    optim.load_state_dict(_clone_tree(good["optim"]))
     if loop.rollbacks >= cfg.max_rollbacks:
         raise FloatingPointError(
             f"Training diverged: NaN/inf loss or gradient at {where}, after {loop.rollbacks} "

@@ -1,0 +1,306 @@
+"""Interrupted training loses nothing; diverging training is rolled back; seeds reproduce.
+
+Checkpoints: ``train(checkpoint_dir=..., checkpoint_every=..., resume=True)``; a subprocess
+killed with SIGKILL mid-training is resumed to the same model as an uninterrupted run.
+Divergence: a NaN/inf loss or gradient is caught at its step, the run rolls back to the last
+good epoch with a lower learning rate, or stops with a clear error; nothing diverged is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import scvae_tools as svt
+from scvae_tools import checkpoint as ck
+from scvae_tools import train as train_mod
+from scvae_tools.module import VAE
+
+MODEL = dict(n_latent=3, n_hidden=16)
+TRAIN = dict(max_epochs=6, batch_size=32, kl_warmup_epochs=2, seed=3, progress_bar=False)
+HISTORY_COLS = ["epoch", "beta", "train_elbo", "train_reconstruction", "train_kl",
+                "validation_elbo", "validation_reconstruction", "validation_kl", "lr"]
+
+
+def _single_thread():
+    # These models are tiny: a second thread only adds synchronisation, and on a loaded
+    # 2-core machine OpenMP spin-waiting makes each step ~20x slower. Bit-identity also
+    # needs one fixed thread count for the module-scoped reference and the tests.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_one_thread_module = pytest.fixture(scope="module", autouse=True)(_single_thread)
+_one_thread = pytest.fixture(autouse=True)(_single_thread)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return svt.datasets.synthetic_counts(n_cells=150, n_genes=30, n_types=3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(small):
+    """An uninterrupted run without checkpoints."""
+    return svt.SCVAE(small, **MODEL).train(**TRAIN)
+
+
+def _same_history(a, b) -> None:
+    assert a["epoch"].tolist() == b["epoch"].tolist()
+    np.testing.assert_allclose(a[HISTORY_COLS].to_numpy(float), b[HISTORY_COLS].to_numpy(float),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- reproducibility
+def test_same_seed_gives_bit_identical_latent_on_cpu(small, reference):
+    again = svt.SCVAE(small, **MODEL).train(**TRAIN)
+    z1, z2 = reference.get_latent_representation(), again.get_latent_representation()
+    assert np.array_equal(z1, z2)
+    other = svt.SCVAE(small, **MODEL).train(**{**TRAIN, "seed": 4})
+    assert not np.allclose(z1, other.get_latent_representation())
+
+
+def test_seed_and_versions_are_recorded(small, reference, tmp_path):
+    adata = small.copy()
+    reference.write_to_adata(adata, layers=False)
+    rec = adata.uns["scvae"]
+    assert rec["seed"] == TRAIN["seed"] and rec["train"]["seed"] == TRAIN["seed"]
+    for pkg in ("python", "scvae_tools", "torch", "numpy", "anndata"):
+        assert isinstance(rec["versions"][pkg], str) and rec["versions"][pkg]
+    assert rec["versions"]["torch"] == str(torch.__version__)
+    adata.write_h5ad(tmp_path / "out.h5ad")  # h5ad-writable (plain strings, no TorchVersion)
+    reference.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["seed"] == TRAIN["seed"] and config["versions"] == rec["versions"]
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_checkpoint_resume_in_process_matches_uninterrupted(small, reference, tmp_path):
+    first = svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3},
+                                             checkpoint_dir=tmp_path, checkpoint_every=1)
+    # A run stopped at epoch 3 of 6 (same kl warm-up, so the settings agree except max_epochs).
+    assert len(first.history) == 3
+    state = ck.load_checkpoint(tmp_path / ck.CHECKPOINT_FILE)
+    assert state["epoch"] == 3 and len(state["rows"]) == 3
+    resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    _same_history(resumed.history, reference.history)
+    np.testing.assert_allclose(resumed.get_latent_representation(),
+                               reference.get_latent_representation(), atol=1e-5)
+    # Resuming a finished run trains nothing more and returns the same model.
+    again = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    np.testing.assert_array_equal(again.get_latent_representation(),
+                                  resumed.get_latent_representation())
+
+
+def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
+    saved: list[int] = []
+    real = ck.save_checkpoint
+    monkeypatch.setattr(ck, "save_checkpoint", lambda p, s: (saved.append(s["epoch"]), real(p, s)))
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 7}, early_stopping=False,
+                                     checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert saved == [3, 6, 7]  # every 3 epochs, and after the last one
+    assert [p.name for p in tmp_path.iterdir()] == [ck.CHECKPOINT_FILE]  # no temp files left
+
+
+def test_resume_refuses_other_settings_or_model(small, tmp_path):
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"other training settings \(lr: 0.001 → 0.01\).*resume=False"):
+        svt.SCVAE(small, **MODEL).train(**TRAIN, lr=1e-2, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="different model"):
+        svt.SCVAE(small, n_latent=4, n_hidden=16).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                        resume=True)
+    with pytest.raises(ValueError, match="another train/validation split"):
+        svt.SCVAE(small, **MODEL).train(**TRAIN, train_size=0.8, checkpoint_dir=tmp_path,
+                                        resume=True)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        svt.SCVAE(small, **MODEL).train(**TRAIN, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):
+        svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, checkpoint_every=0)
+
+
+def test_resume_without_checkpoint_starts_afresh(small, reference, tmp_path):
+    model = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path / "new", resume=True)
+    _same_history(model.history, reference.history)
+    assert (tmp_path / "new" / ck.CHECKPOINT_FILE).exists()
+
+
+def test_crash_mid_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / ck.CHECKPOINT_FILE
+    ck.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def torn_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space"):
+        ck.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = ck.load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == [ck.CHECKPOINT_FILE]
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    import scvae_tools as svt
+    import scvae_tools.checkpoint as ck
+    from scvae_tools.module import VAE
+
+    torch.set_num_threads(int(sys.argv[2]))
+    real_save, real_loss = ck.save_checkpoint, VAE.loss
+
+    def save(path, state):
+        real_save(path, state)
+        print("saved", state["epoch"], flush=True)
+
+    def slow_loss(self, *args, **kwargs):  # keep each epoch long enough to be killed inside
+        time.sleep(0.02)
+        return real_loss(self, *args, **kwargs)
+
+    ck.save_checkpoint, VAE.loss = save, slow_loss
+    adata = svt.datasets.synthetic_counts(n_cells=150, n_genes=30, n_types=3, seed=1)
+    svt.SCVAE(adata, **MODEL).train(**TRAIN, checkpoint_dir=sys.argv[1], checkpoint_every=1)
+    print("finished", flush=True)
+""")
+
+
+def test_sigkill_mid_training_then_resume(small, reference, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(f"MODEL = {MODEL!r}\nTRAIN = {TRAIN!r}\n" + _CHILD)
+    ckdir = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(ckdir), str(torch.get_num_threads())],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.strip() == "saved 3":  # epoch 4 is now running: kill it mid-epoch
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, lines
+    state = ck.load_checkpoint(ckdir / ck.CHECKPOINT_FILE)
+    assert 3 <= state["epoch"] < TRAIN["max_epochs"]  # really interrupted
+    resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=ckdir, checkpoint_every=1,
+                                              resume=True)
+    assert resumed.history["epoch"].tolist() == list(range(1, TRAIN["max_epochs"] + 1))
+    _same_history(resumed.history, reference.history)
+    np.testing.assert_allclose(resumed.get_latent_representation(),
+                               reference.get_latent_representation(), atol=1e-4)
+    torch.manual_seed(0)
+    elbo_resumed = resumed.get_elbo()
+    torch.manual_seed(0)
+    assert elbo_resumed == pytest.approx(reference.get_elbo(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------- divergence
+def _nan_loss_at(calls: set[int] | None, after: int | None = None, grad_only: bool = False):
+    """A VAE.loss that is NaN (or has NaN gradients only) at the given training calls."""
+    real = VAE.loss
+    count = {"n": 0}
+
+    def loss(self, *args, **kwargs):
+        value = real(self, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            return value
+        count["n"] += 1
+        n = count["n"]
+        if (calls is not None and n in calls) or (after is not None and n > after):
+            p = next(self.parameters())
+            if grad_only:  # sqrt'(0) = inf: finite loss, NaN gradients
+                return value + torch.sqrt(p.sum() * 0.0)
+            return value * torch.tensor(float("nan"))
+        return value
+
+    return loss
+
+
+@pytest.mark.parametrize("grad_only", [False, True], ids=["nan-loss", "nan-gradient"])
+def test_transient_nan_rolls_back_with_lower_lr(small, monkeypatch, grad_only):
+    # 135 training cells / 32 per batch = 5 steps per epoch: call 13 is epoch 3, step 3.
+    monkeypatch.setattr(VAE, "loss", _nan_loss_at({13}, grad_only=grad_only))
+    with pytest.warns(RuntimeWarning, match=r"epoch 3, step 3; rolled back to the end of epoch 2"):
+        model = svt.SCVAE(small, **MODEL).train(**TRAIN)
+    h = model.history
+    assert h["epoch"].tolist() == list(range(1, TRAIN["max_epochs"] + 1))
+    assert np.isfinite(h[HISTORY_COLS].to_numpy(float)).all()
+    assert h["lr"].tolist() == [1e-3] * 2 + [2.5e-4] * (TRAIN["max_epochs"] - 2)
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_deferred_device_check_also_rolls_back(small, monkeypatch):
+    """The accelerator path (flag on device, read once per epoch), exercised on the CPU."""
+
+    class Deferred(train_mod._StepGuard):
+        def __init__(self, device, params):
+            super().__init__(device, params)
+            self.immediate = False
+            self.reset()
+
+    monkeypatch.setattr(train_mod, "_StepGuard", Deferred)
+    monkeypatch.setattr(VAE, "loss", _nan_loss_at({13}))
+    with pytest.warns(RuntimeWarning, match=r"epoch 3, step 3; rolled back"):
+        model = svt.SCVAE(small, **MODEL).train(**TRAIN)
+    assert len(model.history) == TRAIN["max_epochs"]
+    assert np.isfinite(model.history["train_elbo"]).all()
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_persistent_divergence_stops_and_keeps_previous_fit(small, monkeypatch):
+    adata = small.copy()
+    model = svt.SCVAE(adata, **MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        monkeypatch.setattr(VAE, "loss", _nan_loss_at(None, after=7))
+        with pytest.raises(FloatingPointError, match=r"diverged.*after 3 rollback\(s\).*lower lr"):
+            model.train(**TRAIN)
+    assert not model.is_trained
+    with pytest.raises(RuntimeError, match="not trained"):
+        model.write_to_adata(adata)
+    assert "X_scvae" not in adata.obsm and "scvae" not in adata.uns
+    # A model fitted before keeps its weights when a later fit diverges.
+    monkeypatch.undo()
+    model.train(**TRAIN)
+    z = model.get_latent_representation()
+    monkeypatch.setattr(VAE, "loss", _nan_loss_at(None, after=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError):
+            model.train(**TRAIN)
+    assert model.is_trained
+    np.testing.assert_array_equal(model.get_latent_representation(), z)
+
+
+def test_write_to_adata_refuses_non_finite_results(small):
+    adata = small.copy()
+    model = svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 2})
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN/inf.*nothing was written"):
+        model.write_to_adata(adata)
+    assert "X_scvae" not in adata.obsm and not adata.layers and "scvae" not in adata.uns
