@@ -105,9 +105,9 @@ def differential_expression(
     data = CellData(adata, model.spec)
     counts = data.X
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    pools: dict[str, torch.Tensor] = {}
+    pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def pool_of(key: str, cells: np.ndarray) -> torch.Tensor:
+    def pool_of(key: str, cells: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in pools:
             pools[key] = _posterior_pool(model, data, cells, gen, batch_correction, batch_size,
                                          max_cells_per_group)
@@ -160,50 +160,74 @@ def _categories(col: pd.Series) -> list[str]:
 def _posterior_pool(
     model: SCVAE, data: CellData, cells: np.ndarray, gen: torch.Generator,
     batch_correction: bool, batch_size: int, max_cells: int,
-) -> torch.Tensor:
-    """Decoded gene proportions ρ for the group's cells, several z draws each: (rows, genes).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded profiles of the group's cells, several z draws each: two (rows, genes) tensors.
 
-    Rows are ordered cell-major, ``n_z`` consecutive rows per cell, so drawing a row uniformly
-    is drawing a cell uniformly and then one of its posterior samples.
+    The first holds gene proportions ρ; the second the variance of the cell's *observed*
+    normalised counts x / ℓ under the likelihood at that z (count noise, which makes an
+    observed group mean uncertain beyond the spread of ρ). Rows are cell-major, ``n_z``
+    consecutive rows per cell, so drawing a row uniformly draws a cell uniformly and then
+    one of its posterior samples.
     """
     if len(cells) > max_cells:
         cells = np.sort(cells[torch.randperm(len(cells), generator=gen)[:max_cells].numpy()])
     n_z = int(min(_MAX_Z_PER_CELL, max(1, math.ceil(_POOL_TARGET / len(cells)))))
     module = model.module
-    out = []
+    likelihood = module.cfg.likelihood
+    scales, variances = [], []
     for b in model._eval_batches(data, batch_size, indices=cells):
         cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
         m, v = module.encode(b.x, cov)
         eps = torch.randn((n_z, *m.shape), generator=gen).to(m.device)
         z = m + v.sqrt() * eps
-        ones = torch.ones_like(b.library)
+        params = module.decode(z, b.library, cov, b.batch_index)
+        mu = params["mu"]
+        if likelihood == "poisson":
+            var = mu
+        elif likelihood == "nb":
+            var = mu + mu.pow(2) / params["theta"]
+        else:  # ZINB: (1 − π)μ(1 + μ(π + 1/θ))
+            pi = torch.sigmoid(params["pi_logits"])
+            var = (1 - pi) * mu * (1 + mu * (pi + 1 / params["theta"]))
+        var = var / b.library.pow(2)
         if batch_correction and module.cfg.n_batch > 1:
             # Average the decoded profile over every known batch: batch-free expression.
+            ones = torch.ones_like(b.library)
             scale = 0
             for k in range(module.cfg.n_batch):
                 bi = torch.full_like(b.batch_index, k)
-                scale = scale + module.decode(z, ones, module.covariates(bi, b.cat_covs, b.cont_covs), bi)["scale"]
+                cov_k = module.covariates(bi, b.cat_covs, b.cont_covs)
+                scale = scale + module.decode(z, ones, cov_k, bi)["scale"]
             scale = scale / module.cfg.n_batch
         else:
-            scale = module.decode(z, ones, cov, b.batch_index)["scale"]
-        out.append(scale.transpose(0, 1).reshape(-1, scale.shape[-1]).float().cpu())
-    return torch.cat(out)
+            scale = params["scale"]
+        g = scale.shape[-1]
+        scales.append(scale.transpose(0, 1).reshape(-1, g).float().cpu())
+        variances.append(var.expand_as(scale).transpose(0, 1).reshape(-1, g).float().cpu())
+    return torch.cat(scales), torch.cat(variances)
 
 
-def _bootstrap_means(pool: torch.Tensor, n_draw: int, n_samples: int, gen: torch.Generator,
-                     chunk: int = 250) -> np.ndarray:
+def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_samples: int,
+                     gen: torch.Generator, chunk: int = 250) -> np.ndarray:
     """Posterior replicates of the group's mean profile: (n_samples, genes), float64.
 
-    Each replicate averages ``n_draw`` rows drawn with replacement from the pool.
+    Each replicate averages ``n_draw`` rows drawn with replacement from the pool (the
+    uncertainty from which cells were observed, and of each cell's z) and adds Gaussian
+    noise with the variance of a mean of ``n_draw`` observed normalised counts (the
+    uncertainty from count noise, which the denoised ρ alone would hide).
     """
-    n_rows = pool.shape[0]
+    scale, var = pool
+    n_rows = scale.shape[0]
     out = []
     for start in range(0, n_samples, chunk):
         k = min(chunk, n_samples - start)
         idx = torch.randint(0, n_rows, (k, n_draw), generator=gen)
         weights = torch.zeros(k, n_rows)
         weights.scatter_add_(1, idx, torch.full((k, n_draw), 1.0 / n_draw))
-        out.append((weights @ pool).double().numpy())
+        mean = (weights @ scale).double()
+        noise_var = (weights @ var).double() / n_draw
+        mean = mean + noise_var.sqrt() * torch.randn(mean.shape, generator=gen, dtype=torch.float64)
+        out.append(mean.clamp_min(0.0).numpy())
     return np.concatenate(out)
 
 

@@ -55,5 +55,13 @@ def pbmc3k_hvg():
     return svt.datasets.pbmc3k(DATA_DIR, hvg_only=True)
 
 
+@pytest.fixture(scope="session")
+def pbmc3k_nb_model(pbmc3k_hvg):
+    """An NB model on pbmc3k HVGs, trained once for the slow DE and PPC checks (~40 epochs)."""
+    model = svt.SCVAE(pbmc3k_hvg, n_latent=10, likelihood="nb")
+    model.train(max_epochs=40, batch_size=256, progress_bar=False, seed=0)
+    return model
+
+
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)

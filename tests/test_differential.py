@@ -1,0 +1,171 @@
+"""Differential expression: scvi-tools-style columns, sign convention, FDR control, scanpy format."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+import scvae_tools as svt
+from scvae_tools.differential import _fdr_calls, posterior_expected_fdr
+
+SCVI_COLUMNS = [
+    "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta",
+    "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2",
+    "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+    "raw_normalized_mean2", "is_de_fdr_0.05", "comparison", "group1", "group2",
+]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    adata = svt.datasets.synthetic_counts(n_cells=600, n_genes=150, n_types=3, seed=0)
+    model = svt.SCVAE(adata, n_latent=5)
+    model.train(max_epochs=40, batch_size=64, progress_bar=False, seed=0)
+    return model, adata
+
+
+def _null_split(adata, cell_type: str, seed: int = 0):
+    """A copy with obs['half'] = A / B for random halves of one type, 'other' elsewhere."""
+    out = adata.copy()
+    idx = np.random.default_rng(seed).permutation(np.flatnonzero(out.obs["cell_type"] == cell_type))
+    half = np.full(out.n_obs, "other", dtype=object)
+    half[idx[: len(idx) // 2]] = "A"
+    half[idx[len(idx) // 2:]] = "B"
+    out.obs["half"] = pd.Categorical(half)
+    return out
+
+
+def test_columns_order_and_sign(fitted):
+    model, adata = fitted
+    before = adata.copy()
+    de = model.differential_expression(adata, "cell_type", "type0", "type1", n_samples=300)
+    assert list(de.columns) == SCVI_COLUMNS
+    assert sorted(de.index) == sorted(adata.var_names) and de.index.is_unique
+    assert np.all(np.diff(de["proba_de"].to_numpy()) <= 0)  # strongest evidence first
+    assert (de["comparison"] == "type0 vs type1").all()
+    np.testing.assert_allclose(de["proba_de"] + de["proba_not_de"], 1.0)
+    assert (de["lfc_min"] <= de["lfc_mean"]).all() and (de["lfc_mean"] <= de["lfc_max"]).all()
+    # Positive LFC = higher in group1, and it agrees with the raw normalised means.
+    emp = np.log2((de["raw_normalized_mean1"] + 0.5) / (de["raw_normalized_mean2"] + 0.5))
+    strong = de["is_de_fdr_0.05"] & (emp.abs() > 1)
+    assert strong.sum() >= 10
+    assert (np.sign(de.loc[strong, "lfc_mean"]) == np.sign(emp[strong])).all()
+    # adata is untouched without key_added.
+    assert list(adata.uns) == list(before.uns) and adata.obs.equals(before.obs)
+
+
+def _true_lfc(group1: str, group2: str) -> pd.Series:
+    """Population log2 fold changes of mean proportions: synthetic_counts' profiles depend only
+    on the seed, so 30,000 fresh cells from the same seed estimate them precisely."""
+    big = svt.datasets.synthetic_counts(n_cells=30000, n_genes=150, n_types=3, seed=0)
+    X = big.X.toarray()
+    X = X / X.sum(1, keepdims=True)
+    t = big.obs["cell_type"].astype(str).to_numpy()
+    return pd.Series(np.log2(X[t == group1].mean(0) / X[t == group2].mean(0)), index=big.var_names)
+
+
+def test_calls_match_the_truth(fitted):
+    model, adata = fitted
+    de = model.differential_expression(adata, "cell_type", "type0", "type1", n_samples=300)
+    true = _true_lfc("type0", "type1").loc[de.index]
+    called = de["is_de_fdr_0.05"].to_numpy()
+    # Nearly every gene that truly changes more than 2-fold is called, in the right direction.
+    big = (true.abs() > 1).to_numpy()
+    assert called[big].mean() >= 0.95
+    assert (np.sign(de["lfc_mean"][called & big]) == np.sign(true[called & big])).all()
+    # Called genes truly change: most by more than delta. The posterior covers which cells
+    # were sampled, their z and count noise, but not the decoder's own bias, so genes with a
+    # true |LFC| just under delta can slip in (see the differential module's docstring).
+    assert (true[called].abs() >= 0.25).mean() >= 0.85
+    assert np.corrcoef(true, de["lfc_mean"])[0, 1] > 0.97
+
+
+def test_null_split_calls_nothing(fitted):
+    model, adata = fitted
+    split = _null_split(adata, "type0")
+    de = model.differential_expression(split, "half", "A", "B", n_samples=300)
+    assert de["is_de_fdr_0.05"].sum() == 0
+    assert de["proba_de"].max() < 0.9
+
+
+def test_fdr_rule():
+    p = np.array([1.0, 0.99, 0.97, 0.9, 0.6, 0.1])
+    np.testing.assert_allclose(posterior_expected_fdr(p)[:3], [0.0, 0.005, 0.04 / 3])
+    # Expected FDR of the top 4 is (0 + .01 + .03 + .1) / 4 = 0.035; of the top 5, 0.108.
+    assert _fdr_calls(p, 0.05).tolist() == [True, True, True, True, False, False]
+    assert _fdr_calls(p, 0.001).tolist() == [True, False, False, False, False, False]
+
+
+def test_one_vs_rest_and_rank_genes_groups_format(fitted, tmp_path):
+    model, adata = fitted
+    adata = adata.copy()
+    de = model.differential_expression(adata, "cell_type", n_samples=200, key_added="scvae_de")
+    assert set(de["comparison"]) == {"type0 vs Rest", "type1 vs Rest", "type2 vs Rest"}
+    assert len(de) == 3 * adata.n_vars
+    uns = adata.uns["scvae_de"]
+    assert uns["params"]["groupby"] == "cell_type" and uns["params"]["reference"] == "rest"
+    assert uns["names"].dtype.names == ("type0", "type1", "type2")
+    for g in ("type0", "type1", "type2"):
+        scores = uns["scores"][g]
+        assert np.all(np.diff(scores) <= 1e-7)  # up in the group first, down last
+        sub = de[de["group1"] == g]
+        top = uns["names"][g][0]
+        assert sub.loc[top, "lfc_mean"] > 0 and sub.loc[top, "proba_de"] > 0.9
+    df = sc.get.rank_genes_groups_df(adata, "type1", key="scvae_de")
+    assert list(df.columns[:5]) == ["names", "scores", "logfoldchanges", "pvals", "pvals_adj"]
+    assert df["pvals_adj"].between(0, 1).all()
+    # scanpy's plots read it, and the AnnData still writes to h5ad.
+    sc.pl.rank_genes_groups(adata, key="scvae_de", n_genes=5, show=False)
+    sc.pl.rank_genes_groups_dotplot(adata, key="scvae_de", n_genes=3, show=False,
+                                    values_to_plot="logfoldchanges", cmap="bwr",
+                                    vmin=-4, vmax=4)
+    adata.write_h5ad(tmp_path / "de.h5ad")
+
+
+def test_vanilla_mode(fitted):
+    model, adata = fitted
+    de = model.differential_expression(adata, "cell_type", "type0", "type2", mode="vanilla",
+                                       n_samples=200)
+    assert {"proba_m1", "proba_m2", "bayes_factor"} <= set(de.columns)
+    assert "proba_de" not in de.columns
+    assert np.all(np.diff(de["bayes_factor"].to_numpy()) <= 0)
+    up = de["proba_m1"] > 0.99
+    assert (de.loc[up, "lfc_mean"] > 0).all()
+
+
+def test_bad_input_is_explained(fitted):
+    model, adata = fitted
+    with pytest.raises(KeyError, match="not a column"):
+        model.differential_expression(adata, "celltype", "type0")
+    with pytest.raises(KeyError, match="type9"):
+        model.differential_expression(adata, "cell_type", "type9")
+    with pytest.raises(ValueError, match="delta"):
+        model.differential_expression(adata, "cell_type", "type0", delta=0)
+    with pytest.raises(ValueError, match="mode"):
+        model.differential_expression(adata, "cell_type", "type0", mode="t-test")
+    with pytest.raises(ValueError, match="differ"):
+        model.differential_expression(adata, "cell_type", "type0", "type0")
+    with pytest.raises(ValueError, match="adata"):
+        model.differential_expression(None, "cell_type", "type0")
+
+
+@pytest.mark.slow
+def test_pbmc3k_markers_and_null_split(pbmc3k_nb_model, pbmc3k_hvg):
+    model = pbmc3k_nb_model
+    de = model.differential_expression(pbmc3k_hvg, "cell_type", "B", "CD14+ Mono")
+    up = de[de["lfc_mean"] > 0].index[:25].tolist()
+    down = de[de["lfc_mean"] < 0].index[:25].tolist()
+    assert {"MS4A1", "CD79A"} <= set(up), up
+    assert {"LYZ", "S100A8"} <= set(down), down
+    assert de.loc[["MS4A1", "CD79A"], "is_de_fdr_0.05"].all()
+    assert de.loc[["LYZ", "S100A8"], "is_de_fdr_0.05"].all()
+    # FDR control: random halves of one cell type differ in no gene.
+    split = _null_split(pbmc3k_hvg, "CD14+ Mono", seed=1)
+    null = model.differential_expression(split, "half", "A", "B")
+    assert null["is_de_fdr_0.05"].sum() == 0, null.head()
