@@ -1,0 +1,358 @@
+"""Bad input, tried systematically.
+
+Each case either works correctly (checked against a reference, not only "it runs") or
+raises one ``ValueError``/``KeyError`` whose message names the problem and the fix: never a
+torch stack trace, never NaN results.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae_tools as svt
+from scvae_tools.adapter import CellData, DataSpec, _as_float32
+
+N_CELLS, N_GENES = 60, 12
+MODEL = dict(n_latent=2, n_hidden=8)
+TRAIN = dict(max_epochs=2, batch_size=16, progress_bar=False, seed=0)
+
+
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: see test_checkpoints.py
+    yield
+    torch.set_num_threads(n)
+
+
+_one_thread_module = pytest.fixture(scope="module", autouse=True)(_single_thread)
+_one_thread = pytest.fixture(autouse=True)(_single_thread)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*latent dimensions are collapsed")
+        warnings.filterwarnings("ignore", message="Posterior collapse")
+        yield
+
+
+def _counts() -> np.ndarray:
+    a = svt.datasets.synthetic_counts(n_cells=N_CELLS, n_genes=N_GENES, n_types=2, seed=5)
+    return a.X.toarray().astype(np.float32)
+
+
+def make(X, batch=None, **obs) -> ad.AnnData:
+    n, g = X.shape
+    adata = ad.AnnData(
+        X=X,
+        obs=pd.DataFrame(index=[f"cell{i}" for i in range(n)]),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(g)]),
+    )
+    if batch is not None:
+        adata.obs["batch"] = batch
+    for k, v in obs.items():
+        adata.obs[k] = v
+    return adata
+
+
+def fit(adata, init=None, **train) -> svt.SCVAE:
+    return svt.SCVAE(adata, **MODEL, **(init or {})).train(**{**TRAIN, **train})
+
+
+def finite_results(model, adata=None) -> np.ndarray:
+    z = model.get_latent_representation(adata)
+    assert np.isfinite(z).all()
+    assert np.isfinite(model.get_normalized_expression(adata)).all()
+    assert np.isfinite(model.history[["train_elbo", "train_reconstruction", "train_kl"]]).all().all()
+    return z
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return _counts()
+
+
+@pytest.fixture(scope="module")
+def baseline(X):
+    """The reference: float32 CSR counts."""
+    model = fit(make(sp.csr_matrix(X)))
+    return model, model.get_latent_representation()
+
+
+# ---------------------------------------------------------------------- dtypes and formats
+FORMATS = {
+    "dense": np.asarray,
+    "csr": sp.csr_matrix,
+    "csc": sp.csc_matrix,
+    "csr_array": sp.csr_array,
+    "csc_array": sp.csc_array,
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "int32", "uint16"])
+def test_numeric_dtypes_and_formats_give_identical_models(X, baseline, dtype, fmt):
+    adata = make(FORMATS[fmt](X.astype(dtype)))
+    before = adata.X.copy()
+    z = finite_results(fit(adata))
+    np.testing.assert_array_equal(z, baseline[1])  # same counts → bit-identical model
+    assert adata.X.dtype == np.dtype(dtype) and type(adata.X) is type(before)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_bool_counts_are_read_as_zero_one(X, fmt):
+    binary = X > 0
+    z = finite_results(fit(make(FORMATS[fmt](binary))))
+    ref = fit(make(sp.csr_matrix(binary.astype(np.float32)))).get_latent_representation()
+    np.testing.assert_array_equal(z, ref)
+
+
+def test_coo_is_refused_by_anndata_and_converted_by_the_adapter(X):
+    coo = sp.coo_matrix(X)
+    try:
+        adata = make(coo)
+    except ValueError as err:  # anndata ≥ 0.11 only stores CSR/CSC: its own clear error
+        assert "CSR" in str(err)
+    else:  # older anndata kept COO: it must then work like CSR
+        np.testing.assert_array_equal(fit(adata).get_latent_representation(),
+                                      fit(make(sp.csr_matrix(X))).get_latent_representation())
+    converted = _as_float32(coo)
+    assert sp.isspmatrix_csr(converted) and converted.dtype == np.float32
+    np.testing.assert_array_equal(converted.toarray(), X)
+
+
+def test_csr_with_duplicate_entries_is_summed(X, baseline):
+    csr = sp.csr_matrix(X)
+    coo = csr.tocoo()
+    # Split every stored value into two entries at the same position (still a valid CSR).
+    half = np.floor(coo.data / 2)
+    dup = sp.csr_matrix((np.concatenate([half, coo.data - half]),
+                         (np.concatenate([coo.row, coo.row]), np.concatenate([coo.col, coo.col]))),
+                        shape=X.shape)
+    dup.has_canonical_format = False
+    np.testing.assert_array_equal(fit(make(dup)).get_latent_representation(), baseline[1])
+
+
+# ---------------------------------------------------------------------- invalid values
+def _with(X, fn):
+    Y = X.copy()
+    fn(Y)
+    return Y
+
+
+INVALID = {
+    "negative": (lambda X: _with(X, lambda Y: Y.__setitem__((3, 2), -1)), "negative values.*raw counts"),
+    "nan": (lambda X: _with(X, lambda Y: Y.__setitem__((3, 2), np.nan)), "NaN or inf.*Replace them"),
+    "inf": (lambda X: _with(X, lambda Y: Y.__setitem__((3, 2), np.inf)), "NaN or inf.*Replace them"),
+    "non-integer": (lambda X: _with(X, lambda Y: Y.__setitem__((3, 2), 0.5)), "non-integer.*allow_non_integer=True"),
+    "log-normalised": (lambda X: np.log1p(X), "non-integer.*raw integer counts"),
+    "zero-count cell": (lambda X: _with(X, lambda Y: Y.__setitem__(4, 0)), r"1 cell\(s\) have zero total counts.*\[4\].*filter_cells"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_counts_raise_one_clear_error(X, case, fmt):
+    build, message = INVALID[case]
+    adata = make(FORMATS[fmt](build(X)))
+    snapshot = adata.copy()
+    with pytest.raises(ValueError, match=message):
+        svt.SCVAE(adata, **MODEL)
+    # The same check guards a layer, and inference on new data.
+    layered = make(sp.csr_matrix(X))
+    layered.layers["counts"] = FORMATS[fmt](build(X))
+    with pytest.raises(ValueError, match=message):
+        svt.SCVAE(layered, layer="counts", **MODEL)
+    assert (abs(adata.X - snapshot.X) > 0).sum() == 0 if fmt == "csr" else np.array_equal(
+        adata.X, snapshot.X, equal_nan=True)
+
+
+def test_invalid_counts_at_inference(baseline, X):
+    model, _ = baseline
+    with pytest.raises(ValueError, match="negative values"):
+        model.get_latent_representation(make(INVALID["negative"][0](X)))
+
+
+def test_non_integer_allowed_when_asked(X):
+    soft = X * 0.7
+    z = finite_results(fit(make(soft), init={"allow_non_integer": True}))
+    assert z.shape == (N_CELLS, 2)
+
+
+@pytest.mark.parametrize("make_bad, exc, message", [
+    (lambda X: make(X.astype(object).astype(str)), ValueError, "dtype <U.*must be numeric"),
+    (lambda X: make(X[:0]), ValueError, r"empty \(0 cells × 12 genes\)"),
+    (lambda X: make(X[:, :0]), ValueError, r"empty \(60 cells × 0 genes\)"),
+], ids=["strings", "no cells", "no genes"])
+def test_unusable_matrices(X, make_bad, exc, message):
+    with pytest.raises(exc, match=message):
+        svt.SCVAE(make_bad(X), **MODEL)
+
+
+def test_missing_layer_and_missing_x(X):
+    with pytest.raises(KeyError, match="Layer 'counts' not found.*layer=None"):
+        svt.SCVAE(make(X), layer="counts", **MODEL)
+    no_x = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]),
+                      var=pd.DataFrame(index=[f"g{j}" for j in range(3)]))
+    with pytest.raises(ValueError, match="adata.X is None; pass layer="):
+        svt.SCVAE(no_x, **MODEL)
+
+
+# ---------------------------------------------------------------------- shapes
+def test_zero_count_genes_are_fine(X):
+    Y = X.copy()
+    Y[:, [0, 5]] = 0
+    model = fit(make(Y))
+    finite_results(model)
+    assert np.isfinite(model.get_elbo())
+
+
+def test_one_cell(X, baseline):
+    model, z_all = baseline
+    with pytest.raises(ValueError, match="at least 2 cells.*use more cells"):
+        fit(make(X[:1]))
+    # Inference on one cell works (BatchNorm uses running statistics in eval mode) and
+    # gives that cell's row of the full result.
+    one = make(sp.csr_matrix(X[7:8]))
+    one.obs_names = ["cell7"]
+    np.testing.assert_allclose(model.get_latent_representation(one), z_all[7:8], atol=1e-6)
+
+
+def test_two_cells_train(X):
+    finite_results(fit(make(X[:2])))
+
+
+def test_one_gene(X):
+    Y = X[:, :1] + 1
+    model = fit(make(Y))
+    finite_results(model)
+    # With one gene the decoder's proportions are 1: expression per 1e4 counts is 1e4.
+    np.testing.assert_allclose(model.get_normalized_expression(library_size=1e4), 1e4, rtol=1e-5)
+
+
+def test_last_minibatch_of_one_cell_is_merged(X):
+    """33 cells, batches of 16: the last batch would be one cell, which BatchNorm cannot train on."""
+    bn = torch.nn.BatchNorm1d(4).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn(torch.ones(1, 4))  # the crash this guards against
+    adata = make(X[:33])
+    data = CellData(adata, DataSpec.from_anndata(adata))
+    sizes = [b.x.shape[0] for b in data.batches(batch_size=16, drop_singleton=True)]
+    assert sizes == [16, 17]
+    seen = torch.cat([b.index for b in data.batches(batch_size=16, shuffle=True,
+                                                    generator=torch.Generator().manual_seed(0),
+                                                    drop_singleton=True)])
+    assert sorted(seen.tolist()) == list(range(33))
+    finite_results(fit(adata, train_size=1.0, batch_size=16))
+    # Also when the train/validation split leaves the remainder: 0.85 of 20 cells = 17 = 16 + 1.
+    from scvae_tools.train import split_indices
+
+    assert len(split_indices(20, 0.85, seed=0)[0]) == 17
+    finite_results(fit(make(X[:20]), train_size=0.85, batch_size=16))
+
+
+# ---------------------------------------------------------------------- batch labels
+def test_batch_key_missing_or_with_nan(X):
+    labels = np.array(["a", "b"] * (N_CELLS // 2), dtype=object)
+    with pytest.raises(KeyError, match="'batch' is not a column of adata.obs.*spelling"):
+        svt.SCVAE(make(X), batch_key="batch", **MODEL)
+    with_nan = labels.copy()
+    with_nan[[3, 9]] = np.nan
+    for col in (with_nan, pd.Categorical(with_nan),
+                np.where(np.arange(N_CELLS) == 3, np.nan, np.arange(N_CELLS) % 2)):
+        with pytest.raises(ValueError, match=r"obs\['batch'\] has \d missing label\(s\).*Fill them"):
+            svt.SCVAE(make(X, batch=col), batch_key="batch", **MODEL)
+
+
+def test_batch_labels_at_inference(X):
+    labels = np.array(["a", "b"] * (N_CELLS // 2))
+    adata = make(X, batch=labels)
+    model = fit(adata, init={"batch_key": "batch"})
+    query = make(X, batch=np.where(np.arange(N_CELLS) < 5, "c", labels))
+    with pytest.raises(ValueError, match=r"categories the model was not trained on: \['c'\].*known: \['a', 'b'\]"):
+        model.get_latent_representation(query)
+    nan_query = make(X, batch=np.where(np.arange(N_CELLS) == 0, None, labels).astype(object))
+    with pytest.raises(ValueError, match="missing label"):
+        model.get_latent_representation(nan_query)
+    with pytest.raises(KeyError, match="'batch' is not a column"):
+        model.get_latent_representation(make(X))
+    # Categories given as a categorical with an unused level encode the same way.
+    cat = make(X, batch=pd.Categorical(labels, categories=["a", "b", "zz"]))
+    np.testing.assert_array_equal(model.get_latent_representation(cat),
+                                  model.get_latent_representation(adata))
+
+
+def test_bad_covariates(X):
+    with pytest.raises(ValueError, match="must be positive and finite.*size_factor_key=None"):
+        fit(make(X, sf=np.where(np.arange(N_CELLS) == 2, 0.0, 1.0)), init={"size_factor_key": "sf"})
+    with pytest.raises(ValueError, match="Continuous covariates contain NaN"):
+        svt.SCVAE(make(X, pct=np.where(np.arange(N_CELLS) == 2, np.nan, 0.5)),
+                  continuous_covariate_keys=["pct"], **MODEL)
+    with pytest.raises(ValueError, match=r"obs\['pct'\] must be numeric"):
+        svt.SCVAE(make(X, pct=["x"] * N_CELLS), continuous_covariate_keys=["pct"], **MODEL)
+    with pytest.raises(ValueError, match="missing label"):
+        svt.SCVAE(make(X, donor=[None] + ["d"] * (N_CELLS - 1)),
+                  categorical_covariate_keys=["donor"], **MODEL)
+
+
+# ---------------------------------------------------------------------- genes
+def test_genes_permuted_extra_missing_at_load(X, baseline, tmp_path):
+    model, z = baseline
+    adata = make(sp.csr_matrix(X))
+    np.testing.assert_array_equal(model.get_latent_representation(adata[:, ::-1].copy()), z)
+    extra = make(sp.csr_matrix(np.hstack([X, X[:, :3]])))
+    np.testing.assert_array_equal(model.get_latent_representation(extra), z)
+    with pytest.raises(ValueError, match=r"exactly the model's 12 genes.*layers=False"):
+        model.write_to_adata(extra)
+    model.write_to_adata(extra, layers=False)  # the latent alone is fine
+    np.testing.assert_array_equal(extra.obsm["X_scvae"], z)
+    model.save(tmp_path / "m")
+    missing = adata[:, 2:].copy()
+    with pytest.raises(ValueError, match=r"lacks 2 of the model's 12 genes.*\['gene0', 'gene1'\]"):
+        svt.SCVAE.load(tmp_path / "m", missing)
+    np.testing.assert_array_equal(
+        svt.SCVAE.load(tmp_path / "m", adata[:, ::-1].copy()).get_latent_representation(), z)
+
+
+def test_duplicate_gene_names(X):
+    adata = make(X)
+    adata.var_names = ["gene0", "gene0"] + [f"gene{j}" for j in range(2, N_GENES)]
+    with pytest.raises(ValueError, match=r"unique; duplicated: \['gene0'\].*var_names_make_unique"):
+        svt.SCVAE(adata, **MODEL)
+
+
+# ---------------------------------------------------------------------- views and backed
+def test_views(X):
+    parent = make(sp.csr_matrix(X), batch=np.array(["a", "b"] * (N_CELLS // 2)))
+    snapshot = parent.copy()
+    view = parent[parent.obs["batch"] == "a"]
+    assert view.is_view
+    model = fit(view)
+    assert view.is_view  # reading never turned it into a copy
+    ref = fit(view.copy())
+    np.testing.assert_array_equal(model.get_latent_representation(), ref.get_latent_representation())
+    np.testing.assert_array_equal(model.get_latent_representation(view),
+                                  ref.get_latent_representation(view.copy()))
+    assert (parent.X != snapshot.X).nnz == 0 and parent.obs.equals(snapshot.obs)
+    assert not parent.obsm and not parent.layers and not parent.uns
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_backed_anndata_is_read_into_memory(X, baseline, tmp_path, fmt):
+    path = tmp_path / "counts.h5ad"
+    make(FORMATS[fmt](X)).write_h5ad(path)
+    raw = path.read_bytes()
+    backed = ad.read_h5ad(path, backed="r")
+    assert backed.isbacked
+    model, z = baseline
+    np.testing.assert_array_equal(model.get_latent_representation(backed), z)
+    np.testing.assert_array_equal(fit(backed).get_latent_representation(), z)
+    backed.file.close()
+    assert path.read_bytes() == raw  # the file on disk was only read
