@@ -1,0 +1,178 @@
+"""Shared pieces of the speed benchmarks: data sets, the held-out split, one run per tool.
+
+Each ``run_*`` function trains on the training cells only, then reports on the held-out
+cells (ELBO, importance-weighted log p(x)) and on all cells (Leiden ARI / NMI of the latent
+against the known labels). Both tools get the same split: the same held-out indices.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+DATA_DIR = None  # None: $SCVAE_TOOLS_DATA_DIR or ../shared/data (see load())
+
+
+@dataclass
+class Dataset:
+    name: str
+    adata: object  # AnnData with raw counts in X (CSR)
+    labels_key: str
+    test_idx: np.ndarray  # held-out cells, never trained on by either tool
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        mask = np.ones(self.adata.n_obs, dtype=bool)
+        mask[self.test_idx] = False
+        return np.flatnonzero(mask)
+
+
+def _data_dir():
+    import os
+    from pathlib import Path
+
+    for cand in (os.environ.get("SCVAE_TOOLS_DATA_DIR"),
+                 Path(__file__).resolve().parents[1].parent / "shared" / "data"):
+        if cand and (Path(cand) / "pbmc3k_hvg_counts.h5ad").exists():
+            return Path(cand)
+    return None
+
+
+def load(name: str, n_cells: int | None = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """``pbmc3k`` (HVG counts), ``pbmc68k`` (scanpy's 700 cells) or ``synthetic`` (n × 2,000)."""
+    import scvae_tools as svt
+
+    if name == "pbmc3k":
+        adata = svt.datasets.pbmc3k(_data_dir(), hvg_only=True, download=False)
+        key = "cell_type"
+    elif name == "pbmc68k":
+        adata = svt.datasets.pbmc68k()
+        key = "bulk_labels"
+    elif name == "synthetic":
+        adata = svt.datasets.synthetic_counts(n_cells=n_cells or 100_000, n_genes=2000,
+                                              n_types=8, seed=seed)
+        key = "cell_type"
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose pbmc3k, pbmc68k or synthetic")
+    rng = np.random.default_rng(seed)
+    n_test = int(round(test_fraction * adata.n_obs))
+    test_idx = np.sort(rng.permutation(adata.n_obs)[:n_test])
+    return Dataset(name, adata, key, test_idx)
+
+
+def leiden_scores(latent: np.ndarray, labels, seed: int = 0) -> tuple[float, float]:
+    """ARI and NMI of Leiden clusters (15-NN graph on the latent, resolution 1) vs labels."""
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    a = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
+    a.obsm["X_lat"] = latent
+    sc.pp.neighbors(a, use_rep="X_lat", n_neighbors=15, random_state=seed)
+    sc.tl.leiden(a, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2,
+                 directed=False)
+    lab = np.asarray(labels).astype(str)
+    return (float(adjusted_rand_score(lab, a.obs["leiden"])),
+            float(normalized_mutual_info_score(lab, a.obs["leiden"])))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
+    """What a large float32 matmul reaches on this machine, GFLOP/s (best of ``reps``)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(n_genes: int, n_hidden: int = 128, n_latent: int = 10, batch: int = 128) -> float:
+    """Matmul FLOPs of one training step of the 1-layer model (forward + backward).
+
+    Encoder: genes→hidden (no gradient w.r.t. the input counts: 2 matmuls), hidden→2·latent;
+    decoder: latent→hidden, hidden→genes (3 matmuls each: forward, grad input, grad weight).
+    """
+    mm = 2 * batch
+    enc = mm * n_genes * n_hidden * 2 + mm * n_hidden * 2 * n_latent * 3
+    dec = mm * n_latent * n_hidden * 3 + mm * n_hidden * n_genes * 3
+    return float(enc + dec)
+
+
+def run_ours(ds: Dataset, settings: dict, marginal_samples: int = 100) -> dict:
+    """Train scvae_tools on ``ds``'s training cells with ``settings`` (SCVAE.train kwargs)."""
+    import scvae_tools as svt
+
+    train = ds.adata[ds.train_idx].copy()
+    test = ds.adata[ds.test_idx].copy()
+    arch = {k: settings.pop(k) for k in ("n_hidden", "n_latent", "n_layers") if k in settings}
+    model = svt.SCVAE(train, **arch)
+    t = time.perf_counter()
+    model.train(progress_bar=False, device="cpu", **settings)
+    train_s = time.perf_counter() - t
+    hist = model.history
+    epochs = len(hist)
+    n_train_fit = len(model.train_indices)
+    out = {"tool": "scvae_tools", "train_s": train_s, "epochs": epochs,
+           "cells_per_s": epochs * n_train_fit / train_s}
+    out["heldout_elbo"] = model.get_elbo(test)
+    out["heldout_marginal_ll"] = model.get_marginal_ll(test, n_samples=marginal_samples)
+    t = time.perf_counter()
+    latent = model.get_latent_representation(ds.adata)
+    inf_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model.get_normalized_expression(ds.adata)
+    expr_s = time.perf_counter() - t
+    out["latent_cells_per_s"] = ds.adata.n_obs / inf_s
+    out["expression_cells_per_s"] = ds.adata.n_obs / expr_s
+    out["ari"], out["nmi"] = leiden_scores(latent, ds.adata.obs[ds.labels_key])
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def run_scvi(ds: Dataset, settings: dict, marginal_samples: int = 100) -> dict:
+    """Train scvi-tools' SCVI on ``ds``'s training cells; ``settings`` for SCVI / train()."""
+    import scvi
+
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = 0
+    train = ds.adata[ds.train_idx].copy()
+    test = ds.adata[ds.test_idx].copy()
+    full = ds.adata.copy()
+    model_kw = {k: settings.pop(k) for k in ("n_hidden", "n_latent", "n_layers", "dispersion",
+                                             "gene_likelihood") if k in settings}
+    scvi.model.SCVI.setup_anndata(train)
+    model = scvi.model.SCVI(train, **model_kw)
+    t = time.perf_counter()
+    model.train(accelerator="cpu", enable_progress_bar=False, **settings)
+    train_s = time.perf_counter() - t
+    epochs = int(model.history["elbo_train"].shape[0])
+    n_train_fit = len(model.train_indices)
+    out = {"tool": "scvi-tools", "train_s": train_s, "epochs": epochs,
+           "cells_per_s": epochs * n_train_fit / train_s}
+    scvi.model.SCVI.setup_anndata(test)
+    out["heldout_elbo"] = float(model.get_elbo(test))
+    out["heldout_marginal_ll"] = float(model.get_marginal_ll(test, n_mc_samples=marginal_samples))
+    scvi.model.SCVI.setup_anndata(full)
+    t = time.perf_counter()
+    latent = model.get_latent_representation(full)
+    inf_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model.get_normalized_expression(full)
+    expr_s = time.perf_counter() - t
+    out["latent_cells_per_s"] = full.n_obs / inf_s
+    out["expression_cells_per_s"] = full.n_obs / expr_s
+    out["ari"], out["nmi"] = leiden_scores(latent, full.obs[ds.labels_key])
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out

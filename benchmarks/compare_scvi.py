@@ -1,0 +1,249 @@
+"""scvae_tools vs scvi-tools' SCVI: time to quality (defaults) and raw step efficiency.
+
+Two comparisons on the same data and the same held-out cells (10%, never trained on):
+
+* ``defaults``  — each tool with its own defaults (what a user gets from ``train()``).
+* ``identical`` — 1 hidden layer of 128, 10 latent, NB, gene dispersion, batch 128, the same
+  number of epochs, the same KL warm-up, lr 1e-3, no early stopping.
+
+For each: train seconds, training cells/s, peak RSS, held-out ELBO and importance-weighted
+log p(x), Leiden ARI / NMI of the latent against the labels, inference cells/s, and the
+ratios ours / scvi-tools. Our side also reports the achieved matmul FLOP/s of the training
+step against a large torch matmul on this machine, and the share of step time spent in the
+likelihood.
+
+Every (dataset, comparison, tool) runs in its own subprocess, so peak RSS is per run.
+scvi-tools is a benchmark-only extra: install it into a separate venv, e.g.::
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 \\
+        && .venv-bench/bin/pip install scvi-tools psutil && .venv-bench/bin/pip install -e .
+    .venv-bench/bin/python benchmarks/compare_scvi.py            # full run
+    .venv-bench/bin/python benchmarks/compare_scvi.py --quick    # synthetic 10k, fewer epochs
+
+Without scvi-tools the script still runs and prints our side (``--tools ours``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+# ---------------------------------------------------------------------- settings
+def settings_for(tool: str, comparison: str, epochs: int) -> dict:
+    if comparison == "defaults":
+        return {}
+    warmup = max(1, min(10, epochs // 4))
+    if tool == "ours":
+        return {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "batch_size": 128,
+                "max_epochs": epochs, "early_stopping": False, "kl_warmup_epochs": warmup,
+                "lr": 1e-3, "train_size": 0.9}
+    return {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dispersion": "gene",
+            "gene_likelihood": "nb", "batch_size": 128, "max_epochs": epochs,
+            "early_stopping": False, "train_size": 0.9,
+            "plan_kwargs": {"lr": 1e-3, "n_epochs_kl_warmup": warmup}}
+
+
+def likelihood_share(n_genes: int, batch: int = 128, reps: int = 20) -> dict:
+    """Process-CPU time of one training step and of its likelihood (fwd + bwd), on real-ish counts."""
+    import torch
+
+    from scvae_tools.fused import nb_log_likelihood_from_logits
+    from scvae_tools.module import VAE, ModuleConfig
+
+    torch.manual_seed(0)
+    vae = VAE(ModuleConfig(n_genes=n_genes)).train()
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3, eps=1e-2, fused=True)
+    x = torch.poisson(torch.rand(batch, n_genes) ** 8 * 20)  # ~90% zeros, like 10x HVGs
+    x[:, 0] += 1
+    lib = x.sum(1, keepdim=True)
+    bi = torch.zeros(batch, dtype=torch.long)
+
+    def step():
+        loss = vae.loss(vae.elbo_terms(x, lib, bi))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    logits = torch.randn(batch, n_genes, requires_grad=True)
+    lt = torch.zeros(n_genes, requires_grad=True)
+
+    def lik():
+        nb_log_likelihood_from_logits(logits, lib.log(), lt, x).sum().backward()
+
+    def cpu_ms(f):
+        f()
+        t = time.process_time()
+        for _ in range(reps):
+            f()
+        return (time.process_time() - t) / reps * 1e3
+
+    s, ll = cpu_ms(step), cpu_ms(lik)
+    return {"step_cpu_ms": s, "likelihood_cpu_ms": ll, "likelihood_share": ll / s}
+
+
+# ---------------------------------------------------------------------- worker
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    # torch.optim imports torch._dynamo on the first optimiser (seconds on a loaded machine);
+    # `import scvi` already did so for scvi-tools. Import it up front so neither tool's
+    # train seconds include it (both tools' import costs are excluded).
+    import torch._dynamo  # noqa: F401
+
+    import _common
+
+    ds = _common.load(args.dataset, n_cells=args.n_synthetic)
+    settings = settings_for(args.tool, args.comparison, args.epochs)
+    if args.tool == "ours":
+        res = _common.run_ours(ds, settings, marginal_samples=args.marginal_samples)
+        n_genes = ds.adata.n_vars
+        batch = 128 if args.comparison == "identical" else _our_default_batch()
+        flops = _common.step_flops(n_genes, batch=batch)
+        steps = res["epochs"] * max(1, int(0.9 * len(ds.train_idx)) // batch)
+        res["gflops_achieved"] = flops * steps / res["train_s"] / 1e9
+        res["gflops_matmul_peak"] = _common.matmul_peak_gflops()
+        res.update(likelihood_share(n_genes, batch=batch))
+    else:
+        res = _common.run_scvi(ds, settings, marginal_samples=args.marginal_samples)
+    res.update(dataset=args.dataset, comparison=args.comparison, n_cells=int(ds.adata.n_obs),
+               n_genes=int(ds.adata.n_vars), n_test=int(len(ds.test_idx)), threads=args.threads)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+def _our_default_batch() -> int:
+    import inspect
+
+    from scvae_tools import SCVAE
+
+    return int(inspect.signature(SCVAE.train).parameters["batch_size"].default)
+
+
+# ---------------------------------------------------------------------- driver
+def scvi_python(explicit: str | None) -> str | None:
+    cands = [explicit] if explicit else [sys.executable, str(HERE.parent / ".venv-bench/bin/python")]
+    for py in cands:
+        if py and Path(py).exists() and subprocess.run(
+            [py, "-c", "import scvi"], capture_output=True).returncode == 0:
+            return py
+    return None
+
+
+def fmt(v, spec=".1f"):
+    return "—" if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("train_s", "train s", ".1f"), ("epochs", "epochs", "d"),
+            ("cells_per_s", "cells/s", ".0f"), ("peak_rss_mb", "peak RSS MiB", ".0f"),
+            ("heldout_elbo", "held-out ELBO", ".2f"), ("heldout_marginal_ll", "held-out log p(x)", ".2f"),
+            ("ari", "ARI", ".3f"), ("nmi", "NMI", ".3f"),
+            ("latent_cells_per_s", "latent cells/s", ".0f")]
+    keyed = {(r["dataset"], r["comparison"], r["tool"]): r for r in rows}
+    for (dset, comp) in sorted({(r["dataset"], r["comparison"]) for r in rows}):
+        ours, theirs = keyed.get((dset, comp, "scvae_tools")), keyed.get((dset, comp, "scvi-tools"))
+        any_r = ours or theirs
+        print(f"\n### {dset} ({any_r['n_cells']} cells × {any_r['n_genes']} genes, "
+              f"{any_r['n_test']} held out) — {comp}\n")
+        print("| | " + " | ".join(c[1] for c in cols) + " |")
+        print("|---" * (len(cols) + 1) + "|")
+        for name, r in (("scvae_tools", ours), ("scvi-tools", theirs)):
+            if r is not None:
+                print(f"| {name} | " + " | ".join(fmt(r.get(k), s) for k, _, s in cols) + " |")
+        if ours and theirs:
+            speed = theirs["train_s"] / ours["train_s"]
+            thr = ours["cells_per_s"] / theirs["cells_per_s"]
+            d_elbo = (ours["heldout_elbo"] - theirs["heldout_elbo"]) / abs(theirs["heldout_elbo"])
+            print(f"\nratios: train time scvi/ours = **{speed:.1f}×**, throughput ours/scvi = "
+                  f"**{thr:.1f}×**, held-out ELBO ours vs scvi = {100 * d_elbo:+.2f}% "
+                  f"(positive = ours better), ΔARI = {ours['ari'] - theirs['ari']:+.3f}, "
+                  f"peak RSS ours/scvi = {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}, "
+                  f"latent inference ours/scvi = "
+                  f"{ours['latent_cells_per_s'] / theirs['latent_cells_per_s']:.1f}×")
+        if ours:
+            print(f"\nscvae_tools step: {ours['gflops_achieved']:.1f} GFLOP/s of matmul work "
+                  f"achieved vs {ours['gflops_matmul_peak']:.0f} GFLOP/s torch matmul peak "
+                  f"({100 * ours['gflops_achieved'] / ours['gflops_matmul_peak']:.0f}%); "
+                  f"likelihood = {100 * ours['likelihood_share']:.0f}% of step CPU time "
+                  f"({ours['likelihood_cpu_ms']:.1f} of {ours['step_cpu_ms']:.1f} ms); "
+                  f"inference (latent) = {ours['latent_cells_per_s'] / ours['cells_per_s']:.0f}× "
+                  f"training throughput")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["pbmc3k", "synthetic"],
+                   choices=["pbmc3k", "synthetic", "pbmc68k"])
+    p.add_argument("--comparisons", nargs="+", default=["defaults", "identical"],
+                   choices=["defaults", "identical"])
+    p.add_argument("--tools", nargs="+", default=["ours", "scvi"], choices=["ours", "scvi"])
+    p.add_argument("--n-synthetic", type=int, default=100_000)
+    p.add_argument("--epochs-pbmc3k", type=int, default=100,
+                   help="epochs of the identical-settings run on pbmc3k / pbmc68k")
+    p.add_argument("--epochs-synthetic", type=int, default=10,
+                   help="epochs of the identical-settings run on the synthetic set")
+    p.add_argument("--marginal-samples", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="synthetic 10k cells, identical runs of 20 / 5 epochs, 25 IS samples")
+    p.add_argument("--results", default=str(HERE / "results"),
+                   help="folder for per-run JSON; existing files are reused with --reuse")
+    p.add_argument("--reuse", action="store_true", help="reuse JSON results already in --results")
+    p.add_argument("--scvi-python", default=None, help="python with scvi-tools installed")
+    # worker mode (internal)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tool", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", help=argparse.SUPPRESS)
+    p.add_argument("--comparison", help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.n_synthetic, args.epochs_pbmc3k, args.epochs_synthetic = 10_000, 20, 5
+        args.marginal_samples = 25
+    spy = scvi_python(args.scvi_python) if "scvi" in args.tools else None
+    if "scvi" in args.tools and spy is None:
+        print("scvi-tools not importable here or in .venv-bench: running our side only.\n")
+    out_dir = Path(args.results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for dset in args.datasets:
+        epochs = args.epochs_synthetic if dset == "synthetic" else args.epochs_pbmc3k
+        for comp in args.comparisons:
+            for tool in args.tools:
+                py = sys.executable if tool == "ours" else spy
+                if py is None:
+                    continue
+                tag = f"{dset}{args.n_synthetic if dset == 'synthetic' else ''}_{comp}" + (
+                    f"{epochs}" if comp == "identical" else "") + f"_{tool}.json"
+                out = out_dir / tag
+                if not (args.reuse and out.exists()):
+                    cmd = [py, __file__, "--worker", "--tool", tool, "--dataset", dset,
+                           "--comparison", comp, "--epochs", str(epochs), "--out", str(out),
+                           "--n-synthetic", str(args.n_synthetic), "--threads", str(args.threads),
+                           "--marginal-samples", str(args.marginal_samples)]
+                    print(f"running {tool} / {dset} / {comp} ...", flush=True)
+                    t = time.perf_counter()
+                    proc = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                                          capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(f"  FAILED ({proc.returncode}):\n{proc.stderr[-3000:]}")
+                        continue
+                    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+                rows.append(json.loads(out.read_text()))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
