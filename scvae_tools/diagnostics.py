@@ -800,20 +800,24 @@ class LatentTraversal:
     var_names: pd.Index
     reference: np.ndarray
 
+    def log2(self) -> np.ndarray:
+        """log2(1 + expression): the pseudocount keeps barely expressed genes from dominating."""
+        return np.log2(1.0 + self.expression)
+
     def log2_change(self) -> pd.DataFrame:
-        """Axes × genes: log2 expression at the last step minus at the first."""
-        lg = np.log2(self.expression + 1e-8)
+        """Axes × genes: log2(1 + expression) at the last step minus at the first."""
+        lg = self.log2()
         return pd.DataFrame(lg[:, -1] - lg[:, 0], index=[f"z{d}" for d in self.dims],
                             columns=self.var_names)
 
     def top_genes(self, n: int = 10) -> pd.DataFrame:
         """The ``n`` genes that move most along each axis (by log2 range over the traversal).
 
-        Long table with ``dim``, ``rank``, ``gene``, ``log2_range`` (max − min of log2
-        expression along the axis) and ``log2_fold_change`` (last step vs first; its sign is
-        the direction).
+        Long table with ``dim``, ``rank``, ``gene``, ``log2_range`` (max − min of
+        log2(1 + expression) along the axis) and ``log2_fold_change`` (last step vs first; its
+        sign is the direction).
         """
-        lg = np.log2(self.expression + 1e-8)
+        lg = self.log2()
         rng_ = lg.max(1) - lg.min(1)
         change = lg[:, -1] - lg[:, 0]
         rows = []

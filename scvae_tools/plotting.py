@@ -320,7 +320,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     fig.colorbar(sc_, ax=a, label="log q(z)")
     a.set_xlabel(f"z{i}")
     a.set_ylabel(f"z{j}")
-    a.legend(frameon=False, fontsize=8, loc="upper right", markerscale=2)
+    a.legend(frameon=True, framealpha=0.85, fontsize=8, loc="upper right", markerscale=2)
     a.set_title(f"prior = {result.get('prior', '?')}:  KL(q(z) ‖ p(z)) = "
                 f"{result['kl_aggregated_prior']:.2f} nats", fontsize=10)
     bins = np.linspace(min(lq.min(), result["posterior_log_q"].min()),
@@ -341,7 +341,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
 def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False):
     """Expression of the genes that move most along each traversed axis.
 
-    One panel per axis: log2 expression (per 1e4) of its top ``n_genes`` genes against
+    One panel per axis: log2(1 + expression per 1e4) of its top ``n_genes`` genes against
     the z value on that axis.
 
     Parameters
@@ -375,10 +375,10 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False)
     for ax, d in zip(axes.ravel(), dims, strict=False):
         i = all_dims.index(d)
         for g in top.loc[top["dim"] == d, "gene"]:
-            ax.plot(traversal.values[i], np.log2(traversal.expression[i, :, genes.index(g)] + 1e-8),
+            ax.plot(traversal.values[i], traversal.log2()[i, :, genes.index(g)],
                     "-o", ms=2.5, lw=1.2, label=g)
         ax.set_xlabel(f"z{d}")
-        ax.set_ylabel("log2 expression per 1e4")
+        ax.set_ylabel("log2(1 + expression per 1e4)")
         ax.set_title(f"Traversal of z{d}", fontsize=10)
         ax.legend(frameon=False, fontsize=7)
     if show:
