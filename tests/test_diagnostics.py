@@ -96,8 +96,17 @@ def test_collapse_detected_and_free_bits_keep_units_active(factors):
     assert svt.tl.active_units(kept) >= 2
     assert kept_table["kl"].sum() > 10 * table["kl"].sum()
 
-    healthy = svt.tl.posterior_collapse(_train(factors, epochs=20))
+    healthy_model = _train(factors, epochs=20)
+    healthy = svt.tl.posterior_collapse(healthy_model)
     assert healthy["active"].sum() >= 2  # the 2 true factors need at least 2 axes
+
+    # A collapsed model's aggregated posterior is the prior: no KL between them, no holes.
+    flat = svt.tl.aggregated_posterior(collapsed, n_samples=1000)
+    used = svt.tl.aggregated_posterior(healthy_model, n_samples=1000)
+    print("KL(q(z)||p(z)) collapsed", flat["kl_aggregated_prior"], "healthy", used["kl_aggregated_prior"],
+          "hole fraction", flat["hole_fraction"], used["hole_fraction"])
+    assert abs(flat["kl_aggregated_prior"]) < 0.1 and flat["hole_fraction"] < 0.05
+    assert used["kl_aggregated_prior"] > 0.5 and used["hole_fraction"] > 2 * flat["hole_fraction"]
 
 
 # ---------------------------------------------------------------------- 3. variational gap
