@@ -153,15 +153,17 @@ def rate_distortion_sweep(
         held_out = model.validation_indices
         on = "validation" if held_out is not None and len(held_out) else "train"
         idx = held_out if on == "validation" else model.train_indices
-        torch.manual_seed(train_kw.get("seed", 0))
-        ev = evaluate(model.module, data, idx, 1024, model.device)
+        with torch.random.fork_rng(devices=_rng_devices(model.device)):
+            torch.manual_seed(train_kw.get("seed", 0))  # same evaluation draws for every β
+            ev = evaluate(model.module, data, idx, 1024, model.device)
+            marginal_ll = model.get_marginal_ll(n_samples=n_samples, indices=idx)
         rows.append({
             "beta": beta,
             "rate": ev["kl"],
             "distortion": ev["reconstruction"],
             "elbo": ev["elbo"],
             "active_units": active_units(model, threshold=threshold, indices=idx),
-            "marginal_ll": model.get_marginal_ll(n_samples=n_samples, indices=idx),
+            "marginal_ll": marginal_ll,
             "n_cells": len(idx),
             "evaluated_on": on,
             "epochs": len(model.history),
