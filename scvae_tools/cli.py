@@ -43,7 +43,10 @@ def _fit(adata, args):
                   dispersion=args.dispersion, beta=args.beta)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                 device=args.device, progress_bar=not args.quiet,
-                strategy=_strategy(getattr(args, "strategy", "none")))
+                strategy=_strategy(getattr(args, "strategy", "none")),
+                checkpoint_dir=getattr(args, "checkpoint_dir", None),
+                checkpoint_every=getattr(args, "checkpoint_every", 10),
+                resume=getattr(args, "resume", False))
     if not is_main_process():  # DDP: rank 0 alone computes and writes the results
         return model
     model.write_to_adata(adata, layers=not args.no_layers)
@@ -128,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--strategy", choices=["auto", "none", "ddp"], default="auto",
                      help="ddp: distributed data parallel (under torchrun); auto: ddp when "
                           "launched by torchrun with more than one process")
+    fit.add_argument("--checkpoint-dir", default=None,
+                     help="write an atomic training checkpoint to this folder")
+    fit.add_argument("--checkpoint-every", type=int, default=10,
+                     help="epochs between checkpoints (default 10)")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint in --checkpoint-dir (same arguments)")
     fit.set_defaults(func=cmd_fit)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")
     demo.add_argument("-o", "--output", default="demo_out", help="output folder")
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -334,7 +334,9 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
                cfg: TrainConfig, epoch: int, bad_step: int | None) -> None:
     """Restore the last good state and lower the lr, or raise after too many rollbacks."""
     where = f"epoch {epoch + 1}" + (f", step {bad_step + 1}" if bad_step is not None else "")
-    lr = optim.param_groups[0]["lr"]
+    good_point = f"the end of epoch {epoch}" if epoch else "the initial weights"
+    lrs = [group["lr"] for group in optim.param_groups]  # the snapshot's lr may be higher
+    lr = lrs[0]
     module.load_state_dict(good["module"])
     # A copy: the optimiser keeps references to the tensors it is given and updates them.
     optim.load_state_dict(_clone_tree(good["optim"]))
@@ -342,15 +344,15 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
         raise FloatingPointError(
             f"Training diverged: NaN/inf loss or gradient at {where}, after {loop.rollbacks} "
             f"rollback(s) with the learning rate lowered to {lr:.3g}. The module was reset to "
-            f"the last finite state (end of epoch {epoch}). Check the input (raw integer "
+            f"the last finite state ({good_point}). Check the input (raw integer "
             "counts, no extreme values, the right layer) or train with a lower lr or beta."
         )
     loop.rollbacks += 1
     new_lr = lr * cfg.rollback_lr_factor
-    for group in optim.param_groups:
-        group["lr"] = group["lr"] * cfg.rollback_lr_factor
+    for group, old in zip(optim.param_groups, lrs, strict=True):
+        group["lr"] = old * cfg.rollback_lr_factor
     warnings.warn(
-        f"NaN/inf loss or gradient at {where}; rolled back to the end of epoch {epoch} and "
+        f"NaN/inf loss or gradient at {where}; rolled back to {good_point} and "
         f"lowered the learning rate to {new_lr:.3g} (rollback {loop.rollbacks} of at most "
         f"{cfg.max_rollbacks}).", RuntimeWarning, stacklevel=3,
     )

@@ -304,3 +304,48 @@ def test_write_to_adata_refuses_non_finite_results(small):
     with pytest.raises(ValueError, match="NaN/inf.*nothing was written"):
         model.write_to_adata(adata)
     assert "X_scvae" not in adata.obsm and not adata.layers and "scvae" not in adata.uns
+
+
+def test_real_divergence_from_a_huge_learning_rate(small):
+    """No monkeypatching: lr=1e4 blows up at once; three rollbacks, then a clear error."""
+    model = svt.SCVAE(small, **MODEL)
+    with pytest.warns(RuntimeWarning, match="rolled back to the initial weights") as record:
+        with pytest.raises(FloatingPointError, match=r"after 3 rollback\(s\).*lowered to 156"):
+            model.train(**TRAIN, lr=1e4)
+    assert sum("rolled back" in str(w.message) for w in record) == 3
+    assert not model.is_trained
+
+
+@pytest.mark.parametrize("lr", [0.3, 3.0])
+def test_high_learning_rates_recover_or_stop_never_nan(small, lr):
+    model = svt.SCVAE(small, **MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model.train(**TRAIN, lr=lr)
+        except FloatingPointError:
+            assert not model.is_trained
+            return
+    assert np.isfinite(model.history[HISTORY_COLS].to_numpy(float)).all()
+    assert np.isfinite(model.get_latent_representation()).all()
+    assert np.isfinite(model.get_normalized_expression()).all()
+
+
+def test_cli_checkpoint_and_resume(small, tmp_path, capsys):
+    import anndata as ad
+
+    from scvae_tools.cli import main
+
+    small.write_h5ad(tmp_path / "in.h5ad")
+    args = ["fit", str(tmp_path / "in.h5ad"), "--epochs", "4", "--n-latent", "3",
+            "--n-hidden", "16", "--batch-size", "32", "--seed", "3", "--quiet", "--no-layers",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "2"]
+    assert main([*args, "-o", str(tmp_path / "a.h5ad")]) == 0
+    assert ck.load_checkpoint(tmp_path / "ck" / ck.CHECKPOINT_FILE)["epoch"] == 4
+    assert main([*args, "--resume", "-o", str(tmp_path / "b.h5ad")]) == 0
+    za = ad.read_h5ad(tmp_path / "a.h5ad").obsm["X_scvae"]
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "b.h5ad").obsm["X_scvae"], za)
+    capsys.readouterr()
+    bad = [a for a in args if a not in ("--checkpoint-dir", str(tmp_path / "ck"))]
+    assert main([*bad, "--resume", "-o", str(tmp_path / "c.h5ad")]) == 2
+    assert "resume=True needs checkpoint_dir" in capsys.readouterr().err
