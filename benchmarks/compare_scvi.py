@@ -98,9 +98,8 @@ def worker(args) -> None:
     # torch.optim imports torch._dynamo on the first optimiser (seconds on a loaded machine);
     # `import scvi` already did so for scvi-tools. Import it up front so neither tool's
     # train seconds include it (both tools' import costs are excluded).
-    import torch._dynamo  # noqa: F401
-
     import _common
+    import torch._dynamo  # noqa: F401
 
     ds = _common.load(args.dataset, n_cells=args.n_synthetic)
     settings = settings_for(args.tool, args.comparison, args.epochs)
@@ -192,7 +191,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs-synthetic", type=int, default=10,
                    help="epochs of the identical-settings run on the synthetic set")
     p.add_argument("--marginal-samples", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: see benchmarks/README.md)")
     p.add_argument("--quick", action="store_true",
                    help="synthetic 10k cells, identical runs of 20 / 5 epochs, 25 IS samples")
     p.add_argument("--results", default=str(HERE / "results"),

@@ -30,15 +30,15 @@ def main() -> None:
     p.add_argument("datasets", nargs="+", choices=["pbmc3k", "pbmc68k", "synthetic"])
     p.add_argument("--synthetic-n", type=int, default=5000)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: see benchmarks/README.md)")
     p.add_argument("--marginal-samples", type=int, default=10)
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    import torch._dynamo  # noqa: F401  (imported by the first optimiser; keep it out of timings)
-
     import _common
+    import torch._dynamo  # noqa: F401  (imported by the first optimiser; keep it out of timings)
 
     for name in args.datasets:
         ds = _common.load(name, n_cells=args.synthetic_n)
