@@ -730,7 +730,10 @@ class SCVAE:
         """
         path = Path(path)
         if not (path / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"No saved SCVAE at {path} ({CONFIG_FILE} missing).")
+            old = path.with_name(f".{path.name}.old")
+            hint = (f" A save was interrupted while swapping folders: the previous model is in "
+                    f"{old}; rename it to {path.name}." if (old / CONFIG_FILE).exists() else "")
+            raise FileNotFoundError(f"No saved SCVAE at {path} ({CONFIG_FILE} missing).{hint}")
         try:
             raw = json.loads((path / CONFIG_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -233,3 +233,15 @@ def test_crash_mid_save_keeps_previous_model(saved, small, tmp_path, monkeypatch
     newer.save(target, overwrite=True)  # and a save that succeeds replaces it
     np.testing.assert_array_equal(svt.SCVAE.load(target, small).get_latent_representation(),
                                   newer.get_latent_representation())
+
+
+def test_kill_between_the_two_renames_is_recoverable(saved, small, tmp_path):
+    """SIGKILL right after the old folder was moved aside: load says where the model is."""
+    model, path = saved
+    target = _copy(path, tmp_path / "model")
+    target.rename(tmp_path / ".model.old")  # the state replace_dir leaves at that instant
+    with pytest.raises(FileNotFoundError, match=r"save was interrupted.*\.model\.old; rename it"):
+        svt.SCVAE.load(target)
+    (tmp_path / ".model.old").rename(target)
+    np.testing.assert_array_equal(svt.SCVAE.load(target, small).get_latent_representation(),
+                                  model.get_latent_representation())
