@@ -358,8 +358,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """Read a training checkpoint safely; ``None`` when there is none at ``path``."""
+# What train_module writes and needs to resume.
+TRAINING_STATE_KEYS = (
+    "epoch", "stopped", "rollbacks", "rows", "best", "since_best", "best_state", "module",
+    "optimizer", "rng", "train_config", "identity", "train_idx", "val_idx",
+)
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Read a training checkpoint safely; ``None`` when there is none at ``path``.
+
+    ``required`` keys must be present (e.g. :data:`TRAINING_STATE_KEYS`), else ``ValueError``.
+    """
     path = Path(path)
     if not path.exists():
         return None
@@ -368,5 +378,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(
             f"{path} is not a scvae_tools training checkpoint; delete it or pass another "
             "checkpoint_dir."
+        )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is an incomplete training checkpoint (missing {missing}); delete it, "
+            "pass resume=False, or use another checkpoint_dir."
         )
     return state

@@ -393,7 +393,7 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
             gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
             train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device) -> None:
     """Load ``ck.path`` into module, optimiser, RNGs and ``loop``; no-op without a checkpoint."""
-    state = ckpt.load_checkpoint(ck.path)
+    state = ckpt.load_checkpoint(ck.path, required=ckpt.TRAINING_STATE_KEYS)
     if state is None:
         return
     fix = ("Pass the same settings as the interrupted run, resume=False to start afresh "

@@ -245,3 +245,14 @@ def test_kill_between_the_two_renames_is_recoverable(saved, small, tmp_path):
     (tmp_path / ".model.old").rename(target)
     np.testing.assert_array_equal(svt.SCVAE.load(target, small).get_latent_representation(),
                                   model.get_latent_representation())
+
+
+def test_foreign_or_incomplete_checkpoint_is_refused(small, tmp_path):
+    torch.save({"epoch": 3}, tmp_path / ck.CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="not a scvae_tools training checkpoint"):
+        svt.SCVAE(small, n_latent=2, n_hidden=8).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                       resume=True)
+    torch.save({"format": ck.CHECKPOINT_FORMAT, "epoch": 3}, tmp_path / ck.CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=r"incomplete training checkpoint \(missing \['stopped'"):
+        svt.SCVAE(small, n_latent=2, n_hidden=8).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                       resume=True)
