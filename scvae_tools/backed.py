@@ -62,6 +62,39 @@ def read_backed(path: str | os.PathLike):
     return ad.read_h5ad(path, backed="r")
 
 
+def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
+    """Save a backed AnnData to a new .h5ad with bounded memory.
+
+    ``adata.write_h5ad`` reads a backed ``X`` into memory to copy it; here the file is
+    copied byte for byte and then the in-memory parts (``obs``, ``var``, ``obsm``, ``varm``,
+    ``obsp``, ``varp``, ``layers``, ``uns``, e.g. what :meth:`SCVAE.write_to_adata
+    <scvae_tools.SCVAE.write_to_adata>` added) are rewritten in the copy. The copy is
+    written under a temporary name and renamed into place.
+    """
+    import shutil
+
+    import anndata as ad
+
+    if not getattr(adata, "isbacked", False) or adata.filename is None:
+        raise ValueError("write_h5ad_backed needs an AnnData opened with backed='r'; use "
+                         "adata.write_h5ad(path) for in-memory AnnData.")
+    src, dst = Path(adata.filename), Path(path)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst} is the backing file itself; choose a new output path.")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    parts = {"obs": adata.obs, "var": adata.var, "obsm": dict(adata.obsm),
+             "varm": dict(adata.varm), "obsp": dict(adata.obsp), "varp": dict(adata.varp),
+             "layers": dict(adata.layers), "uns": dict(adata.uns)}
+    with h5py.File(tmp, "r+") as f:
+        for key, value in parts.items():
+            if key in f:
+                del f[key]
+            ad.io.write_elem(f, key, value)
+    os.replace(tmp, dst)
+
+
 def make_cell_data(adata, spec: DataSpec, validate: bool = True, **backed_kwargs):
     """:class:`BackedCellData` for backed AnnData / paths, else an in-memory ``CellData``."""
     if is_backed(adata):

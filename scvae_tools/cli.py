@@ -78,7 +78,12 @@ def cmd_fit(args) -> int:
     if not is_main_process():
         return 0
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(args.output)
+    if args.backed:  # copy X on disk instead of reading it into memory
+        from .backed import write_h5ad_backed
+
+        write_h5ad_backed(adata, args.output)
+    else:
+        adata.write_h5ad(args.output)
     h = model.history.iloc[-1]
     print(f"trained {len(model.history)} epochs; validation ELBO {h['validation_elbo']:.2f} "
           f"nats/cell; wrote {args.output}")

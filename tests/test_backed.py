@@ -10,7 +10,13 @@ import torch
 
 import scvae_tools as svt
 from scvae_tools.adapter import CellData, DataSpec
-from scvae_tools.backed import BackedCellData, is_backed, make_cell_data, read_backed
+from scvae_tools.backed import (
+    BackedCellData,
+    is_backed,
+    make_cell_data,
+    read_backed,
+    write_h5ad_backed,
+)
 
 
 @pytest.fixture
@@ -147,7 +153,7 @@ def test_dense_on_disk(synthetic, tmp_path):
 
 def test_scvae_trains_out_of_core_like_in_memory(synthetic, h5ad_path):
     """Backed training reaches the in-memory model's held-out ELBO; inference works in chunks."""
-    kw = dict(max_epochs=25, batch_size=64, seed=0, progress_bar=False, device="cpu")
+    kw = dict(max_epochs=12, batch_size=64, seed=0, progress_bar=False, device="cpu")
     mem = svt.SCVAE(synthetic, n_latent=5, batch_key="batch").train(**kw)
     backed = read_backed(h5ad_path)
     model = svt.SCVAE(backed, n_latent=5, batch_key="batch")
@@ -166,10 +172,14 @@ def test_scvae_trains_out_of_core_like_in_memory(synthetic, h5ad_path):
     model.write_to_adata(backed, layers=False)
     assert backed.obsm["X_scvae"].shape == (synthetic.n_obs, 5)
     out = h5ad_path.with_name("out.h5ad")
-    backed.write_h5ad(out)
+    write_h5ad_backed(backed, out)  # X copied on disk, never loaded
     back = ad.read_h5ad(out)
     np.testing.assert_allclose(back.obsm["X_scvae"], lat_m, rtol=1e-4, atol=1e-5)
+    assert len(back.uns["scvae"]["history"]["epoch"]) == 12
     assert (back.X != synthetic.X).nnz == 0
+    assert list(back.obs["batch"]) == list(synthetic.obs["batch"])
+    with pytest.raises(ValueError, match="backing file"):
+        write_h5ad_backed(backed, h5ad_path)
     with pytest.raises(ValueError, match="not a path"):
         model.write_to_adata(str(h5ad_path))
 
