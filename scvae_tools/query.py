@@ -168,10 +168,10 @@ def load_query(
     new_labels = {(k, c) for k, cats in added.items() for c in cats}
     masks = _transplant(reference.module, ref_spec, module, new_spec, new_labels)
 
-    model = cls.__new__(cls)
+    # A shallow copy of the loaded reference keeps every attribute `load` sets; the parts
+    # that change are replaced (the reference's own module stays untouched).
+    model = copy.copy(reference)
     model.spec, model.module_config, model.module = new_spec, new_cfg, module
-    model.beta, model.free_bits = reference.beta, reference.free_bits
-    model.train_config = reference.train_config
     model.train_indices = model.validation_indices = None
     model.is_trained = True
     model._data = data
