@@ -113,7 +113,7 @@ def ppc(
     rss = torch.zeros(n_samples, g, dtype=torch.float64)
     rnz = torch.zeros(n_samples, g, dtype=torch.float64)
     for _, counts in _replicates(model, data, n_samples, batch_size, seed):
-        c = counts.double().cpu()
+        c = counts.cpu().double()  # float64 after the move: MPS has none
         rs += c.sum(1)
         rss += (c * c).sum(1)
         rnz += (c > 0).sum(1)

@@ -233,7 +233,9 @@ def _fine_tune(
         for epoch in epochs:
             t0 = time.perf_counter()
             _query_train_mode(module)
-            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            # MPS has no float64; elsewhere accumulate in float64 like train.py.
+            sums = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                               device=device)
             for b in data.batches(train_idx, batch_size, shuffle=True, generator=gen,
                                   device=device):
                 terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
@@ -241,7 +243,7 @@ def _fine_tune(
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
-                sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).double()
+                sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).to(sums.dtype)
             log_px, kl = (sums / len(train_idx)).tolist()
             row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
                    "train_reconstruction": -log_px, "train_kl": kl}
