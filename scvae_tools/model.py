@@ -363,9 +363,11 @@ class SCVAE:
                     transform_batch: str | None = None, batch_size: int = 1024) -> np.ndarray:
         out = []
         for b in self._eval_batches(data, batch_size):
+            # Counterfactual: encode with the cell's observed batch, decode as transform_batch.
             batch_index = self._transform_batch_index(b.batch_index, transform_batch)
             cov = self.module.covariates(batch_index, b.cat_covs, b.cont_covs)
-            m, v = self.module.encode(b.x, cov)
+            cov_observed = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+            m, v = self.module.encode(b.x, cov_observed)
             if n_samples > 1:
                 z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
             else:

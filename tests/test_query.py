@@ -131,3 +131,19 @@ def test_bad_input_is_explained(split, tmp_path):
         svt.SCVAE.load_query(tmp_path / "batched", no_col)
     with pytest.raises(ValueError, match="genes"):
         svt.SCVAE.load_query(tmp_path / "batched", query_adata[:, :50].copy())
+
+
+def test_transform_batch_encodes_with_the_observed_batch(split, reference):
+    """Counterfactual expression: z from the cell's own batch, decoded as another batch."""
+    ref_adata, _ = split
+    model, _ = reference
+    cells = ref_adata[ref_adata.obs["batch"] == "batch1"].copy()
+    got = model.get_normalized_expression(cells, transform_batch="batch0")
+    z = torch.as_tensor(model.get_latent_representation(cells))
+    module = model.module.cpu().eval()
+    as0 = torch.zeros(len(z), dtype=torch.long)
+    with torch.no_grad():
+        want = module.decode(z, torch.full((len(z), 1), 1e4), module.covariates(as0), as0)["mu"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+    # And it differs from decoding under the cell's own batch.
+    assert not np.allclose(got, model.get_normalized_expression(cells), rtol=1e-2)
