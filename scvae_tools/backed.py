@@ -149,6 +149,12 @@ class BackedCellData:
                     "BackedCellData needs an AnnData opened with backed='r' (or an .h5ad path); "
                     "use scvae_tools.adapter.CellData for in-memory AnnData."
                 )
+            if adata.is_view:
+                raise ValueError(
+                    "A view of a backed AnnData (adata[idx]) cannot be streamed: its rows are not "
+                    "the file's rows. Load the subset with adata[idx].to_memory(), or write it "
+                    "to its own file with adata[idx].to_memory().write_h5ad(path)."
+                )
             self.path = Path(adata.filename)
             obs, var_names = adata.obs, adata.var_names
         self.n_obs = len(obs)

@@ -139,6 +139,9 @@ def test_validation_is_chunked_and_clear(synthetic, tmp_path):
         svt.SCVAE(tmp_path / "nope.h5ad")
     with pytest.raises(ValueError, match="backed='r'"):
         BackedCellData(synthetic, spec)
+    synthetic.write_h5ad(path)
+    with pytest.raises(ValueError, match="view of a backed AnnData"):
+        BackedCellData(read_backed(path)[:10], spec)
 
 
 def test_dense_on_disk(synthetic, tmp_path):
