@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import Batch
+from .devices import accumulator_dtype
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -173,13 +174,14 @@ class DistContext:
         was_training = module.training
         module.eval()
         lo, hi = shard_bounds(len(indices), self.world_size)[self.rank:self.rank + 2]
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        acc = accumulator_dtype(self.device)
+        sums = torch.zeros(3, dtype=acc, device=self.device)
         if hi > lo:
             for b in data.batches(np.asarray(indices)[lo:hi], batch_size=max(batch_size, 512),
                                   device=self.device):
                 t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
-                sums += torch.stack([t["log_px"].sum().double(), t["kl"].sum().double(),
-                                     torch.tensor(float(b.x.shape[0]), dtype=torch.float64,
+                sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
+                                     torch.tensor(float(b.x.shape[0]), dtype=acc,
                                                   device=self.device)])
         module.train(was_training)
         self.all_reduce_sum(sums)

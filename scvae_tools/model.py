@@ -25,25 +25,13 @@ from .checkpoint import (
     safe_torch_load,
     validate_model_config,
 )
+from .devices import resolve_device
 from .module import VAE, ModuleConfig
 from .train import TrainConfig, default_max_epochs, evaluate, split_indices, train_module
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else Apple MPS, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 class SCVAE:

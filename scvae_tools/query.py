@@ -194,7 +194,7 @@ def load_query(
 
 
 def _resolve(device):
-    from .model import resolve_device
+    from .devices import resolve_device
 
     return resolve_device(device)
 

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .adapter import CellData
 from .checkpoint import CheckpointConfig
+from .devices import accumulator_dtype
 from .distributed import DistContext
 from .module import VAE
 
@@ -95,11 +96,11 @@ def evaluate(
     """Mean per-cell ELBO, reconstruction log-likelihood and KL over ``indices``."""
     was_training = module.training
     module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=accumulator_dtype(device), device=device)
     n = 0
     for b in data.batches(indices, batch_size=max(batch_size, 512), device=device):
         t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
-        sums += torch.stack([t["log_px"].sum(), t["kl"].sum(), t["kl"].new_tensor(0.0)]).double()
+        sums += torch.stack([t["log_px"].sum(), t["kl"].sum(), t["kl"].new_tensor(0.0)]).to(sums.dtype)
         n += b.x.shape[0]
     module.train(was_training)
     log_px, kl = (sums[:2] / max(n, 1)).tolist()
@@ -172,7 +173,7 @@ def train_module(
         epoch = loop.epoch
         t0 = time.perf_counter()
         beta = cfg.beta_at(epoch)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
         guard.reset()
         for step, b in enumerate(_epoch_batches(data, train_idx, cfg.batch_size, gen, device,
                                                 dist)):
@@ -183,7 +184,7 @@ def train_module(
             if guard.bad_step(step, loss):  # CPU: checked now; accelerators: flagged on device
                 break
             optim.step()
-            sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).double()
+            sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).to(sums.dtype)
         if dist is not None:
             dist.end_epoch(module, sums)  # global sums; rank 0's BatchNorm statistics
         bad_step = guard.first_bad_step()
