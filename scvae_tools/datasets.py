@@ -143,6 +143,19 @@ def cellbench(data_dir: str | os.PathLike | None = None, singlets_only: bool = T
     return adata
 
 
+def _nb_counts_from_logits(
+    rng: np.random.Generator, logits: np.ndarray, theta: float, mean_library: float
+) -> np.ndarray:
+    """NB counts (Gamma–Poisson) with proportions softmax(logits) and log-normal libraries."""
+    rho = np.exp(logits - logits.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    lib = rng.lognormal(np.log(mean_library), 0.3, logits.shape[0])
+    mu = rho * lib[:, None]
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    counts[counts.sum(1) == 0, 0] = 1.0  # never emit an empty cell
+    return counts
+
+
 def synthetic_counts(
     n_cells: int = 2000,
     n_genes: int = 500,
@@ -166,14 +179,8 @@ def synthetic_counts(
     batch_shift = rng.normal(0, batch_effect, (n_batches, n_genes))
     types = rng.integers(0, n_types, n_cells)
     batches = rng.integers(0, n_batches, n_cells)
-    logits = type_profiles[types] + batch_shift[batches]
-    rho = np.exp(logits - logits.max(1, keepdims=True))
-    rho /= rho.sum(1, keepdims=True)
-    lib = rng.lognormal(np.log(mean_library), 0.3, n_cells)
-    mu = rho * lib[:, None]
-    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
-    empty = counts.sum(1) == 0
-    counts[empty, 0] = 1.0  # never emit an empty cell
+    counts = _nb_counts_from_logits(rng, type_profiles[types] + batch_shift[batches], theta,
+                                    mean_library)
     obs = pd.DataFrame(
         {"cell_type": pd.Categorical([f"type{t}" for t in types]),
          "batch": pd.Categorical([f"batch{b}" for b in batches])},
@@ -216,13 +223,7 @@ def synthetic_factors(
         block = genes[k * genes_per_factor:(k + 1) * genes_per_factor]
         loadings[k, block] = effect * rng.choice([-1.0, 1.0], len(block))
         owner[block] = f"factor{k}"
-    logits = base + factors @ loadings
-    rho = np.exp(logits - logits.max(1, keepdims=True))
-    rho /= rho.sum(1, keepdims=True)
-    lib = rng.lognormal(np.log(mean_library), 0.3, n_cells)
-    mu = rho * lib[:, None]
-    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
-    counts[counts.sum(1) == 0, 0] = 1.0  # never emit an empty cell
+    counts = _nb_counts_from_logits(rng, base + factors @ loadings, theta, mean_library)
     obs = pd.DataFrame({f"factor{k}": factors[:, k] for k in range(n_factors)},
                        index=[f"cell{i}" for i in range(n_cells)])
     var = pd.DataFrame({"factor": pd.Categorical(owner)}, index=[f"gene{j}" for j in range(n_genes)])
