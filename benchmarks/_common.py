@@ -76,9 +76,19 @@ def leiden_scores(latent: np.ndarray, labels, seed: int = 0) -> tuple[float, flo
 
     a = ad.AnnData(np.zeros((latent.shape[0], 1), dtype=np.float32))
     a.obsm["X_lat"] = latent
-    sc.pp.neighbors(a, use_rep="X_lat", n_neighbors=15, random_state=seed)
+    adjacency = None
+    try:
+        sc.pp.neighbors(a, use_rep="X_lat", n_neighbors=15, random_state=seed)
+    except AttributeError:
+        # Some scanpy/scipy pairs fail inside sc.pp.neighbors on larger data (csr_array has
+        # no getnnz): fall back to a symmetrised sklearn 15-NN graph, the same for both tools.
+        import scipy.sparse as sp
+        from sklearn.neighbors import kneighbors_graph
+
+        g = kneighbors_graph(latent, 15, include_self=False)
+        adjacency = sp.csr_matrix(((g + g.T) > 0).astype(np.float64))
     sc.tl.leiden(a, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2,
-                 directed=False)
+                 directed=False, adjacency=adjacency)
     lab = np.asarray(labels).astype(str)
     return (float(adjusted_rand_score(lab, a.obs["leiden"])),
             float(normalized_mutual_info_score(lab, a.obs["leiden"])))
