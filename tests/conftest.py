@@ -30,12 +30,15 @@ if DATA_DIR is not None:
 needs_data = pytest.mark.skipif(DATA_DIR is None, reason="real data (../shared/data) not available")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # Small test models run fastest on one thread, and the machine is small (2 cores):
-    # more threads only add synchronisation, worst when other processes compete.
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # Test models are tiny: a second thread only adds synchronisation, and on a loaded
+    # 2-core machine OpenMP spin-waiting makes each step ~20x slower. Session scope so that
+    # module-scoped fixtures (and bit-identity checks against them) use the same setting.
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

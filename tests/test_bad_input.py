@@ -24,15 +24,6 @@ MODEL = dict(n_latent=2, n_hidden=8)
 TRAIN = dict(max_epochs=2, batch_size=16, progress_bar=False, seed=0)
 
 
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_checkpoints.py
-    yield
-    torch.set_num_threads(n)
-
-
-_one_thread_module = pytest.fixture(scope="module", autouse=True)(_single_thread)
-_one_thread = pytest.fixture(autouse=True)(_single_thread)
 
 
 @pytest.fixture(autouse=True)

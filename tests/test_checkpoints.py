@@ -32,18 +32,7 @@ HISTORY_COLS = ["epoch", "beta", "train_elbo", "train_reconstruction", "train_kl
                 "validation_elbo", "validation_reconstruction", "validation_kl", "lr"]
 
 
-def _single_thread():
-    # These models are tiny: a second thread only adds synchronisation, and on a loaded
-    # 2-core machine OpenMP spin-waiting makes each step ~20x slower. Bit-identity also
-    # needs one fixed thread count for the module-scoped reference and the tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-_one_thread_module = pytest.fixture(scope="module", autouse=True)(_single_thread)
-_one_thread = pytest.fixture(autouse=True)(_single_thread)
+# One torch thread for every test: tests/conftest.py (bit-identity relies on it).
 
 
 @pytest.fixture(scope="module")

@@ -19,26 +19,12 @@ matplotlib.use("Agg")
 SMALL = {"n_latent": 4, "n_hidden": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is faster than two fighting over a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(adata, epochs=30, seed=0, batch_size=32, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # collapse warnings are tested separately
         model = svt.SCVAE(adata, **(SMALL | kwargs))
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            # Small batches: enough optimiser steps in few epochs on a few hundred cells.
-            model.train(max_epochs=epochs, seed=seed, batch_size=batch_size, progress_bar=False)
-        finally:
-            torch.set_num_threads(before)
+        # Small batches: enough optimiser steps in few epochs on a few hundred cells.
+        model.train(max_epochs=epochs, seed=seed, batch_size=batch_size, progress_bar=False)
     return model
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,13 +26,10 @@ SETTINGS = dict(deadline=None, database=None, derandomize=True,
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_checkpoints.py
+def _quiet_collapse_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # collapse warnings on 2-epoch fits
         yield
-    torch.set_num_threads(n)
 
 
 @st.composite

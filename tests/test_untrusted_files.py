@@ -13,17 +13,6 @@ import torch
 import scvae_tools as svt
 from scvae_tools import checkpoint as ck
 
-
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_checkpoints.py
-    yield
-    torch.set_num_threads(n)
-
-
-_one_thread_module = pytest.fixture(scope="module", autouse=True)(_single_thread)
-_one_thread = pytest.fixture(autouse=True)(_single_thread)
-
 TRAIN = dict(max_epochs=2, batch_size=32, progress_bar=False)
 
 
