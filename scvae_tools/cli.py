@@ -110,7 +110,8 @@ def cmd_demo(args) -> int:
     from sklearn.metrics import adjusted_rand_score
 
     ari = adjusted_rand_score(adata.obs["bulk_labels"], adata.obs["leiden"])
-    fig = sc.pl.umap(adata, color=["bulk_labels", "leiden"], return_fig=True, show=False)
+    fig = sc.pl.umap(adata, color=["bulk_labels", "leiden"], wspace=0.6, return_fig=True,
+                     show=False)
     fig.savefig(out / "umap.png", dpi=120, bbox_inches="tight")
     training_history(model).savefig(out / "training_history.png", dpi=120)
     adata.write_h5ad(out / "pbmc68k_scvae.h5ad")
