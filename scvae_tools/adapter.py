@@ -229,12 +229,8 @@ class CellData:
         if shuffle:
             idx = idx[torch.randperm(len(idx), generator=generator)]
         t = self._on_device(device)
-        starts = list(range(0, len(idx), batch_size))
-        if drop_singleton and len(starts) > 1 and len(idx) - starts[-1] == 1:
-            starts.pop()
         pin = device.type == "cuda"
-        for i, s in enumerate(starts):
-            e = starts[i + 1] if i + 1 < len(starts) else len(idx)
+        for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
             if "x" in t:
@@ -259,31 +255,56 @@ class CellData:
 # ---------------------------------------------------------------------- validation
 def validate_counts(X, allow_non_integer: bool = False) -> None:
     """Raise ``ValueError`` naming the problem and the fix if ``X`` is not a count matrix."""
-    values = X.data if sp.issparse(X) else np.asarray(X)
-    if values.size and not np.all(np.isfinite(values)):
+    validate_values(X.data if sp.issparse(X) else np.asarray(X), allow_non_integer)
+    check_no_empty_cells(np.asarray(X.sum(axis=1)).ravel())
+
+
+def validate_values(values: np.ndarray, allow_non_integer: bool = False, where: str = "") -> None:
+    """Counts must be finite, non-negative and (unless allowed) integer.
+
+    ``where`` (e.g. ``" (in rows 0…9999)"``) locates the problem for chunked checks.
+    """
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
         raise ValueError(
-            "The count matrix contains NaN or inf values. Replace them (e.g. with 0) or drop "
-            "the affected cells/genes before training."
+            f"The count matrix contains NaN or inf values{where}. Replace them (e.g. with 0) or "
+            "drop the affected cells/genes before training."
         )
-    if values.size and values.min() < 0:
+    if values.min() < 0:
         raise ValueError(
-            "The count matrix contains negative values; a count model needs raw counts. "
+            f"The count matrix contains negative values{where}; a count model needs raw counts. "
             "Pass the raw counts (e.g. layer='counts' or adata.raw) rather than scaled or "
             "log-normalised data."
         )
-    if not allow_non_integer and values.size and not np.all(values == np.round(values)):
+    if not allow_non_integer and not np.all(values == np.round(values)):
         raise ValueError(
-            "The count matrix contains non-integer values; it looks normalised or "
+            f"The count matrix contains non-integer values{where}; it looks normalised or "
             "log-transformed. Use raw integer counts (e.g. layer='counts'), or pass "
             "allow_non_integer=True for ambient-corrected / pseudo-counts."
         )
-    totals = np.asarray(X.sum(axis=1)).ravel()
+
+
+def check_no_empty_cells(totals: np.ndarray, fix: str = "") -> None:
+    """Every cell needs at least one count; ``fix`` adds advice (e.g. for files on disk)."""
     empty = np.flatnonzero(totals == 0)
     if empty.size:
         raise ValueError(
             f"{empty.size} cell(s) have zero total counts (first row indices: {empty[:5].tolist()}). "
-            "Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`."
+            f"Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`{fix}."
         )
+
+
+def batch_bounds(n: int, batch_size: int, drop_singleton: bool = False) -> list[tuple[int, int]]:
+    """``(start, end)`` of each minibatch over ``n`` ordered cells.
+
+    With ``drop_singleton`` a trailing batch of one cell is merged into the previous batch
+    (BatchNorm cannot train on one cell; every cell is still seen).
+    """
+    starts = list(range(0, n, batch_size))
+    if drop_singleton and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n], strict=True))
 
 
 def _check_not_empty(adata) -> None:

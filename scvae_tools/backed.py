@@ -34,7 +34,16 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .adapter import Batch, CellData, DataSpec, _encode, _numeric_obs
+from .adapter import (
+    Batch,
+    CellData,
+    DataSpec,
+    _encode,
+    _numeric_obs,
+    batch_bounds,
+    check_no_empty_cells,
+    validate_values,
+)
 
 # Rows further apart than this are read with separate HDF5 reads; closer ones are read
 # as one span (an HDF5 read call costs about as much as reading ~100 extra rows).
@@ -199,13 +208,7 @@ class BackedCellData:
         self._col_map = _column_map(pd.Index(var_names), spec.var_names)
         totals = self._scan(validate)
         if validate:
-            empty = np.flatnonzero(totals == 0)
-            if empty.size:
-                raise ValueError(
-                    f"{empty.size} cell(s) have zero total counts (first row indices: "
-                    f"{empty[:5].tolist()}). Remove them first, e.g. "
-                    "`sc.pp.filter_cells(adata, min_counts=1)` on the data, then rewrite the file."
-                )
+            check_no_empty_cells(totals, fix=" on the data, then rewrite the file")
         if spec.size_factor_key is not None:
             lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
             if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
@@ -308,7 +311,8 @@ class BackedCellData:
             if self._col_map is not None:
                 X = X[:, self._col_map]
             if validate:
-                _validate_values(X.data, self.spec.allow_non_integer, r0)
+                validate_values(X.data, self.spec.allow_non_integer,
+                                where=f" (in rows {r0}…{r1 - 1})")
             totals[r0:r1] = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
         return totals
 
@@ -356,13 +360,9 @@ class BackedCellData:
         if shuffle:
             idx = self.epoch_order(idx, generator)
         n = len(idx)
-        starts = list(range(0, n, batch_size))
-        if drop_singleton and len(starts) > 1 and n - starts[-1] == 1:
-            starts.pop()
-        ends = starts[1:] + [n]
         window = max(self.chunk_size * self.buffer_chunks, batch_size)
         buf, w0, w1 = sp.csr_matrix((0, self.spec.n_genes), dtype=np.float32), 0, 0
-        for s, e in zip(starts, ends, strict=True):
+        for s, e in batch_bounds(n, batch_size, drop_singleton):
             if e > w1:  # read the next window of the order, keeping the rows still needed
                 new_w1 = min(n, max(e, w1 + window))
                 fresh = self.read_rows(idx[w1:new_w1])
@@ -411,26 +411,3 @@ def _column_map(have: pd.Index, want: list[str]) -> np.ndarray | None:
     if pd.Index(have_list).has_duplicates:
         raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
     return pd.Index(have_list).get_indexer(list(want))
-
-
-def _validate_values(values: np.ndarray, allow_non_integer: bool, first_row: int) -> None:
-    where = f"(in rows {first_row}…{first_row + _SCAN_ROWS - 1})"
-    if values.size == 0:
-        return
-    if not np.all(np.isfinite(values)):
-        raise ValueError(
-            f"The count matrix contains NaN or inf values {where}. Replace them (e.g. with 0) "
-            "or drop the affected cells/genes before training."
-        )
-    if values.min() < 0:
-        raise ValueError(
-            f"The count matrix contains negative values {where}; a count model needs raw "
-            "counts. Pass the raw counts (e.g. layer='counts') rather than scaled or "
-            "log-normalised data."
-        )
-    if not allow_non_integer and not np.all(values == np.round(values)):
-        raise ValueError(
-            f"The count matrix contains non-integer values {where}; it looks normalised or "
-            "log-transformed. Use raw integer counts, or pass allow_non_integer=True for "
-            "ambient-corrected / pseudo-counts."
-        )
