@@ -204,24 +204,13 @@ def posterior_collapse(
     m, v = _posterior(model, data)
     if indices is not None:
         m, v = m[np.asarray(indices)], v[np.asarray(indices)]
-    kl = model._kl_per_dim_mean(data) if indices is None else _kl_rows(model, data, indices)
+    kl = model._kl_per_dim_mean(data, indices)
     var_mean = m.astype(np.float64).var(0)
     return pd.DataFrame(
         {"kl": kl, "mean_variance": var_mean, "posterior_variance": v.mean(0),
          "active": var_mean > threshold},
         index=[f"z{d}" for d in range(m.shape[1])],
     )
-
-
-def _kl_rows(model: SCVAE, data: CellData, indices) -> np.ndarray:
-    total, n = None, 0
-    with torch.inference_mode():
-        for b in model._eval_batches(data, 1024, indices):
-            cov = model.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
-            kl = model.module.kl_per_dim(*model.module.encode(b.x, cov))[1].sum(0)
-            total = kl if total is None else total + kl
-            n += b.x.shape[0]
-    return (total / n).cpu().numpy()
 
 
 def active_units(

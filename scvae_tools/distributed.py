@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import Batch
-from .devices import accumulator_dtype
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -167,27 +166,10 @@ class DistContext:
         return shard_batches(data, indices, batch_size, generator, self.rank, self.world_size,
                              device)
 
-    @torch.inference_mode()
-    def evaluate(self, module, data, indices: np.ndarray, batch_size: int) -> dict[str, float]:
-        """Mean per-cell ELBO terms over ``indices``, each rank scoring one slice."""
-        self.sync_buffers(module)
-        was_training = module.training
-        module.eval()
+    def my_slice(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's contiguous slice of ``indices`` (slices differ by at most one item)."""
         lo, hi = shard_bounds(len(indices), self.world_size)[self.rank:self.rank + 2]
-        acc = accumulator_dtype(self.device)
-        sums = torch.zeros(3, dtype=acc, device=self.device)
-        if hi > lo:
-            for b in data.batches(np.asarray(indices)[lo:hi], batch_size=max(batch_size, 512),
-                                  device=self.device):
-                t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
-                sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
-                                     torch.tensor(float(b.x.shape[0]), dtype=acc,
-                                                  device=self.device)])
-        module.train(was_training)
-        self.all_reduce_sum(sums)
-        log_px, kl, n = sums.tolist()
-        log_px, kl = log_px / max(n, 1), kl / max(n, 1)
-        return {"elbo": log_px - kl, "reconstruction": -log_px, "kl": kl}
+        return np.asarray(indices)[lo:hi]
 
 
 class _ElboForward(nn.Module):

@@ -414,10 +414,11 @@ class SCVAE:
         kl = self._kl_per_dim_mean(self._data_for(adata))
         return pd.Series(kl, index=[f"z{d}" for d in range(len(kl))], name="kl")
 
-    def _kl_per_dim_mean(self, data: CellData) -> np.ndarray:
+    def _kl_per_dim_mean(self, data: CellData, indices: np.ndarray | None = None) -> np.ndarray:
+        """Mean KL per latent dimension over ``indices`` (default: all cells)."""
         total, n = None, 0
         with torch.inference_mode():
-            for b in self._eval_batches(data, 1024):
+            for b in self._eval_batches(data, 1024, indices):
                 cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
                 kl = self.module.kl_per_dim(*self.module.encode(b.x, cov))[1].sum(0)
                 total = kl if total is None else total + kl

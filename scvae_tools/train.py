@@ -91,19 +91,31 @@ def split_indices(n: int, train_size: float, seed: int) -> tuple[np.ndarray, np.
 
 @torch.inference_mode()
 def evaluate(
-    module: VAE, data: CellData, indices: np.ndarray | None, batch_size: int, device: torch.device
+    module: VAE, data: CellData, indices: np.ndarray | None, batch_size: int, device: torch.device,
+    dist: DistContext | None = None,
 ) -> dict[str, float]:
-    """Mean per-cell ELBO, reconstruction log-likelihood and KL over ``indices``."""
+    """Mean per-cell ELBO, reconstruction log-likelihood and KL over ``indices``.
+
+    Under DDP (``dist``) each rank scores its slice of ``indices`` and the sums are
+    all-reduced, so every rank returns the same global means.
+    """
+    if dist is not None:
+        dist.sync_buffers(module)  # score with rank 0's BatchNorm statistics everywhere
+        indices = dist.my_slice(np.arange(data.n_obs) if indices is None else indices)
     was_training = module.training
     module.eval()
-    sums = torch.zeros(3, dtype=accumulator_dtype(device), device=device)
-    n = 0
-    for b in data.batches(indices, batch_size=max(batch_size, 512), device=device):
-        t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
-        sums += torch.stack([t["log_px"].sum(), t["kl"].sum(), t["kl"].new_tensor(0.0)]).to(sums.dtype)
-        n += b.x.shape[0]
+    acc = accumulator_dtype(device)
+    sums = torch.zeros(3, dtype=acc, device=device)  # Σ log p(x|z), Σ KL, cells
+    if indices is None or len(indices):
+        for b in data.batches(indices, batch_size=max(batch_size, 512), device=device):
+            t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+            sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
+                                 torch.tensor(float(b.x.shape[0]), dtype=acc, device=device)])
     module.train(was_training)
-    log_px, kl = (sums[:2] / max(n, 1)).tolist()
+    if dist is not None:
+        dist.all_reduce_sum(sums)
+    log_px, kl, n = sums.tolist()
+    log_px, kl = log_px / max(n, 1), kl / max(n, 1)
     return {"elbo": log_px - kl, "reconstruction": -log_px, "kl": kl}
 
 
@@ -199,8 +211,7 @@ def train_module(
                 "train_kl": train_kl,
             }
             if len(val_idx):
-                val = (evaluate(module, data, val_idx, cfg.batch_size, device) if dist is None
-                       else dist.evaluate(module, data, val_idx, cfg.batch_size))
+                val = evaluate(module, data, val_idx, cfg.batch_size, device, dist)
                 row.update({f"validation_{k}": v for k, v in val.items()})
             else:
                 row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
