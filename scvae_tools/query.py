@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import CellData, DataSpec
+from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
 from .train import default_max_epochs, evaluate, split_indices
 
@@ -233,9 +234,7 @@ def _fine_tune(
         for epoch in epochs:
             t0 = time.perf_counter()
             _query_train_mode(module)
-            # MPS has no float64; elsewhere accumulate in float64 like train.py.
-            sums = torch.zeros(2, dtype=torch.float32 if device.type == "mps" else torch.float64,
-                               device=device)
+            sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
             for b in data.batches(train_idx, batch_size, shuffle=True, generator=gen,
                                   device=device):
                 terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
