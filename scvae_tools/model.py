@@ -640,7 +640,9 @@ class SCVAE:
         if layers:
             order = _gene_order(adata.var_names, self.spec.var_names)
             den = self._expression(data, 1e4, batch_size=batch_size)
-            exp = self._expression(data, "observed", batch_size=batch_size)
+            # μ = ℓ·ρ: expected counts are the denoised values rescaled to each cell's library,
+            # so one decoding pass serves both layers.
+            exp = den * (np.asarray(data.library, dtype=np.float32)[:, None] / np.float32(1e4))
             out_layers = {f"{key_added}_denoised": den[:, order],
                           f"{key_added}_expected": exp[:, order]}
         for name, arr in {**out_obsm, **out_layers}.items():

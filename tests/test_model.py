@@ -145,3 +145,12 @@ def test_pbmc68k_counts_are_recovered(pbmc68k):
     assert np.all(x == np.round(x)) and x.min() >= 0
     # the 765 genes are a subset of the full library: totals below obs.n_counts
     assert np.all(x.sum(1) <= pbmc68k.obs["n_counts"].to_numpy() + 1e-3)
+
+
+def test_expected_layer_equals_expression_at_observed_library(trained):
+    adata, model = trained
+    a = adata.copy()
+    model.write_to_adata(a)
+    np.testing.assert_allclose(a.layers["scvae_expected"],
+                               model.get_normalized_expression(library_size="observed"),
+                               rtol=1e-4, atol=1e-6)
