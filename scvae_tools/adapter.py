@@ -230,9 +230,15 @@ class CellData:
             idx = idx[torch.randperm(len(idx), generator=generator)]
         t = self._on_device(device)
         pin = device.type == "cuda"
+        in_order = indices is None and not shuffle  # all cells in order: slices, not copies
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
+            if in_order and "x" in t:
+                yield Batch(x=t["x"][s:e], library=t["library"][s:e],
+                            batch_index=t["batch_index"][s:e], cat_covs=t["cat_covs"][s:e],
+                            cont_covs=t["cont_covs"][s:e], index=rows_dev)
+                continue
             if "x" in t:
                 x = t["x"].index_select(0, rows_dev)
             elif "x_data" in t:

@@ -27,7 +27,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: by data size)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant", "plateau"], default="cosine")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder/decoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-layers", action="store_true", help="skip the dense denoised layers")
@@ -42,6 +45,7 @@ def _fit(adata, args):
                   n_hidden=args.n_hidden, n_layers=args.n_layers, likelihood=args.likelihood,
                   dispersion=args.dispersion, beta=args.beta)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                lr_schedule=args.lr_schedule, precision=args.precision, compile=args.compile,
                 device=args.device, progress_bar=not args.quiet,
                 strategy=_strategy(getattr(args, "strategy", "none")),
                 checkpoint_dir=getattr(args, "checkpoint_dir", None),

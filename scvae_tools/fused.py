@@ -51,23 +51,24 @@ def _nb_core(
     rows × genes). Runs without autograd.
     """
     per_gene_theta = log_theta.dim() == 1
-    log_mu = torch.log_softmax(logits, dim=-1)
-    if want_grads:
-        rho = log_mu.exp()
-    log_mu += log_library
-    mu = log_mu.exp()
-    theta = log_theta.exp()
-    log_tm = torch.log(mu + theta)  # log(θ + μ)
-    # Dense part: θ(log θ − log(θ+μ)) + x(log μ − log(θ+μ)).
-    a = log_theta - log_tm
-    ll = torch.mul(a, theta).sum(-1)
-    ll += torch.mul(log_mu.sub_(log_tm), x).sum(-1)  # log_mu is not needed after this
-    # Non-zero part: lgamma(x+θ) − lgamma(θ) − lgamma(x+1); digamma terms for the gradient.
     # Flat positions of the non-zeros: 1-D take/index_add are much cheaper than 2-D indexing.
     n_genes = x.shape[-1]
     flat = torch.nonzero(x.reshape(-1)).squeeze(1)
     rows = torch.div(flat, n_genes, rounding_mode="floor")
     xv = x.reshape(-1).take(flat)
+    log_rho = torch.log_softmax(logits, dim=-1)
+    rho = log_rho.exp()
+    mu = rho * log_library.exp()  # μ = ℓ·ρ: a multiply, not a second exp
+    theta = log_theta.exp()
+    tm = mu + theta  # θ + μ
+    log_tm = torch.log(tm)
+    # Dense part θ(log θ − log(θ+μ)); with one θ per gene the row sums are a mat-vec.
+    a = log_theta - log_tm
+    ll = a.mv(theta) if per_gene_theta else torch.mul(a, theta).sum(-1)
+    # x(log μ − log(θ+μ)) vanishes where x = 0, and so do the log Γ terms
+    # lgamma(x+θ) − lgamma(θ) − lgamma(x+1): all are evaluated at the non-zeros only.
+    log_mu_nz = log_rho.reshape(-1).take(flat).add_(log_library.reshape(-1).take(rows))
+    nz = log_mu_nz.sub_(log_tm.reshape(-1).take(flat)).mul_(xv)
     if per_gene_theta:
         cols = flat - rows * n_genes
         th_nz = theta.take(cols)
@@ -76,11 +77,12 @@ def _nb_core(
         th_nz = theta.reshape(-1).take(flat)
         lg_theta = torch.lgamma(th_nz)
     xt = xv + th_nz
-    ll.index_add_(0, rows, torch.lgamma(xt).sub_(lg_theta).sub_(torch.lgamma(xv + 1.0)))
+    nz += torch.lgamma(xt).sub_(lg_theta).sub_(torch.lgamma(xv + 1.0))
+    ll.index_add_(0, rows, nz)
     if not want_grads:
         return ll, None, None
     # r = (θ + x) / (θ + μ); d = x − μ·r
-    r = torch.add(x, theta).mul_(torch.neg(log_tm).exp_())
+    r = torch.add(x, theta).div_(tm)
     d = torch.addcmul(x, mu, r, value=-1.0)
     g_logits = torch.addcmul(d, rho, d.sum(-1, keepdim=True), value=-1.0)
     # ∂/∂ log θ, dense part: θ(log θ − log(θ+μ) + 1 − r) = θ(a + 1 − r)
@@ -168,7 +170,7 @@ def nb_log_likelihood_from_logits(
         raise ValueError(
             f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
         )
-    dtype = logits.dtype
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32 (bf16 MLPs)
     return NBFromLogits.apply(
-        logits, log_library.to(dtype), log_theta.to(dtype), x.to(dtype)
+        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype)
     )

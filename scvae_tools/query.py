@@ -32,7 +32,7 @@ from torch import nn
 from .adapter import CellData, DataSpec
 from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
-from .train import default_max_epochs, evaluate, split_indices
+from .train import evaluate, field_max_epochs, split_indices
 
 if TYPE_CHECKING:
     from .model import SCVAE
@@ -180,7 +180,7 @@ def load_query(
     model.query_info = {"reference_dir": str(reference_dir),
                         "new_categories": {k: v for k, v in added.items() if v}}
 
-    n_epochs = min(200, default_max_epochs(data.n_obs)) if max_epochs is None else int(max_epochs)
+    n_epochs = min(200, field_max_epochs(data.n_obs)) if max_epochs is None else int(max_epochs)
     if not new_labels or n_epochs == 0:
         # Nothing new to learn (all query categories known): the reference maps it as it is.
         model.history = pd.DataFrame()

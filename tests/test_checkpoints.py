@@ -27,7 +27,10 @@ from scvae_tools import train as train_mod
 from scvae_tools.module import VAE
 
 MODEL = dict(n_latent=3, n_hidden=16)
-TRAIN = dict(max_epochs=6, batch_size=32, kl_warmup_epochs=2, seed=3, progress_bar=False)
+# A constant learning rate: these tests stop a run by lowering max_epochs, and a cosine
+# schedule depends on max_epochs (its resume: tests/test_schedules.py).
+TRAIN = dict(max_epochs=6, batch_size=32, kl_warmup_epochs=2, seed=3, progress_bar=False,
+             lr=1e-3, lr_schedule="constant")
 HISTORY_COLS = ["epoch", "beta", "train_elbo", "train_reconstruction", "train_kl",
                 "validation_elbo", "validation_reconstruction", "validation_kl", "lr"]
 
@@ -106,7 +109,7 @@ def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
 def test_resume_refuses_other_settings_or_model(small, tmp_path):
     svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"other training settings \(lr: 0.001 → 0.01\).*resume=False"):
-        svt.SCVAE(small, **MODEL).train(**TRAIN, lr=1e-2, checkpoint_dir=tmp_path, resume=True)
+        svt.SCVAE(small, **MODEL).train(**{**TRAIN, "lr": 1e-2}, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="different model"):
         svt.SCVAE(small, n_latent=4, n_hidden=16).train(**TRAIN, checkpoint_dir=tmp_path,
                                                         resume=True)
@@ -300,7 +303,7 @@ def test_real_divergence_from_a_huge_learning_rate(small):
     model = svt.SCVAE(small, **MODEL)
     with pytest.warns(RuntimeWarning, match="rolled back to the initial weights") as record:
         with pytest.raises(FloatingPointError, match=r"after 3 rollback\(s\).*lowered to 156"):
-            model.train(**TRAIN, lr=1e4)
+            model.train(**{**TRAIN, "lr": 1e4})
     assert sum("rolled back" in str(w.message) for w in record) == 3
     assert not model.is_trained
 
@@ -311,7 +314,7 @@ def test_high_learning_rates_recover_or_stop_never_nan(small, lr):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model.train(**TRAIN, lr=lr)
+            model.train(**{**TRAIN, "lr": lr})
         except FloatingPointError:
             assert not model.is_trained
             return

@@ -1,0 +1,123 @@
+"""Learning-rate schedules, bf16 autocast and torch.compile of the training loop."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import scvae_tools as svt
+from scvae_tools.train import TrainConfig, default_max_epochs
+
+
+def test_cosine_schedule_values():
+    cfg = TrainConfig(max_epochs=10, lr=4e-3, lr_schedule="cosine", lr_min_factor=0.01)
+    assert cfg.lr_at(0, 0, 5) == pytest.approx(4e-3)
+    # Half-way: the mean of the peak and the floor.
+    assert cfg.lr_at(5, 0, 5) == pytest.approx(0.5 * (4e-3 + 4e-5))
+    assert cfg.lr_at(9, 4, 5) == pytest.approx(4e-5, rel=0.15)  # last step: near the floor
+    steps = [cfg.lr_at(e, s, 5) for e in range(10) for s in range(5)]
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))  # never rises
+    # A rollback or plateau drop scales the whole curve.
+    assert cfg.lr_at(5, 0, 5, scale=0.25) == pytest.approx(0.25 * cfg.lr_at(5, 0, 5))
+    const = TrainConfig(max_epochs=10, lr=1e-3)
+    assert {const.lr_at(e, s, 5) for e in range(10) for s in range(5)} == {1e-3}
+
+
+def test_bad_schedule_and_precision_are_refused():
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+
+
+def test_default_epochs_rule():
+    assert default_max_epochs(2638) == 38   # pbmc3k
+    assert default_max_epochs(700) == 143   # pbmc68k
+    assert default_max_epochs(100) == 400   # capped
+    assert default_max_epochs(1_000_000) == 10  # floor
+
+
+def test_history_records_the_schedule(synthetic):
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=8, batch_size=64, lr=4e-3, lr_schedule="cosine", progress_bar=False)
+    lr = model.history["lr"].to_numpy()
+    assert lr[0] < 4e-3 and np.all(np.diff(lr) < 0)  # decays every epoch
+    assert lr[-1] == pytest.approx(4e-5, rel=0.2)
+    model.train(max_epochs=8, batch_size=64, lr=4e-3, lr_schedule="constant", progress_bar=False)
+    assert np.all(model.history["lr"].to_numpy() == 4e-3)
+
+
+def test_plateau_schedule_lowers_lr_when_validation_stalls(synthetic):
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    # A high learning rate, so that noise alone produces plateaus within 60 epochs.
+    model.train(max_epochs=60, batch_size=64, lr=3e-2, lr_schedule="plateau",
+                early_stopping=False, progress_bar=False)
+    lr = model.history["lr"].to_numpy()
+    assert lr[0] == 3e-2 and np.all(np.diff(lr) <= 0)
+    drops = np.flatnonzero(np.diff(lr) < 0)
+    assert len(drops) >= 1
+    np.testing.assert_allclose(lr[drops + 1] / lr[drops], 0.3)
+    # Each drop follows five epochs without a new best validation ELBO.
+    val = model.history["validation_elbo"].to_numpy()
+    for i in drops:
+        best_before = np.max(val[: i - 4])
+        assert np.all(val[i - 4: i + 1] <= best_before)
+
+
+def test_bf16_autocast_trains_close_to_float32(synthetic):
+    fp32 = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    fp32.train(max_epochs=30, batch_size=64, progress_bar=False, seed=0)
+    bf16 = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    bf16.train(max_epochs=30, batch_size=64, progress_bar=False, seed=0, precision="bf16-mixed")
+    assert bf16.train_config.precision == "bf16-mixed"
+    # The weights, likelihood and evaluation stay float32; only the MLP matmuls ran in bf16.
+    assert all(p.dtype == torch.float32 for p in bf16.module.parameters())
+    a, b = fp32.get_elbo(), bf16.get_elbo()
+    assert math.isfinite(b)
+    assert abs(a - b) / abs(a) < 0.02
+    assert bf16.history["validation_elbo"].iloc[-1] > bf16.history["validation_elbo"].iloc[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_training_matches_eager(synthetic):
+    eager = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    eager.train(max_epochs=3, batch_size=64, progress_bar=False, seed=0)
+    comp = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    comp.train(max_epochs=3, batch_size=64, progress_bar=False, seed=0, compile=True)
+    # Same state-dict keys (compiled in place), so the model saves and loads as usual.
+    assert set(comp.module.state_dict()) == set(eager.module.state_dict())
+    # Inductor draws its own dropout masks, so the runs agree closely but not bit for bit.
+    np.testing.assert_allclose(comp.history["train_elbo"], eager.history["train_elbo"], rtol=1e-2)
+    np.testing.assert_allclose(comp.get_latent_representation(), comp.get_latent_representation())
+
+
+def test_cosine_resume_after_interruption_matches_uninterrupted(synthetic, tmp_path, monkeypatch):
+    from scvae_tools.module import VAE
+
+    kw = dict(max_epochs=6, batch_size=64, seed=1, progress_bar=False, lr_schedule="cosine")
+    reference = svt.SCVAE(synthetic, n_latent=3, n_hidden=16).train(**kw)
+    real_loss, calls = VAE.loss, {"n": 0}
+    steps = math.ceil(len(reference.train_indices) / 64)
+
+    def interrupted(self, *args, **kwargs):  # dies in the middle of epoch 4
+        calls["n"] += 1
+        if calls["n"] == 3 * steps + 2:
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        svt.SCVAE(synthetic, n_latent=3, n_hidden=16).train(**kw, checkpoint_dir=tmp_path,
+                                                            checkpoint_every=1)
+    monkeypatch.setattr(VAE, "loss", real_loss)
+    resumed = svt.SCVAE(synthetic, n_latent=3, n_hidden=16).train(**kw, checkpoint_dir=tmp_path,
+                                                                  resume=True)
+    np.testing.assert_allclose(resumed.history["lr"], reference.history["lr"])
+    np.testing.assert_allclose(resumed.history["train_elbo"], reference.history["train_elbo"],
+                               rtol=1e-5)
