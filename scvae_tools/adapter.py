@@ -15,6 +15,7 @@ Two objects come out of here:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -215,8 +216,12 @@ class CellData:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         drop_singleton: bool = False,
+        sparse: bool = False,
     ) -> Iterator[Batch]:
         """Yield minibatches over ``indices`` (default: all cells).
+
+        With ``sparse=True``, sparse counts on the CPU come as a torch sparse CSR tensor
+        (the encoder then works on the non-zeros only; inference, not training).
 
         No per-cell Python: rows are gathered with one indexing call per batch, from a dense
         tensor on the device, from CSR arrays on the device, or from host CSR into a dense
@@ -231,9 +236,17 @@ class CellData:
         t = self._on_device(device)
         pin = device.type == "cuda"
         in_order = indices is None and not shuffle  # all cells in order: slices, not copies
+        csr = sparse and sp.issparse(self.X) and device.type == "cpu"
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
+            if csr:
+                yield Batch(x=_torch_csr_rows(self.X, rows.numpy(), s, e, in_order),
+                            library=t["library"].index_select(0, rows_dev),
+                            batch_index=t["batch_index"].index_select(0, rows_dev),
+                            cat_covs=t["cat_covs"].index_select(0, rows_dev),
+                            cont_covs=t["cont_covs"].index_select(0, rows_dev), index=rows_dev)
+                continue
             if in_order and "x" in t:
                 yield Batch(x=t["x"][s:e], library=t["library"][s:e],
                             batch_index=t["batch_index"][s:e], cat_covs=t["cat_covs"][s:e],
@@ -436,6 +449,25 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.n
     offsets = np.cumsum(lengths) - lengths  # where each row's entries begin in the output
     pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - starts, lengths)
     return out_row, pos
+
+
+def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
+                    in_order: bool) -> torch.Tensor:
+    """Rows of a scipy CSR matrix as a torch sparse CSR tensor (contiguous rows: no copy)."""
+    if in_order:
+        lo, hi = X.indptr[start], X.indptr[end]
+        indptr = torch.from_numpy((X.indptr[start:end + 1] - lo).astype(np.int64))
+        cols, vals = X.indices[lo:hi], X.data[lo:hi]
+    else:
+        out_row, pos = _csr_positions(X, rows)
+        counts = np.bincount(out_row, minlength=len(rows))
+        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        cols, vals = X.indices[pos], X.data[pos]
+    with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(indptr, torch.from_numpy(cols.astype(np.int64)),
+                                       torch.from_numpy(vals), size=(len(rows), X.shape[1]),
+                                       check_invariants=False)
 
 
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:

@@ -346,6 +346,7 @@ class BackedCellData:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         drop_singleton: bool = False,
+        sparse: bool = False,  # accepted for the CellData contract; blocks are always dense
     ) -> Iterator[Batch]:
         """Yield minibatches over ``indices`` (default: all cells), reading from disk.
 

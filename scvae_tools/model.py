@@ -322,9 +322,9 @@ class SCVAE:
         if not self.is_trained:
             raise RuntimeError("The model is not trained yet; call model.train() first.")
 
-    def _eval_batches(self, data: CellData, batch_size: int, indices=None):
+    def _eval_batches(self, data: CellData, batch_size: int, indices=None, sparse: bool = False):
         self.module.to(self.device).eval()
-        return data.batches(indices, batch_size=batch_size, device=self.device)
+        return data.batches(indices, batch_size=batch_size, device=self.device, sparse=sparse)
 
     def get_latent_representation(
         self, adata=None, give_mean: bool = True, batch_size: int = 1024
@@ -337,7 +337,7 @@ class SCVAE:
     def _latent(self, data: CellData, give_mean: bool = True, batch_size: int = 1024) -> np.ndarray:
         out = np.empty((data.n_obs, self.n_latent), dtype=np.float32)
         start = 0
-        for b in self._eval_batches(data, batch_size):
+        for b in self._eval_batches(data, batch_size, sparse=True):  # encoder only: sparse ok
             cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = self.module.encode(b.x, cov)
             z = m if give_mean else m + v.sqrt() * torch.randn_like(m)
@@ -377,7 +377,7 @@ class SCVAE:
         # Written batch by batch into one array: no list of blocks and no concatenation copy.
         out = np.empty((data.n_obs, self.spec.n_genes), dtype=np.float32)
         start = 0
-        for b in self._eval_batches(data, batch_size):
+        for b in self._eval_batches(data, batch_size, sparse=True):
             # Counterfactual: encode with the cell's observed batch, decode as transform_batch.
             batch_index = self._transform_batch_index(b.batch_index, transform_batch)
             cov = self.module.covariates(batch_index, b.cat_covs, b.cont_covs)

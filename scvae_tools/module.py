@@ -111,14 +111,31 @@ class Encoder(nn.Module):
         self.log_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # log(1 + x) for counts x ≥ 0: the same values as log1p, and a faster kernel.
-        h = (x + 1.0).log_()
-        if cov.shape[1]:
-            h = torch.cat([h, cov], dim=1)
-        h = self.body(h)
+        """``x``: counts, dense or a sparse CSR tensor (inference on the CPU)."""
+        if x.layout == torch.sparse_csr:
+            h = self.body[1:](self._first_layer_sparse(x, cov))
+        else:
+            # log(1 + x) for counts x ≥ 0: the same values as log1p, and a faster kernel.
+            h = (x + 1.0).log_()
+            if cov.shape[1]:
+                h = torch.cat([h, cov], dim=1)
+            h = self.body(h)
         # At least float32 out even under bf16 autocast: the KL and z need the precision.
         # A small floor on the variance keeps the KL and sampling safe.
         return _full(self.mean(h)), torch.exp(_full(self.log_var(h))) + 1e-4
+
+
+    def _first_layer_sparse(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """The first Linear layer on log1p of sparse counts: log1p and the product touch
+        only the non-zeros (~10% of a 10x matrix), and no dense block is built."""
+        first = self.body[0]
+        n_genes = x.shape[1]
+        log_x = x.clone()  # x's values may share memory with the user's matrix
+        log_x.values().log1p_()
+        h = log_x @ first.weight[:, :n_genes].T + first.bias
+        if cov.shape[1]:
+            h = h + cov @ first.weight[:, n_genes:].T
+        return h
 
 
 class Decoder(nn.Module):
