@@ -92,8 +92,14 @@ FORMATS = {
 def test_numeric_dtypes_and_formats_give_identical_models(X, baseline, dtype, fmt):
     adata = make(FORMATS[fmt](X.astype(dtype)))
     before = adata.X.copy()
-    z = finite_results(fit(adata))
-    np.testing.assert_array_equal(z, baseline[1])  # same counts → bit-identical model
+    model = fit(adata)
+    z = finite_results(model)
+    # Same counts → a bit-identical model (training always sees the same dense float32 block).
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, baseline[0].module.state_dict()[name], rtol=0, atol=0)
+    # CPU inference reads sparse input as CSR (a sparse product in the encoder's first layer),
+    # dense input densely: the same latent up to float rounding.
+    np.testing.assert_allclose(z, baseline[1], rtol=1e-5, atol=1e-6)
     assert adata.X.dtype == np.dtype(dtype) and type(adata.X) is type(before)
 
 
@@ -102,7 +108,7 @@ def test_bool_counts_are_read_as_zero_one(X, fmt):
     binary = X > 0
     z = finite_results(fit(make(FORMATS[fmt](binary))))
     ref = fit(make(sp.csr_matrix(binary.astype(np.float32)))).get_latent_representation()
-    np.testing.assert_array_equal(z, ref)
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)  # dense vs CSR inference
 
 
 def test_coo_is_refused_by_anndata_and_converted_by_the_adapter(X):
@@ -343,7 +349,8 @@ def test_backed_anndata_is_read_into_memory(X, baseline, tmp_path, fmt):
     backed = ad.read_h5ad(path, backed="r")
     assert backed.isbacked
     model, z = baseline
-    np.testing.assert_array_equal(model.get_latent_representation(backed), z)
-    np.testing.assert_array_equal(fit(backed).get_latent_representation(), z)
+    # Backed blocks are read densely, the in-memory CSR baseline sparsely: float rounding only.
+    np.testing.assert_allclose(model.get_latent_representation(backed), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fit(backed).get_latent_representation(), z, rtol=1e-5, atol=1e-6)
     backed.file.close()
     assert path.read_bytes() == raw  # the file on disk was only read
