@@ -593,7 +593,7 @@ class SCVAE:
         query_adata,
         max_epochs: int | None = None,
         batch_size: int = 128,
-        lr: float = 4e-3,
+        lr: float = 1e-3,
         train_size: float = 0.9,
         early_stopping: bool = True,
         early_stopping_patience: int = 30,

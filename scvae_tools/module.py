@@ -130,7 +130,7 @@ class Encoder(nn.Module):
         only the non-zeros (~10% of a 10x matrix), and no dense block is built."""
         first = self.body[0]
         n_genes = x.shape[1]
-        log_x = x.clone()  # x's values may share memory with the user's matrix
+        log_x = x.clone()  # x shares its values with the stored counts: never log them in place
         log_x.values().log1p_()
         h = log_x @ first.weight[:, :n_genes].T + first.bias
         if cov.shape[1]:

@@ -417,8 +417,7 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
     """Restore the last good state and lower the lr, or raise after too many rollbacks."""
     where = f"epoch {epoch + 1}" + (f", step {bad_step + 1}" if bad_step is not None else "")
     good_point = f"the end of epoch {epoch}" if epoch else "the initial weights"
-    lrs = [group["lr"] for group in optim.param_groups]  # the snapshot's lr may be higher
-    lr = lrs[0]
+    lr = optim.param_groups[0]["lr"]  # the snapshot's lr may be higher
     module.load_state_dict(good["module"])
     # A copy: the optimiser keeps references to the tensors it is given and updates them.
     optim.load_state_dict(_clone_tree(good["optim"]))
@@ -430,10 +429,8 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
             "counts, no extreme values, the right layer) or train with a lower lr or beta."
         )
     loop.rollbacks += 1
-    loop.lr_scale *= cfg.rollback_lr_factor
+    loop.lr_scale *= cfg.rollback_lr_factor  # the retried epoch sets its lr from this scale
     new_lr = lr * cfg.rollback_lr_factor
-    for group, old in zip(optim.param_groups, lrs, strict=True):
-        group["lr"] = old * cfg.rollback_lr_factor
     warnings.warn(
         f"NaN/inf loss or gradient at {where}; rolled back to {good_point} and "
         f"lowered the learning rate to {new_lr:.3g} (rollback {loop.rollbacks} of at most "
