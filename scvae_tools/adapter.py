@@ -176,27 +176,32 @@ class CellData:
                 "Continuous covariates contain NaN or inf; fill or drop those cells first."
             )
         self._device_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._counts_placed = False  # counts of the cached device placed yet
 
     # ------------------------------------------------------------------ batching
-    def _on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """All per-cell arrays as tensors on ``device``.
+    def _on_device(self, device: torch.device, counts: bool = True) -> dict[str, torch.Tensor]:
+        """All per-cell arrays as tensors on ``device``; the counts too unless ``counts=False``.
 
         Counts are kept, in order of preference: as one dense tensor on the device (when
         it takes at most ``DENSE_LIMIT_BYTES``), as CSR arrays on the device (``x_data``,
         ``x_indices``; when they take at most ``SPARSE_DEVICE_LIMIT_BYTES``), or in host
-        memory, gathered per batch into a (pinned, on CUDA) dense block.
+        memory, gathered per batch into a (pinned, on CUDA) dense block. They are placed on
+        first use, so sparse CPU inference (``counts=False``) never builds the dense copy.
         """
         key = str(device)
         if key not in self._device_cache:
-            n, g = self.X.shape
-            dense_ok = n * g * 4 <= DENSE_LIMIT_BYTES
             t: dict[str, torch.Tensor] = {
                 "library": torch.from_numpy(self.library).to(device).unsqueeze(1),
                 "batch_index": torch.from_numpy(self.batch_index).to(device),
                 "cat_covs": torch.from_numpy(self.cat_covs).to(device),
                 "cont_covs": torch.from_numpy(self.cont_covs).to(device),
             }
-            if dense_ok:
+            self._device_cache = {key: t}  # keep only one device's copy
+            self._counts_placed = False
+        t = self._device_cache[key]
+        if counts and not self._counts_placed:
+            n, g = self.X.shape
+            if n * g * 4 <= DENSE_LIMIT_BYTES:
                 dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
                 t["x"] = torch.from_numpy(dense).to(device)
             elif sp.issparse(self.X) and device.type != "cpu" and (
@@ -205,8 +210,8 @@ class CellData:
                 # The whole CSR matrix lives on the accelerator; only index arrays travel.
                 t["x_data"] = torch.from_numpy(self.X.data).to(device)
                 t["x_indices"] = torch.from_numpy(self.X.indices.astype(np.int64)).to(device)
-            self._device_cache = {key: t}  # keep only one device's copy
-        return self._device_cache[key]
+            self._counts_placed = True
+        return t
 
     def batches(
         self,
@@ -233,10 +238,10 @@ class CellData:
         idx = torch.arange(self.n_obs) if indices is None else torch.as_tensor(indices)
         if shuffle:
             idx = idx[torch.randperm(len(idx), generator=generator)]
-        t = self._on_device(device)
+        csr = sparse and sp.issparse(self.X) and device.type == "cpu"
+        t = self._on_device(device, counts=not csr)
         pin = device.type == "cuda"
         in_order = indices is None and not shuffle  # all cells in order: slices, not copies
-        csr = sparse and sp.issparse(self.X) and device.type == "cpu"
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
