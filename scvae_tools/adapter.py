@@ -241,24 +241,15 @@ class CellData:
         csr = sparse and sp.issparse(self.X) and device.type == "cpu"
         t = self._on_device(device, counts=not csr)
         pin = device.type == "cuda"
-        in_order = indices is None and not shuffle  # all cells in order: slices, not copies
+        in_order = indices is None and not shuffle
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
+            sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
             if csr:
-                yield Batch(x=_torch_csr_rows(self.X, rows.numpy(), s, e, in_order),
-                            library=t["library"].index_select(0, rows_dev),
-                            batch_index=t["batch_index"].index_select(0, rows_dev),
-                            cat_covs=t["cat_covs"].index_select(0, rows_dev),
-                            cont_covs=t["cont_covs"].index_select(0, rows_dev), index=rows_dev)
-                continue
-            if in_order and "x" in t:
-                yield Batch(x=t["x"][s:e], library=t["library"][s:e],
-                            batch_index=t["batch_index"][s:e], cat_covs=t["cat_covs"][s:e],
-                            cont_covs=t["cont_covs"][s:e], index=rows_dev)
-                continue
-            if "x" in t:
-                x = t["x"].index_select(0, rows_dev)
+                x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
+            elif "x" in t:
+                x = _take(t["x"], sel)
             elif "x_data" in t:
                 x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device)
             else:
@@ -266,14 +257,9 @@ class CellData:
                 if pin:
                     block = block.pin_memory()
                 x = block.to(device, non_blocking=True)
-            yield Batch(
-                x=x,
-                library=t["library"].index_select(0, rows_dev),
-                batch_index=t["batch_index"].index_select(0, rows_dev),
-                cat_covs=t["cat_covs"].index_select(0, rows_dev),
-                cont_covs=t["cont_covs"].index_select(0, rows_dev),
-                index=rows_dev,
-            )
+            yield Batch(x=x, library=_take(t["library"], sel),
+                        batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
+                        cont_covs=_take(t["cont_covs"], sel), index=rows_dev)
 
 
 # ---------------------------------------------------------------------- validation
@@ -454,6 +440,11 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.n
     offsets = np.cumsum(lengths) - lengths  # where each row's entries begin in the output
     pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - starts, lengths)
     return out_row, pos
+
+
+def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    """Rows ``sel`` of ``a``: a view for a slice, one ``index_select`` for row indices."""
+    return a[sel] if isinstance(sel, slice) else a.index_select(0, sel)
 
 
 def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,

@@ -191,6 +191,13 @@ def test_crash_mid_save_keeps_previous_model(saved, small, tmp_path, monkeypatch
     newer = svt.SCVAE(small, batch_key="batch", n_latent=2, n_hidden=8).train(**TRAIN, seed=1)
     assert not np.allclose(newer.get_latent_representation(), z_old)
 
+    def old_model_kept():
+        """After a failed save: the previous model loads unchanged, and no temp dirs are left."""
+        monkeypatch.undo()
+        np.testing.assert_array_equal(
+            svt.SCVAE.load(target, small).get_latent_representation(), z_old)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
     def torn_save(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"PK\x03\x04 half of a zip")
         raise OSError("No space left on device")
@@ -198,10 +205,7 @@ def test_crash_mid_save_keeps_previous_model(saved, small, tmp_path, monkeypatch
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="No space"):
         newer.save(target, overwrite=True)
-    monkeypatch.undo()
-    np.testing.assert_array_equal(
-        svt.SCVAE.load(target, small).get_latent_representation(), z_old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dirs left
+    old_model_kept()
 
     # A failure of the final rename (after the old model was moved aside) puts it back.
     real_rename = Path.rename
@@ -214,10 +218,7 @@ def test_crash_mid_save_keeps_previous_model(saved, small, tmp_path, monkeypatch
     monkeypatch.setattr(Path, "rename", flaky_rename)
     with pytest.raises(OSError, match="rename failed"):
         newer.save(target, overwrite=True)
-    monkeypatch.undo()
-    np.testing.assert_array_equal(
-        svt.SCVAE.load(target, small).get_latent_representation(), z_old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    old_model_kept()
 
     newer.save(target, overwrite=True)  # and a save that succeeds replaces it
     np.testing.assert_array_equal(svt.SCVAE.load(target, small).get_latent_representation(),
