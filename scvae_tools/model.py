@@ -387,17 +387,18 @@ class SCVAE:
                 z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
             else:
                 z = m
+            lib = b.library if library_size == "observed" else float(library_size)
+            dest = out[start:start + len(m)]
+            start += len(m)
+            if n_samples == 1 and m.device.type == "cpu" and m.dtype == torch.float32:
+                # Decode straight into the output array: no intermediate cells × genes buffers.
+                self.module.scaled_proportions_(z, cov, lib, torch.from_numpy(dest))
+                continue
             # μ = ℓ·ρ, so the mean over samples of μ is ℓ times the mean of ρ.
             rho = self.module.proportions(z, cov)
             if n_samples > 1:
                 rho = rho.mean(0)
-            lib = b.library if library_size == "observed" else float(library_size)
-            dest = out[start:start + len(rho)]
-            if rho.device.type == "cpu":  # scale straight into the output array
-                torch.mul(rho, lib, out=torch.from_numpy(dest))
-            else:
-                dest[:] = (rho * lib).cpu().numpy()
-            start += len(rho)
+            dest[:] = (rho * lib).cpu().numpy()
         return out
 
     def _transform_batch_index(self, batch_index: torch.Tensor, transform_batch) -> torch.Tensor:

@@ -200,3 +200,24 @@ def test_sparse_inference_equals_dense(synthetic):
     dense_model._data.X = data.X.toarray()  # a dense matrix: the dense path
     np.testing.assert_allclose(dense_model.get_normalized_expression(library_size=1e4), expr,
                                rtol=1e-4, atol=1e-3)
+
+
+def test_in_place_decode_equals_softmax(synthetic):
+    """Denoised expression decoded in place equals ℓ · softmax(decoder logits at the mean z)."""
+    model = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
+    model.train(max_epochs=3, batch_size=64, progress_bar=False)
+    mod = model.module.eval()
+    lib = torch.from_numpy(np.asarray(synthetic.X.sum(1), dtype=np.float32).reshape(-1, 1))
+    with torch.inference_mode():
+        batch_index = torch.from_numpy(model._data.batch_index)
+        cov = mod.covariates(batch_index)
+        z = torch.from_numpy(model.get_latent_representation())
+        rho = torch.softmax(mod.decoder(z, cov)["logits"], dim=-1)
+        for scale in (1e4, lib):
+            out = torch.full((synthetic.n_obs, synthetic.n_vars), float("nan"))
+            mod.scaled_proportions_(z, cov, scale, out)
+            torch.testing.assert_close(out, rho * scale, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(model.get_normalized_expression(library_size=1e4),
+                               (rho * 1e4).numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(model.get_normalized_expression(library_size="observed"),
+                               (rho * lib).numpy(), rtol=1e-4, atol=1e-3)
