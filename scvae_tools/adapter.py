@@ -132,18 +132,24 @@ class CellData:
         What to read (from :meth:`DataSpec.from_anndata` or a saved model).
     validate
         Check the counts (non-negative, finite, integer unless allowed, no empty cells).
+    copy
+        Keep a private copy of the counts (the default: a model's training data must not
+        change when the user later edits their AnnData). ``False`` reads float32 CSR or
+        dense counts in place, for short-lived read-only uses such as inference on another
+        AnnData; nothing here ever writes to them.
     """
 
-    def __init__(self, adata, spec: DataSpec, validate: bool = True):
+    def __init__(self, adata, spec: DataSpec, validate: bool = True, copy: bool = True):
         _check_not_empty(adata)
         self.spec = spec
         self.n_obs = adata.n_obs
         self.obs_names = adata.obs_names.copy()
         counts = _select_genes(_get_counts(adata, spec.layer), adata.var_names, spec.var_names)
-        counts = _as_float32(counts)
+        counts = _as_float32(counts, copy=copy)
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
         if validate:
-            validate_counts(counts, allow_non_integer=spec.allow_non_integer)
-        self.X = counts  # CSR or dense float32 (a copy: user data is never aliased for writing)
+            validate_counts(counts, allow_non_integer=spec.allow_non_integer, totals=totals)
+        self.X = counts  # CSR or dense float32, only ever read
         obs = adata.obs
         if spec.size_factor_key is not None:
             lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
@@ -153,7 +159,7 @@ class CellData:
                     "fix or drop those cells, or leave size_factor_key=None to use each cell's total counts."
                 )
         else:
-            lib = np.asarray(counts.sum(axis=1)).ravel().astype(np.float32)
+            lib = totals
         self.library = lib
         self.batch_index = (
             _encode(obs, spec.batch_key, spec.batch_categories)
@@ -263,10 +269,18 @@ class CellData:
 
 
 # ---------------------------------------------------------------------- validation
-def validate_counts(X, allow_non_integer: bool = False) -> None:
-    """Raise ``ValueError`` naming the problem and the fix if ``X`` is not a count matrix."""
+def validate_counts(X, allow_non_integer: bool = False, totals: np.ndarray | None = None) -> None:
+    """Raise ``ValueError`` naming the problem and the fix if ``X`` is not a count matrix.
+
+    ``totals`` are the row sums when the caller already has them.
+    """
     validate_values(X.data if sp.issparse(X) else np.asarray(X), allow_non_integer)
-    check_no_empty_cells(np.asarray(X.sum(axis=1)).ravel())
+    check_no_empty_cells(np.asarray(X.sum(axis=1)).ravel() if totals is None else totals)
+
+
+# Values checked per step: whole-array temporaries (isfinite, round) of a large matrix cost
+# more in page faults and memory traffic than the checks themselves; 1M values stay in cache.
+_CHECK_CHUNK = 1 << 20
 
 
 def validate_values(values: np.ndarray, allow_non_integer: bool = False, where: str = "") -> None:
@@ -274,8 +288,12 @@ def validate_values(values: np.ndarray, allow_non_integer: bool = False, where: 
 
     ``where`` (e.g. ``" (in rows 0…9999)"``) locates the problem for chunked checks.
     """
-    if values.size == 0:
-        return
+    flat = np.ravel(values, order="K")  # no copy for contiguous input, whatever its order
+    for start in range(0, flat.size, _CHECK_CHUNK):
+        _validate_chunk(flat[start:start + _CHECK_CHUNK], allow_non_integer, where)
+
+
+def _validate_chunk(values: np.ndarray, allow_non_integer: bool, where: str) -> None:
     if not np.all(np.isfinite(values)):
         raise ValueError(
             f"The count matrix contains NaN or inf values{where}. Replace them (e.g. with 0) or "
@@ -349,8 +367,12 @@ def _get_counts(adata, layer: str | None):
     return X
 
 
-def _as_float32(X):
-    """Counts as float32 CSR (sparse input) or a dense float32 array; always a new array."""
+def _as_float32(X, copy: bool = True):
+    """Counts as float32 CSR (sparse input) or a dense float32 array.
+
+    A new array unless ``copy=False`` and ``X`` already is canonical float32 CSR (sorted,
+    no duplicates) or a dense float32 array: then ``X`` itself, to be read only.
+    """
     dtype = np.dtype(getattr(X, "dtype", np.float32))
     if dtype.kind not in "biuf":  # e.g. object/str columns would fail inside numpy, unclearly
         raise ValueError(
@@ -358,6 +380,11 @@ def _as_float32(X):
             "bool). Convert it after checking what it holds, e.g. "
             "`adata.X = adata.X.astype(np.float32)`."
         )
+    if not copy and dtype == np.float32:
+        if sp.issparse(X) and X.format == "csr" and X.has_canonical_format:
+            return X
+        if isinstance(X, np.ndarray):
+            return X
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=True)
         X.sum_duplicates()
@@ -449,19 +476,25 @@ def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
 
 def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
                     in_order: bool) -> torch.Tensor:
-    """Rows of a scipy CSR matrix as a torch sparse CSR tensor (contiguous rows: no copy)."""
+    """Rows of a scipy CSR matrix as a torch sparse CSR tensor (contiguous rows: no copy).
+
+    The indices keep scipy's int32 when they fit: no conversion pass, and torch's sparse
+    product is as fast with them.
+    """
+    index_dtype = np.int32 if X.indices.dtype == np.int32 else np.int64
     if in_order:
         lo, hi = X.indptr[start], X.indptr[end]
-        indptr = torch.from_numpy((X.indptr[start:end + 1] - lo).astype(np.int64))
+        indptr = (X.indptr[start:end + 1] - lo).astype(index_dtype)
         cols, vals = X.indices[lo:hi], X.data[lo:hi]
     else:
         out_row, pos = _csr_positions(X, rows)
         counts = np.bincount(out_row, minlength=len(rows))
-        indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype)
         cols, vals = X.indices[pos], X.data[pos]
     with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(indptr, torch.from_numpy(cols.astype(np.int64)),
+        return torch.sparse_csr_tensor(torch.from_numpy(indptr),
+                                       torch.from_numpy(cols.astype(index_dtype, copy=False)),
                                        torch.from_numpy(vals), size=(len(rows), X.shape[1]),
                                        check_invariants=False)
 

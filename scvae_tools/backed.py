@@ -104,11 +104,13 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
     os.replace(tmp, dst)
 
 
-def make_cell_data(adata, spec: DataSpec, validate: bool = True, **backed_kwargs):
-    """:class:`BackedCellData` for backed AnnData / paths, else an in-memory ``CellData``."""
+def make_cell_data(adata, spec: DataSpec, validate: bool = True, copy: bool = True,
+                   **backed_kwargs):
+    """:class:`BackedCellData` for backed AnnData / paths, else an in-memory ``CellData``
+    (``copy=False``: read the counts in place, see :class:`CellData`)."""
     if is_backed(adata):
         return BackedCellData(adata, spec, validate=validate, **backed_kwargs)
-    return CellData(adata, spec, validate=validate)
+    return CellData(adata, spec, validate=validate, copy=copy)
 
 
 class BackedCellData:

@@ -316,7 +316,8 @@ class SCVAE:
         """
         if adata is None:
             return self._require_data()
-        return make_cell_data(adata, self.spec)
+        # Read in place: this CellData lives for one read-only evaluation call.
+        return make_cell_data(adata, self.spec, copy=False)
 
     def _check_trained(self) -> None:
         if not self.is_trained:

@@ -148,3 +148,27 @@ def test_adata_is_not_modified():
     pd.testing.assert_frame_equal(a.obs, before.obs)
     pd.testing.assert_frame_equal(a.var, before.var)
     assert set(a.uns) == set(before.uns) and set(a.obsm) == set(before.obsm)
+
+
+def test_inference_reads_user_counts_without_changing_them(synthetic):
+    """Evaluation reads canonical float32 CSR in place; other inputs (here CSR with
+    duplicate entries, which must be summed) are converted on a copy, never in place."""
+    model = svt.SCVAE(synthetic, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False, seed=0)
+    ref = model.get_latent_representation()
+    X = sp.csr_matrix(synthetic.X, dtype=np.float32)
+    # Each row's entries twice, as two halves that sum back to the count: a non-canonical CSR.
+    rows = [slice(a, b) for a, b in zip(X.indptr[:-1], X.indptr[1:], strict=True)]
+    half = np.floor(X.data / 2)
+    dup = sp.csr_matrix((np.concatenate([np.r_[half[r], X.data[r] - half[r]] for r in rows]),
+                         np.concatenate([np.r_[X.indices[r], X.indices[r]] for r in rows]),
+                         2 * X.indptr), shape=X.shape)
+    assert dup.nnz == 2 * X.nnz and not dup.has_canonical_format
+    for counts in (X, dup):
+        user = ad.AnnData(counts, obs=synthetic.obs.copy(), var=synthetic.var.copy())
+        data, indices, indptr = counts.data.copy(), counts.indices.copy(), counts.indptr.copy()
+        np.testing.assert_allclose(model.get_latent_representation(user), ref, rtol=1e-5, atol=1e-6)
+        assert user.X is counts
+        np.testing.assert_array_equal(counts.data, data)
+        np.testing.assert_array_equal(counts.indices, indices)
+        np.testing.assert_array_equal(counts.indptr, indptr)

@@ -128,6 +128,12 @@ def test_training_on_valid_counts_never_gives_nan(adata, use_batch):
     assert np.isfinite(expr).all() and (expr >= 0).all()
     np.testing.assert_allclose(expr.sum(1), 1e4, rtol=1e-3)  # proportions × 1e4
     assert np.isfinite(model.get_elbo())
+    # Inference on the user's AnnData reads its counts in place (no copy): same results,
+    # and the AnnData is still unchanged afterwards.
+    np.testing.assert_allclose(model.get_latent_representation(adata), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_normalized_expression(adata, library_size=1e4), expr,
+                               rtol=1e-4, atol=1e-3)
+    assert np.isfinite(model.get_elbo(adata))
     assert_unchanged(adata, before, x_object)
 
 
