@@ -125,11 +125,12 @@ def step_flops(n_genes: int, n_hidden: int = 128, n_latent: int = 10, batch: int
     return float(enc + dec)
 
 
-def _timed(fn, *args):
-    """``fn(*args)`` and its (CPU, wall) seconds: the best of 3 calls (the first one warms
-    caches and allocators)."""
+def _timed(fn, *args, repeats: int = 5):
+    """``fn(*args)`` and its (CPU, wall) seconds: the best of ``repeats`` calls (the first
+    one warms caches and allocators; on small data one call takes tens of milliseconds, and
+    this VM's run-to-run noise needs several tries to see the undisturbed time)."""
     best_cpu = best_wall = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
         out = fn(*args)
         best_cpu = min(best_cpu, time.process_time() - c)

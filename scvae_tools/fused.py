@@ -10,11 +10,12 @@ autograd. :class:`NBFromLogits` computes, for decoder logits ``l``, log library 
     log p(x) = Σ_g θ(log θ − log(θ+μ)) + x(log μ − log(θ+μ))          (dense part)
              + Σ_{g: x_g>0} lgamma(x+θ) − lgamma(θ) − lgamma(x+1)       (non-zeros only)
 
-per cell, and, in the same pass, its gradients with respect to ``l`` and ``log θ``:
+per cell, and, in the same pass, its gradients with respect to ``l`` and ``log θ``. With
+q_g = (x_g − μ_g)/(θ_g + μ_g) and a_g = log θ_g − log(θ_g + μ_g):
 
-    d_g = ∂/∂ log μ_g = x_g − μ_g (θ_g + x_g) / (θ_g + μ_g)
+    d_g = ∂/∂ log μ_g = θ_g q_g
     ∂/∂ l_g = d_g − ρ_g Σ_h d_h
-    ∂/∂ log θ_g = θ_g (log θ_g + 1 − log(θ_g+μ_g) − (θ_g+x_g)/(θ_g+μ_g) + ψ(x_g+θ_g) − ψ(θ_g))
+    ∂/∂ log θ_g = θ_g (a_g − q_g + ψ(x_g+θ_g) − ψ(θ_g))
 
 For x = 0 the ``lgamma``/``digamma`` terms cancel exactly, so they are evaluated only at the
 non-zero entries (single-cell data are mostly zeros). The value returned is the *full
@@ -42,57 +43,67 @@ def _nb_core(
     logits: torch.Tensor,
     log_library: torch.Tensor,
     log_theta: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     want_grads: bool,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row log-likelihood (rows, ) and, optionally, the unscaled gradients (rows, genes).
 
     All inputs are 2-D (rows × genes; ``log_library`` rows × 1; ``log_theta`` genes or
-    rows × genes). Runs without autograd.
+    rows × genes). The counts enter only through their non-zeros: ``nonzero`` =
+    (flat positions in the rows × genes block, values) when the caller has them, else they
+    are found in the dense ``x``. Runs without autograd.
     """
     per_gene_theta = log_theta.dim() == 1
-    # Flat positions of the non-zeros: 1-D take/index_add are much cheaper than 2-D indexing.
-    n_genes = x.shape[-1]
-    flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+    n_genes = logits.shape[-1]
+    if nonzero is None:
+        # Flat positions: 1-D take/index_add are much cheaper than 2-D indexing.
+        flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+        xv = x.reshape(-1).take(flat)
+    else:
+        flat, xv = nonzero
     rows = torch.div(flat, n_genes, rounding_mode="floor")
-    xv = x.reshape(-1).take(flat)
     log_rho = torch.log_softmax(logits, dim=-1)
     rho = log_rho.exp()
-    mu = rho * log_library.exp()  # μ = ℓ·ρ: a multiply, not a second exp
+    lib = log_library.exp()
     theta = log_theta.exp()
-    tm = mu + theta  # θ + μ
-    log_tm = torch.log(tm)
-    # Dense part θ(log θ − log(θ+μ)); with one θ per gene the row sums are a mat-vec.
-    a = log_theta - log_tm
+    tm = torch.addcmul(theta, rho, lib)  # θ + μ with μ = ℓ·ρ, in one pass
+    # a = log θ − log(θ+μ); the dense part θ·a has row sums that, with one θ per gene, are
+    # a mat-vec.
+    a = torch.log(tm).neg_().add_(log_theta)
     ll = a.mv(theta) if per_gene_theta else torch.mul(a, theta).sum(-1)
     # x(log μ − log(θ+μ)) vanishes where x = 0, and so do the log Γ terms
     # lgamma(x+θ) − lgamma(θ) − lgamma(x+1): all are evaluated at the non-zeros only.
-    log_mu_nz = log_rho.reshape(-1).take(flat).add_(log_library.reshape(-1).take(rows))
-    nz = log_mu_nz.sub_(log_tm.reshape(-1).take(flat)).mul_(xv)
     if per_gene_theta:
         cols = flat - rows * n_genes
-        th_nz = theta.take(cols)
+        lt_nz, th_nz = log_theta.take(cols), theta.take(cols)
         lg_theta = torch.lgamma(theta).take(cols)
     else:
-        th_nz = theta.reshape(-1).take(flat)
+        lt_nz, th_nz = log_theta.reshape(-1).take(flat), theta.reshape(-1).take(flat)
         lg_theta = torch.lgamma(th_nz)
+    a_nz = a.reshape(-1).take(flat)
+    # log μ − log(θ+μ) = log ρ + log ℓ + a − log θ
+    nz = log_rho.reshape(-1).take(flat).add_(log_library.reshape(-1).take(rows))
+    nz.add_(a_nz).sub_(lt_nz).mul_(xv)
     xt = xv + th_nz
     nz += torch.lgamma(xt).sub_(lg_theta).sub_(torch.lgamma(xv + 1.0))
     ll.index_add_(0, rows, nz)
     if not want_grads:
         return ll, None, None
-    # r = (θ + x) / (θ + μ); d = x − μ·r
-    r = torch.add(x, theta).div_(tm)
-    d = torch.addcmul(x, mu, r, value=-1.0)
-    g_logits = torch.addcmul(d, rho, d.sum(-1, keepdim=True), value=-1.0)
-    # ∂/∂ log θ, dense part: θ(log θ − log(θ+μ) + 1 − r) = θ(a + 1 − r)
-    g_lt = a.add_(1.0).sub_(r)
+    # With q = (x − μ)/(θ+μ):  ∂/∂ log μ = θ·q  and  ∂/∂ log θ (dense part) = θ·(a − q).
+    # q is −μ/(θ+μ) everywhere plus x/(θ+μ) at the non-zeros: the dense x is never read.
+    q = torch.mul(rho, lib).div_(tm).neg_()
+    q.reshape(-1).index_add_(0, flat, xv / tm.reshape(-1).take(flat))
+    s = q.mv(theta) if per_gene_theta else torch.mul(q, theta).sum(-1)  # Σ_h θ_h q_h
+    g_lt = a.sub_(q)
     if per_gene_theta:
         dig = torch.digamma(xt).sub_(torch.digamma(theta).take(cols))
     else:
         dig = torch.digamma(xt).sub_(torch.digamma(th_nz))
     g_lt.reshape(-1).index_add_(0, flat, dig)  # g_lt is a fresh contiguous tensor: a view
     g_lt.mul_(theta)
+    # ∂/∂ l_g = θ_g q_g − ρ_g Σ_h θ_h q_h  (the softmax's Jacobian)
+    g_logits = q.mul_(theta).addcmul_(rho, s.unsqueeze(-1), value=-1.0)
     return ll, g_logits, g_lt
 
 
