@@ -118,6 +118,10 @@ class Batch:
     cat_covs: torch.Tensor  # (n, k) int64 codes
     cont_covs: torch.Tensor  # (n, m) float32
     index: torch.Tensor  # (n,) int64 row numbers into the CellData
+    # The counts' non-zeros as (flat positions in the n × genes block, values), when the data
+    # path knows them (``batches(nonzero=True)`` over CSR counts): the fused NB likelihood
+    # then need not search x for them, a search that makes the host wait for the device.
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class CellData:
@@ -228,11 +232,15 @@ class CellData:
         device: torch.device | str = "cpu",
         drop_singleton: bool = False,
         sparse: bool = False,
+        nonzero: bool = False,
     ) -> Iterator[Batch]:
         """Yield minibatches over ``indices`` (default: all cells).
 
         With ``sparse=True``, sparse counts on the CPU come as a torch sparse CSR tensor
         (the encoder then works on the non-zeros only; inference, not training).
+        With ``nonzero=True`` and CSR counts, each batch also carries its non-zeros
+        (``Batch.nonzero``), found on the host from the CSR structure and sent over with
+        the batch, so that no step has to search the dense block on the device.
 
         No per-cell Python: rows are gathered with one indexing call per batch, from a dense
         tensor on the device, from CSR arrays on the device, or from host CSR into a dense
@@ -248,24 +256,33 @@ class CellData:
         t = self._on_device(device, counts=not csr)
         pin = device.type == "cuda"
         in_order = indices is None and not shuffle
+        positions = nonzero and sp.issparse(self.X) and not csr
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
+            found = _csr_positions(self.X, rows.numpy()) if positions else None
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
                 x = _take(t["x"], sel)
             elif "x_data" in t:
-                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device)
+                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
+                                          found)
             else:
-                block = torch.from_numpy(_dense_rows(self.X, rows.numpy()))
+                block = torch.from_numpy(_dense_rows(self.X, rows.numpy(), found))
                 if pin:
                     block = block.pin_memory()
                 x = block.to(device, non_blocking=True)
+            nz = None
+            if found is not None:
+                out_row, pos = found
+                flat = out_row * self.X.shape[1] + self.X.indices[pos]
+                nz = (_to_device(torch.from_numpy(flat), device),
+                      _to_device(torch.from_numpy(self.X.data[pos]), device))
             yield Batch(x=x, library=_take(t["library"], sel),
                         batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
-                        cont_covs=_take(t["cont_covs"], sel), index=rows_dev)
+                        cont_covs=_take(t["cont_covs"], sel), index=rows_dev, nonzero=nz)
 
 
 # ---------------------------------------------------------------------- validation
@@ -499,10 +516,19 @@ def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
                                        check_invariants=False)
 
 
-def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
-    """Rows of ``X`` as a dense float32 block (one vectorised scatter for CSR)."""
+def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: from pinned memory without blocking on CUDA."""
+    if device.type == "cuda":
+        a = a.pin_memory()
+    return a.to(device, non_blocking=True)
+
+
+def _dense_rows(X, rows: np.ndarray, found: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> np.ndarray:
+    """Rows of ``X`` as a dense float32 block (one vectorised scatter for CSR; ``found``:
+    :func:`_csr_positions` of these rows when the caller has them)."""
     if sp.issparse(X):
-        out_row, pos = _csr_positions(X, rows)
+        out_row, pos = _csr_positions(X, rows) if found is None else found
         block = np.zeros((len(rows), X.shape[1]), dtype=np.float32)
         block[out_row, X.indices[pos]] = X.data[pos]
         return block
@@ -511,20 +537,17 @@ def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
 
 def _gather_csr_on_device(
     X: sp.csr_matrix, rows: np.ndarray, data: torch.Tensor, indices: torch.Tensor,
-    device: torch.device,
+    device: torch.device, found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> torch.Tensor:
     """Dense block of ``rows`` from CSR arrays resident on ``device``.
 
     The index arithmetic runs on the host copy of ``indptr`` (so the device never has to
     report a size back); two index arrays go over non-blocking and the scatter runs there.
+    ``found``: :func:`_csr_positions` of these rows when the caller has them.
     """
-    out_row, pos = _csr_positions(X, rows)
-    pin = device.type == "cuda"
-    out_row_t, pos_t = torch.from_numpy(out_row), torch.from_numpy(pos)
-    if pin:
-        out_row_t, pos_t = out_row_t.pin_memory(), pos_t.pin_memory()
-    out_row_t = out_row_t.to(device, non_blocking=True)
-    pos_t = pos_t.to(device, non_blocking=True)
+    out_row, pos = _csr_positions(X, rows) if found is None else found
+    out_row_t = _to_device(torch.from_numpy(out_row), device)
+    pos_t = _to_device(torch.from_numpy(pos), device)
     block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)
     block[out_row_t, indices[pos_t]] = data[pos_t]
     return block

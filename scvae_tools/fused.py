@@ -111,7 +111,7 @@ class NBFromLogits(torch.autograd.Function):
     """Autograd function: per-cell NB log-likelihood from decoder logits (see module doc)."""
 
     @staticmethod
-    def forward(ctx, logits, log_library, log_theta, x):  # noqa: D102
+    def forward(ctx, logits, log_library, log_theta, x, nz_flat=None, nz_values=None):  # noqa: D102
         shape = logits.shape
         n_genes = shape[-1]
         lead = shape[:-1]
@@ -121,7 +121,9 @@ class NBFromLogits(torch.autograd.Function):
         lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
         lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        ll, g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want)
+        # Known non-zeros index the (cells × genes) block: usable without a sample dimension.
+        nonzero = (nz_flat, nz_values) if nz_flat is not None and logits.dim() == 2 else None
+        ll, g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
         if want:
             ctx.save_for_backward(g_logits, g_lt)
         ctx.lead, ctx.shape, ctx.lt_shape = lead, shape, log_theta.shape
@@ -139,7 +141,7 @@ class NBFromLogits(torch.autograd.Function):
                 grad_lt = g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)  # Σ over rows
             else:
                 grad_lt = _sum_to((g_lt * g).reshape(ctx.shape), ctx.lt_shape)
-        return grad_logits, None, grad_lt, None
+        return grad_logits, None, grad_lt, None, None, None
 
 
 def nb_log_likelihood_from_logits(
@@ -147,6 +149,7 @@ def nb_log_likelihood_from_logits(
     log_library: torch.Tensor,
     log_theta: torch.Tensor,
     x: torch.Tensor,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-cell Negative Binomial log-likelihood of counts under softmax-decoded means.
 
@@ -161,6 +164,11 @@ def nb_log_likelihood_from_logits(
         Log inverse dispersion: ``(genes,)`` or broadcastable to ``logits``.
     x
         Counts, ``(cells, genes)``, broadcast over leading dimensions of ``logits``.
+    nonzero
+        Optional ``(flat positions, values)`` of the non-zeros of ``x`` (positions into
+        ``x.reshape(-1)``, int64), e.g. ``Batch.nonzero``. Without it they are found with
+        ``torch.nonzero``, which on an accelerator makes the host wait for the device.
+        Used for 2-D ``logits`` only.
 
     Returns
     -------
@@ -182,6 +190,7 @@ def nb_log_likelihood_from_logits(
             f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
         )
     dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32 (bf16 MLPs)
+    flat, values = (None, None) if nonzero is None else (nonzero[0], nonzero[1].to(dtype))
     return NBFromLogits.apply(
-        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype)
+        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), flat, values
     )

@@ -330,16 +330,18 @@ class VAE(nn.Module):
     def _theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
         return self._log_theta(out, batch_index).exp()
 
-    def log_px(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_px(self, x: torch.Tensor, params: dict[str, torch.Tensor],
+               nonzero: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """log p(x | z) summed over genes, one value per cell (and sample).
 
         For the NB likelihood with decoder ``logits`` in ``params`` this is the fused,
         sparsity-aware :func:`~scvae_tools.fused.nb_log_likelihood_from_logits` (one pass,
-        hand-written gradient); otherwise the element-wise formula of ``distributions``.
+        hand-written gradient; ``nonzero``: the non-zeros of ``x`` when known); otherwise the
+        element-wise formula of ``distributions``.
         """
         if self.cfg.likelihood == "nb" and "logits" in params and "log_theta" in params:
             return nb_log_likelihood_from_logits(
-                params["logits"], params["log_library"], params["log_theta"], x
+                params["logits"], params["log_library"], params["log_theta"], x, nonzero
             )
         ll = log_likelihood(
             self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
@@ -355,11 +357,13 @@ class VAE(nn.Module):
         cat_covs: torch.Tensor | None = None,
         cont_covs: torch.Tensor | None = None,
         sample: bool = True,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-cell ELBO pieces with one reparameterised sample of z.
 
         Returns ``log_px`` (reconstruction log-likelihood, nats), ``kl`` (KL to the prior,
-        nats), ``kl_per_dim`` (cells × latent), and ``qz_mean``/``qz_var``.
+        nats), ``kl_per_dim`` (cells × latent), and ``qz_mean``/``qz_var``. ``nonzero``:
+        the non-zeros of ``x`` when the data path knows them (``Batch.nonzero``).
         """
         cov = self.covariates(batch_index, cat_covs, cont_covs)
         qz_m, qz_v = self.encode(x, cov)
@@ -371,7 +375,7 @@ class VAE(nn.Module):
         params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
         kl, kl_per_dim = self.kl_per_dim(qz_m, qz_v, z_sample)
         return {
-            "log_px": self.log_px(x, params),
+            "log_px": self.log_px(x, params, nonzero),
             "kl": kl,
             "kl_per_dim": kl_per_dim,
             "qz_mean": qz_m,

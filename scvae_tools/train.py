@@ -156,8 +156,10 @@ def evaluate(
     acc = accumulator_dtype(device)
     sums = torch.zeros(3, dtype=acc, device=device)  # Σ log p(x|z), Σ KL, cells
     if indices is None or len(indices):
-        for b in data.batches(indices, batch_size=max(batch_size, 512), device=device):
-            t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+        for b in data.batches(indices, batch_size=max(batch_size, 512), device=device,
+                              **_nonzero_option(module, data)):
+            t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
+                                  nonzero=b.nonzero)
             sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
                                  torch.tensor(float(b.x.shape[0]), dtype=acc, device=device)])
     module.train(was_training)
@@ -168,12 +170,20 @@ def evaluate(
     return {"elbo": log_px - kl, "reconstruction": -log_px, "kl": kl}
 
 
-def _epoch_batches(data, train_idx: np.ndarray, batch_size: int, gen: torch.Generator,
-                   device: torch.device, dist: DistContext | None):
+def _nonzero_option(module: VAE, data) -> dict:
+    """Ask in-memory data for each batch's non-zeros when the fused NB likelihood uses them:
+    found on the host, they spare the device a search (and the host a wait) every step.
+    Out-of-core and DDP batches leave the search to the likelihood."""
+    use = module.cfg.likelihood == "nb" and isinstance(data, CellData)
+    return {"nonzero": True} if use else {}
+
+
+def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
+                   gen: torch.Generator, device: torch.device, dist: DistContext | None):
     """One epoch's shuffled training batches: all of them, or this DDP rank's shard."""
     if dist is None:
         return data.batches(train_idx, batch_size, shuffle=True, generator=gen, device=device,
-                            drop_singleton=True)
+                            drop_singleton=True, **_nonzero_option(module, data))
     return dist.train_batches(data, train_idx, batch_size, gen, device)
 
 
@@ -245,12 +255,13 @@ def train_module(
         sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
         guard.reset()
         _set_lr(optim, cfg.lr_at(epoch, 0, steps_per_epoch, loop.lr_scale))
-        for step, b in enumerate(_epoch_batches(data, train_idx, cfg.batch_size, gen, device,
-                                                dist)):
+        for step, b in enumerate(_epoch_batches(module, data, train_idx, cfg.batch_size, gen,
+                                                device, dist)):
             if cosine and step:
                 _set_lr(optim, cfg.lr_at(epoch, step, steps_per_epoch, loop.lr_scale))
             with autocast:
-                terms = elbo_fn(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+                terms = elbo_fn(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
+                                nonzero=b.nonzero)
             loss = module.loss(terms, beta=beta, free_bits=cfg.free_bits)
             optim.zero_grad(set_to_none=True)
             loss.backward()

@@ -221,3 +221,42 @@ def test_in_place_decode_equals_softmax(synthetic):
                                (rho * 1e4).numpy(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(model.get_normalized_expression(library_size="observed"),
                                (rho * lib).numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_batches_carry_their_nonzeros(synthetic):
+    """``batches(nonzero=True)`` over CSR counts: each batch's (flat position, value) pairs
+    are exactly the non-zeros ``torch.nonzero`` finds in its dense block, in the same order."""
+    data = svt.SCVAE(synthetic, n_latent=2, n_hidden=8)._data
+    assert sp.issparse(data.X)
+    idx = np.random.default_rng(1).permutation(data.n_obs)[:150]
+    for indices, shuffle in ((None, False), (idx, False), (idx, True)):
+        gen = torch.Generator().manual_seed(0)
+        for b in data.batches(indices, 64, shuffle=shuffle, generator=gen, nonzero=True):
+            flat, values = b.nonzero
+            expected = torch.nonzero(b.x.reshape(-1)).squeeze(1)
+            assert torch.equal(flat, expected)
+            assert torch.equal(values, b.x.reshape(-1)[expected])
+    assert all(b.nonzero is None for b in data.batches(None, 64))  # only when asked for
+
+
+def test_known_nonzeros_give_the_same_elbo_and_gradients(synthetic):
+    """The fused likelihood with the data path's non-zeros equals the one that searches x."""
+    model = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
+    mod = model.module.train()
+    b = next(iter(model._data.batches(None, 100, nonzero=True)))
+    results = []
+    for nonzero in (None, b.nonzero):
+        torch.manual_seed(0)
+        mod.zero_grad()
+        terms = mod.elbo_terms(b.x, b.library, b.batch_index, nonzero=nonzero)
+        mod.loss(terms).backward()
+        results.append((terms["log_px"].detach(), [p.grad.clone() for p in mod.parameters()]))
+    (ll0, g0), (ll1, g1) = results
+    assert torch.equal(ll0, ll1)
+    assert all(torch.equal(a, c) for a, c in zip(g0, g1, strict=True))
+    # With a leading sample dimension the positions do not apply and are ignored.
+    logits = torch.randn(3, *b.x.shape)
+    log_lib = b.library.log()
+    lt = torch.zeros(b.x.shape[1])
+    torch.testing.assert_close(nb_log_likelihood_from_logits(logits, log_lib, lt, b.x, b.nonzero),
+                               nb_log_likelihood_from_logits(logits, log_lib, lt, b.x))
