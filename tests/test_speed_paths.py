@@ -260,3 +260,25 @@ def test_known_nonzeros_give_the_same_elbo_and_gradients(synthetic):
     lt = torch.zeros(b.x.shape[1])
     torch.testing.assert_close(nb_log_likelihood_from_logits(logits, log_lib, lt, b.x, b.nonzero),
                                nb_log_likelihood_from_logits(logits, log_lib, lt, b.x))
+
+
+@pytest.mark.parametrize("tables", [True, False])
+def test_gamma_differences_match_float64(tables):
+    """lgamma(x+θ) − lgamma(θ) and ψ(x+θ) − ψ(θ) at the non-zeros, from the per-gene tables
+    (small counts) plus direct calls (counts past the table), equal the float64 values."""
+    from scvae_tools.fused import _TABLE_COUNTS, _gamma_differences
+
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.exp(torch.empty(50).uniform_(-4, 6, generator=gen))  # θ from 0.02 to 400
+    counts = torch.cat([torch.arange(1, 3 * _TABLE_COUNTS, dtype=torch.float32),
+                        torch.tensor([50.0, 400.0, 5000.0])])  # across the table's end
+    cols = torch.arange(50).repeat_interleave(len(counts))
+    xv = counts.repeat(50)
+    lg, dig = _gamma_differences(theta, cols, xv, True, tables=tables)
+    th, x = theta.double().take(cols), xv.double()
+    ref_lg = torch.lgamma(x + th) - torch.lgamma(th)
+    ref_dig = torch.digamma(x + th) - torch.digamma(th)
+    torch.testing.assert_close(lg.double(), ref_lg, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dig.double(), ref_dig, rtol=1e-5, atol=1e-5)
+    lg_only, none = _gamma_differences(theta, cols, xv, False, tables=tables)
+    assert none is None and torch.equal(lg_only, lg)
