@@ -254,7 +254,6 @@ class CellData:
             idx = idx[torch.randperm(len(idx), generator=generator)]
         csr = sparse and sp.issparse(self.X) and device.type == "cpu"
         t = self._on_device(device, counts=not csr)
-        pin = device.type == "cuda"
         in_order = indices is None and not shuffle
         positions = nonzero and sp.issparse(self.X) and not csr
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
@@ -270,10 +269,7 @@ class CellData:
                 x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
                                           found)
             else:
-                block = torch.from_numpy(_dense_rows(self.X, rows.numpy(), found))
-                if pin:
-                    block = block.pin_memory()
-                x = block.to(device, non_blocking=True)
+                x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), found)), device)
             nz = None
             if found is not None:
                 out_row, pos = found

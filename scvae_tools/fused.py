@@ -46,6 +46,15 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 _TABLE_COUNTS = 8
 
 
+def _direct_differences(
+    th_nz: torch.Tensor, xv: torch.Tensor, want_digamma: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lgamma(x+θ) − lgamma(θ) and ψ(x+θ) − ψ(θ) from ``torch.lgamma``/``torch.digamma``."""
+    xt = xv + th_nz
+    lg = torch.lgamma(xt).sub_(torch.lgamma(th_nz))
+    return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)) if want_digamma else None)
+
+
 def _gamma_differences(
     theta: torch.Tensor, cols: torch.Tensor, xv: torch.Tensor, want_digamma: bool,
     tables: bool = True,
@@ -59,10 +68,7 @@ def _gamma_differences(
     subset would make the host wait, they are evaluated directly (``tables=False``).
     """
     if not tables:
-        th_nz = theta.take(cols)
-        xt = xv + th_nz
-        lg = torch.lgamma(xt).sub_(torch.lgamma(th_nz))
-        return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)) if want_digamma else None)
+        return _direct_differences(theta.take(cols), xv, want_digamma)
     k_max = _TABLE_COUNTS
     shifted = theta.unsqueeze(1) + torch.arange(k_max, dtype=theta.dtype)
     idx = (cols * k_max).add_(xv.clamp(max=k_max).long()).sub_(1)
@@ -120,10 +126,8 @@ def _nb_core(
         lg_diff, dig = _gamma_differences(theta, cols, xv, want_grads,
                                           tables=theta.device.type == "cpu")
     else:
-        lt_nz, th_nz = log_theta.reshape(-1).take(flat), theta.reshape(-1).take(flat)
-        xt = xv + th_nz
-        lg_diff = torch.lgamma(xt).sub_(torch.lgamma(th_nz))
-        dig = torch.digamma(xt).sub_(torch.digamma(th_nz)) if want_grads else None
+        lt_nz = log_theta.reshape(-1).take(flat)
+        lg_diff, dig = _direct_differences(theta.reshape(-1).take(flat), xv, want_grads)
     a_nz = a.reshape(-1).take(flat)
     # log μ − log(θ+μ) = log ρ + log ℓ + a − log θ
     nz = log_rho.reshape(-1).take(flat).add_(log_library.reshape(-1).take(rows))
