@@ -32,7 +32,7 @@ from torch import nn
 from .adapter import CellData, DataSpec
 from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
-from .train import evaluate, field_max_epochs, split_indices
+from .train import evaluate, field_max_epochs, nonzero_option, split_indices
 
 if TYPE_CHECKING:
     from .model import SCVAE
@@ -236,8 +236,9 @@ def _fine_tune(
             _query_train_mode(module)
             sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
             for b in data.batches(train_idx, batch_size, shuffle=True, generator=gen,
-                                  device=device):
-                terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
+                                  device=device, **nonzero_option(module, data)):
+                terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
+                                          nonzero=b.nonzero)
                 loss = module.loss(terms, beta=beta, free_bits=free_bits)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()

@@ -157,7 +157,7 @@ def evaluate(
     sums = torch.zeros(3, dtype=acc, device=device)  # Σ log p(x|z), Σ KL, cells
     if indices is None or len(indices):
         for b in data.batches(indices, batch_size=max(batch_size, 512), device=device,
-                              **_nonzero_option(module, data)):
+                              **nonzero_option(module, data)):
             t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
                                   nonzero=b.nonzero)
             sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
@@ -170,7 +170,7 @@ def evaluate(
     return {"elbo": log_px - kl, "reconstruction": -log_px, "kl": kl}
 
 
-def _nonzero_option(module: VAE, data) -> dict:
+def nonzero_option(module: VAE, data) -> dict:
     """Ask in-memory data for each batch's non-zeros when the fused NB likelihood uses them:
     found on the host, they spare the device a search (and the host a wait) every step.
     Out-of-core and DDP batches leave the search to the likelihood."""
@@ -183,7 +183,7 @@ def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
     """One epoch's shuffled training batches: all of them, or this DDP rank's shard."""
     if dist is None:
         return data.batches(train_idx, batch_size, shuffle=True, generator=gen, device=device,
-                            drop_singleton=True, **_nonzero_option(module, data))
+                            drop_singleton=True, **nonzero_option(module, data))
     return dist.train_batches(data, train_idx, batch_size, gen, device)
 
 
