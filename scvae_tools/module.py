@@ -124,7 +124,6 @@ class Encoder(nn.Module):
         # A small floor on the variance keeps the KL and sampling safe.
         return _full(self.mean(h)), torch.exp(_full(self.log_var(h))) + 1e-4
 
-
     def _first_layer_sparse(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """The first Linear layer on log1p of sparse counts: log1p and the product touch
         only the non-zeros (~10% of a 10x matrix), and no dense block is built."""

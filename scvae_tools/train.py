@@ -160,8 +160,9 @@ def evaluate(
                               **nonzero_option(module, data)):
             t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
                                   nonzero=b.nonzero)
-            sums += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc),
-                                 torch.tensor(float(b.x.shape[0]), dtype=acc, device=device)])
+            sums[:2] += torch.stack([t["log_px"].sum().to(acc), t["kl"].sum().to(acc)])
+        # The cell count is known on the host: no per-batch host-to-device copy for it.
+        sums[2] = data.n_obs if indices is None else len(indices)
     module.train(was_training)
     if dist is not None:
         dist.all_reduce_sum(sums)
