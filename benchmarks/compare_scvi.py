@@ -45,7 +45,10 @@ def settings_for(tool: str, comparison: str, epochs: int) -> dict:
     if tool == "ours":
         return {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "batch_size": 128,
                 "max_epochs": epochs, "early_stopping": False, "kl_warmup_epochs": warmup,
-                "lr": 1e-3, "lr_schedule": "constant", "train_size": 0.9}
+                "lr": 1e-3, "lr_schedule": "constant", "train_size": 0.9,
+                # scvi-tools scores no validation cells while training unless early stopping
+                # or checkpointing asks for it; ours then scores them once, at the end.
+                "validation_every": epochs}
     return {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dispersion": "gene",
             "gene_likelihood": "nb", "batch_size": 128, "max_epochs": epochs,
             "early_stopping": False, "train_size": 0.9,

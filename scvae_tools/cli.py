@@ -28,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: by data size)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    p.add_argument("--validation-every", type=int, default=1,
+                   help="score the validation cells every N epochs (default: every epoch)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant", "plateau"], default="cosine")
     p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder/decoder")
@@ -45,7 +47,8 @@ def _fit(adata, args):
                   n_hidden=args.n_hidden, n_layers=args.n_layers, likelihood=args.likelihood,
                   dispersion=args.dispersion, beta=args.beta)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                lr_schedule=args.lr_schedule, precision=args.precision, compile=args.compile,
+                lr_schedule=args.lr_schedule, validation_every=args.validation_every,
+                precision=args.precision, compile=args.compile,
                 device=args.device, progress_bar=not args.quiet,
                 strategy=_strategy(getattr(args, "strategy", "none")),
                 checkpoint_dir=getattr(args, "checkpoint_dir", None),

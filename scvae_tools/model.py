@@ -159,6 +159,7 @@ class SCVAE:
         weight_decay: float = 1e-6,
         eps: float = 1e-2,
         early_stopping_patience: int = 30,
+        validation_every: int = 1,
         lr_schedule: str = "cosine",
         precision: str = "32",
         compile: bool = False,
@@ -201,6 +202,11 @@ class SCVAE:
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``
             epochs (30), and restore the best weights.
+        validation_every
+            Score the validation cells every this many epochs and after the last one (like
+            scvi-tools' ``check_val_every_n_epoch``); the ``validation_*`` columns of
+            ``history`` are NaN in between, and early stopping's patience then counts
+            checks, not epochs. Default 1: every epoch.
         seed
             Seeds the split, initial weights, shuffling and sampling; same seed and device
             give identical results on the CPU.
@@ -249,7 +255,7 @@ class SCVAE:
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             eps=eps, beta=self.beta, free_bits=self.free_bits, kl_warmup_epochs=kl_warmup_epochs,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-            lr_schedule=lr_schedule, precision=precision, compile=compile, seed=seed,
+            validation_every=validation_every, lr_schedule=lr_schedule, precision=precision, compile=compile, seed=seed,
         )
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         train_idx, val_idx = split_indices(n, train_size, seed)

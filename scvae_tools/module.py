@@ -126,17 +126,38 @@ class Encoder(nn.Module):
 
     def _first_layer_sparse(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """The first Linear layer on log1p of sparse counts: log1p and the product touch
-        only the non-zeros (~10% of a 10x matrix), and no dense block is built."""
+        only the non-zeros (~10% of a 10x matrix), and no dense block is built.
+
+        A cell's pre-activation is the bias plus the sum, over its non-zero genes, of
+        log1p(count) times that gene's weight column: an embedding bag over genes with
+        per-entry weights, a kernel about twice as fast as torch's sparse × dense product.
+        """
         first = self.body[0]
         n_genes = x.shape[1]
-        # A new values array (x shares its values with the stored counts: never log in place).
-        log_x = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), torch.log1p(x.values()),
-                                        x.shape, check_invariants=False)
-        # The sparse product runs about 1.5× faster on a contiguous (genes × hidden) weight.
-        h = torch.addmm(first.bias, log_x, first.weight[:, :n_genes].T.contiguous())
+        weight = self._genes_by_hidden(n_genes)
+        h = F.embedding_bag(x.col_indices(), weight, x.crow_indices(), mode="sum",
+                            per_sample_weights=torch.log1p(x.values()).to(weight.dtype),
+                            include_last_offset=True)
+        h = h.add_(first.bias)
         if cov.shape[1]:
             h = h + cov @ first.weight[:, n_genes:].T
         return h
+
+    def _genes_by_hidden(self, n_genes: int) -> torch.Tensor:
+        """The first layer's gene weights as a contiguous (genes × hidden) table.
+
+        Transposing costs about as much as the product itself, so without gradients the
+        table is kept until the weight changes (a new tensor, or an in-place update such as
+        an optimiser step or ``load_state_dict``, bumps the key).
+        """
+        w = self.body[0].weight
+        if torch.is_grad_enabled():
+            return w[:, :n_genes].T.contiguous()  # differentiable, never cached
+        key = (w.data_ptr(), w._version, w.device, n_genes)
+        if getattr(self, "_gene_table_key", None) != key:
+            self._gene_table = w[:, :n_genes].T.contiguous()
+            self._gene_table_key = key
+        return self._gene_table
 
 
 class Decoder(nn.Module):

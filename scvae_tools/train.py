@@ -42,6 +42,9 @@ class TrainConfig:
     early_stopping_patience: int = 30
     early_stopping_min_delta: float = 0.0
     restore_best: bool = True
+    # Score the validation cells every this many epochs (and after the last one); early
+    # stopping and the plateau schedule count these checks, as Lightning's patience does.
+    validation_every: int = 1
     # Learning-rate schedule: "constant", "cosine" (per step, from lr down to
     # lr · lr_min_factor at max_epochs) or "plateau" (lr times lr_plateau_factor whenever
     # the monitored ELBO has not improved for lr_plateau_patience epochs).
@@ -72,6 +75,10 @@ class TrainConfig:
             raise ValueError(f"beta must be non-negative, got {self.beta}.")
         if self.kl_warmup_epochs < 0:
             raise ValueError("kl_warmup_epochs must be >= 0.")
+        if not isinstance(self.validation_every, int) or self.validation_every < 1:
+            raise ValueError(
+                f"validation_every must be a positive integer, got {self.validation_every!r}."
+            )
         if self.max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}.")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -207,7 +214,7 @@ def train_module(
 
     Columns: ``epoch``, ``beta``, ``train_elbo``, ``train_reconstruction``, ``train_kl``,
     ``validation_elbo``, ``validation_reconstruction``, ``validation_kl`` (NaN without a
-    validation set), ``lr`` and ``seconds``. ``reconstruction`` is the distortion
+    validation set, and on epochs between checks when ``cfg.validation_every`` > 1), ``lr`` and ``seconds``. ``reconstruction`` is the distortion
     −E_q[log p(x|z)] and ``kl`` the rate KL(q(z|x) ‖ p(z)), both mean nats per cell;
     ``elbo`` = −reconstruction − kl (β = 1, so epochs are comparable during warm-up).
 
@@ -273,6 +280,8 @@ def train_module(
         if dist is not None:
             dist.end_epoch(module, sums)  # global sums; rank 0's BatchNorm statistics
         bad_step = guard.first_bad_step()
+        validated = len(val_idx) > 0 and (
+            (epoch + 1) % cfg.validation_every == 0 or epoch + 1 >= cfg.max_epochs)
         row: dict = {}
         if bad_step is None:
             train_log_px, train_kl = (sums / len(train_idx)).tolist()
@@ -283,7 +292,7 @@ def train_module(
                 "train_reconstruction": -train_log_px,
                 "train_kl": train_kl,
             }
-            if len(val_idx):
+            if validated:
                 val = evaluate(module, data, val_idx, cfg.batch_size, device, dist)
                 row.update({f"validation_{k}": v for k, v in val.items()})
             else:
@@ -291,7 +300,7 @@ def train_module(
                            validation_kl=math.nan)
             row["lr"] = optim.param_groups[0]["lr"]
             row["seconds"] = time.perf_counter() - t0
-        if bad_step is not None or not _row_finite(row, has_validation=len(val_idx) > 0):
+        if bad_step is not None or not _row_finite(row, has_validation=validated):
             _roll_back(module, optim, good, loop, cfg, epoch, bad_step)
             continue
         loop.rows.append(row)
@@ -301,9 +310,10 @@ def train_module(
             bar.update(1)
             bar.set_postfix(elbo=f"{row['train_elbo']:.1f}",
                             val=f"{row['validation_elbo']:.1f}")
-        # Early stopping watches the validation ELBO once β has reached its final value.
+        # Early stopping watches the validation ELBO once β has reached its final value
+        # (on the epochs that scored the validation cells, when there are any).
         monitor = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
-        if epoch + 1 >= cfg.kl_warmup_epochs:
+        if epoch + 1 >= cfg.kl_warmup_epochs and (validated or not len(val_idx)):
             if monitor > loop.best + cfg.early_stopping_min_delta:
                 loop.best, loop.since_best = monitor, 0
                 if cfg.restore_best and cfg.early_stopping:

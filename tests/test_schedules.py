@@ -121,3 +121,29 @@ def test_cosine_resume_after_interruption_matches_uninterrupted(synthetic, tmp_p
     np.testing.assert_allclose(resumed.history["lr"], reference.history["lr"])
     np.testing.assert_allclose(resumed.history["train_elbo"], reference.history["train_elbo"],
                                rtol=1e-5)
+
+
+def test_validation_every_scores_every_nth_epoch_and_the_last(synthetic):
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=7, batch_size=64, validation_every=3, early_stopping=False,
+                progress_bar=False)
+    val = model.history["validation_elbo"].to_numpy()
+    assert np.flatnonzero(np.isfinite(val)).tolist() == [2, 5, 6]  # epochs 3, 6 and the last
+    assert np.isfinite(model.history["train_elbo"]).all()
+    # The last check scored the final weights: the same cells, the same per-cell mean
+    # (one posterior sample each, so compare loosely).
+    final = model.get_elbo(indices=model.validation_indices)
+    assert val[-1] == pytest.approx(final, rel=0.01)
+    with pytest.raises(ValueError, match="validation_every must be a positive integer"):
+        model.train(max_epochs=2, validation_every=0, progress_bar=False)
+
+
+def test_early_stopping_patience_counts_validation_checks(synthetic):
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    # A learning rate this high stalls quickly; patience 1 check = 2 epochs without progress.
+    model.train(max_epochs=200, batch_size=64, lr=5e-2, validation_every=2,
+                early_stopping=True, early_stopping_patience=1, progress_bar=False)
+    hist = model.history
+    assert len(hist) < 200 and len(hist) % 2 == 0  # stopped at a check
+    checked = hist["validation_elbo"].dropna().to_numpy()
+    assert checked[-1] <= checked[:-1].max()  # the last check did not improve
