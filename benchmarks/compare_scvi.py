@@ -4,7 +4,8 @@ Two comparisons on the same data and the same held-out cells (10%, never trained
 
 * ``defaults``  — each tool with its own defaults (what a user gets from ``train()``).
 * ``identical`` — 1 hidden layer of 128, 10 latent, NB, gene dispersion, batch 128, the same
-  number of epochs, the same KL warm-up, lr 1e-3, no early stopping.
+  number of epochs, the same KL warm-up, lr 1e-3, no early stopping; validation cells scored
+  once, after training (scvi-tools scores none while training in this configuration).
 
 For each: train seconds, training cells/s, peak RSS, held-out ELBO and importance-weighted
 log p(x), Leiden ARI / NMI of the latent against the labels, inference cells/s, and the

@@ -261,6 +261,7 @@ class CellData:
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
             found = _csr_positions(self.X, rows.numpy()) if positions else None
+            entries = _block_entries(self.X, found) if found is not None else None
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
@@ -269,13 +270,11 @@ class CellData:
                 x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
                                           found)
             else:
-                x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), found)), device)
+                x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), entries)),
+                               device)
             nz = None
-            if found is not None:
-                out_row, pos = found
-                flat = out_row * self.X.shape[1] + self.X.indices[pos]
-                nz = (_to_device(torch.from_numpy(flat), device),
-                      _to_device(torch.from_numpy(self.X.data[pos]), device))
+            if entries is not None:
+                nz = tuple(_to_device(torch.from_numpy(a), device) for a in entries)
             yield Batch(x=x, library=_take(t["library"], sel),
                         batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
                         cont_covs=_take(t["cont_covs"], sel), index=rows_dev, nonzero=nz)
@@ -519,15 +518,26 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
     return a.to(device, non_blocking=True)
 
 
-def _dense_rows(X, rows: np.ndarray, found: tuple[np.ndarray, np.ndarray] | None = None
+def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions (int64) in the rows × genes block and values of the stored entries of
+    some rows, from their :func:`_csr_positions`."""
+    out_row, pos = found
+    flat = out_row * X.shape[1]
+    flat += X.indices[pos]
+    return flat, X.data[pos]
+
+
+def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> np.ndarray:
-    """Rows of ``X`` as a dense float32 block (one vectorised scatter for CSR; ``found``:
-    :func:`_csr_positions` of these rows when the caller has them)."""
+    """Rows of ``X`` as a dense float32 block (for CSR, one vectorised 1-D scatter, about
+    4× faster than a 2-D one; ``entries``: :func:`_block_entries` of these rows when the
+    caller has them)."""
     if sp.issparse(X):
-        out_row, pos = _csr_positions(X, rows) if found is None else found
-        block = np.zeros((len(rows), X.shape[1]), dtype=np.float32)
-        block[out_row, X.indices[pos]] = X.data[pos]
-        return block
+        flat, values = _block_entries(X, _csr_positions(X, rows)) if entries is None else entries
+        block = np.zeros(len(rows) * X.shape[1], dtype=np.float32)
+        block[flat] = values  # canonical CSR: no duplicate positions
+        return block.reshape(len(rows), X.shape[1])
     return np.asarray(X[rows])
 
 
