@@ -306,12 +306,15 @@ def validate_values(values: np.ndarray, allow_non_integer: bool = False, where: 
 
 
 def _validate_chunk(values: np.ndarray, allow_non_integer: bool, where: str) -> None:
-    if not np.all(np.isfinite(values)):
+    # NaN propagates through min/max and ±inf ends up in one of them: two reductions
+    # without temporaries instead of an isfinite mask.
+    low, high = values.min(initial=0.0), values.max(initial=0.0)
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(
             f"The count matrix contains NaN or inf values{where}. Replace them (e.g. with 0) or "
             "drop the affected cells/genes before training."
         )
-    if values.min() < 0:
+    if low < 0:
         raise ValueError(
             f"The count matrix contains negative values{where}; a count model needs raw counts. "
             "Pass the raw counts (e.g. layer='counts' or adata.raw) rather than scaled or "
@@ -405,6 +408,8 @@ def _as_float32(X, copy: bool = True):
 
 
 def _select_genes(X, have: pd.Index, want: list[str]):
+    if have.tolist() == want:  # the usual case (string names in the model's order): no loop
+        return X
     have_list = [str(v) for v in have]
     if have_list == want:
         return X
