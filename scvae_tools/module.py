@@ -336,9 +336,19 @@ class VAE(nn.Module):
         softmax itself), so denoised expression touches one buffer instead of three.
         """
         head = self.decoder.scale
-        torch.addmm(head.bias, self.decoder.hidden(z, cov), head.weight.T, out=out)
-        out.sub_(out.amax(dim=-1, keepdim=True)).exp_()
-        return out.mul_(scale / out.sum(dim=-1, keepdim=True))
+        h = self.decoder.hidden(z, cov)
+        torch.addmm(head.bias, h, head.weight.T, out=out)
+        # exp without subtracting each row's maximum first saves two passes. It gives the
+        # softmax to float rounding as long as no logit overflows (the row sum is finite)
+        # and the largest is not far below zero (a sum ≥ 1e-20: only proportions below
+        # ~1e-18 could lose digits to underflow). Rows that fail are redone the usual way.
+        total = out.exp_().sum(dim=-1, keepdim=True)
+        bad = ~(total.isfinite() & (total >= 1e-20))
+        if bad.any():
+            rows = bad.squeeze(1).nonzero().squeeze(1)
+            out[rows] = torch.softmax(torch.addmm(head.bias, h[rows], head.weight.T), dim=-1)
+            total[rows] = 1.0
+        return out.mul_(scale / total)
 
     def _log_theta(self, out: dict[str, torch.Tensor], batch_index: torch.Tensor) -> torch.Tensor:
         if self.cfg.dispersion == "gene":

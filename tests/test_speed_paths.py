@@ -223,6 +223,26 @@ def test_in_place_decode_equals_softmax(synthetic):
                                (rho * lib).numpy(), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("shift", [120.0, -80.0], ids=["overflow", "underflow"])
+def test_in_place_decode_handles_extreme_logits(synthetic, shift):
+    """Rows whose logits would overflow exp (or all sit far below zero) are redone with the
+    max-shifted softmax: still ℓ · softmax, never inf or NaN."""
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    mod = model.module.eval()
+    with torch.inference_mode():
+        cov = mod.covariates(torch.zeros(synthetic.n_obs, dtype=torch.long))
+        z = torch.from_numpy(model.get_latent_representation())
+        mod.decoder.scale.bias[:3] += shift  # the first genes' logits: huge or tiny
+        if shift < 0:
+            mod.decoder.scale.bias[3:] += shift
+        rho = torch.softmax(mod.decoder(z, cov)["logits"].double(), dim=-1)
+        out = torch.empty(synthetic.n_obs, synthetic.n_vars)
+        mod.scaled_proportions_(z, cov, 1e4, out)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), rho * 1e4, rtol=1e-5, atol=1e-4)
+
+
 def test_batches_carry_their_nonzeros(synthetic):
     """``batches(nonzero=True)`` over CSR counts: each batch's (flat position, value) pairs
     are exactly the non-zeros ``torch.nonzero`` finds in its dense block, in the same order."""
