@@ -255,7 +255,8 @@ class SCVAE:
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             eps=eps, beta=self.beta, free_bits=self.free_bits, kl_warmup_epochs=kl_warmup_epochs,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-            validation_every=validation_every, lr_schedule=lr_schedule, precision=precision, compile=compile, seed=seed,
+            validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
+            compile=compile, seed=seed,
         )
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         train_idx, val_idx = split_indices(n, train_size, seed)

@@ -151,8 +151,10 @@ class Encoder(nn.Module):
         an optimiser step or ``load_state_dict``, bumps the key).
         """
         w = self.body[0].weight
-        if torch.is_grad_enabled():
-            return w[:, :n_genes].T.contiguous()  # differentiable, never cached
+        # With gradients the table must stay differentiable; weights created under
+        # inference_mode have no version counter to key a cache on.
+        if torch.is_grad_enabled() or w.is_inference():
+            return w[:, :n_genes].T.contiguous()
         key = (w.data_ptr(), w._version, w.device, n_genes)
         if getattr(self, "_gene_table_key", None) != key:
             self._gene_table = w[:, :n_genes].T.contiguous()

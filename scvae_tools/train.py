@@ -214,8 +214,9 @@ def train_module(
 
     Columns: ``epoch``, ``beta``, ``train_elbo``, ``train_reconstruction``, ``train_kl``,
     ``validation_elbo``, ``validation_reconstruction``, ``validation_kl`` (NaN without a
-    validation set, and on epochs between checks when ``cfg.validation_every`` > 1), ``lr`` and ``seconds``. ``reconstruction`` is the distortion
-    −E_q[log p(x|z)] and ``kl`` the rate KL(q(z|x) ‖ p(z)), both mean nats per cell;
+    validation set, and between checks when ``cfg.validation_every`` > 1), ``lr`` and
+    ``seconds``. ``reconstruction`` is the distortion −E_q[log p(x|z)] and ``kl`` the rate
+    KL(q(z|x) ‖ p(z)), both mean nats per cell;
     ``elbo`` = −reconstruction − kl (β = 1, so epochs are comparable during warm-up).
 
     With ``checkpoint`` the full training state is written atomically every

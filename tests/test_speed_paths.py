@@ -302,3 +302,26 @@ def test_gamma_differences_match_float64(tables):
     torch.testing.assert_close(dig.double(), ref_dig, rtol=1e-5, atol=1e-5)
     lg_only, none = _gamma_differences(theta, cols, xv, False, tables=tables)
     assert none is None and torch.equal(lg_only, lg)
+
+
+def test_sparse_first_layer_gene_table_follows_the_weights(synthetic):
+    """The cached (genes × hidden) table of inference is rebuilt when the weights change,
+    and weights made under inference_mode (no version counter) are read directly."""
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    z0 = model.get_latent_representation()
+    with torch.no_grad():
+        model.module.encoder.body[0].weight.mul_(2.0)  # an in-place update, as an optimiser does
+    z1 = model.get_latent_representation()
+    assert not np.allclose(z0, z1)
+    encoder = model.module.encoder
+    with torch.inference_mode():
+        x = torch.from_numpy(model._data.X.toarray()[:20])
+        cov = torch.zeros(20, 0)
+        dense = encoder(x, cov)[0]
+        sparse = encoder(x.to_sparse_csr(), cov)[0]
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+        fresh = type(encoder)(model.module.cfg)  # parameters are inference tensors here
+        fresh.load_state_dict(encoder.state_dict())
+        fresh.eval()
+        torch.testing.assert_close(fresh(x.to_sparse_csr(), cov)[0], dense, rtol=1e-5, atol=1e-5)
