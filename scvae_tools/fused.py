@@ -55,6 +55,11 @@ def _direct_differences(
     return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)) if want_digamma else None)
 
 
+def _with_zero_column(table: torch.Tensor) -> torch.Tensor:
+    """A (genes × k) table with a zero column in front, flattened for ``take``."""
+    return torch.nn.functional.pad(table, (1, 0)).reshape(-1)
+
+
 def _gamma_differences(
     theta: torch.Tensor, cols: torch.Tensor, xv: torch.Tensor, want_digamma: bool,
     tables: bool = True,
@@ -71,16 +76,18 @@ def _gamma_differences(
         return _direct_differences(theta.take(cols), xv, want_digamma)
     k_max = _TABLE_COUNTS
     shifted = theta.unsqueeze(1) + torch.arange(k_max, dtype=theta.dtype)
-    idx = (cols * k_max).add_(xv.clamp(max=k_max).long()).sub_(1)
+    # Column k of a table holds the difference for a count of k; column 0 is zero, so that a
+    # stored zero (an explicit zero of a CSR matrix) adds nothing.
+    idx = (cols * (k_max + 1)).add_(xv.clamp(max=k_max).long())
     large = torch.nonzero(xv > k_max).squeeze(1)
     # Past the table: lgamma(x+θ) − lgamma(θ) = table(8) + lgamma(x+θ) − lgamma(θ+8).
     th_large = theta.take(cols.take(large))
     y, top = xv.take(large).add_(th_large), th_large.add_(k_max)
-    lg = torch.log(shifted).cumsum_(1).reshape(-1).take(idx)
+    lg = _with_zero_column(torch.log(shifted).cumsum_(1)).take(idx)
     lg.index_add_(0, large, torch.lgamma(y).sub_(torch.lgamma(top)))
     if not want_digamma:
         return lg, None
-    dig = shifted.reciprocal_().cumsum_(1).reshape(-1).take(idx)
+    dig = _with_zero_column(shifted.reciprocal_().cumsum_(1)).take(idx)
     dig.index_add_(0, large, torch.digamma(y).sub_(torch.digamma(top)))
     return lg, dig
 

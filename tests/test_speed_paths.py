@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -290,8 +291,9 @@ def test_gamma_differences_match_float64(tables):
 
     gen = torch.Generator().manual_seed(0)
     theta = torch.exp(torch.empty(50).uniform_(-4, 6, generator=gen))  # θ from 0.02 to 400
-    counts = torch.cat([torch.arange(1, 3 * _TABLE_COUNTS, dtype=torch.float32),
-                        torch.tensor([50.0, 400.0, 5000.0])])  # across the table's end
+    # 0: a stored zero of a CSR matrix (both differences are 0); then across the table's end.
+    counts = torch.cat([torch.arange(0, 3 * _TABLE_COUNTS, dtype=torch.float32),
+                        torch.tensor([50.0, 400.0, 5000.0])])
     cols = torch.arange(50).repeat_interleave(len(counts))
     xv = counts.repeat(50)
     lg, dig = _gamma_differences(theta, cols, xv, True, tables=tables)
@@ -325,3 +327,31 @@ def test_sparse_first_layer_gene_table_follows_the_weights(synthetic):
         fresh.load_state_dict(encoder.state_dict())
         fresh.eval()
         torch.testing.assert_close(fresh(x.to_sparse_csr(), cov)[0], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_zeros_in_csr_do_not_change_the_likelihood():
+    """Stored zeros of a CSR matrix are carried as 'non-zeros' of the batch; they must add
+    nothing: the ELBO and its gradients equal those of the searched non-zeros."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, (200, 30)).astype(np.float32)
+    counts[:, 0] += 1
+    X = sp.csr_matrix(counts)
+    X.data[::7] = 0.0  # explicit zeros: still canonical, still stored
+    assert X.has_canonical_format and (X.data == 0).sum() > 0
+    adata = ad.AnnData(X)
+    model = svt.SCVAE(adata, n_latent=3, n_hidden=16)
+    data = model._data_for(adata)
+    b = next(iter(data.batches(np.arange(64), 64, nonzero=True)))
+    assert (b.nonzero[1] == 0).any()
+    mod = model.module.train()
+    grads = []
+    for nonzero in (b.nonzero, None):
+        torch.manual_seed(0)
+        terms = mod.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
+                               nonzero=nonzero)
+        mod.zero_grad()
+        mod.loss(terms).backward()
+        grads.append([p.grad.clone() for p in mod.parameters()])
+        grads[-1].append(terms["log_px"].detach())
+    for a, c in zip(*grads, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
