@@ -349,14 +349,16 @@ class BackedCellData:
         device: torch.device | str = "cpu",
         drop_singleton: bool = False,
         sparse: bool = False,  # accepted for the CellData contract; blocks are always dense
+        nonzero: bool = False,
     ) -> Iterator[Batch]:
         """Yield minibatches over ``indices`` (default: all cells), reading from disk.
 
         Same contract as :meth:`CellData.batches <scvae_tools.adapter.CellData.batches>`:
         without ``shuffle`` cells come in the order of ``indices``; with it, in a
         chunk-local random order (:meth:`epoch_order`). With ``drop_singleton`` a trailing
-        batch of one cell is merged into the previous one. At most about
-        ``chunk_size · buffer_chunks`` cells are held in memory at a time.
+        batch of one cell is merged into the previous one. With ``nonzero`` each batch also
+        carries its non-zeros (``Batch.nonzero``), read off the CSR rows it was built from.
+        At most about ``chunk_size · buffer_chunks`` cells are held in memory at a time.
         """
         device = torch.device(device)
         idx = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -372,8 +374,17 @@ class BackedCellData:
                 buf = sp.vstack([buf[s - w0:], fresh], format="csr") if w1 > s else fresh
                 w0, w1 = s, new_w1
             rows = idx[s:e]
-            x = torch.from_numpy(buf[s - w0:e - w0].toarray())
+            block = buf[s - w0:e - w0]
+            x = torch.from_numpy(block.toarray())
             rows_t = torch.from_numpy(rows)
+            nz = None
+            if nonzero:  # contiguous CSR rows: position = row · genes + column
+                flat = np.repeat(np.arange(e - s, dtype=np.int64) * block.shape[1],
+                                 np.diff(block.indptr))
+                flat += block.indices
+                nz = (torch.from_numpy(flat).to(device, non_blocking=True),
+                      torch.from_numpy(block.data.astype(np.float32, copy=False)).to(
+                          device, non_blocking=True))
             yield Batch(
                 x=x.to(device, non_blocking=True),
                 library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),
@@ -381,6 +392,7 @@ class BackedCellData:
                 cat_covs=torch.from_numpy(self.cat_covs[rows]).to(device),
                 cont_covs=torch.from_numpy(self.cont_covs[rows]).to(device),
                 index=rows_t.to(device),
+                nonzero=nz,
             )
 
 

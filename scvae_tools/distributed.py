@@ -161,10 +161,11 @@ class DistContext:
 
     # ------------------------------------------------------------------ data
     def train_batches(self, data, indices: np.ndarray, batch_size: int,
-                      generator: torch.Generator | None, device: torch.device) -> Iterator[Batch]:
+                      generator: torch.Generator | None, device: torch.device,
+                      **batch_kwargs) -> Iterator[Batch]:
         """This rank's minibatches for one epoch (see :func:`shard_batches`)."""
         return shard_batches(data, indices, batch_size, generator, self.rank, self.world_size,
-                             device)
+                             device, **batch_kwargs)
 
     def my_slice(self, indices: np.ndarray) -> np.ndarray:
         """This rank's contiguous slice of ``indices`` (slices differ by at most one item)."""
@@ -212,8 +213,10 @@ def epoch_order(data, indices: np.ndarray, generator: torch.Generator | None) ->
 
 
 def shard_batches(data, indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
-                  rank: int, world_size: int, device: torch.device | str = "cpu") -> Iterator[Batch]:
-    """Rank ``rank``'s minibatches of one epoch over ``indices``.
+                  rank: int, world_size: int, device: torch.device | str = "cpu",
+                  **batch_kwargs) -> Iterator[Batch]:
+    """Rank ``rank``'s minibatches of one epoch over ``indices``; ``batch_kwargs`` (e.g.
+    ``nonzero=True``) go to ``data.batches``.
 
     All ranks draw the same order (same ``generator`` state) and take contiguous slices of
     it (:func:`shard_bounds`), so the union over ranks is every cell exactly once. Every
@@ -233,6 +236,7 @@ def shard_batches(data, indices: np.ndarray, batch_size: int, generator: torch.G
     steps = n_steps(smallest, batch_size)
     head = (steps - 1) * batch_size  # cells in the full batches before the last one
     if head:
-        yield from data.batches(mine[:head], batch_size=batch_size, device=device)
+        yield from data.batches(mine[:head], batch_size=batch_size, device=device, **batch_kwargs)
     # The last batch takes the rest of this rank's slice (batch_size + 0..2 cells).
-    yield from data.batches(mine[head:], batch_size=len(mine) - head, device=device)
+    yield from data.batches(mine[head:], batch_size=len(mine) - head, device=device,
+                            **batch_kwargs)

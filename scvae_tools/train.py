@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .adapter import CellData
+from .backed import BackedCellData
 from .checkpoint import CheckpointConfig
 from .devices import accumulator_dtype
 from .distributed import DistContext
@@ -179,10 +180,10 @@ def evaluate(
 
 
 def nonzero_option(module: VAE, data) -> dict:
-    """Ask in-memory data for each batch's non-zeros when the fused NB likelihood uses them:
-    found on the host, they spare the device a search (and the host a wait) every step.
-    Out-of-core and DDP batches leave the search to the likelihood."""
-    use = module.cfg.likelihood == "nb" and isinstance(data, CellData)
+    """Ask the data for each batch's non-zeros when the fused NB likelihood uses them: read
+    off the host CSR rows (in memory or out of core), they spare the device a search (and
+    the host a wait) every step."""
+    use = module.cfg.likelihood == "nb" and isinstance(data, (CellData, BackedCellData))
     return {"nonzero": True} if use else {}
 
 
@@ -192,7 +193,8 @@ def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
     if dist is None:
         return data.batches(train_idx, batch_size, shuffle=True, generator=gen, device=device,
                             drop_singleton=True, **nonzero_option(module, data))
-    return dist.train_batches(data, train_idx, batch_size, gen, device)
+    return dist.train_batches(data, train_idx, batch_size, gen, device,
+                              **nonzero_option(module, data))
 
 
 def train_module(
