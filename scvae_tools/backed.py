@@ -38,8 +38,11 @@ from .adapter import (
     Batch,
     CellData,
     DataSpec,
+    _block_entries,
+    _csr_positions,
     _encode,
     _numeric_obs,
+    _to_device,
     batch_bounds,
     check_no_empty_cells,
     validate_values,
@@ -375,18 +378,13 @@ class BackedCellData:
                 w0, w1 = s, new_w1
             rows = idx[s:e]
             block = buf[s - w0:e - w0]
-            x = torch.from_numpy(block.toarray())
             rows_t = torch.from_numpy(rows)
             nz = None
-            if nonzero:  # contiguous CSR rows: position = row · genes + column
-                flat = np.repeat(np.arange(e - s, dtype=np.int64) * block.shape[1],
-                                 np.diff(block.indptr))
-                flat += block.indices
-                nz = (torch.from_numpy(flat).to(device, non_blocking=True),
-                      torch.from_numpy(block.data.astype(np.float32, copy=False)).to(
-                          device, non_blocking=True))
+            if nonzero:  # the same (flat position, value) pairs as in-memory CSR batches
+                entries = _block_entries(block, _csr_positions(block, np.arange(e - s)))
+                nz = tuple(_to_device(torch.from_numpy(a), device) for a in entries)
             yield Batch(
-                x=x.to(device, non_blocking=True),
+                x=_to_device(torch.from_numpy(block.toarray()), device),
                 library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),
                 batch_index=torch.from_numpy(self.batch_index[rows]).to(device),
                 cat_covs=torch.from_numpy(self.cat_covs[rows]).to(device),

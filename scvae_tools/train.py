@@ -20,7 +20,6 @@ import torch
 
 from . import checkpoint as ckpt
 from .adapter import CellData
-from .backed import BackedCellData
 from .checkpoint import CheckpointConfig
 from .devices import accumulator_dtype
 from .distributed import DistContext
@@ -182,9 +181,9 @@ def evaluate(
 def nonzero_option(module: VAE, data) -> dict:
     """Ask the data for each batch's non-zeros when the fused NB likelihood uses them: read
     off the host CSR rows (in memory or out of core), they spare the device a search (and
-    the host a wait) every step."""
-    use = module.cfg.likelihood == "nb" and isinstance(data, (CellData, BackedCellData))
-    return {"nonzero": True} if use else {}
+    the host a wait) every step. Dense counts have none to give; the likelihood then
+    searches."""
+    return {"nonzero": True} if module.cfg.likelihood == "nb" else {}
 
 
 def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
