@@ -25,6 +25,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .fused import NonZeros, table_slots
+
 # Data below this many dense float32 bytes is densified once and indexed as a tensor:
 # gathering rows of a dense tensor is far faster than slicing CSR per batch.
 DENSE_LIMIT_BYTES = 1 << 30
@@ -118,10 +120,11 @@ class Batch:
     cat_covs: torch.Tensor  # (n, k) int64 codes
     cont_covs: torch.Tensor  # (n, m) float32
     index: torch.Tensor  # (n,) int64 row numbers into the CellData
-    # The counts' non-zeros as (flat positions in the n × genes block, values), when the data
-    # path knows them (``batches(nonzero=True)`` over CSR counts): the fused NB likelihood
-    # then need not search x for them, a search that makes the host wait for the device.
-    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The counts' non-zeros (flat positions in the n × genes block, values, rows, genes, row
+    # lengths), when the data path knows them (``batches(nonzero=True)`` over CSR counts):
+    # the fused NB likelihood then need not search x for them, a search that makes the host
+    # wait for the device.
+    nonzero: NonZeros | None = None
 
 
 class CellData:
@@ -274,7 +277,7 @@ class CellData:
                                device)
             nz = None
             if entries is not None:
-                nz = tuple(_to_device(torch.from_numpy(a), device) for a in entries)
+                nz = NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
             yield Batch(x=x, library=_take(t["library"], sel),
                         batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
                         cont_covs=_take(t["cont_covs"], sel), index=rows_dev, nonzero=nz)
@@ -473,8 +476,10 @@ def _numeric_obs(obs: pd.DataFrame, key: str) -> np.ndarray:
         raise ValueError(f"obs[{key!r}] must be numeric; it has dtype {obs[key].dtype}.") from err
 
 
-def _csr_positions(X: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the given rows of a CSR matrix: (output row of each stored entry, its position).
+def _csr_positions(X: sp.csr_matrix, rows: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the given rows of a CSR matrix: (output row of each stored entry, its position,
+    the number of entries of each row).
 
     Vectorised (no per-row Python): positions are ``indptr[row] + k`` for ``k < row length``.
     """
@@ -483,7 +488,7 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.n
     out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
     offsets = np.cumsum(lengths) - lengths  # where each row's entries begin in the output
     pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - starts, lengths)
-    return out_row, pos
+    return out_row, pos, lengths
 
 
 def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -504,8 +509,7 @@ def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
         indptr = (X.indptr[start:end + 1] - lo).astype(index_dtype)
         cols, vals = X.indices[lo:hi], X.data[lo:hi]
     else:
-        out_row, pos = _csr_positions(X, rows)
-        counts = np.bincount(out_row, minlength=len(rows))
+        _, pos, counts = _csr_positions(X, rows)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype)
         cols, vals = X.indices[pos], X.data[pos]
     with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
@@ -523,14 +527,17 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
     return a.to(device, non_blocking=True)
 
 
-def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray]
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions (int64) in the rows × genes block and values of the stored entries of
-    some rows, from their :func:`_csr_positions`."""
-    out_row, pos = found
+def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.ndarray]
+                   ) -> tuple[np.ndarray, ...]:
+    """The stored entries of some rows, from their :func:`_csr_positions`, as the fields of
+    :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
+    values, block rows, genes (int64), row lengths and the likelihood's table slots."""
+    out_row, pos, lengths = found
+    cols = X.indices[pos].astype(np.int64)
     flat = out_row * X.shape[1]
-    flat += X.indices[pos]
-    return flat, X.data[pos]
+    flat += cols
+    values = X.data[pos]
+    return (flat, values, out_row, cols, lengths, *table_slots(cols, values))
 
 
 def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, np.ndarray] | None = None
@@ -539,7 +546,8 @@ def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, np.ndarray] | No
     4× faster than a 2-D one; ``entries``: :func:`_block_entries` of these rows when the
     caller has them)."""
     if sp.issparse(X):
-        flat, values = _block_entries(X, _csr_positions(X, rows)) if entries is None else entries
+        flat, values = (_block_entries(X, _csr_positions(X, rows)) if entries is None
+                        else entries)[:2]
         block = np.zeros(len(rows) * X.shape[1], dtype=np.float32)
         block[flat] = values  # canonical CSR: no duplicate positions
         return block.reshape(len(rows), X.shape[1])
@@ -556,7 +564,7 @@ def _gather_csr_on_device(
     report a size back); two index arrays go over non-blocking and the scatter runs there.
     ``found``: :func:`_csr_positions` of these rows when the caller has them.
     """
-    out_row, pos = _csr_positions(X, rows) if found is None else found
+    out_row, pos, _ = _csr_positions(X, rows) if found is None else found
     out_row_t = _to_device(torch.from_numpy(out_row), device)
     pos_t = _to_device(torch.from_numpy(pos), device)
     block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)

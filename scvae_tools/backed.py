@@ -47,6 +47,7 @@ from .adapter import (
     check_no_empty_cells,
     validate_values,
 )
+from .fused import NonZeros
 
 # Rows further apart than this are read with separate HDF5 reads; closer ones are read
 # as one span (an HDF5 read call costs about as much as reading ~100 extra rows).
@@ -380,9 +381,9 @@ class BackedCellData:
             block = buf[s - w0:e - w0]
             rows_t = torch.from_numpy(rows)
             nz = None
-            if nonzero:  # the same (flat position, value) pairs as in-memory CSR batches
+            if nonzero:  # the same non-zeros as in-memory CSR batches
                 entries = _block_entries(block, _csr_positions(block, np.arange(e - s)))
-                nz = tuple(_to_device(torch.from_numpy(a), device) for a in entries)
+                nz = NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
             yield Batch(
                 x=_to_device(torch.from_numpy(block.toarray()), device),
                 library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),

@@ -27,6 +27,9 @@ formula no ``eps`` is added inside the logs (μ comes from a log-softmax, so it 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 
@@ -60,99 +63,161 @@ def _with_zero_column(table: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(table, (1, 0)).reshape(-1)
 
 
+def table_slots(cols, values):
+    """Where each non-zero reads the per-gene tables of :func:`_gamma_differences`, and
+    which non-zeros lie outside them (counts past the table, or not whole numbers).
+
+    Works on numpy arrays (the host, while the device computes) and on torch tensors alike.
+    Returns ``(slot, outside)``: the slot of gene g and count k is g·(k_max + 1) + k; the
+    outside entries read slot g·(k_max + 1), the zero column, and are evaluated directly.
+    """
+    k = _TABLE_COUNTS
+    if isinstance(values, torch.Tensor):
+        inside = (values <= k) & (values == values.floor())
+        slot = torch.where(inside, values, 0.0).long().add_(cols * (k + 1))
+        return slot, torch.nonzero(~inside).squeeze(1)
+    inside = (values <= k) & (values == np.floor(values))
+    slot = np.where(inside, values, 0).astype(np.int64)
+    slot += cols * (k + 1)
+    return slot, np.flatnonzero(~inside)
+
+
 def _gamma_differences(
     theta: torch.Tensor, cols: torch.Tensor, xv: torch.Tensor, want_digamma: bool,
-    tables: bool = True,
+    tables: bool = True, slots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lgamma(x+θ) − lgamma(θ) and ψ(x+θ) − ψ(θ) at the non-zeros, for one θ per gene.
 
     On a CPU ``torch.digamma`` costs ~25 ns per value (``lgamma`` ~4), and a batch has tens of
-    thousands of non-zeros. Most counts are small, so there the differences are read from
-    per-gene tables (genes × 8 logs and reciprocals), and only the few larger counts call
-    ``lgamma``/``digamma``. On accelerators, where those calls are cheap and a data-dependent
-    subset would make the host wait, they are evaluated directly (``tables=False``).
+    thousands of non-zeros. Most counts are small whole numbers, so there the differences
+    are read from per-gene tables (genes × 8 logs and reciprocals), and only the few other
+    entries (larger or non-integer counts) call ``lgamma``/``digamma``. On accelerators,
+    where those calls are cheap and a data-dependent subset would make the host wait, they
+    are evaluated directly (``tables=False``). ``slots``: :func:`table_slots` of these
+    entries when the data path computed them.
     """
     if not tables:
         return _direct_differences(theta.take(cols), xv, want_digamma)
     k_max = _TABLE_COUNTS
     shifted = theta.unsqueeze(1) + torch.arange(k_max, dtype=theta.dtype)
     # Column k of a table holds the difference for a count of k; column 0 is zero, so that a
-    # stored zero (an explicit zero of a CSR matrix) adds nothing.
-    idx = (cols * (k_max + 1)).add_(xv.clamp(max=k_max).long())
-    large = torch.nonzero(xv > k_max).squeeze(1)
-    # Past the table: lgamma(x+θ) − lgamma(θ) = table(8) + lgamma(x+θ) − lgamma(θ+8).
-    th_large = theta.take(cols.take(large))
-    y, top = xv.take(large).add_(th_large), th_large.add_(k_max)
-    lg = _with_zero_column(torch.log(shifted).cumsum_(1)).take(idx)
-    lg.index_add_(0, large, torch.lgamma(y).sub_(torch.lgamma(top)))
+    # stored zero (an explicit zero of a CSR matrix) and the entries outside the table add
+    # nothing there.
+    slot, outside = table_slots(cols, xv) if slots is None else slots
+    lg = _with_zero_column(torch.log(shifted).cumsum_(1)).take(slot)
+    lg_out, dig_out = _direct_differences(theta.take(cols.take(outside)), xv.take(outside),
+                                          want_digamma)
+    lg.index_add_(0, outside, lg_out)
     if not want_digamma:
         return lg, None
-    dig = _with_zero_column(shifted.reciprocal_().cumsum_(1)).take(idx)
-    dig.index_add_(0, large, torch.digamma(y).sub_(torch.digamma(top)))
+    dig = _with_zero_column(shifted.reciprocal_().cumsum_(1)).take(slot)
+    dig.index_add_(0, outside, dig_out)
     return lg, dig
+
+
+class NonZeros(NamedTuple):
+    """The non-zero counts of a (cells × genes) block, as the data path knows them.
+
+    Everything here depends on the data only, so the host can read it off CSR rows while
+    the device computes; the likelihood then never searches the dense block. Only ``flat``
+    and ``values`` are required: missing fields are derived from ``flat`` and ``values``.
+    """
+
+    flat: torch.Tensor  # int64 positions in block.reshape(-1), in row-major order
+    values: torch.Tensor  # the counts there (a CSR matrix's stored zeros may be among them)
+    rows: torch.Tensor | None = None  # int64 block row of each entry
+    cols: torch.Tensor | None = None  # int64 gene of each entry
+    lengths: torch.Tensor | None = None  # int64 number of entries in each block row
+    slot: torch.Tensor | None = None  # table_slots(cols, values)
+    outside: torch.Tensor | None = None
+
+    @classmethod
+    def of_dense(cls, x: torch.Tensor) -> NonZeros:
+        """Search a dense (cells × genes) block (on an accelerator the host waits for it)."""
+        flat = torch.nonzero(x.reshape(-1)).squeeze(1)
+        return cls(flat, x.reshape(-1).take(flat)).complete(x.shape[0], x.shape[1])
+
+    def complete(self, n_rows: int, n_genes: int) -> NonZeros:
+        """Rows and columns filled in from ``flat`` where missing, and, on the CPU, the row
+        lengths and table slots (on an accelerator they would make the host wait)."""
+        nz = self
+        cpu = self.flat.device.type == "cpu"
+        if nz.rows is None or nz.cols is None:
+            rows = torch.div(nz.flat, n_genes, rounding_mode="floor")
+            nz = nz._replace(rows=rows, cols=nz.flat - rows * n_genes)
+        if cpu and nz.lengths is None:
+            nz = nz._replace(lengths=torch.bincount(nz.rows, minlength=n_rows))
+        if cpu and nz.slot is None:
+            slot, outside = table_slots(nz.cols, nz.values)
+            nz = nz._replace(slot=slot, outside=outside)
+        return nz
+
+
+def _row_sums(values: torch.Tensor, nz: NonZeros, n_rows: int) -> torch.Tensor:
+    """Σ of ``values`` (one per non-zero) within each block row: a segment sum when the row
+    lengths are known (faster on the CPU), else an ``index_add``."""
+    if nz.lengths is not None:
+        return torch.segment_reduce(values, "sum", lengths=nz.lengths)
+    return values.new_zeros(n_rows).index_add_(0, nz.rows, values)
 
 
 def _nb_core(
     logits: torch.Tensor,
     log_library: torch.Tensor,
     log_theta: torch.Tensor,
-    x: torch.Tensor | None,
+    x: torch.Tensor,
     want_grads: bool,
-    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nonzero: NonZeros | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-row log-likelihood (rows, ) and, optionally, the unscaled gradients (rows, genes).
+    """Per-row log-likelihood (rows, ) and, optionally, two *negated* gradient pieces.
 
     All inputs are 2-D (rows × genes; ``log_library`` rows × 1; ``log_theta`` genes or
-    rows × genes). The counts enter only through their non-zeros: ``nonzero`` =
-    (flat positions in the rows × genes block, values) when the caller has them, else they
-    are found in the dense ``x``. Runs without autograd.
+    rows × genes). The counts enter only through their non-zeros: ``nonzero`` when the
+    caller has them, else they are found in the dense ``x``. Runs without autograd.
+
+    With ``want_grads`` it also returns −∂ll/∂logits and G with −∂ll/∂log θ = θ·G: the
+    signs and the factor θ are applied in the backward pass, where they cost nothing
+    (the upstream gradient is one number per row), instead of a pass over the block here.
     """
     per_gene_theta = log_theta.dim() == 1
-    n_genes = logits.shape[-1]
-    if nonzero is None:
-        # Flat positions: 1-D take/index_add are much cheaper than 2-D indexing.
-        flat = torch.nonzero(x.reshape(-1)).squeeze(1)
-        xv = x.reshape(-1).take(flat)
-    else:
-        flat, xv = nonzero
-    rows = torch.div(flat, n_genes, rounding_mode="floor")
+    n_rows, n_genes = logits.shape
+    nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
+    flat, xv = nz.flat, nz.values
     log_rho = torch.log_softmax(logits, dim=-1)
     rho = log_rho.exp()
     lib = log_library.exp()
     theta = log_theta.exp()
     tm = torch.addcmul(theta, rho, lib)  # θ + μ with μ = ℓ·ρ, in one pass
-    # a = log θ − log(θ+μ); the dense part θ·a has row sums that, with one θ per gene, are
-    # a mat-vec.
-    a = torch.log(tm).neg_().add_(log_theta)
-    ll = a.mv(theta) if per_gene_theta else torch.mul(a, theta).sum(-1)
+    # b = log(θ+μ) − log θ = −a; the dense part of the log-likelihood, Σ_g θ·a, is (with
+    # one θ per gene) a mat-vec.
+    b = torch.log(tm).sub_(log_theta)
+    ll = (b.mv(theta) if per_gene_theta else torch.mul(b, theta).sum(-1)).neg_()
     # x(log μ − log(θ+μ)) vanishes where x = 0, and so do the log Γ terms
-    # lgamma(x+θ) − lgamma(θ) − lgamma(x+1): all are evaluated at the non-zeros only.
+    # lgamma(x+θ) − lgamma(θ) − lgamma(x+1): all are evaluated at the non-zeros only, from
+    # three gathers (θ+μ there is recomputed, cheaper than gathering it).
+    log_mu = log_rho.take(flat).add_(log_library.reshape(-1).take(nz.rows))
     if per_gene_theta:
-        cols = flat - rows * n_genes
-        lt_nz = log_theta.take(cols)
-        lg_diff, dig = _gamma_differences(theta, cols, xv, want_grads,
-                                          tables=theta.device.type == "cpu")
+        lt_nz = log_theta.take(nz.cols)
+        lg_diff, dig = _gamma_differences(theta, nz.cols, xv, want_grads,
+                                          tables=theta.device.type == "cpu",
+                                          slots=None if nz.slot is None else (nz.slot, nz.outside))
     else:
         lt_nz = log_theta.reshape(-1).take(flat)
-        lg_diff, dig = _direct_differences(theta.reshape(-1).take(flat), xv, want_grads)
-    a_nz = a.reshape(-1).take(flat)
-    # log μ − log(θ+μ) = log ρ + log ℓ + a − log θ
-    nz = log_rho.reshape(-1).take(flat).add_(log_library.reshape(-1).take(rows))
-    nz.add_(a_nz).sub_(lt_nz).mul_(xv)
-    nz += lg_diff.sub_(torch.lgamma(xv + 1.0))
-    ll.index_add_(0, rows, nz)
+        lg_diff, dig = _direct_differences(lt_nz.exp(), xv, want_grads)
+    tm_nz = lt_nz.exp_().add_(log_mu.exp())
+    terms = log_mu.sub_(tm_nz.log()).mul_(xv).add_(lg_diff).sub_(torch.lgamma(xv + 1.0))
+    ll += _row_sums(terms, nz, n_rows)
     if not want_grads:
         return ll, None, None
-    # With q = (x − μ)/(θ+μ):  ∂/∂ log μ = θ·q  and  ∂/∂ log θ (dense part) = θ·(a − q).
-    # q is −μ/(θ+μ) everywhere plus x/(θ+μ) at the non-zeros: the dense x is never read.
-    q = torch.mul(rho, lib).div_(tm).neg_()
-    q.reshape(-1).index_add_(0, flat, xv / tm.reshape(-1).take(flat))
-    s = q.mv(theta) if per_gene_theta else torch.mul(q, theta).sum(-1)  # Σ_h θ_h q_h
-    g_lt = a.sub_(q)
-    g_lt.reshape(-1).index_add_(0, flat, dig)  # g_lt is a fresh contiguous tensor: a view
-    g_lt.mul_(theta)
-    # ∂/∂ l_g = θ_g q_g − ρ_g Σ_h θ_h q_h  (the softmax's Jacobian)
-    g_logits = q.mul_(theta).addcmul_(rho, s.unsqueeze(-1), value=-1.0)
+    # With q = (x − μ)/(θ+μ):  ∂/∂ log μ = θ·q  and  ∂/∂ log θ = θ·(a − q + ψ(x+θ) − ψ(θ)).
+    # p = −q is μ/(θ+μ) everywhere minus x/(θ+μ) at the non-zeros: x is never read densely.
+    p = torch.mul(rho, lib).div_(tm)
+    p.reshape(-1).scatter_add_(0, flat, xv.div(tm_nz).neg_())  # flat positions are unique
+    s = p.mv(theta) if per_gene_theta else torch.mul(p, theta).sum(-1)  # −Σ_h θ_h q_h
+    g_lt = b.sub_(p)  # −(a − q); b is a fresh contiguous tensor: a view is safe
+    g_lt.reshape(-1).scatter_add_(0, flat, dig.neg_())
+    # −∂/∂ l_g = −(θ_g q_g − ρ_g Σ_h θ_h q_h)  (the softmax's Jacobian)
+    g_logits = p.mul_(theta).addcmul_(rho, s.unsqueeze(-1), value=-1.0)
     return ll, g_logits, g_lt
 
 
@@ -160,7 +225,7 @@ class NBFromLogits(torch.autograd.Function):
     """Autograd function: per-cell NB log-likelihood from decoder logits (see module doc)."""
 
     @staticmethod
-    def forward(ctx, logits, log_library, log_theta, x, nz_flat=None, nz_values=None):  # noqa: D102
+    def forward(ctx, logits, log_library, log_theta, x, nonzero=None):  # noqa: D102
         shape = logits.shape
         n_genes = shape[-1]
         lead = shape[:-1]
@@ -171,26 +236,26 @@ class NBFromLogits(torch.autograd.Function):
         lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         # Known non-zeros index the (cells × genes) block: usable without a sample dimension.
-        nonzero = (nz_flat, nz_values) if nz_flat is not None and logits.dim() == 2 else None
-        ll, g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
+        nonzero = nonzero if logits.dim() == 2 else None
+        ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
         if want:
-            ctx.save_for_backward(g_logits, g_lt)
+            ctx.save_for_backward(neg_g_logits, g_lt, lt2)
         ctx.lead, ctx.shape, ctx.lt_shape = lead, shape, log_theta.shape
         return ll.reshape(lead)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        g_logits, g_lt = ctx.saved_tensors
-        g = grad_out.reshape(-1, 1)
+        neg_g_logits, g_lt, lt2 = ctx.saved_tensors
+        neg_g = grad_out.reshape(-1, 1).neg()  # the core's pieces are negated
         grad_logits = grad_lt = None
         if ctx.needs_input_grad[0]:
-            grad_logits = (g_logits * g).reshape(ctx.shape)
+            grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
         if ctx.needs_input_grad[2]:
-            if len(ctx.lt_shape) == 1:
-                grad_lt = g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)  # Σ over rows
+            if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
+                grad_lt = neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape).mul_(lt2.exp())
             else:
-                grad_lt = _sum_to((g_lt * g).reshape(ctx.shape), ctx.lt_shape)
-        return grad_logits, None, grad_lt, None, None, None
+                grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape), ctx.lt_shape)
+        return grad_logits, None, grad_lt, None, None
 
 
 def nb_log_likelihood_from_logits(
@@ -198,7 +263,7 @@ def nb_log_likelihood_from_logits(
     log_library: torch.Tensor,
     log_theta: torch.Tensor,
     x: torch.Tensor,
-    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nonzero: NonZeros | tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-cell Negative Binomial log-likelihood of counts under softmax-decoded means.
 
@@ -214,10 +279,10 @@ def nb_log_likelihood_from_logits(
     x
         Counts, ``(cells, genes)``, broadcast over leading dimensions of ``logits``.
     nonzero
-        Optional ``(flat positions, values)`` of the non-zeros of ``x`` (positions into
-        ``x.reshape(-1)``, int64), e.g. ``Batch.nonzero``. Without it they are found with
-        ``torch.nonzero``, which on an accelerator makes the host wait for the device.
-        Used for 2-D ``logits`` only.
+        Optional non-zeros of ``x``: a :class:`NonZeros` such as ``Batch.nonzero``, or just
+        ``(flat positions, values)`` (positions into ``x.reshape(-1)``, int64, row-major
+        order). Without it they are found with ``torch.nonzero``, which on an accelerator
+        makes the host wait for the device. Used for 2-D ``logits`` only.
 
     Returns
     -------
@@ -239,7 +304,9 @@ def nb_log_likelihood_from_logits(
             f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
         )
     dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32 (bf16 MLPs)
-    flat, values = (None, None) if nonzero is None else (nonzero[0], nonzero[1].to(dtype))
+    if nonzero is not None:
+        nonzero = NonZeros(*nonzero)
+        nonzero = nonzero._replace(values=nonzero.values.to(dtype))
     return NBFromLogits.apply(
-        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), flat, values
+        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero
     )

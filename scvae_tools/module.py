@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
-from .fused import nb_log_likelihood_from_logits
+from .fused import NonZeros, nb_log_likelihood_from_logits
 
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 # "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
@@ -81,6 +81,20 @@ class ModuleConfig:
         return asdict(self)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask comes from ``torch.rand``: on a CPU that is about 1.5×
+    faster per step than the ``bernoulli_`` draw of the built-in (accelerators keep the
+    built-in kernel). Same semantics: zero with probability p, scale the rest by 1/(1−p)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0.0
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep.to(x.dtype)
+
+
 def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: bool) -> nn.Sequential:
     """Linear → BatchNorm → ReLU → Dropout, ``n_layers`` times."""
     layers: list[nn.Module] = []
@@ -91,7 +105,7 @@ def mlp(n_in: int, n_hidden: int, n_layers: int, dropout: float, batch_norm: boo
             layers.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
         layers.append(nn.ReLU())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
     return nn.Sequential(*layers)
 
 
@@ -363,7 +377,7 @@ class VAE(nn.Module):
         return self._log_theta(out, batch_index).exp()
 
     def log_px(self, x: torch.Tensor, params: dict[str, torch.Tensor],
-               nonzero: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               nonzero: NonZeros | None = None) -> torch.Tensor:
         """log p(x | z) summed over genes, one value per cell (and sample).
 
         For the NB likelihood with decoder ``logits`` in ``params`` this is the fused,
@@ -389,7 +403,7 @@ class VAE(nn.Module):
         cat_covs: torch.Tensor | None = None,
         cont_covs: torch.Tensor | None = None,
         sample: bool = True,
-        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+        nonzero: NonZeros | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-cell ELBO pieces with one reparameterised sample of z.
 

@@ -68,7 +68,7 @@ def test_backed_batches_carry_their_nonzeros(synthetic, h5ad_path):
     assert len(batches) > 3
     torch.manual_seed(0)
     for b in batches:
-        flat, values = b.nonzero
+        flat, values = b.nonzero.flat, b.nonzero.values
         expected = torch.nonzero(b.x.reshape(-1)).squeeze(1)
         assert torch.equal(flat, expected)
         assert torch.equal(values, b.x.reshape(-1)[expected])

@@ -11,8 +11,8 @@ import torch
 import scvae_tools as svt
 from scvae_tools.adapter import CellData, DataSpec
 from scvae_tools.distributions import log_factorial_sum, log_nb, log_nb_sparse
-from scvae_tools.fused import nb_log_likelihood_from_logits
-from scvae_tools.module import VAE, ModuleConfig
+from scvae_tools.fused import NonZeros, nb_log_likelihood_from_logits
+from scvae_tools.module import VAE, Dropout, ModuleConfig
 
 
 def _nb_inputs(n=40, g=60, dtype=torch.float64, seed=0, zero_frac=0.8):
@@ -85,6 +85,26 @@ def test_fused_value_and_gradient_match_autograd(theta_kind):
     torch.testing.assert_close(got, log_nb(x, mu, log_theta.exp()).sum(-1), rtol=1e-7, atol=1e-5)
     g_ref = torch.autograd.grad((ref * weights).sum(), [logits, log_theta])
     g_got = torch.autograd.grad((got * weights).sum(), [logits, log_theta])
+    for a, b in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)
+
+
+def test_fused_handles_non_integer_counts():
+    """Counts allowed with allow_non_integer=True (e.g. ambient-corrected) must not be read
+    from the small-count tables, which hold whole counts only: the value and gradients
+    equal the plain formula. (Before the fix, 2.5 was read as 2.)"""
+    logits, library, log_theta, x = _nb_inputs(seed=3, zero_frac=0.5)
+    gen = torch.Generator().manual_seed(1)
+    x = x * torch.empty(x.shape, dtype=x.dtype).uniform_(0.5, 1.5, generator=gen)
+    x[0, :4] = torch.tensor([2.5, 3.0, 7.999, 8.5])  # either side of whole and of the table end
+    assert ((x > 0) & (x != x.floor())).float().mean() > 0.2
+    logits.requires_grad_()
+    log_theta.requires_grad_()
+    ref = _dense(logits, library, log_theta, x)
+    got = nb_log_likelihood_from_logits(logits, library.log(), log_theta, x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8)
+    g_ref = torch.autograd.grad(ref.sum(), [logits, log_theta])
+    g_got = torch.autograd.grad(got.sum(), [logits, log_theta])
     for a, b in zip(g_ref, g_got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8)
 
@@ -253,10 +273,14 @@ def test_batches_carry_their_nonzeros(synthetic):
     for indices, shuffle in ((None, False), (idx, False), (idx, True)):
         gen = torch.Generator().manual_seed(0)
         for b in data.batches(indices, 64, shuffle=shuffle, generator=gen, nonzero=True):
-            flat, values = b.nonzero
+            flat, values = b.nonzero.flat, b.nonzero.values
             expected = torch.nonzero(b.x.reshape(-1)).squeeze(1)
             assert torch.equal(flat, expected)
             assert torch.equal(values, b.x.reshape(-1)[expected])
+            # The fields read off on the host equal those the likelihood would derive.
+            searched = NonZeros.of_dense(b.x)
+            for name, a, c in zip(NonZeros._fields, b.nonzero, searched, strict=True):
+                assert a is not None and torch.equal(a, c), name
     assert all(b.nonzero is None for b in data.batches(None, 64))  # only when asked for
 
 
@@ -355,3 +379,21 @@ def test_explicit_zeros_in_csr_do_not_change_the_likelihood():
         grads[-1].append(terms["log_px"].detach())
     for a, c in zip(*grads, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_zeroes_p_and_rescales_the_rest():
+    """The CPU dropout (mask from torch.rand) keeps nn.Dropout's semantics: each unit is
+    zeroed with probability p, survivors are scaled by 1/(1−p), gradients follow the mask,
+    and it is the identity in eval mode."""
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    zero = (y == 0).float().mean().item()
+    assert abs(zero - 0.1) < 0.005  # 200,000 draws: the standard error is 0.0007
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x·mask)/dx = mask
+    drop.eval()
+    assert drop(x) is x
+    assert torch.equal(Dropout(0.0)(x), x) and (Dropout(1.0)(x) == 0).all()
