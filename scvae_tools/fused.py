@@ -19,7 +19,7 @@ q_g = (x_g − μ_g)/(θ_g + μ_g) and a_g = log θ_g − log(θ_g + μ_g):
 
 For x = 0 the ``lgamma``/``digamma`` terms cancel exactly, so they are evaluated only at the
 non-zero entries (single-cell data are mostly zeros); on the CPU, with one θ per gene, small
-counts read them from per-gene tables (see :func:`_gamma_differences`). The value returned is the *full
+whole counts read them from per-gene tables (see :func:`_gamma_differences`). The value returned is the *full
 normalised* log-likelihood (``lgamma(x+1)`` included, again only at non-zeros), identical to
 ``distributions.log_nb(x, μ, θ).sum(-1)`` up to floating-point rounding; unlike that dense
 formula no ``eps`` is added inside the logs (μ comes from a log-softmax, so it is exact).
@@ -72,13 +72,25 @@ def table_slots(cols, values):
     outside entries read slot g·(k_max + 1), the zero column, and are evaluated directly.
     """
     k = _TABLE_COUNTS
+    slot = cols * (k + 1)
     if isinstance(values, torch.Tensor):
-        inside = (values <= k) & (values == values.floor())
-        slot = torch.where(inside, values, 0.0).long().add_(cols * (k + 1))
-        return slot, torch.nonzero(~inside).squeeze(1)
-    inside = (values <= k) & (values == np.floor(values))
-    slot = np.where(inside, values, 0).astype(np.int64)
-    slot += cols * (k + 1)
+        whole = values.floor()
+        if torch.equal(values, whole):  # whole counts, the usual case: a cheaper test
+            outside = torch.nonzero(values > k).squeeze(1)
+            slot.add_(values.clamp(max=k).long()).index_add_(0, outside, slot.new_full(
+                outside.shape, -k))  # past the table: the zero column too
+            return slot, outside
+        inside = (values <= k) & (values == whole)
+        return (slot.add_(torch.where(inside, values, 0.0).long()),
+                torch.nonzero(~inside).squeeze(1))
+    whole = np.floor(values)
+    if np.array_equal(values, whole):
+        slot += np.minimum(values, k).astype(np.int64)
+        outside = np.flatnonzero(values > k)
+        slot[outside] -= k
+        return slot, outside
+    inside = (values <= k) & (values == whole)
+    slot += np.where(inside, values, 0).astype(np.int64)
     return slot, np.flatnonzero(~inside)
 
 
