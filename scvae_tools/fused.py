@@ -166,9 +166,9 @@ class NonZeros(NamedTuple):
 
 
 def _row_sums(values: torch.Tensor, nz: NonZeros, n_rows: int) -> torch.Tensor:
-    """Σ of ``values`` (one per non-zero) within each block row: a segment sum when the row
-    lengths are known (faster on the CPU), else an ``index_add``."""
-    if nz.lengths is not None:
+    """Σ of ``values`` (one per non-zero) within each block row: on the CPU a segment sum
+    over the row lengths (faster there), elsewhere an ``index_add`` (every backend has it)."""
+    if nz.lengths is not None and values.device.type == "cpu":
         return torch.segment_reduce(values, "sum", lengths=nz.lengths)
     return values.new_zeros(n_rows).index_add_(0, nz.rows, values)
 
