@@ -120,10 +120,10 @@ class Batch:
     cat_covs: torch.Tensor  # (n, k) int64 codes
     cont_covs: torch.Tensor  # (n, m) float32
     index: torch.Tensor  # (n,) int64 row numbers into the CellData
-    # The counts' non-zeros (flat positions in the n × genes block, values, rows, genes, row
-    # lengths), when the data path knows them (``batches(nonzero=True)`` over CSR counts):
-    # the fused NB likelihood then need not search x for them, a search that makes the host
-    # wait for the device.
+    # The counts' non-zeros (positions in the n × genes block, values, and what the fused NB
+    # likelihood derives from them), when the data path knows them (``batches(nonzero=True)``
+    # over CSR counts): the likelihood then need not search x for them, a search that makes
+    # the host wait for the device.
     nonzero: NonZeros | None = None
 
 
@@ -540,7 +540,7 @@ def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.nda
     return (flat, values, out_row, cols, lengths, *table_slots(cols, values))
 
 
-def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, np.ndarray] | None = None
+def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = None
                 ) -> np.ndarray:
     """Rows of ``X`` as a dense float32 block (for CSR, one vectorised 1-D scatter, about
     4× faster than a 2-D one; ``entries``: :func:`_block_entries` of these rows when the

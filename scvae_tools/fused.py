@@ -19,10 +19,12 @@ q_g = (x_g − μ_g)/(θ_g + μ_g) and a_g = log θ_g − log(θ_g + μ_g):
 
 For x = 0 the ``lgamma``/``digamma`` terms cancel exactly, so they are evaluated only at the
 non-zero entries (single-cell data are mostly zeros); on the CPU, with one θ per gene, small
-whole counts read them from per-gene tables (see :func:`_gamma_differences`). The value returned is the *full
-normalised* log-likelihood (``lgamma(x+1)`` included, again only at non-zeros), identical to
-``distributions.log_nb(x, μ, θ).sum(-1)`` up to floating-point rounding; unlike that dense
-formula no ``eps`` is added inside the logs (μ comes from a log-softmax, so it is exact).
+whole counts read them from per-gene tables (see :func:`_gamma_differences`). The value
+returned is the *full normalised* log-likelihood (``lgamma(x+1)`` included, again only at
+non-zeros), identical to ``distributions.log_nb(x, μ, θ).sum(-1)`` up to floating-point
+rounding; unlike that dense formula no ``eps`` is added inside the logs (μ comes from a
+log-softmax, so it is exact). The non-zeros come as a :class:`NonZeros`, read off CSR rows
+on the host by the data path, or are searched for in the dense counts.
 """
 
 from __future__ import annotations
@@ -77,8 +79,7 @@ def table_slots(cols, values):
         whole = values.floor()
         if torch.equal(values, whole):  # whole counts, the usual case: a cheaper test
             outside = torch.nonzero(values > k).squeeze(1)
-            slot.add_(values.clamp(max=k).long()).index_add_(0, outside, slot.new_full(
-                outside.shape, -k))  # past the table: the zero column too
+            slot.add_(values.clamp(max=k).long())[outside] -= k  # past it: the zero column
             return slot, outside
         inside = (values <= k) & (values == whole)
         return (slot.add_(torch.where(inside, values, 0.0).long()),
@@ -87,7 +88,7 @@ def table_slots(cols, values):
     if np.array_equal(values, whole):
         slot += np.minimum(values, k).astype(np.int64)
         outside = np.flatnonzero(values > k)
-        slot[outside] -= k
+        slot[outside] -= k  # past the table: the zero column
         return slot, outside
     inside = (values <= k) & (values == whole)
     slot += np.where(inside, values, 0).astype(np.int64)
@@ -209,14 +210,14 @@ def _nb_core(
     # three gathers (θ+μ there is recomputed, cheaper than gathering it).
     log_mu = log_rho.take(flat).add_(log_library.reshape(-1).take(nz.rows))
     if per_gene_theta:
-        lt_nz = log_theta.take(nz.cols)
         lg_diff, dig = _gamma_differences(theta, nz.cols, xv, want_grads,
                                           tables=theta.device.type == "cpu",
                                           slots=None if nz.slot is None else (nz.slot, nz.outside))
+        th_nz = log_theta.take(nz.cols).exp_()
     else:
-        lt_nz = log_theta.reshape(-1).take(flat)
-        lg_diff, dig = _direct_differences(lt_nz.exp(), xv, want_grads)
-    tm_nz = lt_nz.exp_().add_(log_mu.exp())
+        th_nz = log_theta.reshape(-1).take(flat).exp_()
+        lg_diff, dig = _direct_differences(th_nz, xv, want_grads)
+    tm_nz = th_nz.add_(log_mu.exp())  # θ + μ at the non-zeros
     terms = log_mu.sub_(tm_nz.log()).mul_(xv).add_(lg_diff).sub_(torch.lgamma(xv + 1.0))
     ll += _row_sums(terms, nz, n_rows)
     if not want_grads:
