@@ -49,6 +49,19 @@ def test_expression_outputs(trained):
     assert sampled.shape == den.shape and np.allclose(sampled.sum(1), 1e4, rtol=1e-4)
 
 
+def test_inference_batch_size_default_and_independence(trained):
+    """Inference batches default to ~2²³ cells × genes × samples values (between 1,024 and
+    8,192 cells), and results do not depend on the batch size (eval-mode BatchNorm)."""
+    adata, model = trained
+    assert model._inference_batch_size(None) == 8192  # 200 genes: capped
+    assert model._inference_batch_size(None, n_samples=100) == 1024  # floored
+    assert model._inference_batch_size(300) == 300  # an explicit size is kept
+    np.testing.assert_allclose(model.get_latent_representation(batch_size=64),
+                               model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_normalized_expression(batch_size=64),
+                               model.get_normalized_expression(), rtol=1e-4, atol=1e-4)
+
+
 def test_elbo_and_marginal_ll(trained):
     adata, model = trained
     elbo = model.get_elbo(indices=model.validation_indices)
