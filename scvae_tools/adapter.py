@@ -264,7 +264,8 @@ class CellData:
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
             found = _csr_positions(self.X, rows.numpy()) if positions else None
-            entries = _block_entries(self.X, found) if found is not None else None
+            entries = (_block_entries(self.X, found, slots=device.type == "cpu")
+                       if found is not None else None)
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
@@ -527,17 +528,18 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
     return a.to(device, non_blocking=True)
 
 
-def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.ndarray]
-                   ) -> tuple[np.ndarray, ...]:
+def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   slots: bool = True) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, from their :func:`_csr_positions`, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
-    values, block rows, genes (int64), row lengths and the likelihood's table slots."""
+    values, block rows, genes (int64), row lengths and, with ``slots`` (only the CPU
+    likelihood reads its tables), the table slots."""
     out_row, pos, lengths = found
     cols = X.indices[pos].astype(np.int64)
     flat = out_row * X.shape[1]
     flat += cols
     values = X.data[pos]
-    return (flat, values, out_row, cols, lengths, *table_slots(cols, values))
+    return (flat, values, out_row, cols, lengths, *(table_slots(cols, values) if slots else ()))
 
 
 def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = None

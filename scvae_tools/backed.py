@@ -382,7 +382,8 @@ class BackedCellData:
             rows_t = torch.from_numpy(rows)
             nz = None
             if nonzero:  # the same non-zeros as in-memory CSR batches
-                entries = _block_entries(block, _csr_positions(block, np.arange(e - s)))
+                entries = _block_entries(block, _csr_positions(block, np.arange(e - s)),
+                                         slots=device.type == "cpu")
                 nz = NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
             yield Batch(
                 x=_to_device(torch.from_numpy(block.toarray()), device),
