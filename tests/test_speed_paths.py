@@ -397,3 +397,20 @@ def test_dropout_zeroes_p_and_rescales_the_rest():
     drop.eval()
     assert drop(x) is x
     assert torch.equal(Dropout(0.0)(x), x) and (Dropout(1.0)(x) == 0).all()
+
+
+def test_accelerator_paths_of_the_likelihood_agree_on_the_cpu():
+    """The branches accelerators take (row sums by index_add, log Γ evaluated directly, no
+    row lengths or table slots from the host) give the CPU's values."""
+    from scvae_tools.fused import _gamma_differences, _row_sums
+
+    logits, library, log_theta, x = _nb_inputs(seed=4, dtype=torch.float32)
+    nz = NonZeros.of_dense(x)
+    values = torch.randn(len(nz.flat))
+    torch.testing.assert_close(_row_sums(values, nz._replace(lengths=None), x.shape[0]),
+                               _row_sums(values, nz, x.shape[0]), rtol=1e-5, atol=1e-5)
+    theta = log_theta.exp()
+    for a, b in zip(_gamma_differences(theta, nz.cols, nz.values, True, tables=False),
+                    _gamma_differences(theta, nz.cols, nz.values, True, tables=True,
+                                       slots=(nz.slot, nz.outside)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
