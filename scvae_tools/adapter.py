@@ -264,8 +264,7 @@ class CellData:
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
             found = _csr_positions(self.X, rows.numpy()) if positions else None
-            entries = (_block_entries(self.X, found, slots=device.type == "cpu")
-                       if found is not None else None)
+            entries = _block_entries(self.X, found, device) if found is not None else None
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
@@ -276,9 +275,7 @@ class CellData:
             else:
                 x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), entries)),
                                device)
-            nz = None
-            if entries is not None:
-                nz = NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
+            nz = None if entries is None else _nonzeros_on(entries, device)
             yield Batch(x=x, library=_take(t["library"], sel),
                         batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
                         cont_covs=_take(t["cont_covs"], sel), index=rows_dev, nonzero=nz)
@@ -529,17 +526,23 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   slots: bool = True) -> tuple[np.ndarray, ...]:
+                   device: torch.device | None = None) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, from their :func:`_csr_positions`, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
-    values, block rows, genes (int64), row lengths and, with ``slots`` (only the CPU
-    likelihood reads its tables), the table slots."""
+    values, block rows, genes (int64), row lengths and, for a CPU ``device`` (only the CPU
+    likelihood reads its tables), the table slots. Without a device: no slots."""
     out_row, pos, lengths = found
     cols = X.indices[pos].astype(np.int64)
     flat = out_row * X.shape[1]
     flat += cols
     values = X.data[pos]
-    return (flat, values, out_row, cols, lengths, *(table_slots(cols, values) if slots else ()))
+    slots = table_slots(cols, values) if device is not None and device.type == "cpu" else ()
+    return (flat, values, out_row, cols, lengths, *slots)
+
+
+def _nonzeros_on(entries: tuple[np.ndarray, ...], device: torch.device) -> NonZeros:
+    """:func:`_block_entries` as a :class:`~scvae_tools.fused.NonZeros` on ``device``."""
+    return NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
 
 
 def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = None

@@ -41,13 +41,13 @@ from .adapter import (
     _block_entries,
     _csr_positions,
     _encode,
+    _nonzeros_on,
     _numeric_obs,
     _to_device,
     batch_bounds,
     check_no_empty_cells,
     validate_values,
 )
-from .fused import NonZeros
 
 # Rows further apart than this are read with separate HDF5 reads; closer ones are read
 # as one span (an HDF5 read call costs about as much as reading ~100 extra rows).
@@ -382,9 +382,8 @@ class BackedCellData:
             rows_t = torch.from_numpy(rows)
             nz = None
             if nonzero:  # the same non-zeros as in-memory CSR batches
-                entries = _block_entries(block, _csr_positions(block, np.arange(e - s)),
-                                         slots=device.type == "cpu")
-                nz = NonZeros(*(_to_device(torch.from_numpy(a), device) for a in entries))
+                nz = _nonzeros_on(_block_entries(block, _csr_positions(block, np.arange(e - s)),
+                                                 device), device)
             yield Batch(
                 x=_to_device(torch.from_numpy(block.toarray()), device),
                 library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),
