@@ -529,10 +529,10 @@ def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.nda
                    device: torch.device | None = None) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, from their :func:`_csr_positions`, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
-    values, block rows, genes (int64), row lengths and, for a CPU ``device`` (only the CPU
+    values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device`` (only the CPU
     likelihood reads its tables), the table slots. Without a device: no slots."""
     out_row, pos, lengths = found
-    cols = X.indices[pos].astype(np.int64)
+    cols = X.indices[pos]  # scipy's index type (int32 as a rule): the likelihood takes both
     flat = out_row * X.shape[1]
     flat += cols
     values = X.data[pos]
