@@ -27,6 +27,11 @@ import torch
 
 from .fused import NonZeros, table_slots
 
+try:  # scipy's C++ gather of CSR rows: ~4× faster than numpy fancy indexing (see _csr_rows)
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # pragma: no cover - a private name; numpy does the same work
+    _csr_row_index = None
+
 # Data below this many dense float32 bytes is densified once and indexed as a tensor:
 # gathering rows of a dense tensor is far faster than slicing CSR per batch.
 DENSE_LIMIT_BYTES = 1 << 30
@@ -263,15 +268,13 @@ class CellData:
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
-            found = _csr_positions(self.X, rows.numpy()) if positions else None
-            entries = _block_entries(self.X, found, device) if found is not None else None
+            entries = _block_entries(self.X, rows.numpy(), device) if positions else None
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
                 x = _take(t["x"], sel)
             elif "x_data" in t:
-                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
-                                          found)
+                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device)
             else:
                 x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), entries)),
                                device)
@@ -489,6 +492,31 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray
     return out_row, pos, lengths
 
 
+def _csr_rows(X: sp.csr_matrix, rows: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stored entries of some rows of a CSR matrix, row after row: (genes, values,
+    output row of each entry, the number of entries of each row).
+
+    The genes keep scipy's index type. scipy's own C++ row gather copies each row's run in
+    one go, about 4× faster than gathering at :func:`_csr_positions` with numpy (which
+    remains the fallback, should that private function ever change).
+    """
+    starts = X.indptr[rows]
+    lengths = (X.indptr[np.asarray(rows) + 1] - starts).astype(np.int64)
+    out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    if _csr_row_index is not None:
+        n = int(lengths.sum())
+        cols, values = np.empty(n, X.indices.dtype), np.empty(n, X.data.dtype)
+        try:
+            _csr_row_index(len(rows), np.asarray(rows, dtype=X.indptr.dtype), X.indptr,
+                           X.indices, X.data, cols, values)
+            return cols, values, out_row, lengths
+        except (TypeError, ValueError):  # pragma: no cover - an incompatible scipy
+            pass
+    _, pos, _ = _csr_positions(X, rows)
+    return X.indices[pos], X.data[pos], out_row, lengths
+
+
 def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
     """Rows ``sel`` of ``a``: a view for a slice, one ``index_select`` for row indices."""
     return a[sel] if isinstance(sel, slice) else a.index_select(0, sel)
@@ -507,9 +535,8 @@ def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
         indptr = (X.indptr[start:end + 1] - lo).astype(index_dtype)
         cols, vals = X.indices[lo:hi], X.data[lo:hi]
     else:
-        _, pos, counts = _csr_positions(X, rows)
+        cols, vals, _, counts = _csr_rows(X, rows)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(index_dtype)
-        cols, vals = X.indices[pos], X.data[pos]
     with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(torch.from_numpy(indptr),
@@ -525,17 +552,15 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
     return a.to(device, non_blocking=True)
 
 
-def _block_entries(X: sp.csr_matrix, found: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   device: torch.device | None = None) -> tuple[np.ndarray, ...]:
-    """The stored entries of some rows, from their :func:`_csr_positions`, as the fields of
+def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None
+                   ) -> tuple[np.ndarray, ...]:
+    """The stored entries of some rows, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
-    values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device`` (only the CPU
-    likelihood reads its tables), the table slots. Without a device: no slots."""
-    out_row, pos, lengths = found
-    cols = X.indices[pos]  # scipy's index type (int32 as a rule): the likelihood takes both
+    values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``
+    (only the CPU likelihood reads its tables), the table slots. Without a device: no slots."""
+    cols, values, out_row, lengths = _csr_rows(X, rows)
     flat = out_row * X.shape[1]
     flat += cols
-    values = X.data[pos]
     slots = table_slots(cols, values) if device is not None and device.type == "cpu" else ()
     return (flat, values, out_row, cols, lengths, *slots)
 
@@ -551,8 +576,7 @@ def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = No
     4× faster than a 2-D one; ``entries``: :func:`_block_entries` of these rows when the
     caller has them)."""
     if sp.issparse(X):
-        flat, values = (_block_entries(X, _csr_positions(X, rows)) if entries is None
-                        else entries)[:2]
+        flat, values = (_block_entries(X, rows) if entries is None else entries)[:2]
         block = np.zeros(len(rows) * X.shape[1], dtype=np.float32)
         block[flat] = values  # canonical CSR: no duplicate positions
         return block.reshape(len(rows), X.shape[1])
@@ -561,15 +585,14 @@ def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = No
 
 def _gather_csr_on_device(
     X: sp.csr_matrix, rows: np.ndarray, data: torch.Tensor, indices: torch.Tensor,
-    device: torch.device, found: tuple[np.ndarray, np.ndarray] | None = None,
+    device: torch.device,
 ) -> torch.Tensor:
     """Dense block of ``rows`` from CSR arrays resident on ``device``.
 
     The index arithmetic runs on the host copy of ``indptr`` (so the device never has to
     report a size back); two index arrays go over non-blocking and the scatter runs there.
-    ``found``: :func:`_csr_positions` of these rows when the caller has them.
     """
-    out_row, pos, _ = _csr_positions(X, rows) if found is None else found
+    out_row, pos, _ = _csr_positions(X, rows)
     out_row_t = _to_device(torch.from_numpy(out_row), device)
     pos_t = _to_device(torch.from_numpy(pos), device)
     block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)

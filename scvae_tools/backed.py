@@ -39,7 +39,6 @@ from .adapter import (
     CellData,
     DataSpec,
     _block_entries,
-    _csr_positions,
     _encode,
     _nonzeros_on,
     _numeric_obs,
@@ -382,8 +381,7 @@ class BackedCellData:
             rows_t = torch.from_numpy(rows)
             nz = None
             if nonzero:  # the same non-zeros as in-memory CSR batches
-                nz = _nonzeros_on(_block_entries(block, _csr_positions(block, np.arange(e - s)),
-                                                 device), device)
+                nz = _nonzeros_on(_block_entries(block, np.arange(e - s), device), device)
             yield Batch(
                 x=_to_device(torch.from_numpy(block.toarray()), device),
                 library=torch.from_numpy(self.library[rows]).unsqueeze(1).to(device),
