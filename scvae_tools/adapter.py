@@ -502,7 +502,7 @@ def _csr_rows(X: sp.csr_matrix, rows: np.ndarray
     remains the fallback, should that private function ever change).
     """
     starts = X.indptr[rows]
-    lengths = (X.indptr[np.asarray(rows) + 1] - starts).astype(np.int64)
+    lengths = (X.indptr[rows + 1] - starts).astype(np.int64)
     out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
     if _csr_row_index is not None:
         n = int(lengths.sum())
