@@ -268,13 +268,17 @@ class CellData:
             rows = idx[s:e]
             rows_dev = rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
-            entries = _block_entries(self.X, rows.numpy(), device) if positions else None
+            # Device-resident CSR counts gather at positions; the non-zeros share them.
+            found = (_csr_positions(self.X, rows.numpy()) if positions and "x_data" in t
+                     else None)
+            entries = _block_entries(self.X, rows.numpy(), device, found) if positions else None
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
                 x = _take(t["x"], sel)
             elif "x_data" in t:
-                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device)
+                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
+                                          found)
             else:
                 x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), entries)),
                                device)
@@ -492,15 +496,20 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray
     return out_row, pos, lengths
 
 
-def _csr_rows(X: sp.csr_matrix, rows: np.ndarray
+def _csr_rows(X: sp.csr_matrix, rows: np.ndarray,
+              found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The stored entries of some rows of a CSR matrix, row after row: (genes, values,
     output row of each entry, the number of entries of each row).
 
     The genes keep scipy's index type. scipy's own C++ row gather copies each row's run in
     one go, about 4× faster than gathering at :func:`_csr_positions` with numpy (which
-    remains the fallback, should that private function ever change).
+    remains the fallback, should that private function ever change). ``found``: the
+    rows' :func:`_csr_positions` when the caller needs them anyway; they are used as they are.
     """
+    if found is not None:
+        out_row, pos, lengths = found
+        return X.indices[pos], X.data[pos], out_row, lengths
     starts = X.indptr[rows]
     lengths = (X.indptr[rows + 1] - starts).astype(np.int64)
     out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
@@ -513,8 +522,7 @@ def _csr_rows(X: sp.csr_matrix, rows: np.ndarray
             return cols, values, out_row, lengths
         except (TypeError, ValueError):  # pragma: no cover - an incompatible scipy
             pass
-    _, pos, _ = _csr_positions(X, rows)
-    return X.indices[pos], X.data[pos], out_row, lengths
+    return _csr_rows(X, rows, _csr_positions(X, rows))
 
 
 def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -552,13 +560,15 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
     return a.to(device, non_blocking=True)
 
 
-def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None
+def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None,
+                   found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
                    ) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
     values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``
-    (only the CPU likelihood reads its tables), the table slots. Without a device: no slots."""
-    cols, values, out_row, lengths = _csr_rows(X, rows)
+    (only the CPU likelihood reads its tables), the table slots. Without a device: no slots.
+    ``found``: as for :func:`_csr_rows`."""
+    cols, values, out_row, lengths = _csr_rows(X, rows, found)
     flat = out_row * X.shape[1]
     flat += cols
     slots = table_slots(cols, values) if device is not None and device.type == "cpu" else ()
@@ -585,14 +595,15 @@ def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = No
 
 def _gather_csr_on_device(
     X: sp.csr_matrix, rows: np.ndarray, data: torch.Tensor, indices: torch.Tensor,
-    device: torch.device,
+    device: torch.device, found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> torch.Tensor:
     """Dense block of ``rows`` from CSR arrays resident on ``device``.
 
     The index arithmetic runs on the host copy of ``indptr`` (so the device never has to
     report a size back); two index arrays go over non-blocking and the scatter runs there.
+    ``found``: :func:`_csr_positions` of these rows when the caller has them.
     """
-    out_row, pos, _ = _csr_positions(X, rows)
+    out_row, pos, _ = _csr_positions(X, rows) if found is None else found
     out_row_t = _to_device(torch.from_numpy(out_row), device)
     pos_t = _to_device(torch.from_numpy(pos), device)
     block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)
