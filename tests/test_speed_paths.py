@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import anndata as ad
 import numpy as np
 import pytest
@@ -431,3 +432,82 @@ def test_row_sums_of_non_zeros_with_empty_rows():
         expected = (block * 10.0).sum(1)
         assert torch.equal(_row_sums(values, nz, block.shape[0]), expected)
         assert torch.equal(_row_sums(values, nz._replace(lengths=None), block.shape[0]), expected)
+
+
+# ---------------------------------------------------------------------- optimiser
+def _twin_adams(seed: int = 0):
+    """Two copies of a small VAE: one under our FusedAdam, one under torch's fused Adam."""
+    from scvae_tools.module import VAE, ModuleConfig
+    from scvae_tools.train import FusedAdam
+
+    torch.manual_seed(seed)
+    a = VAE(ModuleConfig(n_genes=40, n_hidden=16, n_latent=4))
+    b = VAE(ModuleConfig(n_genes=40, n_hidden=16, n_latent=4))
+    b.load_state_dict(a.state_dict())
+    kw = {"lr": 1e-2, "weight_decay": 1e-6, "eps": 1e-2, "fused": True}
+    return a, FusedAdam(a.parameters(), **kw), b, torch.optim.Adam(b.parameters(), **kw)
+
+
+def _same_grads(a, b, gen, skip: str | None = None):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        g = None if name == skip else torch.randn(pa.shape, generator=gen)
+        pa.grad = None if g is None else g.clone()
+        pb.grad = g
+
+
+def _step_both(a, opt_a, b, opt_b, gen, lr: float, skip: str | None = None):
+    _same_grads(a, b, gen, skip)
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+        assert pa.grad is None
+
+
+def test_fused_adam_steps_bit_for_bit_like_torch():
+    """The short path gives torch's parameters exactly, through lr changes; its state dict
+    has one step counter per parameter and continues identically in torch's Adam."""
+    a, opt_a, b, opt_b = _twin_adams()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(10):
+        _step_both(a, opt_a, b, opt_b, gen, lr=1e-2 * 0.9 ** step)
+        _same_grads(a, b, gen)
+        assert opt_a._direct_plan() is not None  # after torch's first step: the short path
+    counters = {id(st["step"]) for st in opt_a.state.values()}
+    assert len(counters) == 1  # shared while training
+    saved = copy.deepcopy(opt_a.state_dict())  # as a checkpoint would
+    assert [float(st["step"]) for st in saved["state"].values()] == [10.0] * len(opt_a.state)
+    c = copy.deepcopy(a)
+    opt_c = torch.optim.Adam(c.parameters(), lr=1.0, fused=True)
+    opt_c.load_state_dict(saved)
+    assert len({id(st["step"]) for st in opt_c.state.values()}) == len(opt_c.state)
+    for _ in range(3):
+        _step_both(a, opt_a, c, opt_c, gen, lr=1e-3)
+
+
+def test_fused_adam_follows_torch_when_a_gradient_is_missing():
+    """torch skips a parameter without a gradient (its counter falls behind); so does ours."""
+    a, opt_a, b, opt_b = _twin_adams()
+    gen = torch.Generator().manual_seed(3)
+    for step in range(8):
+        _step_both(a, opt_a, b, opt_b, gen, lr=1e-2,
+                   skip="decoder.scale.bias" if step == 4 else None)
+    steps = [float(st["step"]) for st in opt_a.state_dict()["state"].values()]
+    assert steps == [float(st["step"]) for st in opt_b.state_dict()["state"].values()]
+    assert sorted(set(steps)) == [7.0, 8.0]
+
+
+def test_fused_adam_runs_step_hooks_once_per_step():
+    a, opt_a, b, opt_b = _twin_adams()
+    calls = []
+    opt_a.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        _same_grads(a, b, gen)
+        opt_a.step()
+        opt_b.step()
+    assert len(calls) == 3
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
