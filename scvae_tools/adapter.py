@@ -162,6 +162,7 @@ class CellData:
         if validate:
             validate_counts(counts, allow_non_integer=spec.allow_non_integer, totals=totals)
         self.X = counts  # CSR or dense float32, only ever read
+        self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
         if spec.size_factor_key is not None:
             lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
@@ -271,7 +272,8 @@ class CellData:
             # Device-resident CSR counts gather at positions; the non-zeros share them.
             found = (_csr_positions(self.X, rows.numpy()) if positions and "x_data" in t
                      else None)
-            entries = _block_entries(self.X, rows.numpy(), device, found) if positions else None
+            entries = (_block_entries(self.X, rows.numpy(), device, found, self._whole)
+                       if positions else None)
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
             elif "x" in t:
@@ -569,17 +571,18 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None,
-                   found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[np.ndarray, ...]:
+                   found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   whole: bool = False) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
     values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``
     (only the CPU likelihood reads its tables), the table slots. Without a device: no slots.
-    ``found``: as for :func:`_csr_rows`."""
+    ``found``: as for :func:`_csr_rows`; ``whole``: as for :func:`~scvae_tools.fused.table_slots`."""
     cols, values, out_row, lengths = _csr_rows(X, rows, found)
     flat = out_row * X.shape[1]
     flat += cols
-    slots = table_slots(cols, values) if device is not None and device.type == "cpu" else ()
+    slots = (table_slots(cols, values, whole) if device is not None and device.type == "cpu"
+             else ())
     return (flat, values, out_row, cols, lengths, *slots)
 
 

@@ -66,7 +66,7 @@ def _with_zero_column(table: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(table, (1, 0)).reshape(-1)
 
 
-def table_slots(cols, values):
+def table_slots(cols, values, whole: bool = False):
     """Where each non-zero reads the per-gene tables of :func:`_gamma_differences`, and
     which non-zeros lie outside them (counts past the table, or not whole numbers).
 
@@ -74,7 +74,8 @@ def table_slots(cols, values):
     Returns ``(slot, outside)``: the slot of gene g and count k is g·(k_max + 1) + k, with
     the integer type of ``cols`` (int32 is enough; the tables are read with
     ``index_select``); the outside entries read slot g·(k_max + 1), the zero column, and are
-    evaluated directly.
+    evaluated directly. ``whole``: the caller knows the values are whole numbers (counts
+    validated as integers), so they need not be checked again.
     """
     k = _TABLE_COUNTS
     slot = cols * (k + 1)
@@ -87,13 +88,12 @@ def table_slots(cols, values):
         inside = (values <= k) & (values == whole)
         return (slot.add_(torch.where(inside, values, 0.0).long()),
                 torch.nonzero(~inside).squeeze(1))
-    whole = np.floor(values)
-    if np.array_equal(values, whole):
+    if whole or np.array_equal(values, np.floor(values)):
         slot += np.minimum(values, k).astype(np.int8)  # int8: less memory traffic
         outside = np.flatnonzero(values > k)
         slot[outside] -= k  # past the table: the zero column
         return slot, outside
-    inside = (values <= k) & (values == whole)
+    inside = (values <= k) & (values == np.floor(values))
     slot += np.where(inside, values, 0).astype(slot.dtype)
     return slot, np.flatnonzero(~inside)
 
