@@ -355,6 +355,11 @@ def _adam(module: VAE, cfg: TrainConfig, device: torch.device) -> torch.optim.Ad
     return torch.optim.Adam(module.parameters(), **kwargs)
 
 
+# torch's registries of hooks for every optimiser's step (mutated in place, so these stay live).
+_GLOBAL_STEP_HOOKS = (getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {}),
+                      getattr(_torch_optimizer, "_global_optimizer_post_hooks", {}))
+
+
 def _unhooked(step):
     """``step`` without the wrapper torch's optimisers put on it (hooks and profiler label)."""
     return step.__wrapped__ if getattr(step, "hooked", False) else step
@@ -409,9 +414,7 @@ class FusedAdam(torch.optim.Adam):
     def _observed(self) -> bool:
         """Step hooks or the profiler are active: torch's own path serves them."""
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                    or _torch_optimizer._global_optimizer_pre_hooks
-                    or _torch_optimizer._global_optimizer_post_hooks
-                    or torch.autograd._profiler_enabled())
+                    or any(_GLOBAL_STEP_HOOKS) or torch.autograd._profiler_enabled())
 
     def state_dict(self) -> dict:  # noqa: D102
         # One counter per parameter, as torch's Adam (and any optimiser loading it) expects.

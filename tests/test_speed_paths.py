@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -437,7 +438,6 @@ def test_row_sums_of_non_zeros_with_empty_rows():
 # ---------------------------------------------------------------------- optimiser
 def _twin_adams(seed: int = 0):
     """Two copies of a small VAE: one under our FusedAdam, one under torch's fused Adam."""
-    from scvae_tools.module import VAE, ModuleConfig
     from scvae_tools.train import FusedAdam
 
     torch.manual_seed(seed)
@@ -511,3 +511,14 @@ def test_fused_adam_runs_step_hooks_once_per_step():
     assert len(calls) == 3
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+    # Hooks registered for every optimiser too.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: calls.append(2))
+    try:
+        _same_grads(a, b, gen)
+        opt_a.step()
+    finally:
+        handle.remove()
+    assert calls.count(2) == 1 and calls.count(1) == 4

@@ -1,0 +1,105 @@
+"""Time per training step of this checkout against an older commit, in one process.
+
+Single benchmark runs on a shared VM move by ±10–30%; an A/B in one process, with the two
+versions' epochs interleaved, measures a change far more reliably. The older package is
+extracted with ``git archive`` into a temporary folder under another name
+(``scvae_base``) and imported next to the working tree's ``scvae_tools``.
+
+    python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --rounds 15
+    python benchmarks/ab_step.py --base 399efc8 --dataset synthetic --n-cells 81000 --rounds 8
+
+Both run the same loop as ``SCVAE.train`` (the module's ELBO, fused Adam, 128 cells per
+batch, shuffled with their own generator); it prints the median time per step of each and
+the median of the per-round ratios (new/base below 1: the working tree is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _extract_base(ref: str, into: Path) -> None:
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "scvae_tools"],
+                         check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        for m in t.getmembers():
+            m.name = m.name.replace("scvae_tools", "scvae_base", 1)
+            t.extract(m, into, filter="data")
+
+
+def _setup(pkg: str, adata, batch_size: int):
+    svt = importlib.import_module(pkg)
+    T = importlib.import_module(pkg + ".train")
+    torch.manual_seed(0)
+    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1)
+    mod, data = model.module, model._data
+    opt = T._adam(mod, T.TrainConfig(lr=1e-3), torch.device("cpu"))
+    mod.train()
+    gen = torch.Generator().manual_seed(0)
+    options = T.nonzero_option(mod, data) if hasattr(T, "nonzero_option") else {}
+
+    def epoch() -> float:
+        steps, t = 0, time.perf_counter()
+        for b in data.batches(np.arange(adata.n_obs), batch_size, shuffle=True, generator=gen,
+                              device=torch.device("cpu"), drop_singleton=True, **options):
+            terms = mod.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
+                                   nonzero=b.nonzero)
+            loss = mod.loss(terms, beta=1.0, free_bits=0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        return (time.perf_counter() - t) / steps * 1e3
+
+    return epoch
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="git commit or ref to compare against")
+    p.add_argument("--dataset", choices=["pbmc3k", "synthetic"], default="pbmc3k")
+    p.add_argument("--n-cells", type=int, default=81_000, help="synthetic cells")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", default=None, help="pbmc3k folder (default: the loader's)")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    import scvae_tools as svt
+
+    if args.dataset == "pbmc3k":
+        adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=True, download=False)
+    else:
+        adata = svt.datasets.synthetic_counts(n_cells=args.n_cells, n_genes=2000, n_types=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        _extract_base(args.base, Path(tmp))
+        sys.path.insert(0, tmp)
+        epochs = {"base": _setup("scvae_base", adata, args.batch_size),
+                  "new": _setup("scvae_tools", adata, args.batch_size)}
+        for run in epochs.values():  # warm-up: first-touch allocations, caches
+            run()
+        times: dict[str, list[float]] = {k: [] for k in epochs}
+        for _ in range(args.rounds):
+            for name, run in epochs.items():
+                times[name].append(run())
+    base, new = np.array(times["base"]), np.array(times["new"])
+    print(f"{args.dataset}, {adata.n_obs} cells, {args.rounds} rounds: base {args.base} "
+          f"{np.median(base):.2f} ms/step, working tree {np.median(new):.2f} ms/step, "
+          f"new/base (median of rounds) {np.median(new / base):.3f}")
+
+
+if __name__ == "__main__":
+    main()
