@@ -88,12 +88,13 @@ def table_slots(cols, values, whole: bool = False):
         inside = (values <= k) & (values == whole)
         return (slot.add_(torch.where(inside, values, 0.0).long()),
                 torch.nonzero(~inside).squeeze(1))
-    if whole or np.array_equal(values, np.floor(values)):
+    floor = None if whole else np.floor(values)
+    if whole or np.array_equal(values, floor):
         slot += np.minimum(values, k).astype(np.int8)  # int8: less memory traffic
         outside = np.flatnonzero(values > k)
         slot[outside] -= k  # past the table: the zero column
         return slot, outside
-    inside = (values <= k) & (values == np.floor(values))
+    inside = (values <= k) & (values == floor)
     slot += np.where(inside, values, 0).astype(slot.dtype)
     return slot, np.flatnonzero(~inside)
 
