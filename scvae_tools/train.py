@@ -443,26 +443,32 @@ class FusedAdam(torch.optim.Adam):
                     or group.get("decoupled_weight_decay", False)
                     or isinstance(group["lr"], torch.Tensor)):
                 return None
-            params = group["params"]
-            if any(p.grad is None for p in params):  # torch's step skips such parameters
-                return None
-            states = [self.state.get(p) for p in params]
-            if not all(states):  # a first step: torch creates the state
-                return None
-            grads = [p.grad for p in params]
-            # One kernel call needs one device and dtype (autograd gives grads the params').
-            first = params[0]
-            if any(g.is_sparse or p.dtype != first.dtype or p.device != first.device
-                   for p, g in zip(params, grads, strict=True)):
-                return None
-            counter = states[0]["step"]
-            if any(st["step"] is not counter for st in states):
-                if not all(torch.equal(st["step"], counter) for st in states):
-                    return None  # parameters stepped different numbers of times
-                for st in states:  # equal counts: share one counter from now on
+            params, grads, exp_avgs, exp_avg_sqs, states = [], [], [], [], []
+            counter, shared = None, True
+            for p in group["params"]:
+                st = self.state.get(p)
+                # torch skips parameters without gradients, creates the state on a first
+                # step, and needs one kernel call per device and dtype: its step does those.
+                if (p.grad is None or not st or p.grad.is_sparse
+                        or (params and (p.dtype != params[0].dtype or p.device != params[0].device))):
+                    return None
+                if counter is None:
+                    counter = st["step"]
+                elif st["step"] is not counter:
+                    if not torch.equal(st["step"], counter):
+                        return None  # parameters stepped different numbers of times
+                    shared = False
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                states.append(st)
+            if not params:
+                continue
+            if not shared:  # equal counts: share one counter from now on
+                for st in states:
                     st["step"] = counter
-            plan.append((group, params, grads, [st["exp_avg"] for st in states],
-                         [st["exp_avg_sq"] for st in states], counter))
+            plan.append((group, params, grads, exp_avgs, exp_avg_sqs, counter))
         return plan
 
 
