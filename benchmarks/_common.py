@@ -47,7 +47,9 @@ def _data_dir():
 
 
 def load(name: str, n_cells: int | None = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """``pbmc3k`` (HVG counts), ``pbmc68k`` (scanpy's 700 cells) or ``synthetic`` (n × 2,000)."""
+    """``pbmc3k`` (HVG counts), ``pbmc68k`` (scanpy's 700 cells), ``synthetic`` (n × 2,000,
+    42% non-zeros) or ``synthetic-sparse`` (n × 2,000 shaped like pbmc3k's HVGs: ~12%
+    non-zeros, median library ~480; ``svt.datasets.PBMC_LIKE``)."""
     import scvae_tools as svt
 
     if name == "pbmc3k":
@@ -56,12 +58,14 @@ def load(name: str, n_cells: int | None = None, test_fraction: float = 0.1, seed
     elif name == "pbmc68k":
         adata = svt.datasets.pbmc68k()
         key = "bulk_labels"
-    elif name == "synthetic":
+    elif name in ("synthetic", "synthetic-sparse"):
+        shape = svt.datasets.PBMC_LIKE if name == "synthetic-sparse" else {}
         adata = svt.datasets.synthetic_counts(n_cells=n_cells or 100_000, n_genes=2000,
-                                              n_types=8, seed=seed)
+                                              n_types=8, seed=seed, **shape)
         key = "cell_type"
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose pbmc3k, pbmc68k or synthetic")
+        raise ValueError(f"unknown dataset {name!r}; choose pbmc3k, pbmc68k, synthetic or "
+                         "synthetic-sparse")
     rng = np.random.default_rng(seed)
     n_test = int(round(test_fraction * adata.n_obs))
     test_idx = np.sort(rng.permutation(adata.n_obs)[:n_test])

@@ -313,6 +313,27 @@ def validate_values(values: np.ndarray, allow_non_integer: bool = False, where: 
     """
     flat = np.ravel(values, order="K")  # no copy for contiguous input, whatever its order
     whole = allow_non_integer or flat.dtype.kind != "f"  # ints and bools are whole numbers
+    n_parts = min(torch.get_num_threads(), flat.size // _PARALLEL_CHECK_VALUES)
+    if n_parts < 2:
+        return _validate_flat(flat, whole, where)
+    # numpy's reductions and ufuncs release the GIL, so contiguous parts checked by threads
+    # run in parallel. Errors are re-raised in part order: the first problem in the array
+    # wins, as in a serial pass.
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, flat.size, n_parts + 1).astype(np.int64)
+    with ThreadPoolExecutor(n_parts) as pool:
+        futures = [pool.submit(_validate_flat, flat[a:b], whole, where)
+                   for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for f in futures:
+            f.result()
+
+
+# Arrays of more values than this per thread are checked by several threads.
+_PARALLEL_CHECK_VALUES = 1 << 22
+
+
+def _validate_flat(flat: np.ndarray, whole: bool, where: str) -> None:
     n = min(flat.size, _CHECK_CHUNK)
     rounded, differs = (None, None) if whole else (np.empty(n, flat.dtype), np.empty(n, bool))
     for start in range(0, flat.size, _CHECK_CHUNK):

@@ -219,3 +219,17 @@ def test_device_resident_csr_gather_matches_the_rows():
     entries = adapter._block_entries(X, rows, cpu, found)
     assert all(np.array_equal(a, b) for a, b in
                zip(entries, adapter._block_entries(X, rows, cpu), strict=True))
+
+
+def test_pbmc_like_synthetic_counts_are_shaped_like_pbmc3k():
+    # svt.datasets.PBMC_LIKE: pbmc3k's 2,000 HVGs have 9.8% non-zeros and a median library
+    # of 484; the defaults are several times denser (the benchmarks report both).
+    like = svt.datasets.synthetic_counts(n_cells=2000, n_genes=2000, seed=0,
+                                         **svt.datasets.PBMC_LIKE)
+    dense = svt.datasets.synthetic_counts(n_cells=2000, n_genes=2000, seed=0)
+    lib = np.asarray(like.X.sum(1)).ravel()
+    assert 0.08 < like.X.nnz / (2000 * 2000) < 0.16
+    assert 400 < np.median(lib) < 560
+    assert 0.4 < np.log(lib).std() < 0.6
+    assert dense.X.nnz / (2000 * 2000) > 0.35
+    np.testing.assert_array_equal(like.X.data, np.round(like.X.data))

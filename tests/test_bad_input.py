@@ -171,6 +171,36 @@ def test_invalid_counts_raise_one_clear_error(X, case, fmt):
         adata.X, snapshot.X, equal_nan=True)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_value_checks_split_across_threads_report_the_first_problem(monkeypatch, threads):
+    # Large arrays are checked in contiguous parts by several threads; the verdict and the
+    # reported problem must be those of a serial pass, wherever the problems lie.
+    from scvae_tools import adapter
+
+    monkeypatch.setattr(adapter, "_PARALLEL_CHECK_VALUES", 1000)
+    monkeypatch.setattr(adapter, "_CHECK_CHUNK", 256)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        values = np.random.default_rng(0).poisson(2.0, 10_000).astype(np.float32)
+        adapter.validate_values(values)  # clean: no error from any part
+        last = values.copy()
+        last[-1] = 0.5  # in the last part only
+        with pytest.raises(ValueError, match="non-integer"):
+            adapter.validate_values(last)
+        adapter.validate_values(last, allow_non_integer=True)
+        both = last.copy()
+        both[10] = np.nan  # an earlier problem (first part) wins over the later one
+        with pytest.raises(ValueError, match="NaN or inf"):
+            adapter.validate_values(both)
+        middle = values.copy()
+        middle[5_000] = -1.0
+        with pytest.raises(ValueError, match="negative"):
+            adapter.validate_values(middle)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_invalid_counts_at_inference(baseline, X):
     model, _ = baseline
     with pytest.raises(ValueError, match="negative values"):
