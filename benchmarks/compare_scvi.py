@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--datasets", nargs="+", default=["pbmc3k", "synthetic", "synthetic-sparse"],
                    choices=["pbmc3k", "synthetic", "synthetic-sparse", "pbmc68k"],
                    help="synthetic: 42%% non-zeros; synthetic-sparse: shaped like pbmc3k's "
-                        "HVGs (~12%% non-zeros)")
+                        "HVGs (~11%% non-zeros)")
     p.add_argument("--comparisons", nargs="+", default=["defaults", "identical"],
                    choices=["defaults", "identical"])
     p.add_argument("--tools", nargs="+", default=["ours", "scvi"], choices=["ours", "scvi"])

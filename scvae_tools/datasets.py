@@ -158,7 +158,7 @@ def _nb_counts_from_logits(
 
 
 #: ``synthetic_counts`` settings whose counts resemble pbmc3k's 2,000 variable genes in
-#: sparsity, library size and the spread of gene means (the defaults are 4× denser).
+#: sparsity, library size and the spread of gene means (the defaults are ~4× denser).
 PBMC_LIKE: dict[str, float] = {"mean_library": 480.0, "gene_sd": 2.0, "library_sd": 0.5,
                                "theta": 2.0}
 
@@ -184,9 +184,8 @@ def synthetic_counts(
     ``obs["batch"]`` hold the truth; ``X`` is CSR float32 integer counts.
 
     The defaults give dense counts (42% non-zeros for 2,000 genes). For counts shaped like
-    real droplet data, e.g. pbmc3k's 2,000 variable genes (9.8% non-zeros, median library
-    484), use ``mean_library=480, gene_sd=2.0, library_sd=0.5, theta=2.0`` (about 12%
-    non-zeros, median library ~476; :data:`PBMC_LIKE`).
+    pbmc3k's 2,000 variable genes (9.8% non-zeros, median library 484), pass
+    ``**svt.datasets.PBMC_LIKE``: about 11% non-zeros, median library ~476.
     """
     rng = np.random.default_rng(seed)
     base = rng.normal(0, gene_sd, n_genes)
