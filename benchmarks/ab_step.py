@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -70,20 +71,21 @@ def _setup(pkg: str, adata, batch_size: int):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="git commit or ref to compare against")
-    p.add_argument("--dataset", choices=["pbmc3k", "synthetic"], default="pbmc3k")
+    p.add_argument("--dataset", choices=["pbmc3k", "synthetic", "synthetic-sparse"],
+                   default="pbmc3k", help="as in compare_scvi.py (benchmarks/_common.load)")
     p.add_argument("--n-cells", type=int, default=81_000, help="synthetic cells")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--data-dir", default=None, help="pbmc3k folder (default: the loader's)")
+    p.add_argument("--data-dir", default=None,
+                   help="pbmc3k folder (default: $SCVAE_TOOLS_DATA_DIR, else ../shared/data)")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    import scvae_tools as svt
+    if args.data_dir:
+        os.environ["SCVAE_TOOLS_DATA_DIR"] = args.data_dir
+    import _common  # next to this script; the same data sets as compare_scvi.py
 
-    if args.dataset == "pbmc3k":
-        adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=True, download=False)
-    else:
-        adata = svt.datasets.synthetic_counts(n_cells=args.n_cells, n_genes=2000, n_types=8)
+    adata = _common.load(args.dataset, n_cells=args.n_cells).adata
     with tempfile.TemporaryDirectory() as tmp:
         _extract_base(args.base, Path(tmp))
         sys.path.insert(0, tmp)
