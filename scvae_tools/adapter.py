@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from . import native
 from .fused import NonZeros, table_slots
 
 try:  # scipy's C++ gather of CSR rows: ~4× faster than numpy fancy indexing (see _csr_rows)
@@ -596,13 +597,15 @@ def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | No
                    whole: bool = False) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
-    values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``
-    (only the CPU likelihood reads its tables), the table slots. Without a device: no slots.
+    values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``,
+    the table slots: only the torch code of the CPU likelihood reads them, not the compiled
+    kernel (:mod:`~scvae_tools.native`) when it serves. Without a device: no slots.
     ``found``: as for :func:`_csr_rows`; ``whole``: as for :func:`~scvae_tools.fused.table_slots`."""
     cols, values, out_row, lengths = _csr_rows(X, rows, found)
     flat = out_row * X.shape[1]
     flat += cols
-    slots = (table_slots(cols, values, whole) if device is not None and device.type == "cpu"
+    slots = (table_slots(cols, values, whole)
+             if device is not None and device.type == "cpu" and native.library() is None
              else ())
     return (flat, values, out_row, cols, lengths, *slots)
 

@@ -1,0 +1,206 @@
+"""A compiled CPU kernel for the NB likelihood, built with the system's C compiler on first use.
+
+On a CPU, the element-wise work of :mod:`~scvae_tools.fused`'s likelihood (a log-softmax,
+logs and exponentials, the gamma-function terms and both gradients) takes about a third of a
+training step as ~30 torch kernels, each a pass over the cells × genes block.
+``nb_kernel.c`` (next to this file) does the same work in one pass per cell, vectorised with
+glibc's vector maths, and split over torch's threads.
+
+The kernel is compiled the first time it is needed (well under a second with ``gcc``) into
+``$SCVAE_TOOLS_KERNEL_DIR``, else ``$XDG_CACHE_HOME/scvae_tools/kernels`` (by default
+``~/.cache/scvae_tools/kernels``). The file name hashes the source, the compiler, its flags
+and the CPU, so a cache shared by different machines never loads code built for another
+CPU. Later processes load the cached library.
+
+It is optional. It is used on Linux x86-64 with glibc and ``gcc``, for float32 on the CPU
+with one dispersion per gene (the default model). Everywhere else, or when compilation
+fails, or with ``SCVAE_TOOLS_NATIVE=0``, the torch code runs instead. The two agree to
+float32 rounding: a check at first use, and the tests, compare them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("nb_kernel.c")
+# IEEE maths except the reassociation that lets sums vectorise; no -ffinite-math-only, so
+# NaN and inf still propagate (the training loop's divergence checks rely on them).
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros", "-fPIC", "-shared")
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded library or None, "reason": why not
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (see the module docstring)."""
+    env = os.environ.get("SCVAE_TOOLS_KERNEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scvae_tools" / "kernels"
+
+
+def enabled() -> bool:
+    """False when ``SCVAE_TOOLS_NATIVE`` is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get("SCVAE_TOOLS_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _unsupported() -> str | None:
+    """Why this platform cannot build the kernel, or None."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64, not {sys.platform} on {platform.machine()}"
+    if platform.libc_ver()[0] != "glibc":
+        return "needs glibc (its vector maths library)"
+    if shutil.which("gcc") is None:
+        return "no gcc on PATH"
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (-march=native builds for exactly these)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))  # one copy per distinct line, in order
+
+
+def _torch_openmp() -> bool:
+    """Whether torch runs on GNU OpenMP (``libgomp``) in this process.
+
+    Then the kernel is built with ``-fopenmp``: its ``libgomp.so.1`` resolves to the copy
+    torch loaded, and its parallel region runs on torch's threads, still spinning from the
+    decoder's product just before. (Python threads would cost ~0.1 ms to wake per call
+    here; a second OpenMP runtime would fight torch's threads for the cores.)
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libgomp" in maps and "OpenMP" in torch.__config__.parallel_info()
+
+
+def _build() -> Path:
+    """The compiled library's path, compiling it first if the cache lacks it."""
+    gcc = shutil.which("gcc")
+    version = subprocess.run([gcc, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    flags = FLAGS + (("-fopenmp",) if _torch_openmp() else ())
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), version, " ".join(flags), _cpu_signature()]).encode()).hexdigest()
+    target = cache_dir() / f"nb_kernel-{key[:20]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([gcc, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"gcc failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.nb_table_counts.restype = ctypes.c_int
+    lib.nb_table_counts.argtypes = []
+    lib.nb_tables.restype = None
+    lib.nb_tables.argtypes = [i64, ptr, ptr, ptr]
+    lib.nb_block.restype = None
+    lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 14
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it is disabled or cannot be built
+    (:func:`reason` says why). Built and loaded once per process."""
+    if not enabled():
+        return None
+    with _lock:
+        if "lib" not in _state:
+            why = _unsupported()
+            lib = None
+            if why is None:
+                try:
+                    lib = _declare(ctypes.CDLL(str(_build())))
+                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                    why = f"could not build or load {SOURCE.name}: {err}"
+            if why is not None:
+                log.info("scvae_tools: compiled NB kernel not used (%s); using torch.", why)
+            _state.update(lib=lib, reason=why)
+        return _state["lib"]
+
+
+def reason() -> str | None:
+    """Why the kernel is not in use (None when it is, or before first use)."""
+    if not enabled():
+        return "disabled by SCVAE_TOOLS_NATIVE"
+    return _state.get("reason")
+
+
+def disable(why: str) -> None:
+    """Stop using the kernel in this process (for instance after a failed self-check)."""
+    with _lock:
+        _state.update(lib=None, reason=why)
+
+
+def nb_rows(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor,
+    x: torch.Tensor,
+    starts: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    want_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`~scvae_tools.fused._nb_core` for one θ per gene, in the compiled kernel.
+
+    ``logits``, ``x``: (rows × genes) float32; ``log_library``: (rows, ) or (rows, 1);
+    ``log_theta``: (genes, ); the non-zeros of row r are entries ``starts[r]`` to
+    ``starts[r+1] − 1`` of ``cols`` (int64) and ``values`` (float32). All on the CPU.
+    Returns the per-row log-likelihood and, with ``want_grads``, −∂ll/∂logits and G with
+    −∂ll/∂log θ = θ·G (as ``_nb_core``). Call only when :func:`library` is not None.
+    """
+    lib = library()
+    n_rows, n_genes = logits.shape
+    logits, x = logits.contiguous(), x.contiguous()
+    log_library = log_library.reshape(-1).contiguous()
+    log_theta = log_theta.contiguous()
+    theta = log_theta.exp()
+    starts, cols, values = starts.contiguous(), cols.contiguous(), values.contiguous()
+    k = lib.nb_table_counts()
+    lg_tab = torch.empty(k + 1, n_genes)
+    dg_tab = torch.empty(k + 1, n_genes)
+    lib.nb_tables(n_genes, theta.data_ptr(), lg_tab.data_ptr(), dg_tab.data_ptr())
+    ll = torch.empty(n_rows)
+    g_logits = torch.empty(n_rows, n_genes) if want_grads else None
+    g_lt = torch.empty(n_rows, n_genes) if want_grads else None
+    n_threads = torch.get_num_threads()
+    scratch = torch.empty(n_threads, n_genes)
+    lib.nb_block(n_rows, n_genes, n_threads, *(None if t is None else t.data_ptr() for t in (
+        logits, log_library, theta, log_theta, x, starts, cols, values, lg_tab, dg_tab, ll,
+        g_logits, g_lt, scratch)))
+    return ll, g_logits, g_lt

@@ -1,0 +1,173 @@
+/* The NB log-likelihood from decoder logits and its gradient, in one pass per cell.
+ *
+ * The C side of scvae_tools/native.py, compiled on first use. The maths, and the torch code
+ * this reproduces, are in scvae_tools/fused.py (_nb_core). Per cell r, with
+ * log rho = log_softmax(l), mu = lib rho, tm = theta + mu, b = log tm - log theta and
+ * p = (mu - x) / tm:
+ *
+ *   ll[r]          = sum_g -theta b + x (log rho - log tm) + x log lib
+ *                    + sum_{g: x > 0} lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+ *   g_logits[r, g] = theta p - rho sum_h theta_h p_h                  (= -d ll / d l)
+ *   g_lt[r, g]     = b - p - (digamma(x + theta) - digamma(theta))   (theta g_lt = -d ll / d log theta)
+ *
+ * The gamma-function terms vanish where x = 0, so they are evaluated at the non-zeros only:
+ * read from per-gene tables for whole counts up to NB_TABLE_COUNTS, computed otherwise.
+ * Rows are independent: the caller splits them across threads, and the result does not
+ * depend on the split.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* glibc's vector maths (libmvec): with these declarations gcc vectorises the loops below
+ * without -ffinite-math-only, so NaN and inf still reach the caller's checks. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((simd("notinbranch"))) float expf(float);
+__attribute__((simd("notinbranch"))) float logf(float);
+#endif
+
+#define NB_TABLE_COUNTS 8
+
+int nb_table_counts(void) { return NB_TABLE_COUNTS; }
+
+/* Tables of (NB_TABLE_COUNTS + 1) rows by G genes. Row k holds
+ * lgamma(theta + k) - lgamma(theta) - log k! and digamma(theta + k) - digamma(theta):
+ * sums over j < k of log(theta + j) - log(j + 1) and of 1 / (theta + j). */
+void nb_tables(int64_t G, const float *restrict theta, float *restrict lg_tab,
+               float *restrict dg_tab)
+{
+    for (int64_t g = 0; g < G; ++g) lg_tab[g] = dg_tab[g] = 0.0f;
+    for (int64_t k = 1; k <= NB_TABLE_COUNTS; ++k) {
+        const float *lp = lg_tab + (k - 1) * G, *dp = dg_tab + (k - 1) * G;
+        float *lk = lg_tab + k * G, *dk = dg_tab + k * G;
+        const float shift = (float)(k - 1), log_k = (float)log((double)k);
+        for (int64_t g = 0; g < G; ++g) {
+            lk[g] = lp[g] + (logf(theta[g] + shift) - log_k);
+            dk[g] = dp[g] + 1.0f / (theta[g] + shift);
+        }
+    }
+}
+
+static double digamma(double x)  /* x > 0: recurrence up to 6, then the asymptotic series */
+{
+    double r = 0.0;
+    while (x < 6.0) {
+        r -= 1.0 / x;
+        x += 1.0;
+    }
+    const double f = 1.0 / (x * x);
+    return r + log(x) - 0.5 / x
+           - f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f / 132))));
+}
+
+/* The largest of n values. Compiled with finite maths so that it vectorises: a NaN among
+ * them may be missed here, but it still makes the sum of exponentials NaN. */
+__attribute__((optimize("finite-math-only"))) static float row_max(const float *l, int64_t n)
+{
+    float m = l[0];
+    for (int64_t g = 1; g < n; ++g) m = l[g] > m ? l[g] : m;
+    return m;
+}
+
+static double lgam(double x)
+{
+    int sign;
+    return lgamma_r(x, &sign);  /* reentrant: rows run on several threads */
+}
+
+/* Rows [r0, r1) of a block of G genes. logits, x: row-major (rows x G); log_lib: one per
+ * row; theta, log_theta: one per gene. The non-zeros of row r are entries
+ * starts[r] .. starts[r + 1] - 1 of (cols, values). Writes ll[r] and, when g_logits is not
+ * NULL, rows of g_logits and g_lt; rho_row is G floats of scratch. */
+static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict logits,
+             const float *restrict log_lib, const float *restrict theta,
+             const float *restrict log_theta, const float *restrict x,
+             const int64_t *restrict starts, const int64_t *restrict cols,
+             const float *restrict values, const float *restrict lg_tab,
+             const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
+             float *restrict g_lt, float *restrict rho_row)
+{
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *restrict l = logits + r * G;
+        const float *restrict xr = x + r * G;
+        const float m = row_max(l, G);
+        /* exp(l - m) once: rho is it over the sum, and log rho = l - log z */
+        float *restrict e = rho_row, s = 0.0f;
+        for (int64_t g = 0; g < G; ++g) s += e[g] = expf(l[g] - m);
+        const float log_z = m + logf(s), llib = log_lib[r], lib = expf(llib);
+        const float lib_s = lib / s;
+        float acc = 0.0f, sx = 0.0f;
+        float *restrict gt = g_lt ? g_lt + r * G : NULL;
+        if (g_logits) {
+            float *restrict gl = g_logits + r * G;
+            float sp = 0.0f;
+            for (int64_t g = 0; g < G; ++g) {
+                const float mu = lib_s * e[g], tm = theta[g] + mu, ltm = logf(tm);
+                const float b = ltm - log_theta[g], p = (mu - xr[g]) / tm;
+                acc += xr[g] * (l[g] - ltm) - theta[g] * b;
+                sx += xr[g];
+                sp += theta[g] * p;
+                gt[g] = b - p;
+                gl[g] = theta[g] * p;
+            }
+            const float sp_s = sp / s;  /* rho = e / s */
+            for (int64_t g = 0; g < G; ++g) gl[g] -= e[g] * sp_s;
+        } else {
+            for (int64_t g = 0; g < G; ++g) {
+                const float tm = theta[g] + lib_s * e[g], ltm = logf(tm);
+                acc += xr[g] * (l[g] - ltm) - theta[g] * (ltm - log_theta[g]);
+                sx += xr[g];
+            }
+        }
+        double lg_sum = 0.0;
+        for (int64_t j = starts[r]; j < starts[r + 1]; ++j) {
+            const float v = values[j];
+            const int64_t c = cols[j];
+            if (v == 0.0f) continue;  /* a stored zero: the terms vanish */
+            const int64_t k = (int64_t)v;
+            double lg, dg = 0.0;
+            if ((float)k == v && k <= NB_TABLE_COUNTS) {
+                lg = lg_tab[k * G + c];
+                if (gt) dg = dg_tab[k * G + c];
+            } else {
+                const double t = theta[c], xv = v;
+                lg = lgam(xv + t) - lgam(t) - lgam(xv + 1.0);
+                if (gt) dg = digamma(xv + t) - digamma(t);
+            }
+            lg_sum += lg;
+            if (gt) gt[c] -= (float)dg;
+        }
+        ll[r] = acc + (llib - log_z) * sx + (float)lg_sum;
+    }
+}
+
+/* nb_rows over all n_rows rows, on up to n_threads threads (with OpenMP; scratch holds
+ * n_threads rows of G floats). Built with -fopenmp only when torch's own OpenMP runtime is
+ * loaded, so that this parallel region runs on torch's (already warm) threads. */
+void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict logits,
+              const float *restrict log_lib, const float *restrict theta,
+              const float *restrict log_theta, const float *restrict x,
+              const int64_t *restrict starts, const int64_t *restrict cols,
+              const float *restrict values, const float *restrict lg_tab,
+              const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
+              float *restrict g_lt, float *restrict scratch)
+{
+#ifdef _OPENMP
+    if (n_threads > n_rows) n_threads = (int)n_rows;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        nb_rows(n_rows * t / n, n_rows * (t + 1) / n, G, logits, log_lib, theta, log_theta, x,
+                starts, cols, values, lg_tab, dg_tab, ll, g_logits, g_lt, scratch + t * G);
+    }
+#else
+    (void)n_threads;
+    nb_rows(0, n_rows, G, logits, log_lib, theta, log_theta, x, starts, cols, values, lg_tab,
+            dg_tab, ll, g_logits, g_lt, scratch);
+#endif
+}

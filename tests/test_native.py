@@ -1,0 +1,210 @@
+"""The compiled NB kernel (scvae_tools.native): same values and gradients as the torch code,
+independent of the thread count, cached, and replaced by torch whenever it cannot serve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scvae_tools as svt
+from scvae_tools import fused, native
+from scvae_tools.fused import NonZeros, nb_log_likelihood_from_logits
+
+needs_kernel = pytest.mark.skipif(
+    native._unsupported() is not None, reason=f"no compiled kernel here: {native._unsupported()}")
+
+
+@pytest.fixture
+def use_native(monkeypatch):
+    """Switch between the kernel and the torch code: use_native(True / False)."""
+    def switch(on: bool) -> None:
+        monkeypatch.setenv("SCVAE_TOOLS_NATIVE", "1" if on else "0")
+    return switch
+
+
+def _batch(kind: str, n: int = 96, g: int = 300, seed: int = 0):
+    """float32 logits, log library, log θ and counts with their CSR non-zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, g, generator=gen) * 1.5
+    log_theta = torch.randn(g, generator=gen) * 1.2
+    mu = torch.softmax(logits, -1) * torch.exp(torch.randn(n, 1, generator=gen) * 0.4 + 6.5)
+    x = torch.poisson(mu, generator=gen)
+    if kind == "fractional":  # allowed with allow_non_integer=True
+        x = x * torch.empty(n, g).uniform_(0.5, 1.5, generator=gen)
+    if kind == "extreme":  # saturated softmax and huge counts
+        logits[0, 0] = 60.0
+        logits[1] = -40.0
+        x[2, :3] = torch.tensor([5000.0, 9.0, 8.0])
+    X = sp.csr_matrix(x.numpy())
+    if kind == "stored-zeros":
+        X.data[::5] = 0.0  # still stored: the kernel must skip them
+        x = torch.from_numpy(X.toarray())
+    lengths = torch.from_numpy(np.diff(X.indptr).astype(np.int64))
+    rows = torch.repeat_interleave(torch.arange(n), lengths)
+    cols = torch.from_numpy(X.indices.astype(np.int32))
+    nz = NonZeros(rows * g + cols, torch.from_numpy(X.data.astype(np.float32)), rows, cols,
+                  lengths)
+    log_library = torch.log(x.sum(1, keepdim=True).clamp(min=1.0))
+    return logits, log_library, log_theta, x, nz
+
+
+def _value_and_grads(logits, log_library, log_theta, x, nz):
+    logits = logits.clone().requires_grad_()
+    log_theta = log_theta.clone().requires_grad_()
+    ll = nb_log_likelihood_from_logits(logits, log_library, log_theta, x, nz)
+    weights = torch.linspace(-1.0, 2.0, len(ll))  # a non-uniform upstream gradient
+    (ll * weights).sum().backward()
+    return ll.detach(), logits.grad, log_theta.grad
+
+
+@needs_kernel
+def test_the_kernel_builds_where_it_is_supported(use_native):
+    use_native(True)
+    assert native.library() is not None, native.reason()
+    assert native.reason() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["counts", "fractional", "extreme", "stored-zeros"])
+def test_kernel_equals_the_torch_code(kind, use_native):
+    """Log-likelihood and both gradients, to float32 rounding, for whole and fractional
+    counts, counts past the tables, saturated softmaxes and stored zeros."""
+    inputs = _batch(kind)
+    use_native(False)
+    ref = _value_and_grads(*inputs)
+    use_native(True)
+    assert fused._native_ready(*inputs[:4])
+    got = _value_and_grads(*inputs)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+    # Searching the dense block for the non-zeros gives the same as the CSR's (stored zeros
+    # and all).
+    torch.testing.assert_close(nb_log_likelihood_from_logits(*inputs[:4]), got[0],
+                               rtol=1e-6, atol=1e-3)
+
+
+@needs_kernel
+def test_kernel_equals_float64_formula(use_native):
+    """Against the plain formula in float64: the kernel is as accurate as float32 allows."""
+    logits, log_library, log_theta, x, nz = _batch("counts", seed=3)
+    use_native(True)
+    got = nb_log_likelihood_from_logits(logits, log_library, log_theta, x, nz).double()
+    lm = torch.log_softmax(logits.double(), -1) + log_library.double()
+    th, lt = log_theta.double().exp(), log_theta.double()
+    xd = x.double()
+    lt_m = torch.logaddexp(lt, lm)
+    ref = (th * (lt - lt_m) + xd * (lm - lt_m) + torch.lgamma(xd + th) - torch.lgamma(th)
+           - torch.lgamma(xd + 1)).sum(-1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0.05)
+
+
+@needs_kernel
+def test_kernel_result_does_not_depend_on_the_thread_count(use_native):
+    use_native(True)
+    inputs = _batch("counts", n=130)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_value_and_grads(*inputs))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_kernel_passes_nan_on(use_native):
+    """A NaN in the decoder's output must reach the loss (the training loop's divergence
+    check relies on it), even though the row maximum is taken with finite maths."""
+    use_native(True)
+    logits, log_library, log_theta, x, nz = _batch("counts")
+    logits[3, 7] = float("nan")
+    ll = nb_log_likelihood_from_logits(logits, log_library, log_theta, x, nz)
+    assert torch.isnan(ll[3]) and torch.isfinite(ll[torch.arange(len(ll)) != 3]).all()
+
+
+@needs_kernel
+def test_kernel_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCVAE_TOOLS_KERNEL_DIR", str(tmp_path))
+    path = native._build()
+    assert path.parent == tmp_path and path.name.startswith("nb_kernel-")
+    stamp = path.stat().st_mtime_ns
+    assert native._build() == path and path.stat().st_mtime_ns == stamp  # no rebuild
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_without_a_compiler_torch_serves(tmp_path, monkeypatch, use_native):
+    """No gcc (or a failing build): the reason is recorded, torch computes the likelihood."""
+    monkeypatch.setenv("SCVAE_TOOLS_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    use_native(True)
+    assert native.library() is None
+    assert "gcc" in native.reason() or "Linux" in native.reason() or "glibc" in native.reason()
+    inputs = _batch("counts")
+    assert not fused._native_ready(*inputs[:4])
+    ll = nb_log_likelihood_from_logits(*inputs)
+    torch.testing.assert_close(ll, fused._nb_core_torch(*inputs[:4], False, inputs[4])[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernel
+def test_a_failed_build_falls_back(tmp_path, monkeypatch, use_native):
+    monkeypatch.setenv("SCVAE_TOOLS_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ("-fno-such-flag",))
+    use_native(True)
+    assert native.library() is None
+    assert "could not build" in native.reason()
+
+
+@needs_kernel
+def test_a_kernel_that_disagrees_is_disabled_with_a_warning(monkeypatch, use_native):
+    use_native(True)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(fused, "_native_checked", False)
+    real = native.nb_rows
+
+    def wrong(*args, **kwargs):
+        ll, g1, g2 = real(*args, **kwargs)
+        return ll + 1.0, g1, g2
+
+    monkeypatch.setattr(native, "nb_rows", wrong)
+    inputs = _batch("counts")
+    with pytest.warns(RuntimeWarning, match="disabled"):
+        ll = nb_log_likelihood_from_logits(*inputs)
+    assert native.library() is None and "differs" in native.reason()
+    torch.testing.assert_close(ll, fused._nb_core_torch(*inputs[:4], False, inputs[4])[0])
+
+
+def test_switched_off_by_environment(use_native):
+    use_native(False)
+    assert native.library() is None
+    assert "SCVAE_TOOLS_NATIVE" in native.reason()
+    assert not fused._native_ready(*_batch("counts")[:4])
+
+
+@needs_kernel
+def test_training_with_and_without_the_kernel_agree(synthetic, use_native):
+    """Two epochs from the same seed: the two paths differ by float32 rounding only."""
+    out = {}
+    for on in (True, False):
+        use_native(on)
+        model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+        model.train(max_epochs=2, batch_size=64, seed=0, progress_bar=False)
+        out[on] = (model.history["train_elbo"].to_numpy(), model.get_elbo())
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-4)
+    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-4)
+
+
+@pytest.mark.parametrize(("value", "on"), [("0", False), ("off", False), ("False", False),
+                                           ("no", False), ("1", True), ("yes", True)])
+def test_environment_switch_values(value, on, monkeypatch):
+    monkeypatch.setenv("SCVAE_TOOLS_NATIVE", value)
+    assert native.enabled() is on
