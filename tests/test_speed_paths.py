@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import scvae_tools as svt
+from scvae_tools import native
 from scvae_tools.adapter import CellData, DataSpec
 from scvae_tools.distributions import log_factorial_sum, log_nb, log_nb_sparse
 from scvae_tools.fused import NonZeros, nb_log_likelihood_from_logits
@@ -279,9 +280,13 @@ def test_batches_carry_their_nonzeros(synthetic):
             expected = torch.nonzero(b.x.reshape(-1)).squeeze(1)
             assert torch.equal(flat, expected)
             assert torch.equal(values, b.x.reshape(-1)[expected])
-            # The fields read off on the host equal those the likelihood would derive.
+            # The fields read off on the host equal those the likelihood would derive. The
+            # table slots only the torch code reads: none when the compiled kernel serves.
             searched = NonZeros.of_dense(b.x)
             for name, a, c in zip(NonZeros._fields, b.nonzero, searched, strict=True):
+                if name in ("slot", "outside") and native.library() is not None:
+                    assert a is None, name
+                    continue
                 assert a is not None and torch.equal(a, c), name
     assert all(b.nonzero is None for b in data.batches(None, 64))  # only when asked for
 
