@@ -56,8 +56,13 @@ def settings_for(tool: str, comparison: str, epochs: int) -> dict:
             "plan_kwargs": {"lr": 1e-3, "n_epochs_kl_warmup": warmup}}
 
 
-def likelihood_share(n_genes: int, batch: int = 128, reps: int = 20) -> dict:
-    """Process-CPU time of one training step and of its likelihood (fwd + bwd), on real-ish counts."""
+def likelihood_share(n_genes: int, batch: int = 128, reps: int = 50) -> dict:
+    """Time of one training step and of its likelihood (fwd + bwd), on real-ish counts.
+
+    Wall clock, median of ``reps`` calls: the likelihood's compiled kernel runs on torch's
+    OpenMP threads, whose spinning between parallel regions process-CPU time would count.
+    (The keys keep their ``_cpu_`` names so earlier result files still read.)
+    """
     import torch
 
     from scvae_tools.fused import nb_log_likelihood_from_logits
@@ -85,10 +90,12 @@ def likelihood_share(n_genes: int, batch: int = 128, reps: int = 20) -> dict:
 
     def cpu_ms(f):
         f()
-        t = time.process_time()
+        times = []
         for _ in range(reps):
+            t = time.perf_counter()
             f()
-        return (time.process_time() - t) / reps * 1e3
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2] * 1e3
 
     s, ll = cpu_ms(step), cpu_ms(lik)
     return {"step_cpu_ms": s, "likelihood_cpu_ms": ll, "likelihood_share": ll / s}
@@ -245,7 +252,7 @@ def print_table(rows: list[dict], clock: str = "wall") -> None:
             print(f"\nscvae_tools step: {ours['gflops_achieved']:.1f} GFLOP/s of matmul work "
                   f"achieved vs {ours['gflops_matmul_peak']:.0f} GFLOP/s torch matmul peak "
                   f"({100 * ours['gflops_achieved'] / ours['gflops_matmul_peak']:.0f}%); "
-                  f"likelihood = {100 * ours['likelihood_share']:.0f}% of step CPU time "
+                  f"likelihood = {100 * ours['likelihood_share']:.0f}% of step time "
                   f"({ours['likelihood_cpu_ms']:.1f} of {ours['step_cpu_ms']:.1f} ms); "
                   f"inference = {ours['latent_cells_per_s'] / ours['cells_per_s']:.1f}× (latent), "
                   f"{ours['expression_cells_per_s'] / ours['cells_per_s']:.1f}× (normalised "

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
 from .fused import NonZeros, nb_log_likelihood_from_logits
 
@@ -350,7 +351,9 @@ class VAE(nn.Module):
 
         The logits, the softmax and the scaling all happen in ``out``'s memory. On the CPU each
         fresh cells × genes buffer costs page faults on first touch (as much time as the
-        softmax itself), so denoised expression touches one buffer instead of three.
+        softmax itself), so denoised expression touches one buffer instead of three. With
+        :mod:`~scvae_tools.native`'s compiled kernel the softmax and scaling then read and
+        write each row of ``out`` once (torch's in-place operations take five passes).
         """
         head = self.decoder.scale
         h = self.decoder.hidden(z, cov)
@@ -360,6 +363,9 @@ class VAE(nn.Module):
         ones = torch.ones((h.shape[0], 1), dtype=h.dtype, device=h.device)
         weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
         torch.mm(torch.cat([h, ones], dim=1), weight.T, out=out)
+        if (out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+                and native.library() is not None):
+            return native.softmax_scale_(out, scale)  # one memory pass, not five
         # exp without subtracting each row's maximum first saves two passes. It gives the
         # softmax to float rounding as long as no logit overflows (the row sum is finite)
         # and the largest is not far below zero (a sum ≥ 1e-20: only proportions below

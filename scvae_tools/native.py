@@ -1,10 +1,12 @@
-"""A compiled CPU kernel for the NB likelihood, built with the system's C compiler on first use.
+"""Compiled CPU kernels for the NB likelihood (and the softmax of denoised expression),
+built with the system's C compiler on first use.
 
 On a CPU, the element-wise work of :mod:`~scvae_tools.fused`'s likelihood (a log-softmax,
 logs and exponentials, the gamma-function terms and both gradients) takes about a third of a
 training step as ~30 torch kernels, each a pass over the cells × genes block.
 ``nb_kernel.c`` (next to this file) does the same work in one pass per cell, vectorised with
-glibc's vector maths, and split over torch's threads.
+glibc's vector maths, and split over torch's threads. :func:`softmax_scale_` does the
+softmax and scaling of denoised expression with one read and one write of each row.
 
 The kernel is compiled the first time it is needed (well under a second with ``gcc``) into
 ``$SCVAE_TOOLS_KERNEL_DIR``, else ``$XDG_CACHE_HOME/scvae_tools/kernels`` (by default
@@ -130,6 +132,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nb_tables.argtypes = [i64, ptr, ptr, ptr]
     lib.nb_block.restype = None
     lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 14
+    lib.softmax_scale_rows.restype = None
+    lib.softmax_scale_rows.argtypes = [i64, i64, ctypes.c_int, ptr, ptr, i64]
     return lib
 
 
@@ -204,3 +208,25 @@ def nb_rows(
         logits, log_library, theta, log_theta, x, starts, cols, values, lg_tab, dg_tab, ll,
         g_logits, g_lt, scratch)))
     return ll, g_logits, g_lt
+
+
+def softmax_scale_(out: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``out ← scale · softmax(out, dim=1)`` in place, for a contiguous float32 CPU matrix.
+
+    ``scale``: a number, or one value per row (``(rows, )`` or ``(rows, 1)``). Each row is
+    read from memory and written back once; torch's in-place ``exp_``, ``sum`` and ``mul_``
+    make five passes over a block much larger than the caches. The row maximum is
+    subtracted first, as in ``torch.softmax``. Call only when :func:`library` is not None.
+    """
+    lib = library()
+    n_rows, n_genes = out.shape
+    if not out.is_contiguous():
+        raise ValueError("softmax_scale_ needs a contiguous matrix")
+    per_row = isinstance(scale, torch.Tensor) and scale.numel() > 1
+    factors = (scale.reshape(-1).to(torch.float32).contiguous() if per_row
+               else torch.tensor([float(scale)], dtype=torch.float32))
+    if per_row and len(factors) != n_rows:
+        raise ValueError(f"{len(factors)} scale factors for {n_rows} rows")
+    lib.softmax_scale_rows(n_rows, n_genes, torch.get_num_threads(), out.data_ptr(),
+                           factors.data_ptr(), 1 if per_row else 0)
+    return out

@@ -171,3 +171,36 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
             dg_tab, ll, g_logits, g_lt, scratch);
 #endif
 }
+
+/* Rows [r0, r1) of out (rows x G) become scale[r] * softmax(row), in place: one read and
+ * one write of each row from memory, the three sweeps over it running in cache. scale has
+ * one value per row, or one for all rows when scale_step is 0. */
+static void softmax_scale(int64_t r0, int64_t r1, int64_t G, float *restrict out,
+                          const float *restrict scale, int64_t scale_step)
+{
+    for (int64_t r = r0; r < r1; ++r) {
+        float *restrict row = out + r * G;
+        const float m = row_max(row, G);
+        float s = 0.0f;
+        for (int64_t g = 0; g < G; ++g) s += row[g] = expf(row[g] - m);
+        const float f = scale[r * scale_step] / s;
+        for (int64_t g = 0; g < G; ++g) row[g] *= f;
+    }
+}
+
+void softmax_scale_rows(int64_t n_rows, int64_t G, int n_threads, float *restrict out,
+                        const float *restrict scale, int64_t scale_step)
+{
+#ifdef _OPENMP
+    if (n_threads > n_rows) n_threads = (int)n_rows;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        softmax_scale(n_rows * t / n, n_rows * (t + 1) / n, G, out, scale, scale_step);
+    }
+#else
+    (void)n_threads;
+    softmax_scale(0, n_rows, G, out, scale, scale_step);
+#endif
+}

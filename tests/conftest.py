@@ -69,3 +69,12 @@ def pbmc3k_nb_model(pbmc3k_hvg):
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def use_native(monkeypatch):
+    """Switch between the compiled CPU kernels (scvae_tools.native, where they build) and
+    the torch code: ``use_native(True)`` / ``use_native(False)``."""
+    def switch(on: bool) -> None:
+        monkeypatch.setenv("SCVAE_TOOLS_NATIVE", "1" if on else "0")
+    return switch

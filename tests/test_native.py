@@ -16,14 +16,6 @@ needs_kernel = pytest.mark.skipif(
     native._unsupported() is not None, reason=f"no compiled kernel here: {native._unsupported()}")
 
 
-@pytest.fixture
-def use_native(monkeypatch):
-    """Switch between the kernel and the torch code: use_native(True / False)."""
-    def switch(on: bool) -> None:
-        monkeypatch.setenv("SCVAE_TOOLS_NATIVE", "1" if on else "0")
-    return switch
-
-
 def _batch(kind: str, n: int = 96, g: int = 300, seed: int = 0):
     """float32 logits, log library, log θ and counts with their CSR non-zeros."""
     gen = torch.Generator().manual_seed(seed)
@@ -191,16 +183,47 @@ def test_switched_off_by_environment(use_native):
 
 
 @needs_kernel
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_softmax_scale_equals_torch(rows, use_native):
+    """In-place scale · softmax: a number or one scale per row, logits far from zero
+    included (the row maximum is subtracted), any thread count."""
+    use_native(True)
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, 513, generator=gen) * 4
+    logits[0, :3] = torch.tensor([95.0, -120.0, 60.0])
+    per_row = torch.rand(rows, 1, generator=gen) * 1e4 + 1.0
+    before = torch.get_num_threads()
+    try:
+        for scale in (1e4, per_row, per_row.reshape(-1)):
+            want = torch.softmax(logits.double(), -1) * (
+                scale.double().reshape(-1, 1) if isinstance(scale, torch.Tensor) else scale)
+            results = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(native.softmax_scale_(logits.clone(), scale))
+            torch.testing.assert_close(results[0].double(), want, rtol=1e-5, atol=1e-6)
+            assert all(torch.equal(results[0], r) for r in results[1:])
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="scale factors"):
+        native.softmax_scale_(logits.clone(), torch.ones(rows + 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.softmax_scale_(torch.zeros(4, 6)[:, ::2], 1.0)
+
+
 def test_training_with_and_without_the_kernel_agree(synthetic, use_native):
-    """Two epochs from the same seed: the two paths differ by float32 rounding only."""
+    """Two epochs from the same seed: the two paths differ by float32 rounding only, in
+    training, in the ELBO and in denoised expression."""
     out = {}
     for on in (True, False):
         use_native(on)
         model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
         model.train(max_epochs=2, batch_size=64, seed=0, progress_bar=False)
-        out[on] = (model.history["train_elbo"].to_numpy(), model.get_elbo())
-    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-4)
-    np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-4)
+        out[on] = (model.history["train_elbo"].to_numpy(), model.get_elbo(),
+                   model.get_normalized_expression())
+    for a, b in zip(out[True], out[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize(("value", "on"), [("0", False), ("off", False), ("False", False),

@@ -226,8 +226,11 @@ def test_sparse_inference_equals_dense(synthetic):
                                rtol=1e-4, atol=1e-3)
 
 
-def test_in_place_decode_equals_softmax(synthetic):
-    """Denoised expression decoded in place equals ℓ · softmax(decoder logits at the mean z)."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled", "torch"])
+def test_in_place_decode_equals_softmax(synthetic, kernel, use_native):
+    """Denoised expression decoded in place equals ℓ · softmax(decoder logits at the mean z),
+    with the compiled softmax kernel (where it builds) and with torch's operations."""
+    use_native(kernel)
     model = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
     model.train(max_epochs=3, batch_size=64, progress_bar=False)
     mod = model.module.eval()
@@ -247,10 +250,13 @@ def test_in_place_decode_equals_softmax(synthetic):
                                (rho * lib).numpy(), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled", "torch"])
 @pytest.mark.parametrize("shift", [120.0, -80.0], ids=["overflow", "underflow"])
-def test_in_place_decode_handles_extreme_logits(synthetic, shift):
+def test_in_place_decode_handles_extreme_logits(synthetic, shift, kernel, use_native):
     """Rows whose logits would overflow exp (or all sit far below zero) are redone with the
-    max-shifted softmax: still ℓ · softmax, never inf or NaN."""
+    max-shifted softmax (the compiled kernel always shifts): still ℓ · softmax, never inf
+    or NaN."""
+    use_native(kernel)
     model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
     model.train(max_epochs=2, batch_size=64, progress_bar=False)
     mod = model.module.eval()
