@@ -224,7 +224,7 @@ def _nb_core(
     compiled kernel when it is available (one pass per cell instead of ~30 torch kernels);
     otherwise in :func:`_nb_core_torch`. Both give the same values to float32 rounding.
     """
-    if log_theta.dim() == 1 and _native_ready(logits, log_library, log_theta, x):
+    if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, x):
         return _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero)
     return _nb_core_torch(logits, log_library, log_theta, x, want_grads, nonzero)
 
@@ -256,7 +256,6 @@ def _nb_core_torch(
     nonzero: NonZeros | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`_nb_core` in torch operations (any device, dtype and dispersion shape)."""
-
     per_gene_theta = log_theta.dim() == 1
     n_rows, n_genes = logits.shape
     nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
@@ -296,8 +295,9 @@ def _nb_core_torch(
 _native_checked = False
 
 
-def _native_ready(*tensors: torch.Tensor) -> bool:
-    """Whether :mod:`~scvae_tools.native`'s compiled kernel serves these float32 CPU tensors.
+def native_ready(*tensors: torch.Tensor) -> bool:
+    """Whether :mod:`~scvae_tools.native`'s compiled kernels serve these tensors (float32,
+    on the CPU): the one gate for the likelihood and for denoised expression.
 
     The first time it would, its result is compared with the torch code's on a small
     problem (counts past the tables, a fraction and a stored zero included); should they

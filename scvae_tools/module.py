@@ -25,7 +25,7 @@ from torch import nn
 
 from . import native
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
-from .fused import NonZeros, nb_log_likelihood_from_logits
+from .fused import NonZeros, native_ready, nb_log_likelihood_from_logits
 
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 # "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
@@ -363,8 +363,7 @@ class VAE(nn.Module):
         ones = torch.ones((h.shape[0], 1), dtype=h.dtype, device=h.device)
         weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
         torch.mm(torch.cat([h, ones], dim=1), weight.T, out=out)
-        if (out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
-                and native.library() is not None):
+        if out.is_contiguous() and native_ready(out):
             return native.softmax_scale_(out, scale)  # one memory pass, not five
         # exp without subtracting each row's maximum first saves two passes. It gives the
         # softmax to float rounding as long as no logit overflows (the row sum is finite)

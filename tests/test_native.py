@@ -67,7 +67,7 @@ def test_kernel_equals_the_torch_code(kind, use_native):
     use_native(False)
     ref = _value_and_grads(*inputs)
     use_native(True)
-    assert fused._native_ready(*inputs[:4])
+    assert fused.native_ready(*inputs[:4])
     got = _value_and_grads(*inputs)
     for a, b in zip(got, ref, strict=True):
         assert torch.isfinite(a).all()
@@ -140,7 +140,7 @@ def test_without_a_compiler_torch_serves(tmp_path, monkeypatch, use_native):
     assert native.library() is None
     assert "gcc" in native.reason() or "Linux" in native.reason() or "glibc" in native.reason()
     inputs = _batch("counts")
-    assert not fused._native_ready(*inputs[:4])
+    assert not fused.native_ready(*inputs[:4])
     ll = nb_log_likelihood_from_logits(*inputs)
     torch.testing.assert_close(ll, fused._nb_core_torch(*inputs[:4], False, inputs[4])[0])
     assert list(tmp_path.iterdir()) == []
@@ -179,7 +179,7 @@ def test_switched_off_by_environment(use_native):
     use_native(False)
     assert native.library() is None
     assert "SCVAE_TOOLS_NATIVE" in native.reason()
-    assert not fused._native_ready(*_batch("counts")[:4])
+    assert not fused.native_ready(*_batch("counts")[:4])
 
 
 @needs_kernel
