@@ -84,12 +84,12 @@ static double lgam(double x)
  * starts[r] .. starts[r + 1] - 1 of (cols, values). Writes ll[r] and, when g_logits is not
  * NULL, rows of g_logits and g_lt; rho_row is G floats of scratch. */
 static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict logits,
-             const float *restrict log_lib, const float *restrict theta,
-             const float *restrict log_theta, const float *restrict x,
-             const int64_t *restrict starts, const int64_t *restrict cols,
-             const float *restrict values, const float *restrict lg_tab,
-             const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
-             float *restrict g_lt, float *restrict rho_row)
+                    const float *restrict log_lib, const float *restrict theta,
+                    const float *restrict log_theta, const float *restrict x,
+                    const int64_t *restrict starts, const int64_t *restrict cols,
+                    const float *restrict values, const float *restrict lg_tab,
+                    const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
+                    float *restrict g_lt, float *restrict rho_row)
 {
     for (int64_t r = r0; r < r1; ++r) {
         const float *restrict l = logits + r * G;
@@ -145,6 +145,14 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
     }
 }
 
+#ifdef _OPENMP
+static int team_size(int n_threads, int64_t n_rows)  /* at least 1, at most one per row */
+{
+    if (n_threads > n_rows) n_threads = (int)n_rows;
+    return n_threads < 1 ? 1 : n_threads;
+}
+#endif
+
 /* nb_rows over all n_rows rows, on up to n_threads threads (with OpenMP; scratch holds
  * n_threads rows of G floats). Built with -fopenmp only when torch's own OpenMP runtime is
  * loaded, so that this parallel region runs on torch's (already warm) threads. */
@@ -157,9 +165,7 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
               float *restrict g_lt, float *restrict scratch)
 {
 #ifdef _OPENMP
-    if (n_threads > n_rows) n_threads = (int)n_rows;
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         nb_rows(n_rows * t / n, n_rows * (t + 1) / n, G, logits, log_lib, theta, log_theta, x,
@@ -192,9 +198,7 @@ void softmax_scale_rows(int64_t n_rows, int64_t G, int n_threads, float *restric
                         const float *restrict scale, int64_t scale_step)
 {
 #ifdef _OPENMP
-    if (n_threads > n_rows) n_threads = (int)n_rows;
-    if (n_threads < 1) n_threads = 1;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         softmax_scale(n_rows * t / n, n_rows * (t + 1) / n, G, out, scale, scale_step);
