@@ -142,6 +142,8 @@ def library() -> ctypes.CDLL | None:
     (:func:`reason` says why). Built and loaded once per process."""
     if not enabled():
         return None
+    if "lib" in _state:  # the per-batch path: no lock once decided
+        return _state["lib"]
     with _lock:
         if "lib" not in _state:
             why = _unsupported()
