@@ -159,9 +159,7 @@ class CellData:
         self.obs_names = adata.obs_names.copy()
         counts = _select_genes(_get_counts(adata, spec.layer), adata.var_names, spec.var_names)
         counts = _as_float32(counts, copy=copy)
-        totals = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
-        if validate:
-            validate_counts(counts, allow_non_integer=spec.allow_non_integer, totals=totals)
+        totals = count_totals(counts, validate, spec.allow_non_integer)
         self.X = counts  # CSR or dense float32, only ever read
         self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
@@ -292,6 +290,39 @@ class CellData:
 
 
 # ---------------------------------------------------------------------- validation
+def count_totals(X, validate: bool = True, allow_non_integer: bool = False) -> np.ndarray:
+    """Each cell's total counts (float32); with ``validate``, first :func:`validate_counts`.
+
+    Float32 CSR or C-ordered dense counts go through the compiled kernel when it is
+    available (:func:`~scvae_tools.native.count_check`): sums and checks in one read of
+    the values, on torch's threads. Only when it finds a problem does the numpy check run,
+    to name it.
+    """
+    if native.library() is None or not _kernel_countable(X):
+        totals = np.asarray(X.sum(axis=1), dtype=np.float32).ravel()
+        if validate:
+            validate_counts(X, allow_non_integer, totals)
+        return totals
+    totals, flags = native.count_check(X)
+    if allow_non_integer:
+        flags &= ~native.FRACTIONAL
+    if validate:
+        if flags:
+            validate_values(X.data if sp.issparse(X) else X, allow_non_integer)
+            raise RuntimeError(  # the kernel and numpy disagree about the values: a bug
+                f"scvae_tools: the compiled count check reported problem bits {flags} that "
+                "numpy's check did not find; please report this. Set SCVAE_TOOLS_NATIVE=0 "
+                "to work around it.")
+        check_no_empty_cells(totals)
+    return totals
+
+
+def _kernel_countable(X) -> bool:
+    if sp.issparse(X):
+        return X.format == "csr" and X.dtype == np.float32
+    return isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype == np.float32 and X.flags.c_contiguous
+
+
 def validate_counts(X, allow_non_integer: bool = False, totals: np.ndarray | None = None) -> None:
     """Raise ``ValueError`` naming the problem and the fix if ``X`` is not a count matrix.
 

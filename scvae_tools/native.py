@@ -6,7 +6,8 @@ logs and exponentials, the gamma-function terms and both gradients) takes about 
 training step as ~30 torch kernels, each a pass over the cells × genes block.
 ``nb_kernel.c`` (next to this file) does the same work in one pass per cell, vectorised with
 glibc's vector maths, and split over torch's threads. :func:`softmax_scale_` does the
-softmax and scaling of denoised expression with one read and one write of each row.
+softmax and scaling of denoised expression with one read and one write of each row, and
+:func:`count_check` the row sums and value checks of a count matrix in one read.
 
 The kernel is compiled the first time it is needed (well under a second with ``gcc``) into
 ``$SCVAE_TOOLS_KERNEL_DIR``, else ``$XDG_CACHE_HOME/scvae_tools/kernels`` (by default
@@ -34,6 +35,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 14
     lib.softmax_scale_rows.restype = None
     lib.softmax_scale_rows.argtypes = [i64, i64, ctypes.c_int, ptr, ptr, i64]
+    lib.count_check_rows.restype = ctypes.c_int
+    lib.count_check_rows.argtypes = [i64, ctypes.c_int, ptr, i64, ptr, ptr]
     return lib
 
 
@@ -232,3 +236,35 @@ def softmax_scale_(out: torch.Tensor, scale: float | torch.Tensor) -> torch.Tens
     lib.softmax_scale_rows(n_rows, n_genes, torch.get_num_threads(), out.data_ptr(),
                            factors.data_ptr(), 1 if per_row else 0)
     return out
+
+
+# What count_check_rows reports about the values (bits of its return value).
+NONFINITE, NEGATIVE, FRACTIONAL = 1, 2, 4
+
+
+def count_check(X) -> tuple[np.ndarray, int]:
+    """Row sums of a float32 count matrix and what is wrong with its values, in one read.
+
+    ``X``: a scipy CSR matrix or a C-contiguous 2-d numpy array, float32. Returns the
+    row sums (float32, accumulated in double: exact for whole counts) and the bits
+    :data:`NONFINITE`, :data:`NEGATIVE` and :data:`FRACTIONAL` found among the values
+    (0 when all are whole, non-negative and finite). ``X`` is only read. Call only when
+    :func:`library` is not None.
+    """
+    lib = library()
+    if isinstance(X, np.ndarray):
+        if X.ndim != 2 or X.dtype != np.float32 or not X.flags.c_contiguous:
+            raise ValueError("count_check needs a C-contiguous float32 matrix")
+        n_rows, n_cols = X.shape
+        indptr, data = None, X
+    else:  # CSR
+        if X.format != "csr" or X.dtype != np.float32:
+            raise ValueError("count_check needs float32 CSR or dense counts")
+        n_rows, n_cols = X.shape
+        indptr = np.ascontiguousarray(X.indptr, dtype=np.int64)
+        data = np.ascontiguousarray(X.data)
+    totals = np.empty(n_rows, dtype=np.float32)
+    flags = lib.count_check_rows(n_rows, torch.get_num_threads(),
+                                 None if indptr is None else indptr.ctypes.data, n_cols,
+                                 data.ctypes.data, totals.ctypes.data)
+    return totals, int(flags)

@@ -208,3 +208,51 @@ void softmax_scale_rows(int64_t n_rows, int64_t G, int n_threads, float *restric
     softmax_scale(0, n_rows, G, out, scale, scale_step);
 #endif
 }
+
+/* Row sums of a float32 count matrix, and what is wrong with its values, in one read.
+ * Rows are CSR rows (data[indptr[r]] to data[indptr[r + 1] - 1]) or, when indptr is NULL,
+ * dense rows of n_cols values. Sums accumulate in double (exact for whole counts).
+ * Returns bit 1 for NaN or inf, bit 2 for a negative value, bit 4 for a fractional one. */
+#define COUNT_NONFINITE 1
+#define COUNT_NEGATIVE 2
+#define COUNT_FRACTIONAL 4
+
+static int count_rows(int64_t r0, int64_t r1, const int64_t *restrict indptr, int64_t n_cols,
+                      const float *restrict data, float *restrict totals)
+{
+    int flags = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t a = indptr ? indptr[r] : r * n_cols;
+        const int64_t b = indptr ? indptr[r + 1] : a + n_cols;
+        double s = 0.0;
+        int nonfinite = 0, negative = 0, fractional = 0;
+        for (int64_t k = a; k < b; ++k) {
+            const float v = data[k];
+            s += v;
+            nonfinite |= !(fabsf(v) <= 3.4028234663852886e38f);  /* true for NaN as well */
+            negative |= v < 0.0f;
+            fractional |= fabsf(v - rintf(v)) > 0.0f;  /* false for NaN and inf */
+        }
+        totals[r] = (float)s;
+        flags |= (nonfinite ? COUNT_NONFINITE : 0) | (negative ? COUNT_NEGATIVE : 0)
+                 | (fractional ? COUNT_FRACTIONAL : 0);
+    }
+    return flags;
+}
+
+int count_check_rows(int64_t n_rows, int n_threads, const int64_t *restrict indptr,
+                     int64_t n_cols, const float *restrict data, float *restrict totals)
+{
+    int flags = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_size(n_threads, n_rows)) reduction(| : flags)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        flags |= count_rows(n_rows * t / n, n_rows * (t + 1) / n, indptr, n_cols, data, totals);
+    }
+#else
+    (void)n_threads;
+    flags = count_rows(0, n_rows, indptr, n_cols, data, totals);
+#endif
+    return flags;
+}

@@ -183,7 +183,6 @@ def test_switched_off_by_environment(use_native):
 
 
 @needs_kernel
-@needs_kernel
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_softmax_scale_equals_torch(rows, use_native):
     """In-place scale · softmax: a number or one scale per row, logits far from zero
@@ -231,3 +230,55 @@ def test_training_with_and_without_the_kernel_agree(synthetic, use_native):
 def test_environment_switch_values(value, on, monkeypatch):
     monkeypatch.setenv("SCVAE_TOOLS_NATIVE", value)
     assert native.enabled() is on
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_count_check_sums_rows_and_names_each_problem(fmt, use_native):
+    """Row sums equal numpy's (in float64) for any thread count; each kind of bad value is
+    reported wherever it lies in a row (vector body or remainder), and only it."""
+    use_native(True)
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(rng.gamma(0.3, 4.0, (53, 517))).astype(np.float32)
+    dense[7] = 0.0  # an empty row sums to 0
+    dense[8, 5] = 3e6  # large counts stay exact
+    make = sp.csr_matrix if fmt == "csr" else np.ascontiguousarray
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            totals, flags = native.count_check(make(dense))
+            assert flags == 0
+            np.testing.assert_array_equal(totals, dense.astype(np.float64).sum(1).astype(np.float32))
+    finally:
+        torch.set_num_threads(before)
+    cases = {np.nan: native.NONFINITE, np.inf: native.NONFINITE, -np.inf: native.NONFINITE | native.NEGATIVE,
+             -1.0: native.NEGATIVE, -0.5: native.NEGATIVE | native.FRACTIONAL,
+             2.5: native.FRACTIONAL, 1e-3: native.FRACTIONAL}
+    for value, expected in cases.items():
+        for col in (0, 300, 516):  # first, inside the vector body, last of the row
+            bad = dense.copy()
+            bad[11, col] = value
+            assert native.count_check(make(bad))[1] == expected, (value, col)
+    with pytest.raises(ValueError, match="float32"):
+        native.count_check(sp.csr_matrix(dense.astype(np.float64)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        native.count_check(np.asfortranarray(dense))
+
+
+@needs_kernel
+def test_library_sizes_are_the_same_with_and_without_the_kernel(synthetic, use_native):
+    totals = {}
+    for on in (True, False):
+        use_native(on)
+        totals[on] = svt.SCVAE(synthetic, n_latent=2)._data.library
+    np.testing.assert_array_equal(totals[True], totals[False])
+
+
+@needs_kernel
+def test_a_count_check_that_disagrees_with_numpy_is_an_error(synthetic, monkeypatch, use_native):
+    use_native(True)
+    monkeypatch.setattr(native, "count_check",
+                        lambda X: (np.ones(X.shape[0], np.float32), native.FRACTIONAL))
+    with pytest.raises(RuntimeError, match="SCVAE_TOOLS_NATIVE=0"):
+        svt.SCVAE(synthetic)
