@@ -151,10 +151,18 @@ class Encoder(nn.Module):
         first = self.body[0]
         n_genes = x.shape[1]
         weight = self._genes_by_hidden(n_genes)
-        h = F.embedding_bag(x.col_indices(), weight, x.crow_indices(), mode="sum",
-                            per_sample_weights=torch.log1p(x.values()).to(weight.dtype),
-                            include_last_offset=True)
-        h = h.add_(first.bias)
+        h = None
+        if (not torch.is_grad_enabled() and weight.shape[1] % 16 == 0
+                and native_ready(weight, x.values(), first.bias)):
+            # The compiled kernel (no gradient): log1p and the product in one cache-blocked
+            # pass, about twice torch's embedding bag. None if columns are not sorted.
+            h = native.log1p_linear_csr(x.crow_indices(), x.col_indices(), x.values(), weight,
+                                        first.bias.detach())
+        if h is None:
+            h = F.embedding_bag(x.col_indices(), weight, x.crow_indices(), mode="sum",
+                                per_sample_weights=torch.log1p(x.values()).to(weight.dtype),
+                                include_last_offset=True)
+            h = h.add_(first.bias)
         if cov.shape[1]:
             h = h + cov @ first.weight[:, n_genes:].T
         return h

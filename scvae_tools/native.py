@@ -138,6 +138,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.softmax_scale_rows.argtypes = [i64, i64, ctypes.c_int, ptr, ptr, i64]
     lib.count_check_rows.restype = ctypes.c_int
     lib.count_check_rows.argtypes = [i64, ctypes.c_int, ptr, i64, ptr, ptr]
+    lib.bag_log1p_rows.restype = ctypes.c_int
+    lib.bag_log1p_rows.argtypes = [i64, i64, i64, ctypes.c_int] + [ptr] * 7 + [i64, ptr]
+    lib.bag_tile_rows.restype = ctypes.c_int
+    lib.bag_tile_rows.argtypes = []
     return lib
 
 
@@ -268,3 +272,37 @@ def count_check(X) -> tuple[np.ndarray, int]:
                                  None if indptr is None else indptr.ctypes.data, n_cols,
                                  data.ctypes.data, totals.ctypes.data)
     return totals, int(flags)
+
+
+def log1p_linear_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                     table: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
+    """``bias + log1p(X) @ table`` for the CSR matrix X (``crow``, ``col``, ``values``).
+
+    The encoder's first layer at inference: ``table`` is its gene weights as a contiguous
+    genes × hidden float32 matrix (hidden a multiple of 16), ``values`` float32. Does what
+    ``F.embedding_bag(col, table, crow, mode="sum", per_sample_weights=log1p(values))``
+    does, about twice as fast: a tile of cells keeps each cell's outputs in registers while
+    a block of genes' rows of ``table`` stays in cache. Returns None when some row's columns
+    are not in ascending order (the caller then uses the embedding bag). Call only when
+    :func:`library` is not None.
+    """
+    lib = library()
+    n_rows, n_hidden = len(crow) - 1, table.shape[1]
+    if n_hidden % 16 or table.dtype != torch.float32 or values.dtype != torch.float32:
+        raise ValueError("log1p_linear_csr needs float32 values and a float32 table whose "
+                         "width is a multiple of 16")
+    crow = crow.to(torch.int64).contiguous()
+    col = col.to(torch.int32).contiguous()
+    values, table, bias = values.contiguous(), table.contiguous(), bias.contiguous()
+    tile = lib.bag_tile_rows()
+    # Weights buffer: the non-zeros of the largest run of `tile` rows, per thread.
+    widest = int((crow[tile:] - crow[:-tile]).max()) if n_rows > tile else int(crow[-1] - crow[0])
+    n_threads = torch.get_num_threads()
+    w = torch.empty(n_threads, max(widest, 1))
+    cursor = torch.empty(n_threads, tile, dtype=torch.int64)
+    out = torch.empty(n_rows, n_hidden)
+    descending = lib.bag_log1p_rows(n_rows, table.shape[0], n_hidden, n_threads, crow.data_ptr(),
+                                    col.data_ptr(), values.data_ptr(), table.data_ptr(),
+                                    bias.data_ptr(), out.data_ptr(), w.data_ptr(), w.shape[1],
+                                    cursor.data_ptr())
+    return None if descending else out

@@ -256,3 +256,114 @@ int count_check_rows(int64_t n_rows, int n_threads, const int64_t *restrict indp
 #endif
     return flags;
 }
+
+/* The encoder's first layer at inference, on sparse counts (VAE.encode's embedding bag):
+ * out[r, :] = bias + sum over row r's non-zeros (c, v) of log(1 + v) W[c, :], with W a
+ * genes x H table. Per tile of rows and block of genes, a row's H outputs stay in
+ * registers while its non-zeros in the block add their W rows, and the block's W rows stay
+ * in cache for the tile's other rows. */
+typedef float v16 __attribute__((vector_size(64)));  /* AVX-512 register, or two AVX ones */
+
+static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+#define BAG_VECTORS 8     /* 128 outputs of a row per sweep */
+#define BAG_TILE_ROWS 64
+#define BAG_BLOCK_NONZEROS 28  /* non-zeros of a row per gene block, on average */
+
+/* Row o's outputs [16 nv) plus its non-zeros k.. with columns below g_hi; returns the next k.
+ * Inlined with a constant nv, so that the accumulators live in registers. */
+static inline __attribute__((always_inline)) int64_t
+bag_span(const int nv, float *restrict o, const float *restrict W, int64_t H,
+         const int32_t *restrict col, const float *restrict w, int64_t k, int64_t end,
+         int64_t g_hi)
+{
+    v16 a[BAG_VECTORS];
+    for (int j = 0; j < nv; ++j) a[j] = load16(o + 16 * j);
+    for (; k < end && col[k] < g_hi; ++k) {
+        const v16 s = (v16){0} + w[k];
+        const float *restrict Wr = W + (int64_t)col[k] * H;
+        for (int j = 0; j < nv; ++j) a[j] += s * load16(Wr + 16 * j);
+    }
+    for (int j = 0; j < nv; ++j) store16(o + 16 * j, a[j]);
+    return k;
+}
+
+/* Rows [r0, r1); w holds one tile's weights, cursor one per tile row. 1 if a row's columns
+ * descend (the sweep by gene blocks needs them ascending), else 0. */
+static int bag_rows(int64_t r0, int64_t r1, int64_t G, int64_t H,
+                    const int64_t *restrict indptr, const int32_t *restrict col,
+                    const float *restrict val, const float *restrict W,
+                    const float *restrict bias, float *restrict out, float *restrict w,
+                    int64_t *restrict cursor)
+{
+    for (int64_t t0 = r0; t0 < r1; t0 += BAG_TILE_ROWS) {
+        const int64_t t1 = t0 + BAG_TILE_ROWS < r1 ? t0 + BAG_TILE_ROWS : r1;
+        const int64_t base = indptr[t0], nnz = indptr[t1] - base;
+        const float *restrict v = val + base;
+        for (int64_t k = 0; k < nnz; ++k) w[k] = logf(1.0f + v[k]);
+        int descending = 0;
+        for (int64_t r = t0; r < t1; ++r) {
+            for (int64_t k = indptr[r] + 1; k < indptr[r + 1]; ++k) descending |= col[k] < col[k - 1];
+            float *restrict o = out + r * H;
+            for (int64_t h = 0; h < H; ++h) o[h] = bias[h];
+        }
+        if (descending) return 1;
+        /* Blocks of genes holding ~BAG_BLOCK_NONZEROS of an average row's non-zeros. */
+        const int64_t per_row = nnz / (t1 - t0) + 1;
+        int64_t block = BAG_BLOCK_NONZEROS * G / per_row;
+        block = block < 32 ? 32 : block > G ? G : block;
+        for (int64_t h0 = 0; h0 < H; h0 += 16 * BAG_VECTORS) {
+            const int nv = (int)((H - h0) / 16 < BAG_VECTORS ? (H - h0) / 16 : BAG_VECTORS);
+            const float *restrict Wh = W + h0;
+            for (int64_t r = t0; r < t1; ++r) cursor[r - t0] = indptr[r];
+            for (int64_t g_hi = block; g_hi < G + block; g_hi += block) {
+                for (int64_t r = t0; r < t1; ++r) {
+                    int64_t k = cursor[r - t0];
+                    const int64_t end = indptr[r + 1];
+                    if (k >= end || col[k] >= g_hi) continue;
+                    float *restrict o = out + r * H + h0;
+                    const float *restrict wk = w - base;
+                    switch (nv) {
+                    case 8: k = bag_span(8, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 7: k = bag_span(7, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 6: k = bag_span(6, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 5: k = bag_span(5, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 4: k = bag_span(4, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 3: k = bag_span(3, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 2: k = bag_span(2, o, Wh, H, col, wk, k, end, g_hi); break;
+                    default: k = bag_span(1, o, Wh, H, col, wk, k, end, g_hi); break;
+                    }
+                    cursor[r - t0] = k;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* bag_rows over all n_rows rows (H a multiple of 16) on up to n_threads threads; w has
+ * w_stride floats per thread (at least the non-zeros of any BAG_TILE_ROWS rows), cursor
+ * BAG_TILE_ROWS per thread. Returns 1 if some row's columns descend (out is then unusable). */
+int bag_log1p_rows(int64_t n_rows, int64_t G, int64_t H, int n_threads,
+                   const int64_t *restrict indptr, const int32_t *restrict col,
+                   const float *restrict val, const float *restrict W,
+                   const float *restrict bias, float *restrict out, float *restrict w,
+                   int64_t w_stride, int64_t *restrict cursor)
+{
+    int descending = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team_size(n_threads, n_rows)) reduction(| : descending)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        descending |= bag_rows(n_rows * t / n, n_rows * (t + 1) / n, G, H, indptr, col, val, W,
+                               bias, out, w + t * w_stride, cursor + t * BAG_TILE_ROWS);
+    }
+#else
+    (void)n_threads; (void)w_stride;
+    descending = bag_rows(0, n_rows, G, H, indptr, col, val, W, bias, out, w, cursor);
+#endif
+    return descending;
+}
+
+int bag_tile_rows(void) { return BAG_TILE_ROWS; }

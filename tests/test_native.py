@@ -282,3 +282,80 @@ def test_a_count_check_that_disagrees_with_numpy_is_an_error(synthetic, monkeypa
                         lambda X: (np.ones(X.shape[0], np.float32), native.FRACTIONAL))
     with pytest.raises(RuntimeError, match="SCVAE_TOOLS_NATIVE=0"):
         svt.SCVAE(synthetic)
+
+
+def _csr(n_rows: int, n_genes: int, density: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(n_rows, n_genes, generator=gen) * 6, generator=gen)
+    x *= torch.rand(n_rows, n_genes, generator=gen) < density
+    if n_rows > 2:
+        x[1] = 0.0  # a cell without non-zeros in this block of genes
+    x[0, :4] = torch.tensor([1.0, 350.0, 2.5, 0.0])  # large, fractional (allowed), zero
+    return x, x.to_sparse_csr()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_hidden", [16, 128, 144, 256])
+@pytest.mark.parametrize(("n_rows", "density"), [(1, 0.5), (65, 0.1), (300, 0.5)])
+def test_sparse_first_layer_equals_the_embedding_bag(n_hidden, n_rows, density, use_native):
+    """bias + log1p(X) @ W from CSR: torch's embedding bag to float32 rounding, for widths
+    within, at and past one register sweep, tiles of rows partly filled, empty rows, and the
+    same bits for any thread count."""
+    use_native(True)
+    x, csr = _csr(n_rows, 517, density, seed=n_hidden + n_rows)
+    gen = torch.Generator().manual_seed(1)
+    table, bias = torch.randn(517, n_hidden, generator=gen), torch.randn(n_hidden, generator=gen)
+    want = torch.log1p(x.double()) @ table.double() + bias.double()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for crow, col in ((csr.crow_indices(), csr.col_indices()),
+                              (csr.crow_indices().int(), csr.col_indices().int())):
+                results.append(native.log1p_linear_csr(crow, col, csr.values(), table, bias))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0].double(), want, rtol=1e-5, atol=1e-4)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernel
+def test_sparse_first_layer_refuses_unsorted_columns_and_odd_widths(use_native):
+    use_native(True)
+    crow = torch.tensor([0, 3, 5])
+    col = torch.tensor([0, 7, 4, 1, 2])  # row 0's columns descend
+    values = torch.ones(5)
+    table, bias = torch.randn(8, 32), torch.zeros(32)
+    assert native.log1p_linear_csr(crow, col, values, table, bias) is None
+    assert native.log1p_linear_csr(crow, torch.tensor([0, 4, 7, 1, 2]), values, table,
+                                   bias) is not None  # descending only between rows: fine
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.log1p_linear_csr(crow, col, values, torch.randn(8, 20), torch.zeros(20))
+
+
+def test_latent_with_and_without_the_kernel_agree(synthetic, use_native):
+    """Sparse inference: the compiled first layer against torch's embedding bag, on the same
+    trained weights; and the encoder keeps working on unsorted CSR columns."""
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, seed=0, progress_bar=False)
+    out = {}
+    for on in (True, False):
+        use_native(on)
+        out[on] = model.get_latent_representation()
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-4, atol=1e-5)
+    use_native(True)
+    x = torch.from_numpy(np.asarray(synthetic.X[:40].toarray(), dtype=np.float32))
+    crow = x.to_sparse_csr().crow_indices()
+    cols, vals = x.to_sparse_csr().col_indices().clone(), x.to_sparse_csr().values().clone()
+    for a, b in zip(crow[:-1].tolist(), crow[1:].tolist(), strict=True):  # descending in rows
+        cols[a:b], vals[a:b] = cols[a:b].flip(0), vals[a:b].flip(0)
+    shuffled = torch.sparse_csr_tensor(crow, cols, vals, size=x.shape,
+                                       check_invariants=False)
+    assert native.log1p_linear_csr(crow, cols, vals, torch.zeros(x.shape[1], 32),
+                                   torch.zeros(32)) is None
+    model.module.eval()
+    with torch.inference_mode():
+        cov = torch.zeros(40, 0)
+        np.testing.assert_allclose(model.module.encoder(shuffled, cov)[0].numpy(),
+                                   model.module.encoder(x, cov)[0].numpy(), rtol=1e-4, atol=1e-5)
