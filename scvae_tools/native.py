@@ -220,6 +220,7 @@ def nb_rows(
     return ll, g_logits, g_lt
 
 
+@torch.compiler.disable
 def softmax_scale_(out: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """``out ← scale · softmax(out, dim=1)`` in place, for a contiguous float32 CPU matrix.
 
@@ -274,6 +275,9 @@ def count_check(X) -> tuple[np.ndarray, int]:
     return totals, int(flags)
 
 
+# ctypes calls pass raw pointers: torch.compile must run them as they are, not trace them
+# (the encoder and decoder it compiles reach these two at inference).
+@torch.compiler.disable
 def log1p_linear_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                      table: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
     """``bias + log1p(X) @ table`` for the CSR matrix X (``crow``, ``col``, ``values``).
