@@ -11,6 +11,11 @@ extracted with ``git archive`` into a temporary folder under another name
 Both run the same loop as ``SCVAE.train`` (the module's ELBO, fused Adam, 128 cells per
 batch, shuffled with their own generator); it prints the median time per step of each and
 the median of the per-round ratios (new/base below 1: the working tree is faster).
+
+With ``--inference``, each version trains one epoch instead, and the rounds time
+``get_latent_representation`` and ``get_normalized_expression`` on all cells:
+
+    python benchmarks/ab_step.py --inference --base cacd1d6 --dataset synthetic --n-cells 100000 --rounds 4
 """
 
 from __future__ import annotations
@@ -68,6 +73,31 @@ def _setup(pkg: str, adata, batch_size: int):
     return epoch
 
 
+def _setup_inference(pkg: str, adata, batch_size: int):
+    svt = importlib.import_module(pkg)
+    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1)
+    model.train(max_epochs=1, batch_size=batch_size, seed=0, progress_bar=False, device="cpu")
+
+    def calls() -> tuple[float, float]:
+        t = time.perf_counter()
+        model.get_latent_representation(adata)
+        latent = time.perf_counter() - t
+        t = time.perf_counter()
+        model.get_normalized_expression(adata)  # freed at once, like a caller's temporary
+        return latent, time.perf_counter() - t
+
+    return calls
+
+
+def _report_inference(args, n_obs: int, times: dict) -> None:
+    for i, what in enumerate(("latent", "expression")):
+        base = np.array([t[i] for t in times["base"]])
+        new = np.array([t[i] for t in times["new"]])
+        print(f"{args.dataset}, {n_obs} cells, {args.rounds} rounds, {what}: base {args.base} "
+              f"{np.median(base):.3f} s, working tree {np.median(new):.3f} s, "
+              f"new/base (median of rounds) {np.median(new / base):.3f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="git commit or ref to compare against")
@@ -78,6 +108,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data-dir", default=None,
                    help="pbmc3k folder (default: $SCVAE_TOOLS_DATA_DIR, else ../shared/data)")
+    p.add_argument("--inference", action="store_true",
+                   help="time latent and denoised expression of all cells instead of steps")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -89,14 +121,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _extract_base(args.base, Path(tmp))
         sys.path.insert(0, tmp)
-        epochs = {"base": _setup("scvae_base", adata, args.batch_size),
-                  "new": _setup("scvae_tools", adata, args.batch_size)}
+        setup = _setup_inference if args.inference else _setup
+        epochs = {"base": setup("scvae_base", adata, args.batch_size),
+                  "new": setup("scvae_tools", adata, args.batch_size)}
         for run in epochs.values():  # warm-up: first-touch allocations, caches
             run()
         times: dict[str, list[float]] = {k: [] for k in epochs}
         for _ in range(args.rounds):
             for name, run in epochs.items():
                 times[name].append(run())
+    if args.inference:
+        return _report_inference(args, adata.n_obs, times)
     base, new = np.array(times["base"]), np.array(times["new"])
     print(f"{args.dataset}, {adata.n_obs} cells, {args.rounds} rounds: base {args.base} "
           f"{np.median(base):.2f} ms/step, working tree {np.median(new):.2f} ms/step, "

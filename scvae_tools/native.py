@@ -1,13 +1,18 @@
-"""Compiled CPU kernels for the NB likelihood (and the softmax of denoised expression),
+"""Compiled CPU kernels for the NB likelihood, for inference and for the count checks,
 built with the system's C compiler on first use.
 
 On a CPU, the element-wise work of :mod:`~scvae_tools.fused`'s likelihood (a log-softmax,
 logs and exponentials, the gamma-function terms and both gradients) takes about a third of a
 training step as ~30 torch kernels, each a pass over the cells × genes block.
 ``nb_kernel.c`` (next to this file) does the same work in one pass per cell, vectorised with
-glibc's vector maths, and split over torch's threads. :func:`softmax_scale_` does the
-softmax and scaling of denoised expression with one read and one write of each row, and
-:func:`count_check` the row sums and value checks of a count matrix in one read.
+glibc's vector maths, and split over torch's threads (:func:`nb_rows`). The same library
+serves inference and data set-up:
+
+- :func:`log1p_linear_csr`: the encoder's first layer on sparse counts, log1p and the
+  product in one cache-blocked pass;
+- :func:`softmax_scale_`: the softmax and scaling of denoised expression, with one read
+  and one write of each row;
+- :func:`count_check`: a count matrix's value checks and row sums in one read.
 
 The kernel is compiled the first time it is needed (well under a second with ``gcc``) into
 ``$SCVAE_TOOLS_KERNEL_DIR``, else ``$XDG_CACHE_HOME/scvae_tools/kernels`` (by default
@@ -15,10 +20,11 @@ The kernel is compiled the first time it is needed (well under a second with ``g
 and the CPU, so a cache shared by different machines never loads code built for another
 CPU. Later processes load the cached library.
 
-It is optional. It is used on Linux x86-64 with glibc and ``gcc``, for float32 on the CPU
-with one dispersion per gene (the default model). Everywhere else, or when compilation
-fails, or with ``SCVAE_TOOLS_NATIVE=0``, the torch code runs instead. The two agree to
-float32 rounding: a check at first use, and the tests, compare them.
+It is optional. It is used on Linux x86-64 with glibc and ``gcc``, for float32 on the CPU:
+the likelihood for one dispersion per gene (the default model), the rest for any model.
+Everywhere else, or when compilation fails, or with ``SCVAE_TOOLS_NATIVE=0``, the torch
+(or numpy) code runs instead. The two agree to float32 rounding: a check at first use, and
+the tests, compare them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-/* The NB log-likelihood from decoder logits and its gradient, in one pass per cell.
+/* The NB log-likelihood from decoder logits and its gradient, in one pass per cell; below
+ * it, the kernels for inference and data set-up (softmax_scale_rows, count_check_rows,
+ * bag_log1p_rows).
  *
  * The C side of scvae_tools/native.py, compiled on first use. The maths, and the torch code
  * this reproduces, are in scvae_tools/fused.py (_nb_core). Per cell r, with
