@@ -331,8 +331,21 @@ class SCVAE:
             raise RuntimeError("The model is not trained yet; call model.train() first.")
 
     def _eval_batches(self, data: CellData, batch_size: int, indices=None, sparse: bool = False):
-        self.module.to(self.device).eval()
+        self._module_on_device().eval()
         return data.batches(indices, batch_size=batch_size, device=self.device, sparse=sparse)
+
+    def _module_on_device(self) -> VAE:
+        """The module, moved to the model's device if any of its tensors is elsewhere.
+
+        ``Module.to`` walks every parameter and buffer even when nothing moves (~1.5 ms
+        here): a tenth of a small data set's inference call.
+        """
+        want = self.device  # "cuda" (no index) matches tensors on the current CUDA device
+        tensors = (*self.module.parameters(), *self.module.buffers())
+        if any(t.device.type != want.type or want.index not in (None, t.device.index)
+               for t in tensors):
+            self.module.to(want)
+        return self.module
 
     def get_latent_representation(
         self, adata=None, give_mean: bool = True, batch_size: int | None = None
@@ -446,8 +459,7 @@ class SCVAE:
         """
         self._check_trained()
         data = self._data_for(adata)
-        self.module.to(self.device)
-        return evaluate(self.module, data, indices, batch_size, self.device)["elbo"]
+        return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
 
     @torch.inference_mode()
     def get_marginal_ll(
