@@ -297,7 +297,8 @@ _native_checked = False
 
 def native_ready(*tensors: torch.Tensor) -> bool:
     """Whether :mod:`~scvae_tools.native`'s compiled kernels serve these tensors (float32,
-    on the CPU): the one gate for the likelihood and for denoised expression.
+    on the CPU): the one gate for the likelihood, the sparse first layer and denoised
+    expression.
 
     The first time it would, its result is compared with the torch code's on a small
     problem (counts past the tables, a fraction and a stored zero included); should they
@@ -320,7 +321,8 @@ def native_ready(*tensors: torch.Tensor) -> bool:
 
 
 def _self_check() -> str | None:
-    """The compiled kernel against the torch code on a small problem: None when they agree."""
+    """The compiled kernels (likelihood, sparse first layer) against the torch code on a
+    small problem: None when they agree."""
     gen = torch.Generator().manual_seed(0)
     n_rows, n_genes = 24, 97
     x = torch.poisson(torch.rand(n_rows, n_genes, generator=gen) * 3, generator=gen)

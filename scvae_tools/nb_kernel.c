@@ -273,17 +273,17 @@ static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v);
 #define BAG_TILE_ROWS 64
 #define BAG_BLOCK_NONZEROS 28  /* non-zeros of a row per gene block, on average */
 
-/* Row o's outputs [16 nv) plus its non-zeros k.. with columns below g_hi; returns the next k.
- * Inlined with a constant nv, so that the accumulators live in registers. */
+/* Row o's outputs [16 nv) plus its non-zeros k.. with columns below g_hi (weights w[k - base]);
+ * returns the next k. Inlined with a constant nv, so that the accumulators live in registers. */
 static inline __attribute__((always_inline)) int64_t
 bag_span(const int nv, float *restrict o, const float *restrict W, int64_t H,
-         const int32_t *restrict col, const float *restrict w, int64_t k, int64_t end,
-         int64_t g_hi)
+         const int32_t *restrict col, const float *restrict w, int64_t base, int64_t k,
+         int64_t end, int64_t g_hi)
 {
     v16 a[BAG_VECTORS];
     for (int j = 0; j < nv; ++j) a[j] = load16(o + 16 * j);
     for (; k < end && col[k] < g_hi; ++k) {
-        const v16 s = (v16){0} + w[k];
+        const v16 s = (v16){0} + w[k - base];
         const float *restrict Wr = W + (int64_t)col[k] * H;
         for (int j = 0; j < nv; ++j) a[j] += s * load16(Wr + 16 * j);
     }
@@ -325,16 +325,15 @@ static int bag_rows(int64_t r0, int64_t r1, int64_t G, int64_t H,
                     const int64_t end = indptr[r + 1];
                     if (k >= end || col[k] >= g_hi) continue;
                     float *restrict o = out + r * H + h0;
-                    const float *restrict wk = w - base;
                     switch (nv) {
-                    case 8: k = bag_span(8, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 7: k = bag_span(7, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 6: k = bag_span(6, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 5: k = bag_span(5, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 4: k = bag_span(4, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 3: k = bag_span(3, o, Wh, H, col, wk, k, end, g_hi); break;
-                    case 2: k = bag_span(2, o, Wh, H, col, wk, k, end, g_hi); break;
-                    default: k = bag_span(1, o, Wh, H, col, wk, k, end, g_hi); break;
+                    case 8: k = bag_span(8, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 7: k = bag_span(7, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 6: k = bag_span(6, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 5: k = bag_span(5, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 4: k = bag_span(4, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 3: k = bag_span(3, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    case 2: k = bag_span(2, o, Wh, H, col, w, base, k, end, g_hi); break;
+                    default: k = bag_span(1, o, Wh, H, col, w, base, k, end, g_hi); break;
                     }
                     cursor[r - t0] = k;
                 }

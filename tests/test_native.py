@@ -1,5 +1,7 @@
-"""The compiled NB kernel (scvae_tools.native): same values and gradients as the torch code,
-independent of the thread count, cached, and replaced by torch whenever it cannot serve."""
+"""The compiled kernels (scvae_tools.native): the NB likelihood, the sparse first layer, the
+expression softmax and the count check give the torch (or numpy) code's values and
+gradients, independent of the thread count; the library is cached, and replaced by torch
+whenever it cannot serve."""
 
 from __future__ import annotations
 
@@ -334,6 +336,7 @@ def test_sparse_first_layer_refuses_unsorted_columns_and_odd_widths(use_native):
         native.log1p_linear_csr(crow, col, values, torch.randn(8, 20), torch.zeros(20))
 
 
+@needs_kernel
 def test_latent_with_and_without_the_kernel_agree(synthetic, use_native):
     """Sparse inference: the compiled first layer against torch's embedding bag, on the same
     trained weights; and the encoder keeps working on unsorted CSR columns."""
