@@ -265,9 +265,10 @@ int count_check_rows(int64_t n_rows, int n_threads, const int64_t *restrict indp
  * registers while its non-zeros in the block add their W rows, and the block's W rows stay
  * in cache for the tile's other rows. */
 typedef float v16 __attribute__((vector_size(64)));  /* AVX-512 register, or two AVX ones */
-
-static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+/* The same, at any float's address (unaligned loads and stores, aliasing floats). */
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+#define load16(p) (*(const v16u *)(p))
+#define store16(p, v) (*(v16u *)(p) = (v))
 
 #define BAG_VECTORS 8     /* 128 outputs of a row per sweep */
 #define BAG_TILE_ROWS 64
