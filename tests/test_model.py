@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 import scvae_tools as svt
@@ -167,3 +168,17 @@ def test_expected_layer_equals_expression_at_observed_library(trained):
     np.testing.assert_allclose(a.layers["scvae_expected"],
                                model.get_normalized_expression(library_size="observed"),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_inference_moves_the_module_only_when_it_is_elsewhere(trained, monkeypatch):
+    """``Module.to`` walks every parameter: inference skips it when nothing would move, and
+    still moves the module when the model's device differs from its tensors'."""
+    _, model = trained
+    moves = []  # recorded, not moved: the module is shared with other tests
+    monkeypatch.setattr(model.module, "to", lambda *a, **k: moves.append(a) or model.module)
+    model.get_latent_representation()
+    model.get_elbo()
+    assert moves == []
+    monkeypatch.setattr(model, "device", torch.device("meta"))
+    model._module_on_device()
+    assert moves == [(torch.device("meta"),)]
