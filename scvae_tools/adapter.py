@@ -298,7 +298,7 @@ def count_totals(X, validate: bool = True, allow_non_integer: bool = False) -> n
     the values, on torch's threads. Only when it finds a problem does the numpy check run,
     to name it.
     """
-    if native.library() is None or not _kernel_countable(X):
+    if not _kernel_countable(X) or native.library() is None:
         totals = np.asarray(X.sum(axis=1), dtype=np.float32).ravel()
         if validate:
             validate_counts(X, allow_non_integer, totals)
