@@ -304,16 +304,15 @@ def count_totals(X, validate: bool = True, allow_non_integer: bool = False) -> n
             validate_counts(X, allow_non_integer, totals)
         return totals
     totals, flags = native.count_check(X)
-    if allow_non_integer:
-        flags &= ~native.FRACTIONAL
-    if validate:
-        if flags:
-            validate_values(X.data if sp.issparse(X) else X, allow_non_integer)
-            raise RuntimeError(  # the kernel and numpy disagree about the values: a bug
-                f"scvae_tools: the compiled count check reported problem bits {flags} that "
-                "numpy's check did not find; please report this. Set SCVAE_TOOLS_NATIVE=0 "
-                "to work around it.")
-        check_no_empty_cells(totals)
+    if not validate:
+        return totals
+    if flags & ~(native.FRACTIONAL if allow_non_integer else 0):
+        validate_counts(X, allow_non_integer, totals)  # numpy's check names the problem
+        raise RuntimeError(  # the kernel and numpy disagree about the values: a bug
+            f"scvae_tools: the compiled count check reported problem bits {flags} that "
+            "numpy's check did not find; please report this. Set SCVAE_TOOLS_NATIVE=0 "
+            "to work around it.")
+    check_no_empty_cells(totals)
     return totals
 
 

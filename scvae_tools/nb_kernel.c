@@ -147,17 +147,32 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
     }
 }
 
-#ifdef _OPENMP
+/* Every entry point below splits its rows across a parallel region of team_size threads,
+ * each taking the share thread_rows gives it. Built with -fopenmp only when torch's own
+ * OpenMP runtime is loaded, so that the region runs on torch's (already warm) threads;
+ * without OpenMP the pragma is ignored and the one "thread" takes all rows. */
+__attribute__((unused))  /* unused without OpenMP, where the pragmas that call it are ignored */
 static int team_size(int n_threads, int64_t n_rows)  /* at least 1, at most one per row */
 {
     if (n_threads > n_rows) n_threads = (int)n_rows;
     return n_threads < 1 ? 1 : n_threads;
 }
-#endif
 
-/* nb_rows over all n_rows rows, on up to n_threads threads (with OpenMP; scratch holds
- * n_threads rows of G floats). Built with -fopenmp only when torch's own OpenMP runtime is
- * loaded, so that this parallel region runs on torch's (already warm) threads. */
+/* This thread's rows [*r0, *r1) of n_rows; returns its index in the team. */
+static int thread_rows(int64_t n_rows, int64_t *r0, int64_t *r1)
+{
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int t = 0, n = 1;
+#endif
+    *r0 = n_rows * t / n;
+    *r1 = n_rows * (t + 1) / n;
+    return t;
+}
+
+/* nb_rows over all n_rows rows, on up to n_threads threads (scratch holds n_threads rows
+ * of G floats). */
 void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict logits,
               const float *restrict log_lib, const float *restrict theta,
               const float *restrict log_theta, const float *restrict x,
@@ -166,18 +181,13 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
               const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
               float *restrict g_lt, float *restrict scratch)
 {
-#ifdef _OPENMP
 #pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        nb_rows(n_rows * t / n, n_rows * (t + 1) / n, G, logits, log_lib, theta, log_theta, x,
-                starts, cols, values, lg_tab, dg_tab, ll, g_logits, g_lt, scratch + t * G);
+        int64_t r0, r1;
+        const int t = thread_rows(n_rows, &r0, &r1);
+        nb_rows(r0, r1, G, logits, log_lib, theta, log_theta, x, starts, cols, values, lg_tab,
+                dg_tab, ll, g_logits, g_lt, scratch + t * G);
     }
-#else
-    (void)n_threads;
-    nb_rows(0, n_rows, G, logits, log_lib, theta, log_theta, x, starts, cols, values, lg_tab,
-            dg_tab, ll, g_logits, g_lt, scratch);
-#endif
 }
 
 /* Rows [r0, r1) of out (rows x G) become scale[r] * softmax(row), in place: one read and
@@ -199,16 +209,12 @@ static void softmax_scale(int64_t r0, int64_t r1, int64_t G, float *restrict out
 void softmax_scale_rows(int64_t n_rows, int64_t G, int n_threads, float *restrict out,
                         const float *restrict scale, int64_t scale_step)
 {
-#ifdef _OPENMP
 #pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        softmax_scale(n_rows * t / n, n_rows * (t + 1) / n, G, out, scale, scale_step);
+        int64_t r0, r1;
+        thread_rows(n_rows, &r0, &r1);
+        softmax_scale(r0, r1, G, out, scale, scale_step);
     }
-#else
-    (void)n_threads;
-    softmax_scale(0, n_rows, G, out, scale, scale_step);
-#endif
 }
 
 /* Row sums of a float32 count matrix, and what is wrong with its values, in one read.
@@ -246,16 +252,12 @@ int count_check_rows(int64_t n_rows, int n_threads, const int64_t *restrict indp
                      int64_t n_cols, const float *restrict data, float *restrict totals)
 {
     int flags = 0;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(team_size(n_threads, n_rows)) reduction(| : flags)
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        flags |= count_rows(n_rows * t / n, n_rows * (t + 1) / n, indptr, n_cols, data, totals);
+        int64_t r0, r1;
+        thread_rows(n_rows, &r0, &r1);
+        flags |= count_rows(r0, r1, indptr, n_cols, data, totals);
     }
-#else
-    (void)n_threads;
-    flags = count_rows(0, n_rows, indptr, n_cols, data, totals);
-#endif
     return flags;
 }
 
@@ -354,17 +356,13 @@ int bag_log1p_rows(int64_t n_rows, int64_t G, int64_t H, int n_threads,
                    int64_t w_stride, int64_t *restrict cursor)
 {
     int descending = 0;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(team_size(n_threads, n_rows)) reduction(| : descending)
     {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        descending |= bag_rows(n_rows * t / n, n_rows * (t + 1) / n, G, H, indptr, col, val, W,
-                               bias, out, w + t * w_stride, cursor + t * BAG_TILE_ROWS);
+        int64_t r0, r1;
+        const int t = thread_rows(n_rows, &r0, &r1);
+        descending |= bag_rows(r0, r1, G, H, indptr, col, val, W, bias, out, w + t * w_stride,
+                               cursor + t * BAG_TILE_ROWS);
     }
-#else
-    (void)n_threads; (void)w_stride;
-    descending = bag_rows(0, n_rows, G, H, indptr, col, val, W, bias, out, w, cursor);
-#endif
     return descending;
 }
 
