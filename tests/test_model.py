@@ -1,5 +1,6 @@
 """SCVAE end to end on synthetic counts: training, outputs, save/load, reproducibility."""
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,6 +49,45 @@ def test_expression_outputs(trained):
     np.testing.assert_allclose(exp.sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
     sampled = model.get_normalized_expression(n_samples=5)
     assert sampled.shape == den.shape and np.allclose(sampled.sum(1), 1e4, rtol=1e-4)
+
+
+def test_expression_into_a_given_array(trained, tmp_path):
+    """out= takes the result batch by batch, in memory or memory-mapped from a backed
+    AnnData, and is returned; an array that cannot take it is refused, untouched."""
+    adata, model = trained
+    want = model.get_normalized_expression(batch_size=128)
+    buf = np.full(want.shape, np.nan, dtype=np.float32)
+    got = model.get_normalized_expression(batch_size=128, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(got, want)
+    torch.manual_seed(0)  # the n_samples > 1 path writes through another branch
+    sampled = model.get_normalized_expression(n_samples=3, library_size="observed")
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(n_samples=3, library_size="observed", out=buf), sampled)
+
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    disk = np.lib.format.open_memmap(tmp_path / "denoised.npy", mode="w+", dtype=np.float32,
+                                     shape=want.shape)
+    model.get_normalized_expression(backed, batch_size=128, out=disk)
+    disk.flush()
+    backed.file.close()
+    np.testing.assert_allclose(np.load(tmp_path / "denoised.npy"), want, rtol=1e-5, atol=1e-5)
+
+    bad = {
+        "shape": np.zeros((want.shape[0] - 1, want.shape[1]), np.float32),
+        "dtype": np.zeros(want.shape, np.float64),
+        "not C-contiguous": np.zeros(want.shape[::-1], np.float32).T,
+        "read-only": np.zeros(want.shape, np.float32),
+        "not a numpy array": want.tolist(),
+    }
+    bad["read-only"].flags.writeable = False
+    for problem, arr in bad.items():
+        with pytest.raises(ValueError, match=problem.replace("not a numpy array", "numpy array")):
+            model.get_normalized_expression(out=arr)
+    assert not bad["dtype"].any() and not bad["shape"].any()  # untouched
 
 
 def test_inference_batch_size_default_and_independence(trained):
