@@ -730,11 +730,17 @@ class SCVAE:
             den = self._expression(data, 1e4, batch_size=batch_size)
             # μ = ℓ·ρ: expected counts are the denoised values rescaled to each cell's library,
             # so one decoding pass serves both layers.
-            exp = den * (np.asarray(data.library, dtype=np.float32)[:, None] / np.float32(1e4))
-            out_layers = {f"{key_added}_denoised": den[:, order],
-                          f"{key_added}_expected": exp[:, order]}
+            factor = torch.from_numpy(np.asarray(data.library, dtype=np.float32) / np.float32(1e4))
+            exp = np.empty_like(den)  # the same product as numpy's, on torch's threads
+            torch.mul(torch.from_numpy(den), factor[:, None], out=torch.from_numpy(exp))
+            if order is not None:  # adata lists the genes in another order
+                # take along an axis: ~6x faster than den[:, order] on a C-ordered matrix
+                den, exp = np.take(den, order, axis=1), np.take(exp, order, axis=1)
+            out_layers = {f"{key_added}_denoised": den, f"{key_added}_expected": exp}
         for name, arr in {**out_obsm, **out_layers}.items():
-            if not np.all(np.isfinite(arr)):
+            # A NaN or inf anywhere makes its row's sum non-finite (float64: no overflow),
+            # and the sums need no cells × genes mask: a third of the time on large layers.
+            if not np.isfinite(arr.sum(axis=1, dtype=np.float64)).all():
                 raise ValueError(
                     f"The model produced NaN/inf values for {name!r}; nothing was written. "
                     "Its weights or this AnnData's counts are broken (e.g. extreme values): "
@@ -892,10 +898,11 @@ def _check_out(out, shape: tuple[int, int]) -> None:
                          "that shape and dtype (np.lib.format.open_memmap).")
 
 
-def _gene_order(have: pd.Index, want: list[str]) -> np.ndarray:
-    """Column order that maps the model's gene order onto ``have``."""
+def _gene_order(have: pd.Index, want: list[str]) -> np.ndarray | None:
+    """Column order that maps the model's gene order onto ``have``; None when they agree
+    (the layers are then stored as computed, without a reordered copy)."""
     if [str(v) for v in have] == list(want):
-        return np.arange(len(want))
+        return None
     if len(have) != len(want):
         raise ValueError(
             f"write_to_adata with layers=True needs exactly the model's {len(want)} genes, "

@@ -136,6 +136,22 @@ def test_write_to_adata_reorders_genes(trained, tmp_path):
     a.write_h5ad(tmp_path / "out.h5ad")  # uns must be h5ad-writable
 
 
+def test_write_to_adata_catches_a_single_non_finite_value(trained, monkeypatch):
+    """One NaN or inf among the cells × genes values is enough to refuse, before writing."""
+    adata, model = trained
+    real = model._expression
+    for bad in (np.nan, np.inf, -np.inf):
+        def one_bad(*args, bad=bad, **kwargs):
+            out = real(*args, **kwargs)
+            out[7, 3] = bad
+            return out
+        monkeypatch.setattr(model, "_expression", one_bad)
+        a = adata.copy()
+        with pytest.raises(ValueError, match="NaN/inf.*nothing was written"):
+            model.write_to_adata(a)
+        assert not a.layers and "X_scvae" not in a.obsm
+
+
 def test_save_load_roundtrip(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")
