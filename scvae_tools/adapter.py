@@ -149,7 +149,9 @@ class CellData:
         Keep a private copy of the counts (the default: a model's training data must not
         change when the user later edits their AnnData). ``False`` reads float32 CSR or
         dense counts in place, for short-lived read-only uses such as inference on another
-        AnnData; nothing here ever writes to them.
+        AnnData; nothing here ever writes to them. Such data are also never densified as
+        a whole for the device (a pass or two over them does not repay building a cells ×
+        genes copy): batches of sparse counts are gathered one by one.
     """
 
     def __init__(self, adata, spec: DataSpec, validate: bool = True, copy: bool = True):
@@ -195,6 +197,7 @@ class CellData:
             )
         self._device_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._counts_placed = False  # counts of the cached device placed yet
+        self._resident = copy  # place the counts on the device as a whole (see `copy`)
 
     # ------------------------------------------------------------------ batching
     def _on_device(self, device: torch.device, counts: bool = True) -> dict[str, torch.Tensor]:
@@ -217,7 +220,7 @@ class CellData:
             self._device_cache = {key: t}  # keep only one device's copy
             self._counts_placed = False
         t = self._device_cache[key]
-        if counts and not self._counts_placed:
+        if counts and not self._counts_placed and (self._resident or not sp.issparse(self.X)):
             n, g = self.X.shape
             if n * g * 4 <= DENSE_LIMIT_BYTES:
                 dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)

@@ -194,6 +194,29 @@ def test_batches_sparse_gather_equals_dense(monkeypatch):
         np.testing.assert_array_equal(b.x.numpy(), adata.X[b.index.numpy()].toarray())
 
 
+def test_short_lived_data_gather_batches_instead_of_densifying():
+    """A CellData read in place (copy=False: one evaluation call on another AnnData) never
+    builds the cells × genes dense copy; its batches, with their non-zeros, equal those of
+    the resident training data, and so does the ELBO computed from them."""
+    adata = svt.datasets.synthetic_counts(n_cells=157, n_genes=40, seed=3)
+    spec = DataSpec.from_anndata(adata)
+    resident, passing = CellData(adata, spec), CellData(adata, spec, copy=False)
+    idx = np.random.default_rng(0).permutation(157)[:100]
+    want = list(resident.batches(idx, batch_size=32, nonzero=True))
+    got = list(passing.batches(idx, batch_size=32, nonzero=True))
+    assert "x" in resident._on_device(torch.device("cpu"))
+    assert "x" not in passing._on_device(torch.device("cpu"))
+    for b, w in zip(got, want, strict=True):
+        torch.testing.assert_close(b.x, w.x)
+        torch.testing.assert_close(b.nonzero.flat, w.nonzero.flat)
+    model = svt.SCVAE(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, seed=0, progress_bar=False)
+    torch.manual_seed(0)  # one posterior sample per cell: the same draws for both
+    elbo_passing = model.get_elbo(adata)
+    torch.manual_seed(0)
+    assert elbo_passing == pytest.approx(model.get_elbo(), rel=1e-5)
+
+
 def test_sparse_inference_equals_dense(synthetic):
     """Latent and denoised expression from CSR batches (CPU inference) equal the dense path."""
     model = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
