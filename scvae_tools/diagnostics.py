@@ -66,7 +66,7 @@ def _posterior(model: SCVAE, data: CellData, batch_size: int = 1024) -> tuple[np
     """Posterior means and variances of every cell, (cells, latent) each."""
     means, variances = [], []
     with torch.inference_mode():
-        for b in model._eval_batches(data, batch_size):
+        for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
             cov = model.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = model.module.encode(b.x, cov)
             means.append(m.cpu())

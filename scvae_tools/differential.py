@@ -183,7 +183,7 @@ def _posterior_pool(
     module = model.module
     likelihood = module.cfg.likelihood
     scales, variances = [], []
-    for b in model._eval_batches(data, batch_size, indices=cells):
+    for b in model._eval_batches(data, batch_size, indices=cells, sparse=True):  # encoder only
         cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
         m, v = module.encode(b.x, cov)
         eps = torch.randn((n_z, *m.shape), generator=gen).to(m.device)

@@ -506,7 +506,7 @@ class SCVAE:
         """Mean KL per latent dimension over ``indices`` (default: all cells)."""
         total, n = None, 0
         with torch.inference_mode():
-            for b in self._eval_batches(data, 1024, indices):
+            for b in self._eval_batches(data, 1024, indices, sparse=True):  # encoder only
                 cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
                 kl = self.module.kl_per_dim(*self.module.encode(b.x, cov))[1].sum(0)
                 total = kl if total is None else total + kl

@@ -41,7 +41,7 @@ def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int |
     """Yield (row indices, counts of shape (n_samples, cells in batch, genes)) per minibatch."""
     module = model.module
     with _seeded(seed, model.device):
-        for b in model._eval_batches(data, batch_size):
+        for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = module.encode(b.x, cov)
             z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)

@@ -247,6 +247,14 @@ def test_sparse_inference_equals_dense(synthetic):
     dense_model._data.X = data.X.toarray()  # a dense matrix: the dense path
     np.testing.assert_allclose(dense_model.get_normalized_expression(library_size=1e4), expr,
                                rtol=1e-4, atol=1e-3)
+    # So do the other encoder-only passes (KL per dimension, diagnostics' posterior).
+    from scvae_tools import diagnostics
+
+    for a, b in ((model.get_kl_per_dimension().to_numpy(),
+                  dense_model.get_kl_per_dimension().to_numpy()),
+                 (diagnostics._posterior(model, data)[0],
+                  diagnostics._posterior(dense_model, dense_model._data)[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["compiled", "torch"])
