@@ -132,9 +132,10 @@ def differential_expression(
         pool2 = pool_of(f"g:{group2}" if group2 is not None else f"rest:{g1}", cells2)
         m1 = _bootstrap_means(pool1, min(len(cells1), max_cells_per_group), n_samples, gen)
         m2 = _bootstrap_means(pool2, min(len(cells2), max_cells_per_group), n_samples, gen)
-        eps = _pseudocount(pseudocounts, m1, m2, counts, cells1, cells2)
+        raw = _raw_stats(counts, data.library, cells1, cells2)
+        eps = _pseudocount(pseudocounts, m1, m2, raw)
         res = _summarise(m1, m2, mode, delta, eps, fdr_target)
-        res = pd.concat([res, _raw_stats(counts, data.library, cells1, cells2)], axis=1)
+        res = pd.concat([res, raw], axis=1)
         res.index = pd.Index(model.spec.var_names, name=None)
         if mode == "change":
             # Strongest evidence first; genes tied at the same probability by effect size.
@@ -240,8 +241,8 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
 
 
 # ---------------------------------------------------------------------- statistics
-def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray, counts,
-                 cells1: np.ndarray, cells2: np.ndarray) -> float:
+def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray,
+                 raw: pd.DataFrame) -> float:
     """The ε in log2(h + ε); ``None`` estimates it as scvi-tools does.
 
     Estimated from genes never detected in a group: the 90th percentile of their largest
@@ -253,8 +254,8 @@ def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray, cou
             raise ValueError(f"pseudocounts must be >= 0, got {pseudocounts!r}.")
         return float(pseudocounts) + 1e-12
     levels = []
-    for m, cells in ((m1, cells1), (m2, cells2)):
-        detected = _nonzero_fraction(counts, cells) > 0
+    for m, i in ((m1, 1), (m2, 2)):
+        detected = raw[f"non_zeros_proportion{i}"].to_numpy() > 0
         if (~detected).any():
             levels.append(float(np.quantile(m.max(0)[~detected], 0.9)))
     return max([*levels, 1e-10])
@@ -285,21 +286,33 @@ def _summarise(m1: np.ndarray, m2: np.ndarray, mode: str, delta: float, eps: flo
     return pd.DataFrame(cols)
 
 
-def _nonzero_fraction(counts, cells: np.ndarray) -> np.ndarray:
-    sub = counts[cells]
-    return np.asarray((sub > 0).mean(0)).ravel()
+def _group_sums(counts, library: np.ndarray, cells: np.ndarray, chunk: int = 4096
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per gene, over ``cells``: the sum of counts, the number of cells with a non-zero
+    count and the sum of counts per 1e4 of each cell's library (as sc.pp.normalize_total).
+
+    Read in chunks of rows, in float64: the group's counts are never copied whole (the
+    rest of the cells can be most of a large matrix).
+    """
+    n_genes = counts.shape[1]
+    total, detected, normalized = np.zeros(n_genes), np.zeros(n_genes), np.zeros(n_genes)
+    for start in range(0, len(cells), chunk):
+        rows = cells[start:start + chunk]
+        sub = counts[rows]
+        sub = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float64)
+        total += sub.sum(0)
+        detected += (sub > 0).sum(0)
+        normalized += (1e4 / library[rows].astype(np.float64)) @ sub
+    return total, detected, normalized
 
 
 def _raw_stats(counts, library: np.ndarray, cells1: np.ndarray, cells2: np.ndarray) -> pd.DataFrame:
     cols = {}
     for i, cells in ((1, cells1), (2, cells2)):
-        sub = counts[cells]
-        cols[f"raw_mean{i}"] = np.asarray(sub.mean(0)).ravel()
-        cols[f"non_zeros_proportion{i}"] = _nonzero_fraction(counts, cells)
-        # Counts per 1e4 of the cell's library (as sc.pp.normalize_total), averaged.
-        scale = (1e4 / library[cells]).astype(np.float64)
-        norm = sp.diags(scale) @ sub if sp.issparse(sub) else sub * scale[:, None]
-        cols[f"raw_normalized_mean{i}"] = np.asarray(norm.mean(0)).ravel()
+        total, detected, normalized = _group_sums(counts, library, cells)
+        cols[f"raw_mean{i}"] = total / len(cells)
+        cols[f"non_zeros_proportion{i}"] = detected / len(cells)
+        cols[f"raw_normalized_mean{i}"] = normalized / len(cells)
     order = [f"{c}{i}" for c in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
              for i in (1, 2)]
     return pd.DataFrame(cols)[order]

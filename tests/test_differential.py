@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -39,6 +41,27 @@ def _null_split(adata, cell_type: str, seed: int = 0):
     half[idx[len(idx) // 2:]] = "B"
     out.obs["half"] = pd.Categorical(half)
     return out
+
+
+def test_raw_statistics_are_the_groups_own(fitted, monkeypatch):
+    """raw_mean, non_zeros_proportion and raw_normalized_mean are plain per-group statistics
+    of the counts (read in chunks of rows: the small chunk here crosses its boundaries)."""
+    from scvae_tools import differential
+
+    model, adata = fitted
+    X = adata.X.toarray()
+    lib = X.sum(1)
+    g1, rest = adata.obs["cell_type"] == "type0", adata.obs["cell_type"] != "type0"
+    sums = differential._group_sums
+    for chunk in (4096, 7):
+        monkeypatch.setattr(differential, "_group_sums", functools.partial(sums, chunk=chunk))
+        de = model.differential_expression(adata, "cell_type", "type0", n_samples=50)
+        de = de.loc[adata.var_names]
+        for i, cells in ((1, g1.to_numpy()), (2, rest.to_numpy())):
+            np.testing.assert_allclose(de[f"raw_mean{i}"], X[cells].mean(0), rtol=1e-6)
+            np.testing.assert_allclose(de[f"non_zeros_proportion{i}"], (X[cells] > 0).mean(0))
+            np.testing.assert_allclose(de[f"raw_normalized_mean{i}"],
+                                       (X[cells] / lib[cells, None] * 1e4).mean(0), rtol=1e-6)
 
 
 def test_columns_order_and_sign(fitted):
