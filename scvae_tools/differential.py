@@ -286,15 +286,17 @@ def _summarise(m1: np.ndarray, m2: np.ndarray, mode: str, delta: float, eps: flo
     return pd.DataFrame(cols)
 
 
-def _group_sums(counts, library: np.ndarray, cells: np.ndarray, chunk: int = 4096
+def _group_sums(counts, library: np.ndarray, cells: np.ndarray, chunk: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per gene, over ``cells``: the sum of counts, the number of cells with a non-zero
     count and the sum of counts per 1e4 of each cell's library (as sc.pp.normalize_total).
 
-    Read in chunks of rows, in float64: the group's counts are never copied whole (the
-    rest of the cells can be most of a large matrix).
+    Read in chunks of rows (by default ~2²³ values, 64 MB in float64), in float64: the
+    group's counts are never copied whole (the rest of the cells can be most of a large
+    matrix).
     """
     n_genes = counts.shape[1]
+    chunk = chunk or max(1, (1 << 23) // max(n_genes, 1))
     total, detected, normalized = np.zeros(n_genes), np.zeros(n_genes), np.zeros(n_genes)
     for start in range(0, len(cells), chunk):
         rows = cells[start:start + chunk]
