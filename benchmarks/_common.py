@@ -122,17 +122,29 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MiB: since :func:`reset_peak_rss` on Linux
-    (``VmHWM``), else since the start (``ru_maxrss``)."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` in MiB (Linux), else None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB: since :func:`reset_peak_rss` on Linux
+    (``VmHWM``), else since the start (``ru_maxrss``)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MiB (Linux ``VmRSS``; NaN elsewhere)."""
+    now = _status_mb("VmRSS")
+    return now if now is not None else float("nan")
 
 
 def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:

@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _calls(model, adata) -> dict:
@@ -56,8 +50,6 @@ def _calls(model, adata) -> dict:
         "differential_expression": lambda: model.differential_expression(
             adata, groupby="cell_type", group1=group),
     }
-    import inspect
-
     if "out" not in inspect.signature(model.get_normalized_expression).parameters:
         del calls["expression, out="]
     return calls
@@ -66,7 +58,7 @@ def _calls(model, adata) -> dict:
 def _measure(call) -> tuple[float, float]:
     import _common
 
-    before = _rss_mb()
+    before = _common.rss_mb()
     _common.reset_peak_rss()
     t = time.perf_counter()
     result = call()
@@ -85,9 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--base", default=None, help="an older commit to interleave with")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import warnings
-
-    import _common
+    import _common  # next to this script
     from ab_step import _extract_base
 
     warnings.simplefilter("ignore")
