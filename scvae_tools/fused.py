@@ -374,7 +374,10 @@ class NBFromLogits(torch.autograd.Function):
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         # Known non-zeros index the (cells × genes) block: usable without a sample dimension.
         nonzero = nonzero if logits.dim() == 2 else None
-        ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
+        # Under bf16 autocast (train(precision="bf16-mixed")) CUDA would run the core's
+        # mat-vecs in bfloat16: sums over thousands of genes need float32.
+        with torch.autocast(logits.device.type, enabled=False):
+            ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
         if want:
             ctx.save_for_backward(neg_g_logits, g_lt, lt2)
         ctx.lead, ctx.shape, ctx.lt_shape = lead, shape, log_theta.shape
@@ -383,6 +386,11 @@ class NBFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         neg_g_logits, g_lt, lt2 = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):  # float32, as forward
+            return NBFromLogits._grads(ctx, grad_out.to(g_lt.dtype), neg_g_logits, g_lt, lt2)
+
+    @staticmethod
+    def _grads(ctx, grad_out, neg_g_logits, g_lt, lt2):
         neg_g = grad_out.reshape(-1, 1).neg()  # the core's pieces are negated
         grad_logits = grad_lt = None
         if ctx.needs_input_grad[0]:

@@ -147,3 +147,34 @@ def test_early_stopping_patience_counts_validation_checks(synthetic):
     assert len(hist) < 200 and len(hist) % 2 == 0  # stopped at a check
     checked = hist["validation_elbo"].dropna().to_numpy()
     assert checked[-1] <= checked[:-1].max()  # the last check did not improve
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_likelihood_stays_float32_under_bf16_autocast(monkeypatch, native):
+    """The fused NB likelihood opts out of autocast: its sums over genes need float32.
+
+    On CUDA, autocast runs mat-vecs and matmuls in bfloat16; the likelihood's were, and the
+    backward pass then failed on mixed dtypes (first GPU run, 2026-11-27). A CPU backward
+    called inside the autocast block casts the per-gene θ gradient's matmul the same way.
+    """
+    from scvae_tools.distributions import log_nb
+    from scvae_tools.fused import nb_log_likelihood_from_logits
+
+    monkeypatch.setenv("SCVAE_TOOLS_NATIVE", native)  # the compiled core and the torch one
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=g, dtype=torch.float64)
+    log_lib = torch.full((64, 1), math.log(2000.0), dtype=torch.float64)
+    log_theta = torch.randn(300, generator=g, dtype=torch.float64)
+    x = torch.poisson(torch.exp(log_lib) * torch.softmax(logits, -1))
+    lt = log_theta.clone().requires_grad_()
+    ref = log_nb(x, torch.exp(log_lib) * torch.softmax(logits, -1), lt.exp()).sum(-1)
+    ref.sum().backward()
+    lt32 = log_theta.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ll = nb_log_likelihood_from_logits(logits.float(), log_lib.float(), lt32, x.float())
+        ll.sum().backward()
+    assert ll.dtype == torch.float32
+    torch.testing.assert_close(ll.double(), ref.detach(), rtol=1e-5, atol=0)
+    # bf16 would leave ~3 significant digits; float32 keeps ~1e-5 of the largest component
+    err = (lt32.grad.double() - lt.grad).abs().max() / lt.grad.abs().max()
+    assert err < 1e-4

@@ -1,0 +1,338 @@
+"""Checks and timings on a CUDA GPU, in one run (issue 3's GPU target: 1M cells × 2,000 genes).
+
+Everything goes through the public API (``SCVAE(...).train(device="cuda")``), in this order,
+each section guarded so that a failure is printed and the next section still runs:
+
+1. ``likelihood``: the fused NB log-likelihood and its gradient on the GPU against the dense
+   formula in float64 on the CPU (relative error; must be < 1e-5).
+2. ``pbmc3k``: training with the defaults on the GPU, in float32 and in bf16 autocast —
+   seconds, epochs, held-out ELBO; the latents are saved to ``--out`` so that Leiden ARI can
+   be scored elsewhere (``pbmc3k_quality.py --latent``); save on the GPU → load on the CPU
+   gives the same latent.
+3. ``epoch``: one AnnData of ``--n-cells`` synthetic cells (simulated on the device, ~8%
+   non-zeros, CSR like an h5ad), and for each setting two full epochs on all cells
+   (``train_size=1.0``) — the second epoch's seconds from ``model.history`` — plus the peak
+   GPU memory. The first setting's model then times ``get_latent_representation`` and
+   ``get_normalized_expression`` on all cells.
+4. ``scvi``: scvi-tools' ``SCVI`` and ours on the first ``--scvi-cells`` of those cells,
+   identical settings (1 × 128 hidden, 10 latent, NB, gene dispersion, batch 128), two
+   epochs each, wall-clock of the whole ``train`` call.
+
+Results go to ``--out``/gpu_check.json after every section; a table is printed last::
+
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out "$OUT" --data-dir .gpu_data
+    python benchmarks/gpu_check.py --device cpu --n-cells 20000 --scvi-cells 5000 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS: dict = {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _save(out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def section(name: str, out: Path, deadline: float):
+    """Run the decorated function as one guarded section, unless past the deadline."""
+    def wrap(fn):
+        def run(*a, **kw):
+            if time.perf_counter() > deadline:
+                print(f"[{name}] skipped: time budget spent", flush=True)
+                RESULTS[name] = {"skipped": "time budget"}
+                return None
+            t = time.perf_counter()
+            print(f"[{name}] ...", flush=True)
+            try:
+                res = fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001  (report and go on to the next section)
+                traceback.print_exc()
+                res = {"error": f"{type(e).__name__}: {e}"}
+            if isinstance(res, dict):
+                res["section_s"] = round(time.perf_counter() - t, 2)
+                RESULTS[name] = res
+                print(f"[{name}] {json.dumps(res, default=str)}", flush=True)
+            _save(out)
+            return res
+        return run
+    return wrap
+
+
+def make_counts(n_cells: int, n_genes: int, device: torch.device, seed: int = 0,
+                chunk: int = 50_000):
+    """CSR float32 counts (scipy) of synthetic cells, simulated on ``device`` in chunks.
+
+    Ten cell types, each a perturbation of one gene profile; counts Poisson(ℓ · p_type) with
+    log-normal library sizes around 300: ~8% non-zeros, like 10x HVGs.
+    """
+    import scipy.sparse as sp
+
+    g = torch.Generator(device).manual_seed(seed)
+    kw = {"device": device, "generator": g}
+    base = torch.randn(n_genes, **kw) * 1.6
+    mask = torch.rand(10, n_genes, **kw) < 0.2
+    profiles = base + torch.randn(10, n_genes, **kw) * mask
+    probs = torch.softmax(profiles, dim=1)
+    data, indices, indptr = [], [], [np.zeros(1, dtype=np.int64)]
+    types = []
+    offset = 0
+    for start in range(0, n_cells, chunk):
+        n = min(chunk, n_cells - start)
+        t = torch.randint(0, 10, (n,), **kw)
+        lib = torch.exp(torch.randn(n, 1, **kw) * 0.5 + float(np.log(300.0))).round().clamp_min(1)
+        x = torch.poisson(lib * probs[t], generator=g)
+        x[:, 0] += (x.sum(1) == 0).float()  # no empty cells
+        csr = x.to_sparse_csr()
+        data.append(csr.values().cpu().numpy())
+        indices.append(csr.col_indices().to(torch.int32).cpu().numpy())
+        indptr.append(csr.crow_indices()[1:].cpu().numpy() + offset)
+        offset += int(csr.values().numel())
+        types.append(t.cpu().numpy())
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
+                      shape=(n_cells, n_genes))
+    return X, np.concatenate(types)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default="gpu_check_out")
+    p.add_argument("--data-dir", default=None, help="folder with pbmc3k_hvg_counts.h5ad")
+    p.add_argument("--n-cells", type=int, default=1_000_000)
+    p.add_argument("--scvi-cells", type=int, default=100_000)
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds; sections that would start later are skipped")
+    p.add_argument("--quick", action="store_true", help="few epochs (a dry run on the CPU)")
+    p.add_argument("--settings", nargs="+",
+                   default=["128:32", "1024:32", "128:bf16-mixed", "128:32:compile"],
+                   help="batch:precision[:compile] for the epoch section, most important first")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+
+    import anndata as ad
+    import pandas as pd
+
+    import scvae_tools as svt
+    from scvae_tools.distributions import log_nb
+    from scvae_tools.fused import nb_log_likelihood_from_logits
+
+    RESULTS["env"] = {
+        "torch": torch.__version__, "device": str(device),
+        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "scvae_tools": svt.__version__, "cpu_threads": torch.get_num_threads(),
+    }
+    print(RESULTS["env"], flush=True)
+
+    @section("likelihood", out, deadline)
+    def likelihood():
+        rows = {}
+        for n_genes in (2000, 33538):
+            g = torch.Generator().manual_seed(n_genes)
+            n = 256
+            logits = torch.randn(n, n_genes, generator=g, dtype=torch.float64) * 2
+            log_lib = torch.log(torch.rand(n, 1, generator=g, dtype=torch.float64) * 5e3 + 500)
+            log_theta = torch.randn(n_genes, generator=g, dtype=torch.float64)
+            mu = torch.exp(log_lib) * torch.softmax(logits, -1)
+            x = torch.poisson(mu * (torch.rand(n, n_genes, generator=g, dtype=torch.float64) < 0.2))
+            # reference: float64 dense formula and autograd on the CPU
+            lg = logits.clone().requires_grad_()
+            lt = log_theta.clone().requires_grad_()
+            ref = log_nb(x, torch.exp(log_lib) * torch.softmax(lg, -1), lt.exp()).sum(-1)
+            ref.sum().backward()
+            lg_d = logits.float().to(device).requires_grad_()
+            lt_d = log_theta.float().to(device).requires_grad_()
+            x_d = x.float().to(device)
+            nz = torch.nonzero(x_d.reshape(-1)).squeeze(1)
+            for name, nonzero in (("searched", None), ("given", (nz, x_d.reshape(-1)[nz]))):
+                lg_d.grad = lt_d.grad = None
+                ll = nb_log_likelihood_from_logits(lg_d, log_lib.float().to(device), lt_d, x_d,
+                                                   nonzero)
+                ll.sum().backward()
+                rel = lambda a, b: float((a.double().cpu() - b).abs().max() / b.abs().max())  # noqa: E731
+                rows[f"{n_genes}_{name}"] = {
+                    "ll_rel": rel(ll.detach(), ref.detach()),
+                    "grad_logits_rel": rel(lg_d.grad, lg.grad),
+                    "grad_log_theta_rel": rel(lt_d.grad, lt.grad)}
+        worst = max(r["ll_rel"] for r in rows.values())  # gradients: reported (float32 sums)
+        return {"cases": rows, "worst_ll_rel": worst, "ok": worst < 1e-5}
+
+    def pbmc3k_train(adata, precision):
+        model = svt.SCVAE(adata)
+        _sync(device)
+        t = time.perf_counter()
+        model.train(device=device, progress_bar=False, precision=precision,
+                    **({"max_epochs": 3} if args.quick else {}))
+        _sync(device)
+        train_s = time.perf_counter() - t
+        val = model.validation_indices
+        t = time.perf_counter()
+        z = model.get_latent_representation()
+        latent_s = time.perf_counter() - t
+        return model, {"train_s": round(train_s, 2), "epochs": len(model.history),
+                       "heldout_elbo": model.get_elbo(indices=val),
+                       "cells_per_s": round(len(model.history) * len(model.train_indices) / train_s),
+                       "latent_s": round(latent_s, 3)}, z
+
+    @section("pbmc3k", out, deadline)
+    def pbmc3k():
+        adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=True, download=False)
+        res = {}
+        model, res["fp32"], z = pbmc3k_train(adata, "32")
+        np.save(out / "pbmc3k_latent_fp32.npy", z)
+        model.save(out / "pbmc3k_model", overwrite=True)
+        back = svt.SCVAE.load(out / "pbmc3k_model", adata, device="cpu")
+        res["load_on_cpu_max_abs_diff"] = float(np.abs(back.get_latent_representation() - z).max())
+        _, res["bf16"], zb = pbmc3k_train(adata, "bf16-mixed")
+        np.save(out / "pbmc3k_latent_bf16.npy", zb)
+        res["bf16_elbo_rel_diff"] = abs(res["bf16"]["heldout_elbo"] / res["fp32"]["heldout_elbo"] - 1)
+        return res
+
+    likelihood()
+    pbmc3k()
+
+    state: dict = {}
+
+    @section("simulate", out, deadline)
+    def simulate():
+        t = time.perf_counter()
+        X, types = make_counts(args.n_cells, 2000, device)
+        state["adata"] = ad.AnnData(
+            X=X, obs=pd.DataFrame({"cell_type": pd.Categorical(types)},
+                                  index=[f"c{i}" for i in range(X.shape[0])]),
+            var=pd.DataFrame(index=[f"g{i}" for i in range(X.shape[1])]))
+        return {"n_cells": X.shape[0], "nnz": int(X.nnz),
+                "density": round(X.nnz / np.prod(X.shape), 4), "simulate_s": round(time.perf_counter() - t, 1)}
+
+    simulate()
+
+    def one_setting(setting: str):
+        parts = setting.split(":")
+        batch, precision, compile_ = int(parts[0]), parts[1], "compile" in parts[2:]
+        adata = state["adata"]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        model = svt.SCVAE(adata)
+        setup_s = time.perf_counter() - t
+        t = time.perf_counter()
+        model.train(max_epochs=1 if args.quick else 2, batch_size=batch, train_size=1.0,
+                    early_stopping=False, progress_bar=False, device=device,
+                    precision=precision, compile=compile_)
+        _sync(device)
+        wall = time.perf_counter() - t
+        sec = model.history["seconds"].to_numpy()
+        res = {"batch": batch, "precision": precision, "compile": compile_,
+               "model_setup_s": round(setup_s, 2), "train_call_s": round(wall, 2),
+               "epoch_s": [round(float(s), 2) for s in sec],
+               "cells_per_s": round(adata.n_obs / float(sec[-1])),
+               "train_elbo_last": float(model.history["train_elbo"].iloc[-1])}
+        if device.type == "cuda":
+            res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+        return model, res
+
+    for i, setting in enumerate(args.settings):
+        @section(f"epoch_{setting}", out, deadline)
+        def epoch(setting=setting, first=(i == 0)):
+            model, res = one_setting(setting)
+            if first:  # inference throughput on all cells, against this training throughput
+                n = state["adata"].n_obs
+                for name, call in (("latent", model.get_latent_representation),
+                                   ("expression", model.get_normalized_expression)):
+                    call(state["adata"][:1000])  # warm-up
+                    _sync(device)
+                    t = time.perf_counter()
+                    call()
+                    _sync(device)
+                    s = time.perf_counter() - t
+                    res[f"{name}_s"] = round(s, 2)
+                    res[f"{name}_cells_per_s"] = round(n / s)
+                    res[f"{name}_vs_training"] = round(n / s / res["cells_per_s"], 1)
+            del model
+            return res
+        epoch()
+
+    @section("profile", out, deadline)
+    def profile():
+        """Where a batch-128 step's time goes: host (Python, launches) against device."""
+        from torch.profiler import ProfilerActivity, profile
+
+        sub = state["adata"][:20_000].copy()
+        model = svt.SCVAE(sub)
+        model.train(max_epochs=1, batch_size=128, train_size=1.0, early_stopping=False,
+                    progress_bar=False, device=device)  # warm-up
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            model.train(max_epochs=1, batch_size=128, train_size=1.0, early_stopping=False,
+                        progress_bar=False, device=device)
+            _sync(device)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        (out / "profile.txt").write_text(table)
+        print(table[-6000:])
+        ev = prof.key_averages()
+        cpu = sum(e.self_cpu_time_total for e in ev) / 1e6
+        dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e6
+        n_steps = -(-sub.n_obs // 128)
+        return {"steps": n_steps, "host_self_s": round(cpu, 3), "device_self_s": round(dev, 3),
+                "calls_per_step": round(sum(e.count for e in ev) / n_steps)}
+
+    if state.get("adata") is not None:
+        profile()
+
+    @section("scvi", out, deadline)
+    def scvi_vs_ours():
+        import scvi
+
+        sub = state["adata"][: args.scvi_cells].copy()
+        res = {"n_cells": sub.n_obs, "scvi_tools": scvi.__version__}
+        t = time.perf_counter()
+        model = svt.SCVAE(sub)
+        model.train(max_epochs=2, batch_size=128, train_size=1.0, early_stopping=False,
+                    progress_bar=False, device=device)
+        _sync(device)
+        res["ours_2_epochs_s"] = round(time.perf_counter() - t, 2)
+        res["ours_epoch_s"] = [round(float(s), 2) for s in model.history["seconds"]]
+        scvi.settings.seed = 0
+        scvi.settings.dl_num_workers = 0
+        s2 = sub.copy()
+        scvi.model.SCVI.setup_anndata(s2)
+        m = scvi.model.SCVI(s2, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="nb",
+                            dispersion="gene")
+        t = time.perf_counter()
+        m.train(max_epochs=2, batch_size=128, train_size=1.0,
+                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                enable_progress_bar=False)
+        _sync(device)
+        res["scvi_2_epochs_s"] = round(time.perf_counter() - t, 2)
+        res["ours_speedup"] = round(res["scvi_2_epochs_s"] / res["ours_2_epochs_s"], 1)
+        return res
+
+    if state.get("adata") is not None:
+        scvi_vs_ours()
+
+    RESULTS["total_s"] = round(time.perf_counter() - t_start, 1)
+    _save(out)
+    print("\n| section | figures |\n|---|---|")
+    for k, v in RESULTS.items():
+        print(f"| {k} | {json.dumps(v, default=str)[:400]} |")
+
+
+if __name__ == "__main__":
+    main()
