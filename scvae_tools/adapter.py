@@ -41,6 +41,13 @@ DENSE_LIMIT_BYTES = 1 << 30
 SPARSE_DEVICE_LIMIT_BYTES = 8 << 30
 
 
+def _csr_resident(device: torch.device) -> bool:
+    """Whether CSR counts stay resident on ``device`` as CSR (accelerators) rather than as a
+    dense tensor: there each batch's block and its non-zeros are built on the device from
+    the CSR arrays, so an epoch sends no per-batch data from the host."""
+    return device.type != "cpu"
+
+
 @dataclass
 class DataSpec:
     """What the model reads from an AnnData, and the categories it knows."""
@@ -203,11 +210,12 @@ class CellData:
     def _on_device(self, device: torch.device, counts: bool = True) -> dict[str, torch.Tensor]:
         """All per-cell arrays as tensors on ``device``; the counts too unless ``counts=False``.
 
-        Counts are kept, in order of preference: as one dense tensor on the device (when
-        it takes at most ``DENSE_LIMIT_BYTES``), as CSR arrays on the device (``x_data``,
-        ``x_indices``; when they take at most ``SPARSE_DEVICE_LIMIT_BYTES``), or in host
-        memory, gathered per batch into a (pinned, on CUDA) dense block. They are placed on
-        first use, so sparse CPU inference (``counts=False``) never builds the dense copy.
+        Counts are kept, in order of preference: on an accelerator, CSR counts as CSR
+        arrays on the device (``x_data``, ``x_indices``, ``x_indptr``; when they take at
+        most ``SPARSE_DEVICE_LIMIT_BYTES``); as one dense tensor on the device (when it
+        takes at most ``DENSE_LIMIT_BYTES``); or in host memory, gathered per batch into a
+        (pinned, on CUDA) dense block. They are placed on first use, so sparse CPU
+        inference (``counts=False``) never builds the dense copy.
         """
         key = str(device)
         if key not in self._device_cache:
@@ -222,15 +230,16 @@ class CellData:
         t = self._device_cache[key]
         if counts and not self._counts_placed and (self._resident or not sp.issparse(self.X)):
             n, g = self.X.shape
-            if n * g * 4 <= DENSE_LIMIT_BYTES:
-                dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
-                t["x"] = torch.from_numpy(dense).to(device)
-            elif sp.issparse(self.X) and device.type != "cpu" and (
-                self.X.nnz * 8 <= SPARSE_DEVICE_LIMIT_BYTES
+            if sp.issparse(self.X) and _csr_resident(device) and (
+                self.X.nnz * 12 <= SPARSE_DEVICE_LIMIT_BYTES
             ):
-                # The whole CSR matrix lives on the accelerator; only index arrays travel.
+                # The whole CSR matrix lives on the accelerator; batches are built there.
                 t["x_data"] = torch.from_numpy(self.X.data).to(device)
                 t["x_indices"] = torch.from_numpy(self.X.indices.astype(np.int64)).to(device)
+                t["x_indptr"] = torch.from_numpy(self.X.indptr.astype(np.int64)).to(device)
+            elif n * g * 4 <= DENSE_LIMIT_BYTES:
+                dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
+                t["x"] = torch.from_numpy(dense).to(device)
             self._counts_placed = True
         return t
 
@@ -266,27 +275,30 @@ class CellData:
         csr = sparse and sp.issparse(self.X) and device.type == "cpu"
         t = self._on_device(device, counts=not csr)
         in_order = indices is None and not shuffle
-        positions = nonzero and sp.issparse(self.X) and not csr
+        on_device_csr = not csr and "x_data" in t
+        positions = nonzero and sp.issparse(self.X) and not csr and not on_device_csr
+        if on_device_csr:
+            # One copy of the epoch's order; each batch's entry count is read off the host's
+            # indptr now, so that no batch has to ask the device for a size.
+            idx_dev = idx.to(device)
+            ends = np.cumsum(np.diff(self.X.indptr)[idx.numpy()])
         for s, e in batch_bounds(len(idx), batch_size, drop_singleton):
             rows = idx[s:e]
-            rows_dev = rows.to(device, non_blocking=True)
+            rows_dev = idx_dev[s:e] if on_device_csr else rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
-            # Device-resident CSR counts gather at positions; the non-zeros share them.
-            found = (_csr_positions(self.X, rows.numpy()) if positions and "x_data" in t
-                     else None)
-            entries = (_block_entries(self.X, rows.numpy(), device, found, self._whole)
+            entries = (_block_entries(self.X, rows.numpy(), device, None, self._whole)
                        if positions else None)
+            nz = None if entries is None else _nonzeros_on(entries, device)
             if csr:
                 x = _torch_csr_rows(self.X, rows.numpy(), s, e, in_order)
+            elif on_device_csr:
+                n_entries = int(ends[e - 1] - (ends[s - 1] if s else 0))
+                x, nz = _gather_csr_on_device(t, rows_dev, n_entries, self.X.shape[1], nonzero)
             elif "x" in t:
                 x = _take(t["x"], sel)
-            elif "x_data" in t:
-                x = _gather_csr_on_device(self.X, rows.numpy(), t["x_data"], t["x_indices"], device,
-                                          found)
             else:
                 x = _to_device(torch.from_numpy(_dense_rows(self.X, rows.numpy(), entries)),
                                device)
-            nz = None if entries is None else _nonzeros_on(entries, device)
             yield Batch(x=x, library=_take(t["library"], sel),
                         batch_index=_take(t["batch_index"], sel), cat_covs=_take(t["cat_covs"], sel),
                         cont_covs=_take(t["cont_covs"], sel), index=rows_dev, nonzero=nz)
@@ -662,18 +674,31 @@ def _dense_rows(X, rows: np.ndarray, entries: tuple[np.ndarray, ...] | None = No
 
 
 def _gather_csr_on_device(
-    X: sp.csr_matrix, rows: np.ndarray, data: torch.Tensor, indices: torch.Tensor,
-    device: torch.device, found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> torch.Tensor:
-    """Dense block of ``rows`` from CSR arrays resident on ``device``.
+    t: dict[str, torch.Tensor], rows: torch.Tensor, n_entries: int, n_genes: int,
+    nonzero: bool = False,
+) -> tuple[torch.Tensor, NonZeros | None]:
+    """Dense block of ``rows`` (on the device) from CSR arrays resident there, and with
+    ``nonzero`` the block's :class:`~scvae_tools.fused.NonZeros`.
 
-    The index arithmetic runs on the host copy of ``indptr`` (so the device never has to
-    report a size back); two index arrays go over non-blocking and the scatter runs there.
-    ``found``: :func:`_csr_positions` of these rows when the caller has them.
+    Everything runs on the device: no per-batch host work or copy. ``n_entries``, the
+    number of stored entries in these rows, comes from the host's ``indptr``; given as the
+    output size of ``repeat_interleave`` it spares the device a size report, so the host
+    never waits.
     """
-    out_row, pos, _ = _csr_positions(X, rows) if found is None else found
-    out_row_t = _to_device(torch.from_numpy(out_row), device)
-    pos_t = _to_device(torch.from_numpy(pos), device)
-    block = torch.zeros((len(rows), X.shape[1]), dtype=data.dtype, device=device)
-    block[out_row_t, indices[pos_t]] = data[pos_t]
-    return block
+    device = rows.device
+    starts = t["x_indptr"].index_select(0, rows)
+    lengths = t["x_indptr"].index_select(0, rows + 1).sub_(starts)
+    n = len(rows)
+    out_row = torch.repeat_interleave(torch.arange(n, device=device), lengths,
+                                      output_size=n_entries)
+    # Entry k of the output is stored at starts[row] + (k − the row's first output entry).
+    shift = starts.sub_(torch.cumsum(lengths, 0).sub_(lengths))
+    pos = torch.arange(n_entries, device=device).add_(
+        torch.repeat_interleave(shift, lengths, output_size=n_entries))
+    cols = t["x_indices"].index_select(0, pos)
+    values = t["x_data"].index_select(0, pos)
+    flat = out_row * n_genes + cols
+    block = torch.zeros(n * n_genes, dtype=values.dtype, device=device)
+    block.index_copy_(0, flat, values)  # canonical CSR: each position once
+    nz = NonZeros(flat, values, out_row, cols, lengths) if nonzero else None
+    return block.view(n, n_genes), nz

@@ -202,25 +202,44 @@ def test_csr_row_gather_matches_numpy(monkeypatch, index_dtype):
 
 
 def test_device_resident_csr_gather_matches_the_rows():
-    """The accelerator path that scatters rows from device-resident CSR arrays (run here on
-    the CPU) gives the dense rows, whether it computes the positions or is handed those
-    that the batch's non-zeros were read from."""
+    """The accelerator path that builds each batch from device-resident CSR arrays (run here
+    on the CPU) gives the dense rows and the same non-zeros as the host path."""
     from scvae_tools import adapter
 
     rng = np.random.default_rng(1)
     dense = rng.poisson(0.7, (50, 30)).astype(np.float32)
+    dense[7] = 0  # a row with no entries
     X = sp.csr_matrix(dense)
-    data = torch.from_numpy(X.data)
-    indices = torch.from_numpy(X.indices.astype(np.int64))
-    rows = rng.permutation(50)[:20]
-    cpu = torch.device("cpu")
-    found = adapter._csr_positions(X, rows)
-    for f in (None, found):
-        block = adapter._gather_csr_on_device(X, rows, data, indices, cpu, f)
-        assert np.array_equal(block.numpy(), dense[rows])
-    entries = adapter._block_entries(X, rows, cpu, found)
-    assert all(np.array_equal(a, b) for a, b in
-               zip(entries, adapter._block_entries(X, rows, cpu), strict=True))
+    t = {"x_data": torch.from_numpy(X.data), "x_indices": torch.from_numpy(X.indices.astype(np.int64)),
+         "x_indptr": torch.from_numpy(X.indptr.astype(np.int64))}
+    rows = np.r_[7, rng.permutation(50)[:20]]
+    n_entries = int(np.diff(X.indptr)[rows].sum())
+    block, nz = adapter._gather_csr_on_device(t, torch.from_numpy(rows), n_entries, 30, True)
+    assert np.array_equal(block.numpy(), dense[rows])
+    host = adapter._block_entries(X, rows)  # flat, values, rows, cols, lengths
+    for a, b in zip(nz, host, strict=False):
+        assert np.array_equal(a.numpy(), b)
+    block, nz = adapter._gather_csr_on_device(t, torch.from_numpy(rows), n_entries, 30)
+    assert nz is None and np.array_equal(block.numpy(), dense[rows])
+
+
+def test_training_through_the_device_csr_path_matches_the_host_path(synthetic, monkeypatch):
+    """SCVAE.train with CSR counts resident as on an accelerator (forced here on the CPU):
+    the same batches, non-zeros and so the same training as the host path."""
+    from scvae_tools import adapter
+
+    def fit():
+        model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+        model.train(max_epochs=3, batch_size=64, progress_bar=False, seed=0)
+        return model
+
+    host = fit()
+    monkeypatch.setattr(adapter, "_csr_resident", lambda device: True)
+    dev = fit()
+    assert "x_data" in dev._data._device_cache["cpu"]
+    np.testing.assert_allclose(dev.history["train_elbo"], host.history["train_elbo"], rtol=1e-6)
+    np.testing.assert_allclose(dev.get_latent_representation(), host.get_latent_representation(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_pbmc_like_synthetic_counts_are_shaped_like_pbmc3k():
