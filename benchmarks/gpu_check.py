@@ -365,8 +365,26 @@ def main(argv=None) -> None:
         cpu = sum(e.self_cpu_time_total for e in ev) / 1e6
         dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e6
         n_steps = -(-sub.n_obs // 128)
-        return {"steps": n_steps, "host_self_s": round(cpu, 3), "device_self_s": round(dev, 3),
-                "calls_per_step": round(sum(e.count for e in ev) / n_steps)}
+        res = {"steps": n_steps, "host_self_s": round(cpu, 3), "device_self_s": round(dev, 3),
+               "calls_per_step": round(sum(e.count for e in ev) / n_steps)}
+        if device.type == "cuda":  # every host-device synchronisation of one epoch, by message
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model.train(max_epochs=1, batch_size=128, train_size=1.0,
+                                early_stopping=False, progress_bar=False, device=device)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs: dict[str, int] = {}
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    key = f"{Path(w.filename).name}:{w.lineno}"
+                    syncs[key] = syncs.get(key, 0) + 1
+            res["syncs_per_epoch"] = syncs
+        return res
 
     if state.get("adata") is not None:
         profile()
