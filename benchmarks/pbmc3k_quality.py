@@ -2,7 +2,7 @@
 
     python benchmarks/pbmc3k_quality.py [--data-dir ../shared/data] [--all-genes] [--seed 0]
         [--resolutions 0.5 1.0] [--grid] [--probe] [--prior mog --n-prior-components 10]
-        [--scvi]
+        [--scvi] [--latent NAME=FILE.npy ...]
 
 Prints train time, epochs, held-out ELBO and, for each representation and Leiden
 resolution, the number of clusters and ARI / NMI against the tutorial's `cell_type`.
@@ -13,6 +13,8 @@ best ARI and the mean ARI over the grid, each averaged over the Leiden seeds.
 ``--scvi`` scores scvi-tools' ``SCVI`` as well, trained with its own defaults (400 epochs,
 ZINB, 10 latent dimensions; seed ``--seed``) on the same cells: the field's reference model
 under the same protocol (needs the benchmark extra, ``pip install scvi-tools``).
+``--latent X_gpu=pbmc3k_latent_fp32.npy`` scores a latent computed elsewhere (cells in the
+file's order, e.g. the GPU runs of ``gpu_check.py``) under the same protocol.
 ``--probe`` asks whether the representation *contains* the naive / memory CD4 T distinction,
 which PCA's clusters follow and the latent's do not: 5-fold cross-validated accuracy of a
 logistic regression on the standardised coordinates of those cells.
@@ -117,6 +119,8 @@ def main() -> None:
                    help="mixture components of --prior mog")
     p.add_argument("--scvi", action="store_true",
                    help="also score scvi-tools' SCVI trained with its defaults (benchmark extra)")
+    p.add_argument("--latent", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="also score a latent computed elsewhere (e.g. by gpu_check.py)")
     args = p.parse_args()
     adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=not args.all_genes)
     t0 = time.perf_counter()
@@ -131,6 +135,13 @@ def main() -> None:
         adata.obsm["X_scvi"] = scvi_latent(adata, args.seed)
         print(f"scvi-tools SCVI (its defaults) trained in {time.perf_counter() - t1:.1f} s")
         reps.append("X_scvi")
+    for spec in args.latent:
+        name, _, path = spec.partition("=")
+        z = np.load(path)
+        if z.shape[0] != adata.n_obs:
+            raise ValueError(f"{path} has {z.shape[0]} rows; pbmc3k has {adata.n_obs} cells")
+        adata.obsm[name] = z
+        reps.append(name)
     print(f"pbmc3k {adata.n_obs} cells × {adata.n_vars} genes: trained {len(model.history)} "
           f"epochs in {secs:.1f} s; held-out ELBO "
           f"{model.get_elbo(indices=model.validation_indices):.2f} nats/cell")
