@@ -506,19 +506,34 @@ class _StepGuard:
         self._cpu_bad: int | None = None
         self._dev_bad = None if self.immediate else torch.full((), -1, dtype=torch.long,
                                                                device=self.device)
+        self._found = None if self.immediate else torch.zeros(1, device=self.device)
+        self._one = None if self.immediate else torch.ones(1, device=self.device)
 
     def bad_step(self, step: int, loss: torch.Tensor) -> bool:
-        # Any NaN/inf in the loss or a gradient makes this sum non-finite.
-        total = loss.detach().float() + torch.stack(
-            [p.grad.sum() for p in self.params if p.grad is not None]).float().sum()
-        bad = ~torch.isfinite(total)
+        grads = [p.grad for p in self.params if p.grad is not None]
         if self.immediate:
-            if bool(bad):
+            if not bool(self._finite(loss, grads)):
                 self._cpu_bad = step
                 return True
             return False
-        self._dev_bad.masked_fill_(bad & (self._dev_bad < 0), step)
+        self._dev_bad.masked_fill_(~self._finite(loss, grads) & (self._dev_bad < 0), step)
         return False
+
+    def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+        """A device bool: the loss and every gradient are free of NaN/inf."""
+        if self._found is not None:
+            # On an accelerator every launch costs host time: GradScaler's multi-tensor
+            # kernel checks all gradients at once (scale 1: they are left as they are)
+            # instead of a sum per parameter. Where a backend lacks it, the sums below.
+            try:
+                self._found.zero_()
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
+                return torch.isfinite(loss.detach()) & (self._found.squeeze(0) == 0)
+            except (NotImplementedError, RuntimeError):
+                self._found = None
+        # Any NaN/inf in the loss or a gradient makes this sum non-finite.
+        total = loss.detach().float() + torch.stack([g.sum() for g in grads]).float().sum()
+        return torch.isfinite(total)
 
     def first_bad_step(self) -> int | None:
         if self.immediate:

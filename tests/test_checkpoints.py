@@ -244,8 +244,10 @@ def test_transient_nan_rolls_back_with_lower_lr(small, monkeypatch, grad_only):
     assert np.isfinite(model.get_latent_representation()).all()
 
 
-def test_deferred_device_check_also_rolls_back(small, monkeypatch):
-    """The accelerator path (flag on device, read once per epoch), exercised on the CPU."""
+@pytest.mark.parametrize("grad_only", [False, True])
+def test_deferred_device_check_also_rolls_back(small, monkeypatch, grad_only):
+    """The accelerator path (flag on device, read once per epoch), exercised on the CPU: a
+    non-finite loss, or a finite loss with a non-finite gradient."""
 
     class Deferred(train_mod._StepGuard):
         def __init__(self, device, params):
@@ -254,7 +256,7 @@ def test_deferred_device_check_also_rolls_back(small, monkeypatch):
             self.reset()
 
     monkeypatch.setattr(train_mod, "_StepGuard", Deferred)
-    monkeypatch.setattr(VAE, "loss", _nan_loss_at({13}))
+    monkeypatch.setattr(VAE, "loss", _nan_loss_at({13}, grad_only=grad_only))
     with pytest.warns(RuntimeWarning, match=r"epoch 3, step 3; rolled back"):
         model = svt.SCVAE(small, **MODEL).train(**TRAIN)
     assert len(model.history) == TRAIN["max_epochs"]
@@ -341,3 +343,29 @@ def test_cli_checkpoint_and_resume(small, tmp_path, capsys):
     bad = [a for a in args if a not in ("--checkpoint-dir", str(tmp_path / "ck"))]
     assert main([*bad, "--resume", "-o", str(tmp_path / "c.h5ad")]) == 2
     assert "resume=True needs checkpoint_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("multi_tensor", [True, False], ids=["foreach-kernel", "sums"])
+def test_deferred_guard_flags_the_first_bad_step(monkeypatch, multi_tensor):
+    """The accelerator guard with GradScaler's multi-tensor check, and with the per-parameter
+    sums that a backend without that kernel falls back to."""
+    if not multi_tensor:
+        def missing(*args):
+            raise NotImplementedError("not on this backend")
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    guard = train_mod._StepGuard(torch.device("cpu"), params)
+    guard.immediate = False
+    guard.reset()
+    finite = torch.tensor(1.0)
+    for step, (bad_grad, loss) in enumerate([(False, finite), (True, finite),
+                                             (False, torch.tensor(float("inf")))]):
+        params[0].grad = torch.ones(3)
+        params[1].grad = torch.full((2, 2), float("nan") if bad_grad else 2.0)
+        assert guard.bad_step(step, loss) is False  # deferred: never stops the step itself
+        assert params[0].grad.tolist() == [1.0, 1.0, 1.0]  # gradients left as they were
+    assert guard.first_bad_step() == 1
+    guard.reset()
+    params[1].grad = torch.ones(2, 2)
+    guard.bad_step(0, torch.tensor(float("nan")))
+    assert guard.first_bad_step() == 0
