@@ -182,6 +182,24 @@ class NonZeros(NamedTuple):
             nz = nz._replace(slot=slot, outside=outside)
         return nz
 
+    def tile(self, k: int, n_rows: int, n_genes: int) -> NonZeros:
+        """The non-zeros of ``k`` copies of the block stacked row-wise (a block broadcast
+        over ``k`` posterior samples): no search of the ``k``-fold block."""
+        if k == 1:
+            return self
+        nz = self.complete(n_rows, n_genes, slots=False)  # slots: tiled only if present
+        step = torch.arange(k, device=nz.flat.device).unsqueeze(1)
+
+        def shifted(a: torch.Tensor | None, by: int) -> torch.Tensor | None:
+            return None if a is None else (a.unsqueeze(0) + step * by).reshape(-1)
+
+        def repeated(a: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else a.repeat(k)
+
+        return NonZeros(shifted(nz.flat, n_rows * n_genes), repeated(nz.values),
+                        shifted(nz.rows, n_rows), repeated(nz.cols), repeated(nz.lengths),
+                        repeated(nz.slot), shifted(nz.outside, len(nz.values)))
+
 
 def _row_sums(values: torch.Tensor, nz: NonZeros, n_rows: int) -> torch.Tensor:
     """Σ of ``values`` (one per non-zero) within each block row.
@@ -372,8 +390,11 @@ class NBFromLogits(torch.autograd.Function):
         lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
         lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        # Known non-zeros index the (cells × genes) block: usable without a sample dimension.
-        nonzero = nonzero if logits.dim() == 2 else None
+        # Known non-zeros index the (cells × genes) block; over a sample dimension that x
+        # is broadcast across, they repeat once per sample.
+        if nonzero is not None and logits.dim() > 2:
+            nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
+                       if x.dim() == 2 else None)
         # Under bf16 autocast (train(precision="bf16-mixed")) CUDA would run the core's
         # mat-vecs in bfloat16: sums over thousands of genes need float32.
         with torch.autocast(logits.device.type, enabled=False):
@@ -427,7 +448,8 @@ def nb_log_likelihood_from_logits(
         Optional non-zeros of ``x``: a :class:`NonZeros` such as ``Batch.nonzero``, or just
         ``(flat positions, values)`` (positions into ``x.reshape(-1)``, int64, row-major
         order). Without it they are found with ``torch.nonzero``, which on an accelerator
-        makes the host wait for the device. Used for 2-D ``logits`` only.
+        makes the host wait for the device. With leading sample dimensions on ``logits``
+        and a 2-D ``x``, they are repeated per sample.
 
     Returns
     -------

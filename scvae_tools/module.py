@@ -474,11 +474,13 @@ class VAE(nn.Module):
         cont_covs: torch.Tensor | None = None,
         n_samples: int = 100,
         chunk: int = 25,
+        nonzero: NonZeros | None = None,
     ) -> torch.Tensor:
         """IWAE estimate of log p(x) per cell with ``n_samples`` samples from q(z|x).
 
         log p(x) ≈ logsumexp_k[log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K, a lower
         bound that tightens as K grows and equals the ELBO in expectation at K = 1.
+        ``nonzero``: the non-zeros of ``x`` when the data path knows them.
         """
         cov = self.covariates(batch_index, cat_covs, cont_covs)
         qz_m, qz_v = self.encode(x, cov)
@@ -491,7 +493,7 @@ class VAE(nn.Module):
             params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
             log_pz = self.prior_log_prob(z)
             log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
-            log_w.append(self.log_px(x, params) + log_pz - log_qz)
+            log_w.append(self.log_px(x, params, nonzero) + log_pz - log_qz)
         return torch.logsumexp(torch.cat(log_w, 0), dim=0) - math.log(n_samples)
 
     @torch.no_grad()

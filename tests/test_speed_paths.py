@@ -343,12 +343,36 @@ def test_known_nonzeros_give_the_same_elbo_and_gradients(synthetic):
     (ll0, g0), (ll1, g1) = results
     assert torch.equal(ll0, ll1)
     assert all(torch.equal(a, c) for a, c in zip(g0, g1, strict=True))
-    # With a leading sample dimension the positions do not apply and are ignored.
+    # With a leading sample dimension (x broadcast over it) they are repeated per sample.
     logits = torch.randn(3, *b.x.shape)
     log_lib = b.library.log()
-    lt = torch.zeros(b.x.shape[1])
-    torch.testing.assert_close(nb_log_likelihood_from_logits(logits, log_lib, lt, b.x, b.nonzero),
-                               nb_log_likelihood_from_logits(logits, log_lib, lt, b.x))
+    lt = torch.randn(b.x.shape[1])
+    assert torch.equal(nb_log_likelihood_from_logits(logits, log_lib, lt, b.x, b.nonzero),
+                       nb_log_likelihood_from_logits(logits, log_lib, lt, b.x))
+
+
+@pytest.mark.parametrize("use_native", ["1", "0"])
+def test_tiled_nonzeros_equal_a_search_of_the_stacked_block(synthetic, monkeypatch, use_native):
+    """NonZeros.tile: the non-zeros of k stacked copies of a block, as a search finds them
+    (with table slots too), and the importance-weighted log p(x) of get_marginal_ll the same
+    with them as with the search."""
+    monkeypatch.setenv("SCVAE_TOOLS_NATIVE", use_native)
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    b = next(iter(model._data.batches(None, 50, nonzero=True)))
+    n, g = b.x.shape
+    stacked = NonZeros.of_dense(b.x.repeat(3, 1))
+    tiled = b.nonzero.complete(n, g).tile(3, n, g)
+    for name in ("flat", "values", "rows", "cols", "lengths", "slot", "outside"):
+        a, c = getattr(tiled, name), getattr(stacked, name)
+        assert torch.equal(a.long(), c.long()), name
+    mod = model.module.eval()
+    per_cell = []
+    for nonzero in (None, b.nonzero):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            per_cell.append(mod.importance_weighted_log_px(
+                b.x, b.library, b.batch_index, n_samples=30, chunk=7, nonzero=nonzero))
+    assert torch.equal(per_cell[0], per_cell[1])
 
 
 @pytest.mark.parametrize("tables", [True, False])
