@@ -12,7 +12,8 @@ each section guarded so that a failure is printed and the next section still run
 3. ``epoch``: one AnnData of ``--n-cells`` synthetic cells (simulated on the device, ~8%
    non-zeros, CSR like an h5ad), and for each setting two full epochs on all cells
    (``train_size=1.0``) — the second epoch's seconds from ``model.history`` — plus the peak
-   GPU memory. The first setting's model then times ``get_latent_representation`` and
+   GPU memory (a setting ending in ``:graphs`` trains with ``cuda_graphs=True``). The
+   first setting's model then times ``get_latent_representation`` and
    ``get_normalized_expression`` on all cells.
 4. ``scvi``: scvi-tools' ``SCVI`` and ours on the first ``--scvi-cells`` of those cells,
    identical settings (1 × 128 hidden, 10 latent, NB, gene dispersion, batch 128), two
@@ -118,9 +119,10 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=420.0,
                    help="seconds; sections that would start later are skipped")
     p.add_argument("--quick", action="store_true", help="few epochs (a dry run on the CPU)")
-    p.add_argument("--settings", nargs="+", default=["1024:32", "128:32", "1024:bf16-mixed"],
-                   help="batch:precision[:compile] for the epoch section, most important first")
-    p.add_argument("--late-settings", nargs="*", default=["128:bf16-mixed"],
+    p.add_argument("--settings", nargs="+", default=["128:32:graphs", "128:32", "1024:32"],
+                   help="batch:precision[:compile][:graphs] for the epoch section, most "
+                        "important first (graphs: train(cuda_graphs=True))")
+    p.add_argument("--late-settings", nargs="*", default=["1024:32:graphs", "128:bf16-mixed:graphs"],
                    help="settings timed after the graph, scvi and profile sections")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -229,6 +231,7 @@ def main(argv=None) -> None:
     def one_setting(setting: str):
         parts = setting.split(":")
         batch, precision, compile_ = int(parts[0]), parts[1], "compile" in parts[2:]
+        graphs = "graphs" in parts[2:] and device.type == "cuda"
         adata = state["adata"]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -238,11 +241,11 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         model.train(max_epochs=1 if args.quick else 2, batch_size=batch, train_size=1.0,
                     early_stopping=False, progress_bar=False, device=device,
-                    precision=precision, compile=compile_)
+                    precision=precision, compile=compile_, cuda_graphs=graphs)
         _sync(device)
         wall = time.perf_counter() - t
         sec = model.history["seconds"].to_numpy()
-        res = {"batch": batch, "precision": precision, "compile": compile_,
+        res = {"batch": batch, "precision": precision, "compile": compile_, "cuda_graphs": graphs,
                "model_setup_s": round(setup_s, 2), "train_call_s": round(wall, 2),
                "epoch_s": [round(float(s), 2) for s in sec],
                "cells_per_s": round(adata.n_obs / float(sec[-1])),

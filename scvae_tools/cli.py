@@ -33,6 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=["cosine", "constant", "plateau"], default="cosine")
     p.add_argument("--precision", choices=["32", "bf16-mixed"], default="32")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder/decoder")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the training step as a CUDA graph (experimental, CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-layers", action="store_true", help="skip the dense denoised layers")
@@ -48,7 +50,7 @@ def _fit(adata, args):
                   dispersion=args.dispersion, beta=args.beta)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                 lr_schedule=args.lr_schedule, validation_every=args.validation_every,
-                precision=args.precision, compile=args.compile,
+                precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                 device=args.device, progress_bar=not args.quiet,
                 strategy=_strategy(getattr(args, "strategy", "none")),
                 checkpoint_dir=getattr(args, "checkpoint_dir", None),

@@ -163,6 +163,7 @@ class SCVAE:
         lr_schedule: str = "cosine",
         precision: str = "32",
         compile: bool = False,
+        cuda_graphs: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
@@ -196,6 +197,14 @@ class SCVAE:
             ``torch.compile`` the encoder and decoder (in place; saving and loading are
             unchanged). Compiling takes tens of seconds and needs a C compiler on the CPU,
             so it pays off only for long runs, typically on a GPU.
+        cuda_graphs
+            CUDA only, experimental: capture the training step of full batches once as a
+            CUDA graph and replay it, instead of launching its ~200 kernels one by one.
+            On an H100 a batch-128 step is bound by those launches: 41–45 s per epoch of
+            1M cells eagerly. A prototype of the graphed step ran that epoch in 5.1 s
+            (``benchmarks/gpu_check.py``). This option itself has so far run on the CPU
+            only, as the same step without the capture (tests): check it against the
+            eager run on your data. Not with ``compile=True`` or DDP.
         train_size
             Fraction of cells used for training; the rest is the validation set that early
             stopping and ``history["validation_*"]`` use. 1.0 trains on all cells.
@@ -247,6 +256,10 @@ class SCVAE:
             before this call (an earlier fit is kept; nothing diverged is ever used).
         """
         data = self._require_data()
+        if cuda_graphs and resolve_device(device).type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs a CUDA device, got device={device!r} "
+                f"({resolve_device(device)}); leave cuda_graphs=False on CPUs and MPS.")
         n = data.n_obs
         max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
         if kl_warmup_epochs is None:
@@ -256,7 +269,7 @@ class SCVAE:
             eps=eps, beta=self.beta, free_bits=self.free_bits, kl_warmup_epochs=kl_warmup_epochs,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
-            compile=compile, seed=seed,
+            compile=compile, cuda_graphs=cuda_graphs, seed=seed,
         )
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         train_idx, val_idx = split_indices(n, train_size, seed)

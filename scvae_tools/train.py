@@ -20,10 +20,11 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 from . import checkpoint as ckpt
-from .adapter import CellData
+from .adapter import Batch, CellData
 from .checkpoint import CheckpointConfig
 from .devices import accumulator_dtype
 from .distributed import DistContext
+from .fused import NonZeros
 from .module import VAE
 
 
@@ -59,6 +60,9 @@ class TrainConfig:
     # torch.compile the encoder and decoder MLPs (fuses their element-wise layers); pays
     # off on long GPU runs, not on a CPU where compiling takes longer than it saves.
     compile: bool = False
+    # Capture the step of full batches once as a CUDA graph and replay it (see _GraphedStep):
+    # on a GPU a batch-128 step is bound by the host launching ~200 kernels.
+    cuda_graphs: bool = False
     seed: int = 0
     # Divergence (NaN/inf loss or gradient): roll back to the last good epoch with the
     # learning rate times `rollback_lr_factor`, at most `max_rollbacks` times per run.
@@ -187,14 +191,102 @@ def nonzero_option(module: VAE, data) -> dict:
     return {"nonzero": True} if module.cfg.likelihood == "nb" else {}
 
 
+class _GraphedStep:
+    """The training step of full batches as one CUDA graph, captured once and replayed.
+
+    At batch 128 a step is ~200 small kernels whose launches cost the host ~5 ms on a GPU
+    that computes for 1.4 ms (H100, ``benchmarks/README.md``, "GPU"); a replay launches
+    them all at once. A graph has fixed shapes and addresses, so:
+
+    - each batch is copied into static input buffers;
+    - the likelihood's "non-zeros" are every entry of the block (at a zero count its log Γ
+      terms cancel exactly, so the value is the sparse one), a fixed size unlike a batch's
+      non-zeros;
+    - β, the step number (for the NaN guard) and the learning rate (the optimiser's, a
+      device tensor) are device tensors filled before each replay; the loss sums, the
+      guard's flags and the gradients live in the graph;
+    - the first ``WARMUP`` full batches run eagerly on a side stream (they train, as
+      usual), as CUDA requires before a capture; a rollback (the optimiser's state is
+      replaced) makes the next full batch capture again.
+
+    Batches of another size (the last one) take the eager step. With ``capture=False`` the
+    same static step runs eagerly: the CPU tests check the logic that way.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, module: VAE, optim, guard: _StepGuard, sums: torch.Tensor,
+                 cfg: TrainConfig, autocast, device: torch.device):
+        self.module, self.optim, self.guard, self.sums = module, optim, guard, sums
+        self.free_bits, self.autocast = cfg.free_bits, autocast
+        self.capture = device.type == "cuda"
+        self.beta = torch.zeros((), device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.inputs: list[torch.Tensor] | None = None
+        self.nonzero: NonZeros | None = None
+        self.graph = None
+        self.warm = 0
+        self.stream = torch.cuda.Stream(device) if self.capture else None
+
+    def invalidate(self) -> None:
+        """Capture again at the next full batch (the optimiser's state was replaced)."""
+        self.graph, self.warm = None, 0
+
+    def run(self, b: Batch, step: int, beta: float) -> None:
+        new = [b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs]
+        if self.inputs is None:
+            self.inputs = [t.clone() for t in new]
+            n, g = b.x.shape
+            flat = torch.arange(n * g, device=b.x.device)
+            self.nonzero = NonZeros(flat, self.inputs[0].view(-1), flat.div(g, rounding_mode="floor"),
+                                    flat.remainder(g), torch.full((n,), g, device=b.x.device))
+        else:
+            for static, t in zip(self.inputs, new, strict=True):
+                static.copy_(t)
+        self.step.fill_(step)
+        self.beta.fill_(beta)
+        if not self.capture:
+            self.optim.zero_grad(set_to_none=True)
+            self._step()
+        elif self.graph is None and self.warm < self.WARMUP:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self.optim.zero_grad(set_to_none=True)
+                self._step()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.warm += 1
+        else:
+            if self.graph is None:
+                # Gradients are created in the capture, from the graph's own memory.
+                self.optim.zero_grad(set_to_none=True)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._step()
+            self.graph.replay()
+
+    def _step(self) -> None:
+        x, library, batch_index, cat_covs, cont_covs = self.inputs
+        with self.autocast:
+            terms = self.module.elbo_terms(x, library, batch_index, cat_covs, cont_covs,
+                                           nonzero=self.nonzero)
+        loss = self.module.loss(terms, beta=self.beta, free_bits=self.free_bits)
+        loss.backward()
+        self.guard.bad_step(self.step, loss)  # deferred: flagged on the device
+        self.optim.step()
+        self.sums += torch.stack([terms["log_px"].detach().sum(),
+                                  terms["kl"].detach().sum()]).to(self.sums.dtype)
+
+
 def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
-                   gen: torch.Generator, device: torch.device, dist: DistContext | None):
-    """One epoch's shuffled training batches: all of them, or this DDP rank's shard."""
+                   gen: torch.Generator, device: torch.device, dist: DistContext | None,
+                   nonzero: bool = True):
+    """One epoch's shuffled training batches: all of them, or this DDP rank's shard.
+    ``nonzero=False``: without their non-zeros (a graphed step does not use them)."""
+    option = nonzero_option(module, data) if nonzero else {}
     if dist is None:
         return data.batches(train_idx, batch_size, shuffle=True, generator=gen, device=device,
-                            drop_singleton=True, **nonzero_option(module, data))
-    return dist.train_batches(data, train_idx, batch_size, gen, device,
-                              **nonzero_option(module, data))
+                            drop_singleton=True, **option)
+    return dist.train_batches(data, train_idx, batch_size, gen, device, **option)
 
 
 def train_module(
@@ -240,10 +332,12 @@ def train_module(
     gen = torch.Generator().manual_seed(cfg.seed)
     module.to(device).train()
     optim = _adam(module, cfg, device)
+    if cfg.cuda_graphs and (dist is not None or cfg.compile):
+        raise ValueError("cuda_graphs=True cannot be combined with DDP or compile=True.")
     loop = _LoopState()
     if checkpoint is not None and checkpoint.resume:
         _resume(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx, device)
-    guard = _StepGuard(device, list(module.parameters()))
+    guard = _StepGuard(device, list(module.parameters()), deferred=cfg.cuda_graphs)
     good = _snapshot(module, optim)  # the state a divergence rolls back to
     elbo_fn = module.elbo_terms if dist is None else dist.wrap(module)  # DDP syncs gradients
     bar = None
@@ -252,24 +346,31 @@ def train_module(
 
         bar = tqdm(total=cfg.max_epochs, initial=loop.epoch, desc="Training", unit="epoch")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16-mixed")
+                              enabled=cfg.precision == "bf16-mixed",
+                              cache_enabled=not cfg.cuda_graphs)  # graphs: no cast cache
     if cfg.compile:
         module.encoder.compile(dynamic=True)  # in place: state_dict keys stay the same
         module.decoder.compile(dynamic=True)
     cosine = cfg.lr_schedule == "cosine"
     world = 1 if dist is None else dist.world_size
     steps_per_epoch = max(1, math.ceil(len(train_idx) / (cfg.batch_size * world)))
+    sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)  # one, kept
+    graphed = (_GraphedStep(module, optim, guard, sums, cfg, autocast, device)
+               if cfg.cuda_graphs else None)
     while not loop.stopped and loop.epoch < cfg.max_epochs:
         epoch = loop.epoch
         t0 = time.perf_counter()
         beta = cfg.beta_at(epoch)
-        sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
+        sums.zero_()
         guard.reset()
         _set_lr(optim, cfg.lr_at(epoch, 0, steps_per_epoch, loop.lr_scale))
         for step, b in enumerate(_epoch_batches(module, data, train_idx, cfg.batch_size, gen,
-                                                device, dist)):
+                                                device, dist, nonzero=graphed is None)):
             if cosine and step:
                 _set_lr(optim, cfg.lr_at(epoch, step, steps_per_epoch, loop.lr_scale))
+            if graphed is not None and len(b.x) == cfg.batch_size:
+                graphed.run(b, step, beta)
+                continue
             with autocast:
                 terms = elbo_fn(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
                                 nonzero=b.nonzero)
@@ -301,10 +402,12 @@ def train_module(
             else:
                 row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
                            validation_kl=math.nan)
-            row["lr"] = optim.param_groups[0]["lr"]
+            row["lr"] = float(optim.param_groups[0]["lr"])
             row["seconds"] = time.perf_counter() - t0
         if bad_step is not None or not _row_finite(row, has_validation=validated):
             _roll_back(module, optim, good, loop, cfg, epoch, bad_step)
+            if graphed is not None:
+                graphed.invalidate()  # the optimiser's state tensors were replaced
             continue
         loop.rows.append(row)
         loop.epoch = epoch + 1
@@ -347,6 +450,8 @@ def _adam(module: VAE, cfg: TrainConfig, device: torch.device) -> torch.optim.Ad
     much as the forward pass.
     """
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "eps": cfg.eps}
+    if cfg.cuda_graphs:  # a graph replays the step: the lr must be a tensor it reads
+        kwargs.update(lr=torch.tensor(cfg.lr, device=device), capturable=device.type == "cuda")
     if device.type in ("cpu", "cuda"):
         try:
             return FusedAdam(module.parameters(), fused=True, **kwargs)
@@ -496,27 +601,36 @@ class _StepGuard:
     so steps never wait for the host; the epoch is then discarded by the rollback.
     """
 
-    def __init__(self, device: torch.device, params: list[torch.nn.Parameter]):
-        self.immediate = device.type == "cpu"
+    def __init__(self, device: torch.device, params: list[torch.nn.Parameter],
+                 deferred: bool = False):
+        self.immediate = device.type == "cpu" and not deferred
         self.device = device
         self.params = params
+        self._dev_bad = self._found = self._one = None
         self.reset()
 
     def reset(self) -> None:
         self._cpu_bad: int | None = None
-        self._dev_bad = None if self.immediate else torch.full((), -1, dtype=torch.long,
-                                                               device=self.device)
-        self._found = None if self.immediate else torch.zeros(1, device=self.device)
-        self._one = None if self.immediate else torch.ones(1, device=self.device)
+        if self.immediate:
+            return
+        if self._dev_bad is None:
+            self._dev_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+            self._one = torch.ones(1, device=self.device)
+        else:  # in place: a captured graph holds these tensors
+            self._dev_bad.fill_(-1)
+        if self._found is None:
+            self._found = torch.zeros(1, device=self.device)
 
-    def bad_step(self, step: int, loss: torch.Tensor) -> bool:
+    def bad_step(self, step: int | torch.Tensor, loss: torch.Tensor) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.immediate:
             if not bool(self._finite(loss, grads)):
                 self._cpu_bad = step
                 return True
             return False
-        self._dev_bad.masked_fill_(~self._finite(loss, grads) & (self._dev_bad < 0), step)
+        # torch.where, not masked_fill_: a tensor step (a graph's) must not be read by the host
+        bad = ~self._finite(loss, grads) & (self._dev_bad < 0)
+        self._dev_bad.copy_(torch.where(bad, step, self._dev_bad))
         return False
 
     def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -544,7 +658,10 @@ class _StepGuard:
 
 def _set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
     for group in optim.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
+        else:
+            group["lr"] = lr
 
 
 def _row_finite(row: dict, has_validation: bool) -> bool:
@@ -574,7 +691,7 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
     """Restore the last good state and lower the lr, or raise after too many rollbacks."""
     where = f"epoch {epoch + 1}" + (f", step {bad_step + 1}" if bad_step is not None else "")
     good_point = f"the end of epoch {epoch}" if epoch else "the initial weights"
-    lr = optim.param_groups[0]["lr"]  # the snapshot's lr may be higher
+    lr = float(optim.param_groups[0]["lr"])  # the snapshot's lr may be higher
     module.load_state_dict(good["module"])
     # A copy: the optimiser keeps references to the tensors it is given and updates them.
     optim.load_state_dict(_clone_tree(good["optim"]))

@@ -250,10 +250,8 @@ def test_deferred_device_check_also_rolls_back(small, monkeypatch, grad_only):
     non-finite loss, or a finite loss with a non-finite gradient."""
 
     class Deferred(train_mod._StepGuard):
-        def __init__(self, device, params):
-            super().__init__(device, params)
-            self.immediate = False
-            self.reset()
+        def __init__(self, device, params, deferred=False):
+            super().__init__(device, params, deferred=True)
 
     monkeypatch.setattr(train_mod, "_StepGuard", Deferred)
     monkeypatch.setattr(VAE, "loss", _nan_loss_at({13}, grad_only=grad_only))
@@ -354,9 +352,7 @@ def test_deferred_guard_flags_the_first_bad_step(monkeypatch, multi_tensor):
             raise NotImplementedError("not on this backend")
         monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
-    guard = train_mod._StepGuard(torch.device("cpu"), params)
-    guard.immediate = False
-    guard.reset()
+    guard = train_mod._StepGuard(torch.device("cpu"), params, deferred=True)
     finite = torch.tensor(1.0)
     for step, (bad_grad, loss) in enumerate([(False, finite), (True, finite),
                                              (False, torch.tensor(float("inf")))]):

@@ -33,6 +33,15 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
     assert rc == 2 and "not a column of adata.obs" in capsys.readouterr().err
 
 
+def test_fit_passes_cuda_graphs_on(tmp_path, capsys):
+    """--cuda-graphs reaches train(): on a CPU it is refused with the fix named."""
+    a = svt.datasets.synthetic_counts(n_cells=50, n_genes=20, seed=0)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+               "--cuda-graphs", "--device", "cpu", "--quiet"])
+    assert rc == 2 and "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+
+
 def test_demo_as_module(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scvae_tools.cli", "demo", "-o", str(tmp_path / "demo"),
