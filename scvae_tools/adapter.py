@@ -288,7 +288,7 @@ class CellData:
             rows = idx[s:e]
             rows_dev = idx_dev[s:e] if on_device_csr else rows.to(device, non_blocking=True)
             sel = slice(s, e) if in_order else rows_dev  # all cells in order: views, not copies
-            entries = (_block_entries(self.X, rows.numpy(), device, None, self._whole)
+            entries = (_block_entries(self.X, rows.numpy(), device, self._whole)
                        if positions else None)
             nz = None if entries is None else _nonzeros_on(entries, device)
             if csr:
@@ -584,7 +584,7 @@ def _csr_rows(X: sp.csr_matrix, rows: np.ndarray,
     The genes keep scipy's index type. scipy's own C++ row gather copies each row's run in
     one go, about 4× faster than gathering at :func:`_csr_positions` with numpy (which
     remains the fallback, should that private function ever change). ``found``: the
-    rows' :func:`_csr_positions` when the caller needs them anyway; they are used as they are.
+    rows' :func:`_csr_positions`, for that fallback.
     """
     if found is not None:
         out_row, pos, lengths = found
@@ -640,15 +640,14 @@ def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None,
-                   found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                    whole: bool = False) -> tuple[np.ndarray, ...]:
     """The stored entries of some rows, as the fields of
     :class:`~scvae_tools.fused.NonZeros`: flat positions (int64) in the rows × genes block,
     values, block rows, genes (scipy's index type), row lengths and, for a CPU ``device``,
     the table slots: only the torch code of the CPU likelihood reads them, not the compiled
     kernel (:mod:`~scvae_tools.native`) when it serves. Without a device: no slots.
-    ``found``: as for :func:`_csr_rows`; ``whole``: as for :func:`~scvae_tools.fused.table_slots`."""
-    cols, values, out_row, lengths = _csr_rows(X, rows, found)
+    ``whole``: as for :func:`~scvae_tools.fused.table_slots`."""
+    cols, values, out_row, lengths = _csr_rows(X, rows)
     flat = out_row * X.shape[1]
     flat += cols
     slots = (table_slots(cols, values, whole)
