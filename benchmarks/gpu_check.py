@@ -5,7 +5,8 @@ each section guarded so that a failure is printed and the next section still run
 
 1. ``likelihood``: the fused NB log-likelihood and its gradient on the GPU against the dense
    formula in float64 on the CPU (relative error; must be < 1e-5).
-2. ``pbmc3k``: training with the defaults on the GPU, in float32 and in bf16 autocast —
+2. ``pbmc3k``: training with the defaults on the GPU, in float32, in bf16 autocast and with
+   ``cuda_graphs=True`` —
    seconds, epochs, held-out ELBO; the latents are saved to ``--out`` so that Leiden ARI can
    be scored elsewhere (``pbmc3k_quality.py --latent``); save on the GPU → load on the CPU
    gives the same latent.
@@ -178,11 +179,12 @@ def main(argv=None) -> None:
         worst = max(r["ll_rel"] for r in rows.values())  # gradients: reported (float32 sums)
         return {"cases": rows, "worst_ll_rel": worst, "ok": worst < 1e-5}
 
-    def pbmc3k_train(adata, precision):
+    def pbmc3k_train(adata, precision, cuda_graphs=False):
         model = svt.SCVAE(adata)
         _sync(device)
         t = time.perf_counter()
         model.train(device=device, progress_bar=False, precision=precision,
+                    cuda_graphs=cuda_graphs and device.type == "cuda",
                     **({"max_epochs": 3} if args.quick else {}))
         _sync(device)
         train_s = time.perf_counter() - t
@@ -208,6 +210,10 @@ def main(argv=None) -> None:
         _, res["bf16"], zb = pbmc3k_train(adata, "bf16-mixed")
         np.save(out / "pbmc3k_latent_bf16.npy", zb)
         res["bf16_elbo_rel_diff"] = abs(res["bf16"]["heldout_elbo"] / res["fp32"]["heldout_elbo"] - 1)
+        _, res["fp32_graphs"], zg = pbmc3k_train(adata, "32", cuda_graphs=True)
+        np.save(out / "pbmc3k_latent_graphs.npy", zg)
+        res["graphs_elbo_rel_diff"] = abs(
+            res["fp32_graphs"]["heldout_elbo"] / res["fp32"]["heldout_elbo"] - 1)
         return res
 
     likelihood()
