@@ -12,7 +12,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -756,11 +756,13 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     if state.get("identity") != ck.identity:
         raise ValueError(f"The checkpoint {ck.path} belongs to a different model (architecture, "
                          f"genes or covariates differ). {fix}")
-    saved_cfg = dict(state["train_config"])
     now_cfg = cfg.to_dict()
-    diff = sorted(k for k in now_cfg if k != "max_epochs" and saved_cfg.get(k) != now_cfg[k])
+    # A setting added after the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    saved_cfg = {k: state["train_config"].get(k, defaults.get(k)) for k in now_cfg}
+    diff = sorted(k for k in now_cfg if k != "max_epochs" and saved_cfg[k] != now_cfg[k])
     if diff:
-        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {now_cfg[k]!r}" for k in diff)
+        detail = ", ".join(f"{k}: {saved_cfg[k]!r} → {now_cfg[k]!r}" for k in diff)
         raise ValueError(f"The checkpoint {ck.path} was written with other training settings "
                          f"({detail}). {fix}")
     if not (np.array_equal(state["train_idx"].numpy(), train_idx)

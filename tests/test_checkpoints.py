@@ -122,6 +122,21 @@ def test_resume_refuses_other_settings_or_model(small, tmp_path):
         svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, checkpoint_every=0)
 
 
+def test_resume_a_checkpoint_from_before_a_setting_existed(small, reference, tmp_path):
+    """A checkpoint written before a training setting was added (cuda_graphs; precision
+    here too) resumes when that setting keeps its default, and is refused when it does not."""
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3}, checkpoint_dir=tmp_path)
+    path = tmp_path / ck.CHECKPOINT_FILE
+    state = ck.load_checkpoint(path)
+    del state["train_config"]["cuda_graphs"], state["train_config"]["precision"]
+    ck.save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"other training settings \(precision: '32' → 'bf16-mixed'\)"):
+        svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True,
+                                        precision="bf16-mixed")
+    resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    _same_history(resumed.history, reference.history)
+
+
 def test_resume_without_checkpoint_starts_afresh(small, reference, tmp_path):
     model = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path / "new", resume=True)
     _same_history(model.history, reference.history)
