@@ -466,7 +466,8 @@ class SCVAE:
             rho = self.module.proportions(z, cov)
             if n_samples > 1:
                 rho = rho.mean(0)
-            dest[:] = (rho * lib).cpu().numpy()
+            # Straight into the output (from the device, one copy): no host tensor between.
+            torch.from_numpy(dest).copy_(rho.mul_(lib))
         return out
 
     def _transform_batch_index(self, batch_index: torch.Tensor, transform_batch) -> torch.Tensor:
