@@ -35,13 +35,17 @@ CANDIDATES = {
     "c128_lr4e-3_40": {"batch_size": 128, "lr": 4e-3, "max_epochs": 40},
     # The chosen defaults: batch 128, peak lr 4e-3, cosine, 100,000 cell visits.
     "chosen": {"batch_size": 128, "lr": 4e-3, "lr_schedule": "cosine", "max_epochs": None},
+    # Larger batches for GPUs (launch-bound at 128), same epochs: the lr as is, or scaled up.
+    "c1024_lr4e-3": {"batch_size": 1024, "lr": 4e-3, "max_epochs": None},
+    "c1024_lr1e-2": {"batch_size": 1024, "lr": 1e-2, "max_epochs": None},
 }
 # (c = cosine decay, k = constant learning rate; then batch, peak lr, epochs.)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("datasets", nargs="+", choices=["pbmc3k", "pbmc68k", "synthetic"])
+    p.add_argument("datasets", nargs="+",
+                   choices=["pbmc3k", "pbmc68k", "synthetic", "synthetic-sparse"])
     p.add_argument("--synthetic-n", type=int, default=5000)
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
