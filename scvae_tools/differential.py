@@ -114,12 +114,18 @@ def differential_expression(
     counts = data.X
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sums: dict[str, tuple[np.ndarray, ...]] = {}
 
     def pool_of(key: str, cells: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in pools:
             pools[key] = _posterior_pool(model, data, cells, gen, batch_correction, batch_size,
                                          max_cells_per_group)
         return pools[key]
+
+    def sums_of(key: str, cells: np.ndarray) -> tuple[np.ndarray, ...]:
+        if key not in sums:
+            sums[key] = _group_sums(counts, data.library, cells)
+        return sums[key]
 
     results = []
     for g1 in groups1:
@@ -132,7 +138,11 @@ def differential_expression(
         pool2 = pool_of(f"g:{group2}" if group2 is not None else f"rest:{g1}", cells2)
         m1 = _bootstrap_means(pool1, min(len(cells1), max_cells_per_group), n_samples, gen)
         m2 = _bootstrap_means(pool2, min(len(cells2), max_cells_per_group), n_samples, gen)
-        raw = _raw_stats(counts, data.library, cells1, cells2)
+        sums1 = sums_of(f"g:{g1}", cells1)
+        # "The rest" is all cells minus group 1: one pass over the matrix serves every group.
+        sums2 = (_rest_sums(sums_of("all", np.arange(data.n_obs)), sums1) if group2 is None
+                 else sums_of(f"g:{group2}", cells2))
+        raw = _raw_stats(sums1, len(cells1), sums2, len(cells2))
         eps = _pseudocount(pseudocounts, m1, m2, raw)
         res = _summarise(m1, m2, mode, delta, eps, fdr_target)
         res = pd.concat([res, raw], axis=1)
@@ -308,13 +318,22 @@ def _group_sums(counts, library: np.ndarray, cells: np.ndarray, chunk: int | Non
     return total, detected, normalized
 
 
-def _raw_stats(counts, library: np.ndarray, cells1: np.ndarray, cells2: np.ndarray) -> pd.DataFrame:
+def _rest_sums(all_sums: tuple[np.ndarray, ...], group: tuple[np.ndarray, ...]
+               ) -> tuple[np.ndarray, ...]:
+    """:func:`_group_sums` of the cells outside a group, from those of all cells."""
+    total, detected, normalized = (a - g for a, g in zip(all_sums, group, strict=True))
+    normalized[detected == 0] = 0.0  # exactly, not a rounding residue of the subtraction
+    return total, detected, normalized
+
+
+def _raw_stats(sums1: tuple[np.ndarray, ...], n1: int, sums2: tuple[np.ndarray, ...],
+               n2: int) -> pd.DataFrame:
+    """Per-group raw statistics from :func:`_group_sums` of groups of n1 and n2 cells."""
     cols = {}
-    for i, cells in ((1, cells1), (2, cells2)):
-        total, detected, normalized = _group_sums(counts, library, cells)
-        cols[f"raw_mean{i}"] = total / len(cells)
-        cols[f"non_zeros_proportion{i}"] = detected / len(cells)
-        cols[f"raw_normalized_mean{i}"] = normalized / len(cells)
+    for i, (total, detected, normalized), n in ((1, sums1, n1), (2, sums2, n2)):
+        cols[f"raw_mean{i}"] = total / n
+        cols[f"non_zeros_proportion{i}"] = detected / n
+        cols[f"raw_normalized_mean{i}"] = normalized / n
     order = [f"{c}{i}" for c in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")
              for i in (1, 2)]
     return pd.DataFrame(cols)[order]
