@@ -407,20 +407,18 @@ class NBFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         neg_g_logits, g_lt, lt2 = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):  # float32, as forward
-            return NBFromLogits._grads(ctx, grad_out.to(g_lt.dtype), neg_g_logits, g_lt, lt2)
-
-    @staticmethod
-    def _grads(ctx, grad_out, neg_g_logits, g_lt, lt2):
-        neg_g = grad_out.reshape(-1, 1).neg()  # the core's pieces are negated
         grad_logits = grad_lt = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
-        if ctx.needs_input_grad[2]:
-            if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
-                grad_lt = neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape).mul_(lt2.exp())
-            else:
-                grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape), ctx.lt_shape)
+        with torch.autocast(grad_out.device.type, enabled=False):  # float32, as forward
+            neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()  # the core's pieces are negated
+            if ctx.needs_input_grad[0]:
+                grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
+            if ctx.needs_input_grad[2]:
+                if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
+                    grad_lt = (neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)
+                               .mul_(lt2.exp()))
+                else:
+                    grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape),
+                                      ctx.lt_shape)
         return grad_logits, None, grad_lt, None, None
 
 
