@@ -1,4 +1,11 @@
-"""Command line: ``scvae-tools fit IN.h5ad -o OUT.h5ad`` and ``scvae-tools demo``.
+"""Command line: ``scvae-tools fit``, ``scvae-tools apply`` and ``scvae-tools demo``.
+
+- ``fit IN.h5ad -o OUT.h5ad``: train on the counts and write the results (latent in
+  ``obsm``, denoised layers, settings and history in ``uns``); ``--save-model DIR`` keeps
+  the model.
+- ``apply IN.h5ad --model DIR -o OUT.h5ad``: write a saved model's results for other cells
+  with the same genes, without training.
+- ``demo``: train on the PBMC data that ship with scanpy; write an .h5ad and a UMAP.
 
 Also runs as ``python -m scvae_tools.cli``, e.g. under ``torchrun`` for distributed
 data-parallel training (``torchrun --nproc-per-node 2 -m scvae_tools.cli fit IN.h5ad -o
@@ -9,6 +16,7 @@ rank 0 writes the output and the saved model.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,15 +27,37 @@ from .distributed import is_main_process
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     p.add_argument("--batch-key", default=None, help="obs column with batch labels")
+    p.add_argument("--categorical-covariate-keys", nargs="+", default=None, metavar="KEY",
+                   help="obs columns of categorical covariates (one-hot into both networks)")
+    p.add_argument("--continuous-covariate-keys", nargs="+", default=None, metavar="KEY",
+                   help="obs columns of continuous covariates")
+    p.add_argument("--size-factor-key", default=None,
+                   help="obs column with each cell's library size (default: its count sum)")
+    p.add_argument("--allow-non-integer", action="store_true",
+                   help="accept non-integer values (e.g. ambient-corrected counts)")
     p.add_argument("--n-latent", type=int, default=10)
     p.add_argument("--n-hidden", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--dropout-rate", type=float, default=0.1)
     p.add_argument("--likelihood", choices=["nb", "zinb", "poisson"], default="nb")
     p.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-cell"], default="gene")
     p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--free-bits", type=float, default=0.0,
+                   help="KL floor per latent dimension, nats (default 0: none)")
+    p.add_argument("--prior", choices=["normal", "mog"], default="normal",
+                   help="N(0, I), or a learned mixture of Gaussians")
+    p.add_argument("--n-prior-components", type=int, default=10,
+                   help="mixture components of --prior mog")
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: by data size)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    p.add_argument("--train-size", type=float, default=0.9,
+                   help="share of cells trained on; the rest validate (default 0.9)")
+    p.add_argument("--kl-warmup-epochs", type=int, default=None,
+                   help="epochs over which β rises from 0 (default: by data size)")
+    p.add_argument("--no-early-stopping", action="store_true",
+                   help="train all --epochs instead of stopping when validation stalls")
+    p.add_argument("--early-stopping-patience", type=int, default=30)
     p.add_argument("--validation-every", type=int, default=1,
                    help="score the validation cells every N epochs (default: every epoch)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant", "plateau"], default="cosine")
@@ -37,18 +67,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="replay the training step as a CUDA graph (experimental, CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-layers", action="store_true", help="skip the dense denoised layers")
+    _add_output_args(p)
     p.add_argument("--save-model", default=None, help="also save the model to this directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-added", default="scvae",
+                   help="result keys: obsm X_KEY, layers KEY_denoised / KEY_expected, uns KEY")
+    p.add_argument("--no-layers", action="store_true", help="skip the dense denoised layers")
 
 
 def _fit(adata, args):
     from .model import SCVAE
 
-    model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
-                  n_hidden=args.n_hidden, n_layers=args.n_layers, likelihood=args.likelihood,
-                  dispersion=args.dispersion, beta=args.beta)
+    model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key,
+                  categorical_covariate_keys=args.categorical_covariate_keys,
+                  continuous_covariate_keys=args.continuous_covariate_keys,
+                  size_factor_key=args.size_factor_key, allow_non_integer=args.allow_non_integer,
+                  n_latent=args.n_latent, n_hidden=args.n_hidden, n_layers=args.n_layers,
+                  dropout_rate=args.dropout_rate, likelihood=args.likelihood,
+                  dispersion=args.dispersion, beta=args.beta, free_bits=args.free_bits,
+                  prior=args.prior, n_prior_components=args.n_prior_components)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                train_size=args.train_size, kl_warmup_epochs=args.kl_warmup_epochs,
+                early_stopping=not args.no_early_stopping,
+                early_stopping_patience=args.early_stopping_patience,
                 lr_schedule=args.lr_schedule, validation_every=args.validation_every,
                 precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs,
                 device=args.device, progress_bar=not args.quiet,
@@ -58,7 +102,7 @@ def _fit(adata, args):
                 resume=getattr(args, "resume", False))
     if not is_main_process():  # DDP: rank 0 alone computes and writes the results
         return model
-    model.write_to_adata(adata, layers=not args.no_layers)
+    model.write_to_adata(adata, key_added=args.key_added, layers=not args.no_layers)
     if args.save_model:
         model.save(args.save_model, overwrite=True)
     return model
@@ -74,28 +118,51 @@ def _strategy(choice: str) -> str | None:
     return None if choice == "none" else choice
 
 
-def cmd_fit(args) -> int:
-    import anndata as ad
-
-    if args.backed:  # out of core: X stays on disk; anndata copies it into the output
+def _read(path: str, backed: bool):
+    """The input AnnData; ``backed``: out of core, X stays on disk."""
+    if backed:
         from .backed import read_backed
 
-        adata = read_backed(args.input)
+        return read_backed(path)
+    import anndata as ad
+
+    return ad.read_h5ad(path)
+
+
+def _write(adata, path: str, backed: bool) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if backed:  # copy X on disk instead of reading it into memory
+        from .backed import write_h5ad_backed
+
+        write_h5ad_backed(adata, path)
     else:
-        adata = ad.read_h5ad(args.input)
+        adata.write_h5ad(path)
+
+
+def _summary(model) -> str:
+    h = model.history.iloc[-1]
+    which = "train" if math.isnan(h["validation_elbo"]) else "validation"  # NaN: no validation cells
+    return f"trained {len(model.history)} epochs; {which} ELBO {h[f'{which}_elbo']:.2f} nats/cell"
+
+
+def cmd_fit(args) -> int:
+    adata = _read(args.input, args.backed)
     model = _fit(adata, args)
     if not is_main_process():
         return 0
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    if args.backed:  # copy X on disk instead of reading it into memory
-        from .backed import write_h5ad_backed
+    _write(adata, args.output, args.backed)
+    print(f"{_summary(model)}; wrote {args.output}")
+    return 0
 
-        write_h5ad_backed(adata, args.output)
-    else:
-        adata.write_h5ad(args.output)
-    h = model.history.iloc[-1]
-    print(f"trained {len(model.history)} epochs; validation ELBO {h['validation_elbo']:.2f} "
-          f"nats/cell; wrote {args.output}")
+
+def cmd_apply(args) -> int:
+    from .model import SCVAE
+
+    adata = _read(args.input, args.backed)
+    model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
+    model.write_to_adata(adata, key_added=args.key_added, layers=not args.no_layers)
+    _write(adata, args.output, args.backed)
+    print(f"applied the model in {args.model} to {adata.n_obs} cells; wrote {args.output}")
     return 0
 
 
@@ -113,7 +180,7 @@ def cmd_demo(args) -> int:
     adata = datasets.pbmc68k()
     print(f"pbmc68k (embedded in scanpy): {adata.n_obs} cells × {adata.n_vars} genes")
     model = _fit(adata, args)
-    sc.pp.neighbors(adata, use_rep="X_scvae")
+    sc.pp.neighbors(adata, use_rep=f"X_{args.key_added}")
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     sc.tl.umap(adata, random_state=0)
     from sklearn.metrics import adjusted_rand_score
@@ -125,9 +192,7 @@ def cmd_demo(args) -> int:
     training_history(model).savefig(out / "training_history.png", dpi=120)
     adata.write_h5ad(out / "pbmc68k_scvae.h5ad")
     model.save(out / "model", overwrite=True)
-    h = model.history.iloc[-1]
-    print(f"trained {len(model.history)} epochs; validation ELBO {h['validation_elbo']:.2f} "
-          f"nats/cell; Leiden vs bulk_labels ARI {ari:.3f}")
+    print(f"{_summary(model)}; Leiden vs bulk_labels ARI {ari:.3f}")
     print(f"wrote {out / 'pbmc68k_scvae.h5ad'}, {out / 'umap.png'}, "
           f"{out / 'training_history.png'}, {out / 'model'}/")
     return 0
@@ -153,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --checkpoint-dir (same arguments)")
     fit.set_defaults(func=cmd_fit)
+    apply = sub.add_parser("apply", help="write a saved model's results for an .h5ad (no training)")
+    apply.add_argument("input", help="input .h5ad with raw counts of the model's genes")
+    apply.add_argument("--model", required=True, help="folder of a model saved by fit --save-model "
+                                                       "or SCVAE.save")
+    apply.add_argument("-o", "--output", required=True, help="output .h5ad")
+    _add_output_args(apply)
+    apply.add_argument("--backed", action="store_true", help="stream the counts from disk")
+    apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    apply.set_defaults(func=cmd_apply)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")
     demo.add_argument("-o", "--output", default="demo_out", help="output folder")
     _add_model_args(demo)
@@ -161,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err).strip("'\"")  # a KeyError quotes its message
+        if "layers=False" in message:
+            message += " (on the command line: --no-layers)"
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -269,7 +269,7 @@ class SCVAE:
             eps=eps, beta=self.beta, free_bits=self.free_bits, kl_warmup_epochs=kl_warmup_epochs,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
-            compile=compile, cuda_graphs=cuda_graphs, seed=seed,
+            compile=compile, cuda_graphs=cuda_graphs, seed=seed, train_size=train_size,
         )
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         train_idx, val_idx = split_indices(n, train_size, seed)

@@ -64,6 +64,9 @@ class TrainConfig:
     # on a GPU a batch-128 step is bound by the host launching ~200 kernels.
     cuda_graphs: bool = False
     seed: int = 0
+    # Share of the cells trained on; the model draws the split from `seed` and validates on
+    # the rest. Recorded here so that `uns` and saved models say which split was used.
+    train_size: float = 0.9
     # Divergence (NaN/inf loss or gradient): roll back to the last good epoch with the
     # learning rate times `rollback_lr_factor`, at most `max_rollbacks` times per run.
     max_rollbacks: int = 3

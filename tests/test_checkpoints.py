@@ -113,9 +113,12 @@ def test_resume_refuses_other_settings_or_model(small, tmp_path):
     with pytest.raises(ValueError, match="different model"):
         svt.SCVAE(small, n_latent=4, n_hidden=16).train(**TRAIN, checkpoint_dir=tmp_path,
                                                         resume=True)
-    with pytest.raises(ValueError, match="another train/validation split"):
+    with pytest.raises(ValueError, match=r"other training settings \(train_size: 0.9 → 0.8\)"):
         svt.SCVAE(small, **MODEL).train(**TRAIN, train_size=0.8, checkpoint_dir=tmp_path,
                                         resume=True)
+    with pytest.raises(ValueError, match="another train/validation split"):  # other cells
+        svt.SCVAE(small[:140].copy(), **MODEL).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                     resume=True)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         svt.SCVAE(small, **MODEL).train(**TRAIN, resume=True)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive integer"):

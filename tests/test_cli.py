@@ -1,10 +1,12 @@
-"""The command line: fit on an .h5ad, the demo, and `python -m scvae_tools.cli`."""
+"""The command line: fit on an .h5ad, apply a saved model, the demo, and `python -m scvae_tools.cli`."""
 
 import subprocess
 import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
 import scvae_tools as svt
 from scvae_tools.cli import main
@@ -23,6 +25,83 @@ def test_fit_writes_results(tmp_path):
     assert out.uns["scvae"]["data"]["batch_key"] == "batch"
     model = svt.SCVAE.load(tmp_path / "model", out)
     np.testing.assert_allclose(model.get_latent_representation(), out.obsm["X_scvae"], rtol=1e-5)
+
+
+def _covariate_counts(n_cells: int = 200, seed: int = 0) -> ad.AnnData:
+    a = svt.datasets.synthetic_counts(n_cells=n_cells, n_genes=60, n_batches=2, seed=seed)
+    rng = np.random.default_rng(seed)
+    a.obs["donor"] = rng.choice(["d1", "d2", "d3"], a.n_obs)
+    a.obs["pct_mito"] = rng.random(a.n_obs)
+    a.obs["size_factor"] = np.asarray(a.X.sum(1)).ravel() * 1.5
+    return a
+
+
+def test_fit_passes_model_and_training_options(tmp_path, capsys):
+    """Covariates, size factors, architecture and schedule options reach the model."""
+    _covariate_counts().write_h5ad(tmp_path / "in.h5ad")
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad"), "--quiet",
+               "--batch-key", "batch", "--categorical-covariate-keys", "donor",
+               "--continuous-covariate-keys", "pct_mito", "--size-factor-key", "size_factor",
+               "--dropout-rate", "0.2", "--free-bits", "0.1", "--prior", "mog",
+               "--n-prior-components", "3", "--epochs", "4", "--train-size", "1.0",
+               "--no-early-stopping", "--kl-warmup-epochs", "2", "--key-added", "vae"])
+    assert rc == 0
+    assert "4 epochs; train ELBO" in capsys.readouterr().out  # no validation cells
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obsm["X_vae"].shape == (200, 10) and "scvae_denoised" not in out.layers
+    assert {"vae_denoised", "vae_expected"} <= set(out.layers)
+    rec = out.uns["vae"]
+    assert list(rec["data"]["categorical_covariate_keys"]) == ["donor"]
+    assert list(rec["data"]["continuous_covariate_keys"]) == ["pct_mito"]
+    assert rec["data"]["size_factor_key"] == "size_factor"
+    assert rec["model"]["dropout_rate"] == 0.2 and rec["model"]["prior"] == "mog"
+    assert rec["model"]["n_prior_components"] == 3 and rec["free_bits"] == 0.1
+    assert rec["train"]["train_size"] == 1.0 and rec["train"]["kl_warmup_epochs"] == 2
+    assert not rec["train"]["early_stopping"]
+    # β rose over the 2 warm-up epochs (1/2, then 1), then held at 1.
+    np.testing.assert_allclose(rec["history"]["beta"], [0.5, 1.0, 1.0, 1.0])
+    # Expected counts follow the given size factors, not the count sums.
+    np.testing.assert_allclose(out.layers["vae_expected"].sum(1), out.obs["size_factor"], rtol=1e-4)
+
+
+def test_apply_writes_a_saved_models_results(tmp_path, capsys):
+    """`apply` gives other cells the saved model's latent and layers, genes in any order."""
+    a = _covariate_counts()
+    a.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "fit.h5ad"), "--quiet",
+                 "--batch-key", "batch", "--epochs", "3",
+                 "--save-model", str(tmp_path / "model")]) == 0
+    fitted = ad.read_h5ad(tmp_path / "fit.h5ad")
+    new = a[:, a.var_names[::-1]].copy()  # the same cells, genes reversed
+    new.write_h5ad(tmp_path / "new.h5ad")
+    rc = main(["apply", str(tmp_path / "new.h5ad"), "--model", str(tmp_path / "model"),
+               "-o", str(tmp_path / "applied.h5ad"), "--device", "cpu"])
+    assert rc == 0 and "applied the model" in capsys.readouterr().out
+    out = ad.read_h5ad(tmp_path / "applied.h5ad")
+    np.testing.assert_allclose(out.obsm["X_scvae"], fitted.obsm["X_scvae"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.layers["scvae_denoised"],
+                               fitted[:, out.var_names].layers["scvae_denoised"], rtol=1e-4)
+    assert out.uns["scvae"]["data"]["batch_key"] == "batch"
+
+
+def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
+    a = _covariate_counts()
+    a.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "fit.h5ad"), "--quiet",
+                 "--epochs", "2", "--no-layers", "--save-model", str(tmp_path / "model")]) == 0
+    extra = ad.AnnData(X=sp.hstack([a.X, a.X[:, :1]], format="csr"), obs=a.obs,
+                       var=pd.DataFrame(index=[*a.var_names, "EXTRA"]))  # one more gene
+    extra.write_h5ad(tmp_path / "extra.h5ad")
+    args = ["apply", str(tmp_path / "extra.h5ad"), "--model", str(tmp_path / "model"),
+            "-o", str(tmp_path / "o.h5ad")]
+    assert main(args) == 2
+    assert "--no-layers" in capsys.readouterr().err and not (tmp_path / "o.h5ad").exists()
+    assert main([*args, "--no-layers"]) == 0  # the latent ignores the extra gene
+    assert ad.read_h5ad(tmp_path / "o.h5ad").obsm["X_scvae"].shape == (200, 10)
+    a[:, 1:].copy().write_h5ad(tmp_path / "missing.h5ad")
+    assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
+                 "-o", str(tmp_path / "m.h5ad")]) == 2
+    assert a.var_names[0] in capsys.readouterr().err  # the missing gene is named
 
 
 def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
