@@ -626,6 +626,58 @@ class SCVAE:
             seed=seed, batch_size=batch_size, key_added=key_added,
         )
 
+    @torch.inference_mode()
+    def get_likelihood_parameters(
+        self, adata=None, indices: np.ndarray | None = None, give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The parameters of p(x | z) for each cell, as scvi-tools' method of this name.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None``: the training data.
+        indices
+            Only these cells (row numbers); each result has cells × genes float32 values,
+            so restrict large data to the cells of interest.
+        give_mean
+            Decode the posterior mean of z (as denoised expression does); ``False``: one
+            sample of z per cell.
+        batch_size
+            Cells per batch (default as for denoised expression).
+
+        Returns
+        -------
+        A dict of cells × genes arrays (genes in the model's order):
+
+        - ``"mean"``: the expected counts μ = ℓ·ρ at each cell's library size;
+        - ``"dispersions"`` (NB, ZINB): the inverse dispersion θ, Var = μ + μ²/θ
+          (the same for all cells with ``dispersion="gene"``, per batch with
+          ``"gene-batch"``);
+        - ``"dropout"`` (ZINB): the probability of an extra zero.
+        """
+        self._check_trained()
+        data = self._data_for(adata)
+        n = data.n_obs if indices is None else len(indices)
+        keys = ["mean"] + (["dispersions"] if self.module_config.likelihood != "poisson" else [])
+        keys += ["dropout"] if self.module_config.likelihood == "zinb" else []
+        out = {k: np.empty((n, self.spec.n_genes), dtype=np.float32) for k in keys}
+        start = 0
+        for b in self._eval_batches(data, self._inference_batch_size(batch_size), indices,
+                                    sparse=True):
+            cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+            m, v = self.module.encode(b.x, cov)
+            z = m if give_mean else m + v.sqrt() * torch.randn_like(m)
+            params = self.module.decode(z, b.library, cov, b.batch_index)
+            rows = slice(start, start + len(z))
+            start += len(z)
+            out["mean"][rows] = params["mu"].cpu().numpy()
+            if "dispersions" in out:  # (genes,) for per-gene θ: broadcast over the rows
+                out["dispersions"][rows] = params["theta"].cpu().numpy()
+            if "dropout" in out:
+                out["dropout"][rows] = torch.sigmoid(params["pi_logits"]).cpu().numpy()
+        return out
+
     def posterior_predictive_sample(
         self, adata=None, n_samples: int = 1, gene_list: list[str] | None = None,
         batch_size: int = 256, seed: int | None = 0,

@@ -238,3 +238,35 @@ def test_inference_moves_the_module_only_when_it_is_elsewhere(trained, monkeypat
     monkeypatch.setattr(model, "device", torch.device("meta"))
     model._module_on_device()
     assert moves == [(torch.device("meta"),)]
+
+
+def test_likelihood_parameters_match_the_model_and_recover_dispersion():
+    """Means are the expected counts; θ follows the dispersion setting and the data."""
+    a = svt.datasets.synthetic_counts(n_cells=600, n_genes=80, n_batches=2, seed=0)
+    m = svt.SCVAE(a, batch_key="batch", likelihood="zinb", dispersion="gene-batch")
+    m.train(max_epochs=5, progress_bar=False, seed=0)
+    p = m.get_likelihood_parameters()
+    assert set(p) == {"mean", "dispersions", "dropout"}
+    assert all(v.shape == (600, 80) and v.dtype == np.float32 for v in p.values())
+    np.testing.assert_allclose(p["mean"], m.get_normalized_expression(library_size="observed"),
+                               rtol=1e-4, atol=1e-6)
+    theta = np.exp(m.module.log_theta.detach().numpy())  # genes × batches
+    codes = a.obs["batch"].cat.codes.to_numpy()
+    np.testing.assert_allclose(p["dispersions"], theta[:, codes].T, rtol=1e-5)
+    assert (p["dropout"] > 0).all() and (p["dropout"] < 1).all()
+    rows = np.array([5, 1, 300])
+    sub = m.get_likelihood_parameters(indices=rows)
+    np.testing.assert_allclose(sub["dropout"], p["dropout"][rows], rtol=1e-5)
+    drawn = m.get_likelihood_parameters(indices=rows, give_mean=False)
+    assert not np.allclose(drawn["mean"], sub["mean"])  # one z sample, not the mean
+    assert set(svt.SCVAE(a, likelihood="poisson").train(max_epochs=1, progress_bar=False)
+               .get_likelihood_parameters(indices=rows)) == {"mean"}
+
+    # θ fitted to counts simulated with θ = 1 is near 1, and larger for θ = 20.
+    fitted = []
+    for true_theta in (1.0, 20.0):
+        b = svt.datasets.synthetic_counts(n_cells=1500, n_genes=100, n_types=3, seed=0,
+                                          theta=true_theta)
+        nb = svt.SCVAE(b).train(max_epochs=40, progress_bar=False, seed=0)
+        fitted.append(np.median(nb.get_likelihood_parameters(indices=np.arange(3))["dispersions"]))
+    assert 0.7 < fitted[0] < 1.4 and fitted[1] > 1.5 * fitted[0], fitted
