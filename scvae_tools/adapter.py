@@ -170,7 +170,13 @@ class CellData:
         self.obs_names = adata.obs_names.copy()
         counts = _select_genes(_get_counts(adata, spec.layer), adata.var_names, spec.var_names)
         counts = _as_float32(counts, copy=copy)
-        totals = count_totals(counts, validate, spec.allow_non_integer)
+        try:
+            totals = count_totals(counts, validate, spec.allow_non_integer)
+        except ValueError as err:  # not counts: point at counts the AnnData holds elsewhere
+            hint = counts_elsewhere(adata, spec.layer) if "values" in str(err) else ""
+            if not hint:
+                raise
+            raise ValueError(f"{err} {hint}") from None
         self.X = counts  # CSR or dense float32, only ever read
         self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
@@ -451,6 +457,37 @@ def _check_obs_key(adata, key: str) -> None:
             f"{key!r} is not a column of adata.obs (available: {list(adata.obs.columns)}). "
             "Check the spelling of the key or add the column first."
         )
+
+
+def counts_elsewhere(adata, layer: str | None) -> str:
+    """Advice naming the layers (or ``adata.raw``) of ``adata`` that look like raw counts,
+    for when the chosen matrix does not; ``""`` if none does.
+
+    The usual case: after ``sc.pp.normalize_total`` and ``sc.pp.log1p``, ``X`` holds
+    log-normalised values and the counts were kept in a layer or in ``adata.raw``.
+    """
+    names = [k for k in adata.layers.keys() if k != layer and _looks_like_counts(adata.layers[k])]
+    if names:
+        return ("These look like raw counts: " + ", ".join(f"adata.layers[{k!r}]" for k in names)
+                + f"; pass layer={names[0]!r}.")
+    raw = getattr(adata, "raw", None)
+    if layer is None and raw is not None and _looks_like_counts(raw.X):
+        return ("adata.raw looks like raw counts: copy them into a layer for these genes, "
+                "`adata.layers['counts'] = adata.raw[:, adata.var_names].X.copy()`, and pass "
+                "layer='counts'.")
+    return ""
+
+
+def _looks_like_counts(X, n: int = 100_000) -> bool:
+    """Whether the first ``n`` stored values of ``X`` are non-negative whole numbers, not
+    all zero (a sample: this only chooses advice for an error message)."""
+    try:
+        values = X.data[:n] if sp.issparse(X) else np.asarray(X[: max(1, n // max(1, X.shape[1]))])
+        values = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError, AttributeError):  # e.g. a backed dataset, odd types
+        return False
+    return bool(values.size and np.isfinite(values).all() and (values >= 0).all()
+                and (values == np.rint(values)).all() and values.any())
 
 
 def _get_counts(adata, layer: str | None):

@@ -216,6 +216,29 @@ def test_non_integer_allowed_when_asked(X):
     assert z.shape == (N_CELLS, 2)
 
 
+def test_normalised_x_points_at_counts_kept_elsewhere(X):
+    """The scanpy workflow keeps counts in a layer or in .raw and normalises X: the error
+    names where the counts are and the exact fix."""
+    logged = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    a = make(logged)
+    a.layers["counts"] = sp.csr_matrix(X)
+    a.layers["scaled"] = logged - logged.mean(0)
+    with pytest.raises(ValueError, match=r"non-integer.*adata.layers\['counts'\]; pass layer='counts'"):
+        svt.SCVAE(a, **MODEL)
+    with pytest.raises(ValueError, match="negative values.*pass layer='counts'"):
+        svt.SCVAE(a, layer="scaled", **MODEL)
+    b = make(logged[:, :8])
+    b.raw = make(X)  # all 12 genes' counts; X keeps 8 of them
+    with pytest.raises(ValueError, match=r"adata.raw looks like raw counts.*adata.raw\[:, adata.var_names\]"):
+        svt.SCVAE(b, **MODEL)
+    b.layers["counts"] = b.raw[:, b.var_names].X.copy()  # the fix, as the message gives it
+    assert finite_results(fit(b, init={"layer": "counts"})).shape == (N_CELLS, 2)
+    c = make(logged)
+    c.raw = make(logged)  # `adata.raw = adata` after log1p, as scanpy's tutorial does: no counts
+    with pytest.raises(ValueError, match=r"pseudo-counts\.$"):  # no advice pointing at .raw
+        svt.SCVAE(c, **MODEL)
+
+
 @pytest.mark.parametrize("make_bad, exc, message", [
     (lambda X: make(X.astype(object).astype(str)), ValueError, "dtype <U.*must be numeric"),
     (lambda X: make(X[:0]), ValueError, r"empty \(0 cells × 12 genes\)"),
