@@ -246,3 +246,71 @@ def test_cuda_graphs_need_cuda(synthetic):
     model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         model.train(max_epochs=1, device="cpu", cuda_graphs=True, progress_bar=False)
+
+
+class _NoStepAdam:
+    """Stands in for the optimiser on 'meta' tensors (torch's capturable Adam is torch's)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+def _meta_autocast(monkeypatch):
+    """torch.autocast has no 'meta' backend; the likelihood opts out of autocast by device."""
+    real = torch.autocast
+    monkeypatch.setattr(torch, "autocast",
+                        lambda device_type, **kw: real("cpu" if device_type == "meta" else device_type, **kw))
+
+
+@pytest.mark.parametrize("likelihood, dispersion, n_batch, free_bits, prior", [
+    ("nb", "gene", 1, 0.0, "normal"), ("zinb", "gene-batch", 2, 0.0, "normal"),
+    ("poisson", "gene", 1, 0.1, "normal"), ("nb", "gene-cell", 1, 0.0, "mog")],
+    ids=["nb", "zinb-gene-batch", "poisson-free-bits", "gene-cell-mog"])
+def test_accelerator_steps_never_ask_the_device_for_a_value(monkeypatch, likelihood, dispersion,
+                                                            n_batch, free_bits, prior):
+    """A step on CUDA must not wait for the device: every host read of a tensor's value,
+    or an output sized by the data (``nonzero``, a boolean mask, ``repeat_interleave``
+    without a size), is a synchronisation, and inside a CUDA-graph capture an error.
+    'meta' tensors have shapes and no values, so exactly those operations raise on them,
+    while the code takes its accelerator branches (no CPU kernels or tables). Checked: the
+    device data path's batch gather, the eager step given its non-zeros, and the graphed
+    step (``train(cuda_graphs=True)``, which has never run on a GPU) with the deferred NaN
+    guard."""
+    from scvae_tools.adapter import Batch, _gather_csr_on_device
+    from scvae_tools.module import VAE, ModuleConfig
+    from scvae_tools.train import TrainConfig, _GraphedStep, _StepGuard
+
+    _meta_autocast(monkeypatch)
+    meta, n, g = torch.device("meta"), 16, 50
+    module = VAE(ModuleConfig(n_genes=g, n_batch=n_batch, likelihood=likelihood,
+                              dispersion=dispersion, prior=prior)).to(meta).train()
+    guard = _StepGuard(meta, list(module.parameters()))
+    assert not guard.immediate  # flagged on the device, read once per epoch
+    csr = {"x_indptr": torch.empty(101, dtype=torch.long, device=meta),
+           "x_indices": torch.empty(900, dtype=torch.long, device=meta),
+           "x_data": torch.empty(900, device=meta)}
+    x, nz = _gather_csr_on_device(csr, torch.arange(n, device=meta), 300, g, nonzero=True)
+    b = Batch(x=x, library=torch.empty((n, 1), device=meta),
+              batch_index=torch.zeros(n, dtype=torch.long, device=meta),
+              cat_covs=torch.zeros((n, 0), dtype=torch.long, device=meta),
+              cont_covs=torch.zeros((n, 0), device=meta), index=torch.arange(n, device=meta))
+
+    # The eager step, with the non-zeros the data path built on the device.
+    terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs, nonzero=nz)
+    module.loss(terms, beta=0.5, free_bits=free_bits).backward()
+    guard.bad_step(0, module.loss(terms, beta=0.5, free_bits=free_bits))
+    # The graphed step: static buffers, every entry as a non-zero, tensor β and step.
+    cfg = TrainConfig(cuda_graphs=True, free_bits=free_bits)
+    graphed = _GraphedStep(module, _NoStepAdam(), guard, torch.zeros(2, device=meta), cfg,
+                           torch.autocast("cpu", enabled=False), meta)
+    for step in range(2):
+        graphed.run(b, step, 0.5)
+    assert [k for k, p in module.named_parameters() if p.grad is None] == ([] if likelihood != "poisson" else ["log_theta"])
+    if likelihood == "nb":
+        # The check has teeth: without the data path's non-zeros the fused NB likelihood
+        # searches the block for them, which needs the device's answer.
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs)
