@@ -122,6 +122,7 @@ class SCVAE:
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
+        self.train_threads: int | None = None  # torch's CPU threads in the last train()
         # Backed AnnData (or a path) streams from disk; see scvae_tools.backed.
         self._data: CellData | BackedCellData | None = make_cell_data(adata, self.spec)
 
@@ -217,8 +218,9 @@ class SCVAE:
             ``history`` are NaN in between, and early stopping's patience then counts
             checks, not epochs. Default 1: every epoch.
         seed
-            Seeds the split, initial weights, shuffling and sampling; same seed and device
-            give identical results on the CPU.
+            Seeds the split, initial weights, shuffling and sampling; same seed, device and
+            number of torch threads give identical results on the CPU (the thread count,
+            recorded as ``torch_threads``, sets the order of float sums).
         device
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         progress_bar
@@ -288,6 +290,7 @@ class SCVAE:
         # Only a run that finished replaces the model: a diverged one raised above.
         self.module, self.device, self.history = module, device, history
         self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx
+        self.train_threads = torch.get_num_threads()  # with the seed, it fixes the CPU result
         self.is_trained = True
         if dist_ctx is None or dist_ctx.is_main:  # one warning, not one per rank
             self._warn_if_collapsed()
@@ -834,6 +837,7 @@ class SCVAE:
             "free_bits": self.free_bits,
             "train": self.train_config.to_dict() if self.train_config else {},
             "seed": self.train_config.seed if self.train_config else None,
+            "torch_threads": self.train_threads,
             "versions": package_versions(),
             "history": hist,
         })
@@ -869,6 +873,7 @@ class SCVAE:
             "free_bits": self.free_bits,
             "train": self.train_config.to_dict() if self.train_config else None,
             "seed": self.train_config.seed if self.train_config else None,
+            "torch_threads": self.train_threads,
             "versions": package_versions(),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
@@ -915,6 +920,8 @@ class SCVAE:
         hist_file = path / HISTORY_FILE
         model.history = pd.read_csv(hist_file) if hist_file.exists() and hist_file.stat().st_size > 1 else pd.DataFrame()
         model.train_config = config["train"]
+        threads = raw.get("torch_threads")
+        model.train_threads = threads if isinstance(threads, int) and threads > 0 else None
         model.train_indices = model.validation_indices = None
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec)

@@ -191,6 +191,7 @@ def load_query(
                                eps, model.beta, model.free_bits, early_stopping,
                                early_stopping_patience, seed, model.device, progress_bar)
     model.train_indices, model.validation_indices = train_idx, val_idx
+    model.train_threads = torch.get_num_threads()
     return model
 
 

@@ -177,6 +177,25 @@ def test_same_seed_same_latent():
     assert not np.array_equal(z[0], m.get_latent_representation())
 
 
+def test_thread_count_is_recorded_with_the_seed(tmp_path):
+    """The CPU result depends on the seed and on torch's thread count (the order of float
+    sums): both are recorded in uns and in a saved model."""
+    adata = svt.datasets.synthetic_counts(n_cells=200, n_genes=50, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        m = svt.SCVAE(adata, n_latent=3)
+        assert m.train_threads is None
+        torch.set_num_threads(2)
+        m.train(max_epochs=2, progress_bar=False, seed=7)
+    finally:
+        torch.set_num_threads(threads)
+    assert m.train_threads == 2
+    m.write_to_adata(adata, layers=False)
+    assert adata.uns["scvae"]["torch_threads"] == 2 and adata.uns["scvae"]["seed"] == 7
+    m.save(tmp_path / "m")
+    assert svt.SCVAE.load(tmp_path / "m").train_threads == 2
+
+
 @pytest.mark.parametrize("likelihood,dispersion", [("zinb", "gene"), ("poisson", "gene"),
                                                     ("nb", "gene-batch"), ("nb", "gene-cell")])
 def test_options_train(likelihood, dispersion, synthetic):
