@@ -98,6 +98,11 @@ class SCVAE:
     ):
         if dispersion == "gene-batch" and batch_key is None:
             raise ValueError("dispersion='gene-batch' needs a batch_key.")
+        if likelihood == "poisson" and dispersion != "gene":
+            # A Poisson has no dispersion: the setting would only add unused parameters.
+            raise ValueError(f"likelihood='poisson' has no dispersion, so dispersion={dispersion!r} "
+                             "would have no effect; leave dispersion='gene' (the default), or "
+                             "use likelihood='nb' for a per-batch or per-cell dispersion.")
         if isinstance(adata, (str, os.PathLike)):  # out of core: counts stay on disk
             adata = read_backed(adata)
         self.spec = DataSpec.from_anndata(

@@ -355,6 +355,15 @@ def test_bad_covariates(X):
                   categorical_covariate_keys=["donor"], **MODEL)
 
 
+def test_settings_without_meaning_are_refused(X):
+    with pytest.raises(ValueError, match="dispersion='gene-batch' needs a batch_key"):
+        svt.SCVAE(make(X), dispersion="gene-batch", **MODEL)
+    for dispersion in ("gene-cell", "gene-batch"):
+        with pytest.raises(ValueError, match="'poisson' has no dispersion.*likelihood='nb'"):
+            svt.SCVAE(make(X, batch=["a", "b"] * (N_CELLS // 2)), batch_key="batch",
+                      likelihood="poisson", dispersion=dispersion, **MODEL)
+
+
 # ---------------------------------------------------------------------- genes
 def test_genes_permuted_extra_missing_at_load(X, baseline, tmp_path):
     model, z = baseline
