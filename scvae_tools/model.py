@@ -371,15 +371,32 @@ class SCVAE:
         return self.module
 
     def get_latent_representation(
-        self, adata=None, give_mean: bool = True, batch_size: int | None = None
+        self, adata=None, give_mean: bool = True, batch_size: int | None = None,
+        indices: np.ndarray | None = None,
     ) -> np.ndarray:
         """Latent coordinates of each cell: posterior means (or one sample), cells × n_latent.
 
         ``batch_size``: cells per batch; by default as many as keep a cells × genes block
         near 32 MB (4,194 cells for 2,000 genes; between 1,024 and 8,192).
+        ``indices``: only these cells (row numbers, in this order).
         """
         self._check_trained()
-        return self._latent(self._data_for(adata), give_mean, batch_size)
+        data = self._data_for(adata)
+        return self._latent(data, give_mean, batch_size, _check_indices(indices, data.n_obs))
+
+    def _gene_indices(self, gene_list) -> np.ndarray | None:
+        """Positions of ``gene_list`` (names, or one name) among the model's genes; ``None``
+        for all genes."""
+        if gene_list is None:
+            return None
+        if isinstance(gene_list, str):
+            gene_list = [gene_list]
+        idx = pd.Index(self.spec.var_names).get_indexer([str(g) for g in gene_list])
+        if (idx < 0).any():
+            missing = [g for g, i in zip(gene_list, idx, strict=True) if i < 0]
+            raise KeyError(f"Genes not in the model: {missing[:5]}"
+                           f"{' …' if len(missing) > 5 else ''}; see model.var_names.")
+        return idx
 
     def _inference_batch_size(self, batch_size: int | None, n_samples: int = 1) -> int:
         """``batch_size``, or by default cells for ~2²³ cells × genes × samples values per
@@ -391,12 +408,13 @@ class SCVAE:
         return int(min(8192, max(1024, (1 << 23) // per_cell)))
 
     @torch.inference_mode()
-    def _latent(self, data: CellData, give_mean: bool = True,
-                batch_size: int | None = None) -> np.ndarray:
-        out = np.empty((data.n_obs, self.n_latent), dtype=np.float32)
+    def _latent(self, data: CellData, give_mean: bool = True, batch_size: int | None = None,
+                indices: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((data.n_obs if indices is None else len(indices), self.n_latent),
+                       dtype=np.float32)
         start = 0
         batch_size = self._inference_batch_size(batch_size)
-        for b in self._eval_batches(data, batch_size, sparse=True):  # encoder only: sparse ok
+        for b in self._eval_batches(data, batch_size, indices, sparse=True):  # encoder only: sparse ok
             cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = self.module.encode(b.x, cov)
             z = m if give_mean else m + v.sqrt() * torch.randn_like(m)
@@ -412,8 +430,11 @@ class SCVAE:
         transform_batch: str | None = None,
         batch_size: int | None = None,
         out: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
+        gene_list: list[str] | None = None,
     ) -> np.ndarray:
-        """Denoised expression, cells × genes (genes in the model's order, ``var_names``).
+        """Denoised expression, cells × genes (genes in the model's order, ``var_names``,
+        or in ``gene_list``'s).
 
         Parameters
         ----------
@@ -437,23 +458,37 @@ class SCVAE:
             shape=(adata.n_obs, model.var_names.size))`` with a backed AnnData. For repeated
             calls, reusing one buffer also spares the operating system zeroing fresh memory
             (up to a fifth of a call on large dense data).
+        indices
+            Only these cells (row numbers, in this order).
+        gene_list
+            Only these genes, in this order (names from ``model.var_names``). Each cell is
+            still normalised over all genes; only the result is smaller: for a few marker
+            genes over many cells, cells × len(gene_list) values instead of cells × genes.
         """
         self._check_trained()
         data = self._data_for(adata)
+        indices = _check_indices(indices, data.n_obs)
+        genes = self._gene_indices(gene_list)
+        shape = (data.n_obs if indices is None else len(indices),
+                 self.spec.n_genes if genes is None else len(genes))
         if out is not None:
-            _check_out(out, (data.n_obs, self.spec.n_genes))
-        return self._expression(data, library_size, n_samples, transform_batch, batch_size, out)
+            _check_out(out, shape)
+        return self._expression(data, library_size, n_samples, transform_batch, batch_size, out,
+                                indices, genes)
 
     @torch.inference_mode()
     def _expression(self, data: CellData, library_size: float | str = 1e4, n_samples: int = 1,
                     transform_batch: str | None = None, batch_size: int | None = None,
-                    out: np.ndarray | None = None) -> np.ndarray:
+                    out: np.ndarray | None = None, indices: np.ndarray | None = None,
+                    genes: np.ndarray | None = None) -> np.ndarray:
         # Written batch by batch into one array: no list of blocks and no concatenation copy.
         if out is None:
-            out = np.empty((data.n_obs, self.spec.n_genes), dtype=np.float32)
+            out = np.empty((data.n_obs if indices is None else len(indices),
+                            self.spec.n_genes if genes is None else len(genes)), dtype=np.float32)
         start = 0
         batch_size = self._inference_batch_size(batch_size, n_samples)
-        for b in self._eval_batches(data, batch_size, sparse=True):
+        scratch = genes_t = None  # with a gene subset: all genes of a block, then the subset
+        for b in self._eval_batches(data, batch_size, indices, sparse=True):
             # Counterfactual: encode with the cell's observed batch, decode as transform_batch.
             batch_index = self._transform_batch_index(b.batch_index, transform_batch)
             cov = self.module.covariates(batch_index, b.cat_covs, b.cont_covs)
@@ -464,18 +499,30 @@ class SCVAE:
             else:
                 z = m
             lib = b.library if library_size == "observed" else float(library_size)
-            dest = out[start:start + len(m)]
+            dest = torch.from_numpy(out[start:start + len(m)])
             start += len(m)
+            if genes is not None and genes_t is None:
+                genes_t = torch.as_tensor(genes, device=m.device)
             if n_samples == 1 and m.device.type == "cpu" and m.dtype == torch.float32:
-                # Decode straight into the output array: no intermediate cells × genes buffers.
-                self.module.scaled_proportions_(z, cov, lib, torch.from_numpy(dest))
+                # Decode straight into the output array: no intermediate cells × genes buffers
+                # (with a gene subset, into one scratch block reused by every batch).
+                if genes is None:
+                    self.module.scaled_proportions_(z, cov, lib, dest)
+                    continue
+                if scratch is None:
+                    scratch = torch.empty((len(m), self.spec.n_genes))
+                block = scratch[:len(m)]
+                self.module.scaled_proportions_(z, cov, lib, block)
+                torch.index_select(block, 1, genes_t, out=dest)
                 continue
             # μ = ℓ·ρ, so the mean over samples of μ is ℓ times the mean of ρ.
             rho = self.module.proportions(z, cov)
             if n_samples > 1:
                 rho = rho.mean(0)
+            if genes is not None:
+                rho = rho.index_select(1, genes_t)
             # Straight into the output (from the device, one copy): no host tensor between.
-            torch.from_numpy(dest).copy_(rho.mul_(lib))
+            dest.copy_(rho.mul_(lib))
         return out
 
     def _transform_batch_index(self, batch_index: torch.Tensor, transform_batch) -> torch.Tensor:
@@ -495,6 +542,7 @@ class SCVAE:
         """
         self._check_trained()
         data = self._data_for(adata)
+        indices = _check_indices(indices, data.n_obs)
         return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
 
     @torch.inference_mode()
@@ -508,6 +556,7 @@ class SCVAE:
         """
         self._check_trained()
         data = self._data_for(adata)
+        indices = _check_indices(indices, data.n_obs)
         vals = []
         # The batches' non-zeros spare the likelihood a search of each samples × cells block.
         for b in self._eval_batches(data, batch_size, indices, nonzero=True):
@@ -666,6 +715,7 @@ class SCVAE:
         """
         self._check_trained()
         data = self._data_for(adata)
+        indices = _check_indices(indices, data.n_obs)
         n = data.n_obs if indices is None else len(indices)
         keys = ["mean"] + (["dispersions"] if self.module_config.likelihood != "poisson" else [])
         keys += ["dropout"] if self.module_config.likelihood == "zinb" else []
@@ -958,6 +1008,23 @@ def _dist_context(strategy: str | None, device):
     from .distributed import DistContext
 
     return DistContext.from_env(device)
+
+
+def _check_indices(indices, n_obs: int) -> np.ndarray | None:
+    """``indices`` as int64 row numbers within ``n_obs`` cells, or ``None`` for all cells."""
+    if indices is None:
+        return None
+    idx = np.asarray(indices)
+    if idx.dtype == bool:
+        raise ValueError("indices must be row numbers, not a boolean mask; pass "
+                         "np.flatnonzero(mask).")
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise ValueError(f"indices must be a 1-D array of row numbers, got shape {idx.shape} "
+                         f"and dtype {idx.dtype}.")
+    if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
+        raise ValueError(f"indices must lie in [0, {n_obs}) for these {n_obs} cells; got "
+                         f"values from {idx.min()} to {idx.max()}.")
+    return idx.astype(np.int64, copy=False)
 
 
 def _check_out(out, shape: tuple[int, int]) -> None:

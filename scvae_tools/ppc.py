@@ -63,23 +63,12 @@ def posterior_predictive_sample(
     model._check_trained()
     n_samples = _check_n_samples(n_samples)
     data = model._data_for(adata)
-    genes = _gene_indices(model, gene_list)
+    genes = model._gene_indices(gene_list)
+    genes = np.arange(model.spec.n_genes) if genes is None else genes
     out = np.empty((data.n_obs, len(genes), n_samples), dtype=np.float32)
     for rows, counts in _replicates(model, data, n_samples, batch_size, seed):
         out[rows] = counts[:, :, genes].permute(1, 2, 0).cpu().numpy()
     return out
-
-
-def _gene_indices(model: SCVAE, gene_list: list[str] | None) -> np.ndarray:
-    if gene_list is None:
-        return np.arange(model.spec.n_genes)
-    if isinstance(gene_list, str):
-        gene_list = [gene_list]
-    idx = pd.Index(model.spec.var_names).get_indexer([str(g) for g in gene_list])
-    if (idx < 0).any():
-        missing = [g for g, i in zip(gene_list, idx, strict=True) if i < 0]
-        raise KeyError(f"Genes not in the model: {missing[:5]}; see model.var_names.")
-    return idx
 
 
 def _stats_from_moments(n: int, s: np.ndarray, ss: np.ndarray, nz: np.ndarray) -> dict[str, np.ndarray]:

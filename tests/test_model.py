@@ -289,3 +289,49 @@ def test_likelihood_parameters_match_the_model_and_recover_dispersion():
         nb = svt.SCVAE(b).train(max_epochs=40, progress_bar=False, seed=0)
         fitted.append(np.median(nb.get_likelihood_parameters(indices=np.arange(3))["dispersions"]))
     assert 0.7 < fitted[0] < 1.4 and fitted[1] > 1.5 * fitted[0], fitted
+
+
+@pytest.mark.parametrize("library_size, n_samples", [(1e4, 1), ("observed", 1), (1e4, 3)])
+def test_expression_for_some_cells_and_genes(library_size, n_samples):
+    """indices= and gene_list= give exactly the rows and columns of the full result, each
+    cell still normalised over all genes."""
+    a = svt.datasets.synthetic_counts(n_cells=300, n_genes=40, n_batches=2, seed=0)
+    m = svt.SCVAE(a, batch_key="batch", n_latent=4, n_hidden=32)
+    m.train(max_epochs=2, progress_bar=False)
+    rows, genes = np.array([250, 3, 17, 3]), [a.var_names[7], a.var_names[0], a.var_names[31]]
+
+    def expr(**kw):
+        torch.manual_seed(0)  # n_samples > 1 draws z
+        return m.get_normalized_expression(library_size=library_size, n_samples=n_samples,
+                                           batch_size=64, **kw)
+
+    full = expr()
+    cols = [7, 0, 31]
+    np.testing.assert_allclose(expr(gene_list=genes), full[:, cols], rtol=1e-6)
+    if n_samples == 1:  # draws follow the batches, so only the posterior mean matches by row
+        np.testing.assert_allclose(expr(indices=rows), full[rows], rtol=1e-6)
+        np.testing.assert_allclose(expr(indices=rows, gene_list=genes), full[rows][:, cols],
+                                   rtol=1e-6)
+        buf = np.empty((4, 3), dtype=np.float32)
+        assert expr(indices=rows, gene_list=genes, out=buf) is buf
+    np.testing.assert_allclose(expr(gene_list=a.var_names[5]), full[:, [5]], rtol=1e-6)
+    np.testing.assert_allclose(
+        m.get_latent_representation(indices=rows), m.get_latent_representation()[rows])
+    with pytest.raises(KeyError, match=r"Genes not in the model: \['nope'\]"):
+        m.get_normalized_expression(gene_list=["nope", genes[0]])
+    with pytest.raises(ValueError, match=r"its shape is \(300, 40\), not \(cells, genes\) = \(300, 3\)"):
+        m.get_normalized_expression(gene_list=genes, out=np.empty((300, 40), np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:.*latent dimensions are collapsed")
+def test_bad_indices_are_named():
+    a = svt.datasets.synthetic_counts(n_cells=100, n_genes=20, seed=0)
+    m = svt.SCVAE(a, n_latent=2, n_hidden=8).train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match=r"lie in \[0, 100\).*from 0 to 100"):
+        m.get_latent_representation(indices=[0, 100])
+    with pytest.raises(ValueError, match="boolean mask.*flatnonzero"):
+        m.get_normalized_expression(indices=np.ones(100, bool))
+    with pytest.raises(ValueError, match="1-D array of row numbers"):
+        m.get_elbo(indices=np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 100\)"):
+        m.get_marginal_ll(indices=[-1], n_samples=2)
