@@ -4,7 +4,9 @@
   ``obsm``, denoised layers, settings and history in ``uns``); ``--save-model DIR`` keeps
   the model.
 - ``apply IN.h5ad --model DIR -o OUT.h5ad``: write a saved model's results for other cells
-  with the same genes, without training.
+  with the same genes, without training; with ``--query``, cells from batches the model
+  has not seen are mapped onto it first (``SCVAE.load_query``: only the new batches'
+  weights are fitted).
 - ``demo``: train on the PBMC data that ship with scanpy; write an .h5ad and a UMAP.
 
 Also runs as ``python -m scvae_tools.cli``, e.g. under ``torchrun`` for distributed
@@ -159,10 +161,17 @@ def cmd_apply(args) -> int:
     from .model import SCVAE
 
     adata = _read(args.input, args.backed)
-    model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
+    if args.query:  # new batches: fit their weights only, the reference stays as it was
+        model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed,
+                                 device=args.device, progress_bar=not args.quiet)
+    else:
+        model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
     model.write_to_adata(adata, key_added=args.key_added, layers=not args.no_layers)
     _write(adata, args.output, args.backed)
-    print(f"applied the model in {args.model} to {adata.n_obs} cells; wrote {args.output}")
+    if args.save_model:
+        model.save(args.save_model, overwrite=True)
+    what = "mapped onto" if args.query else "applied"
+    print(f"{what} the model in {args.model}: {adata.n_obs} cells; wrote {args.output}")
     return 0
 
 
@@ -226,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_output_args(apply)
     apply.add_argument("--backed", action="store_true", help="stream the counts from disk")
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    apply.add_argument("--query", action="store_true",
+                       help="cells from new batches: fine-tune the new batches' weights of the "
+                            "reference model first (scArches-style reference mapping)")
+    apply.add_argument("--epochs", type=int, default=None,
+                       help="--query: max fine-tuning epochs (default: by data size)")
+    apply.add_argument("--seed", type=int, default=0, help="--query: seed of the fine-tuning")
+    apply.add_argument("--save-model", default=None, help="--query: save the mapped model here")
+    apply.add_argument("--quiet", action="store_true", help="no progress bar")
     apply.set_defaults(func=cmd_apply)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")
     demo.add_argument("-o", "--output", default="demo_out", help="output folder")
@@ -238,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip("'\"")  # a KeyError quotes its message
         if "layers=False" in message:
             message += " (on the command line: --no-layers)"
+        if "load_query" in message and args.command == "apply":
+            message += " (on the command line: apply --query)"
         print(f"error: {message}", file=sys.stderr)
         return 2
 

@@ -153,3 +153,26 @@ def test_committed_synthetic_file_matches_its_generator(tmp_path):
     out = ad.read_h5ad(tmp_path / "fit.h5ad")
     found = KMeans(4, n_init=10, random_state=0).fit_predict(out.obsm["X_scvae"])
     assert adjusted_rand_score(out.obs["cell_type"], found) > 0.85  # 0.92
+
+
+def test_apply_query_maps_new_batches(tmp_path, capsys):
+    """Cells of an unseen batch: plain `apply` names `--query`; with it, only the new
+    batch's weights are fitted, so reference cells keep their coordinates."""
+    a = svt.datasets.synthetic_counts(n_cells=300, n_genes=50, n_batches=3, seed=0)
+    ref, query = a[a.obs["batch"] != "batch2"].copy(), a[a.obs["batch"] == "batch2"].copy()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    assert main(["fit", str(tmp_path / "ref.h5ad"), "-o", str(tmp_path / "ref_out.h5ad"),
+                 "--batch-key", "batch", "--epochs", "5", "--quiet",
+                 "--save-model", str(tmp_path / "ref_model")]) == 0
+    args = ["apply", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "ref_model"),
+            "-o", str(tmp_path / "query_out.h5ad")]
+    assert main(args) == 2 and "apply --query" in capsys.readouterr().err
+    assert main([*args, "--query", "--epochs", "5", "--quiet",
+                 "--save-model", str(tmp_path / "query_model")]) == 0
+    out = ad.read_h5ad(tmp_path / "query_out.h5ad")
+    assert out.obsm["X_scvae"].shape == (query.n_obs, 10) and np.isfinite(out.obsm["X_scvae"]).all()
+    mapped = svt.SCVAE.load(tmp_path / "query_model")
+    ref_out = ad.read_h5ad(tmp_path / "ref_out.h5ad")
+    np.testing.assert_allclose(mapped.get_latent_representation(ref), ref_out.obsm["X_scvae"],
+                               rtol=1e-4, atol=1e-5)
