@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -253,12 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         message = str(err).strip("'\"")  # a KeyError quotes its message
-        if "layers=False" in message:
-            message += " (on the command line: --no-layers)"
-        if "load_query" in message and args.command == "apply":
-            message += " (on the command line: apply --query)"
+        flags = _flags_for(message, args.command)
+        if flags:
+            message += f" (on the command line: {', '.join(flags)})"
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _flags_for(message: str, command: str) -> list[str]:
+    """The flags for the Python fixes an error message names (``layer='counts'`` …)."""
+    flags = [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
+    if "allow_non_integer=True" in message:
+        flags.append("--allow-non-integer")
+    if "layers=False" in message:
+        flags.append("--no-layers")
+    if "load_query" in message and command == "apply":
+        flags.append("apply --query")
+    return flags
 
 
 if __name__ == "__main__":

@@ -113,6 +113,19 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
     assert rc == 2 and "not a column of adata.obs" in capsys.readouterr().err
 
 
+def test_fit_errors_give_the_flag_that_fixes_them(tmp_path, capsys):
+    """Normalised X with the counts in a layer: the message names the layer and its flag."""
+    a = svt.datasets.synthetic_counts(n_cells=100, n_genes=30, seed=0)
+    a.layers["counts"] = a.X.copy()
+    a.X = a.X.multiply(1e4 / a.X.sum(1)).tocsr().log1p()
+    a.write_h5ad(tmp_path / "lognorm.h5ad")
+    args = ["fit", str(tmp_path / "lognorm.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "adata.layers['counts']" in err and "(on the command line: --layer counts" in err
+    assert main([*args, "--layer", "counts", "--epochs", "2"]) == 0
+
+
 def test_fit_passes_cuda_graphs_on(tmp_path, capsys):
     """--cuda-graphs reaches train(): on a CPU it is refused with the fix named."""
     a = svt.datasets.synthetic_counts(n_cells=50, n_genes=20, seed=0)
