@@ -5,17 +5,36 @@ from __future__ import annotations
 import torch
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else Apple MPS, else CPU."""
-    if isinstance(device, torch.device):
-        return device
+    """``"auto"`` → CUDA if available, else Apple MPS, else CPU.
+
+    A device that does not exist here is refused with a ``ValueError`` naming what does
+    (torch itself would fail later, at the first tensor moved, with an ``AssertionError``
+    about how it was compiled).
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    choices = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be one of {choices}, got {device!r}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch {torch.__version__} sees no CUDA GPU "
+                         "here (a CPU build, or no driver); use device='auto' or 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA "
+                         "device(s) exist here.")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device={device!r}, but Apple MPS is not available here; use "
+                         "device='auto' or 'cpu'.")
+    return dev
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:

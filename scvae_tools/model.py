@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -118,6 +119,9 @@ class SCVAE:
             n_continuous_cov=len(self.spec.continuous_covariate_keys),
             prior=prior, n_prior_components=int(n_prior_components),
         )
+        for name, value in (("beta", beta), ("free_bits", free_bits)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         self.beta = float(beta)
         self.free_bits = float(free_bits)
         self.module = VAE(self.module_config)
@@ -353,6 +357,7 @@ class SCVAE:
 
     def _eval_batches(self, data: CellData, batch_size: int, indices=None, sparse: bool = False,
                       nonzero: bool = False):
+        batch_size = check_positive_int(batch_size, "batch_size")
         self._module_on_device().eval()
         return data.batches(indices, batch_size=batch_size, device=self.device, sparse=sparse,
                             nonzero=nonzero)
@@ -466,6 +471,12 @@ class SCVAE:
             genes over many cells, cells × len(gene_list) values instead of cells × genes.
         """
         self._check_trained()
+        n_samples = check_positive_int(n_samples, "n_samples")
+        if not (library_size == "observed" or (
+                isinstance(library_size, (int, float, np.number)) and np.isfinite(library_size)
+                and library_size > 0)):
+            raise ValueError("library_size must be a positive number (e.g. 1e4) or "
+                             f"'observed', got {library_size!r}.")
         data = self._data_for(adata)
         indices = _check_indices(indices, data.n_obs)
         genes = self._gene_indices(gene_list)
@@ -543,6 +554,7 @@ class SCVAE:
         self._check_trained()
         data = self._data_for(adata)
         indices = _check_indices(indices, data.n_obs)
+        batch_size = check_positive_int(batch_size, "batch_size")
         return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
 
     @torch.inference_mode()
@@ -555,6 +567,7 @@ class SCVAE:
         With ``return_per_cell`` the per-cell values are returned instead of their mean.
         """
         self._check_trained()
+        n_samples = check_positive_int(n_samples, "n_samples")
         data = self._data_for(adata)
         indices = _check_indices(indices, data.n_obs)
         vals = []
@@ -1008,6 +1021,13 @@ def _dist_context(strategy: str | None, device):
     from .distributed import DistContext
 
     return DistContext.from_env(device)
+
+
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int, or a ``ValueError`` naming ``name`` if it is not a positive one."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
 
 
 def _check_indices(indices, n_obs: int) -> np.ndarray | None:

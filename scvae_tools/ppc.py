@@ -18,6 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .model import check_positive_int
+
 if TYPE_CHECKING:
     from .model import SCVAE
 
@@ -49,19 +51,13 @@ def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int |
             yield b.index.cpu().numpy(), module.sample_counts(params)
 
 
-def _check_n_samples(n_samples) -> int:
-    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
-    return int(n_samples)
-
-
 def posterior_predictive_sample(
     model: SCVAE, adata=None, n_samples: int = 1, gene_list: list[str] | None = None,
     batch_size: int = 256, seed: int | None = 0,
 ) -> np.ndarray:
     """Counts drawn from the posterior predictive; see :meth:`SCVAE.posterior_predictive_sample`."""
     model._check_trained()
-    n_samples = _check_n_samples(n_samples)
+    n_samples = check_positive_int(n_samples, "n_samples")
     data = model._data_for(adata)
     genes = model._gene_indices(gene_list)
     genes = np.arange(model.spec.n_genes) if genes is None else genes
@@ -85,7 +81,7 @@ def ppc(
 ) -> pd.DataFrame:
     """Per-gene posterior predictive check; see :func:`scvae_tools.tl.ppc`."""
     model._check_trained()
-    n_samples = _check_n_samples(n_samples)
+    n_samples = check_positive_int(n_samples, "n_samples")
     data = model._data_for(adata)
     X = data.X
     n, g = X.shape

@@ -364,6 +364,38 @@ def test_settings_without_meaning_are_refused(X):
                       likelihood="poisson", dispersion=dispersion, **MODEL)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.get_normalized_expression(library_size=-1), "library_size must be a positive"),
+    (lambda m: m.get_normalized_expression(library_size="foo"), "or 'observed', got 'foo'"),
+    (lambda m: m.get_normalized_expression(library_size=float("nan")), "library_size must be"),
+    (lambda m: m.get_normalized_expression(n_samples=0), "n_samples must be a positive integer"),
+    (lambda m: m.get_marginal_ll(n_samples=0), "n_samples must be a positive integer"),
+    (lambda m: m.posterior_predictive_sample(n_samples=1.5), "n_samples must be a positive"),
+    (lambda m: m.get_latent_representation(batch_size=0), "batch_size must be a positive"),
+    (lambda m: m.get_elbo(batch_size=-5), "batch_size must be a positive integer, got -5"),
+    (lambda m: m.train(device="gpu0", **TRAIN), "device must be one of 'auto', 'cpu'"),
+], ids=["lib-negative", "lib-string", "lib-nan", "expr-samples", "ml-samples", "ppc-samples",
+        "latent-batch", "elbo-batch", "device-name"])
+def test_bad_call_arguments_are_named(baseline, call, message):
+    """Arguments of the evaluation calls: one ValueError naming the argument, never NaN,
+    silently ignored values or an error from inside torch."""
+    model, _ = baseline
+    with pytest.raises(ValueError, match=message):
+        call(model)
+
+
+def test_unavailable_devices_and_negative_beta(X):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU here.*device='auto' or 'cpu'"):
+            fit(make(X), device="cuda")
+    if not (torch.backends.mps.is_available()):
+        with pytest.raises(ValueError, match="MPS is not available here"):
+            fit(make(X), device="mps")
+    for name in ("beta", "free_bits"):
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative number"):
+            svt.SCVAE(make(X), **{name: -0.5}, **MODEL)
+
+
 # ---------------------------------------------------------------------- genes
 def test_genes_permuted_extra_missing_at_load(X, baseline, tmp_path):
     model, z = baseline
