@@ -862,6 +862,8 @@ class SCVAE:
         dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
         """
         self._check_trained()
+        if not isinstance(key_added, str) or not key_added.strip():
+            raise ValueError(f"key_added must be a non-empty string (e.g. 'scvae'), got {key_added!r}.")
         _check_writable(adata, layers, self.spec.n_genes)
         data = self._data_for(adata)
         out_obsm = {f"X_{key_added}": self._latent(data, batch_size=batch_size)}

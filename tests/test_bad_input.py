@@ -384,6 +384,14 @@ def test_bad_call_arguments_are_named(baseline, call, message):
         call(model)
 
 
+def test_empty_result_key_is_refused(baseline, X):
+    model, _ = baseline
+    a = make(X)
+    with pytest.raises(ValueError, match="key_added must be a non-empty string"):
+        model.write_to_adata(a, key_added="")
+    assert not a.obsm and not a.layers and not a.uns  # nothing written
+
+
 def test_unavailable_devices_and_negative_beta(X):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU here.*device='auto' or 'cpu'"):
