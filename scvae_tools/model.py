@@ -980,6 +980,8 @@ class SCVAE:
         model.module = VAE(model.module_config)
         state = check_state_dict(safe_torch_load(path / WEIGHTS_FILE, "model weights"),
                                  str(path / WEIGHTS_FILE))
+        if model.module.log_theta is None:
+            state.pop("log_theta", None)  # earlier versions gave Poisson models an unused θ
         try:
             model.module.load_state_dict(state)
         except RuntimeError as err:

@@ -228,9 +228,11 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        if cfg.dispersion == "gene":
+        # Inverse dispersion: none for a Poisson (a parameter without gradients would also
+        # send every optimiser step down torch's slower path).
+        if cfg.likelihood != "poisson" and cfg.dispersion == "gene":
             self.log_theta = nn.Parameter(torch.randn(cfg.n_genes) * 0.1)
-        elif cfg.dispersion == "gene-batch":
+        elif cfg.likelihood != "poisson" and cfg.dispersion == "gene-batch":
             self.log_theta = nn.Parameter(torch.randn(cfg.n_genes, cfg.n_batch) * 0.1)
         else:
             self.register_parameter("log_theta", None)

@@ -760,8 +760,9 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         raise ValueError(f"The checkpoint {ck.path} belongs to a different model (architecture, "
                          f"genes or covariates differ). {fix}")
     now_cfg = cfg.to_dict()
-    # A setting added after the checkpoint was written had its default then.
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    # A setting added after the checkpoint was written had its default then; train_size was
+    # used before it was recorded, and the split check below covers it.
+    defaults = {f.name: f.default for f in fields(TrainConfig)} | {"train_size": cfg.train_size}
     saved_cfg = {k: state["train_config"].get(k, defaults.get(k)) for k in now_cfg}
     diff = sorted(k for k in now_cfg if k != "max_epochs" and saved_cfg[k] != now_cfg[k])
     if diff:
@@ -772,6 +773,11 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
             and np.array_equal(state["val_idx"].numpy(), val_idx)):
         raise ValueError(f"The checkpoint {ck.path} used another train/validation split (a "
                          f"different number of cells or train_size). {fix}")
+    if module.log_theta is None and "log_theta" in state["module"]:
+        raise ValueError(f"The checkpoint {ck.path} was written by an older scvae_tools, whose "
+                         "Poisson models carried an unused dispersion parameter, and cannot be "
+                         "resumed; train again with resume=False (the checkpoint is then "
+                         "overwritten).")
     module.load_state_dict(ckpt.check_state_dict(state["module"], f"checkpoint {ck.path}"))
     optim.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])

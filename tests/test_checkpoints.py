@@ -140,6 +140,28 @@ def test_resume_a_checkpoint_from_before_a_setting_existed(small, reference, tmp
     _same_history(resumed.history, reference.history)
 
 
+def test_old_poisson_checkpoints_and_saves_with_an_unused_dispersion(small, tmp_path):
+    """Earlier versions gave Poisson models an unused θ parameter. Their saved models still
+    load (θ is dropped, the latent is unchanged); their checkpoints cannot be resumed (the
+    optimiser state has one parameter more), and the message says what to do."""
+    model = svt.SCVAE(small, likelihood="poisson", **MODEL)
+    assert model.module.log_theta is None
+    model.train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path / "ck")
+    model.save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "log_theta": torch.zeros(small.n_vars)}, weights)  # the old layout
+    np.testing.assert_array_equal(svt.SCVAE.load(tmp_path / "m", small).get_latent_representation(),
+                                  model.get_latent_representation())
+    path = tmp_path / "ck" / ck.CHECKPOINT_FILE
+    state = ck.load_checkpoint(path)
+    state["module"]["log_theta"] = torch.zeros(small.n_vars)
+    ck.save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(ValueError, match="older scvae_tools.*unused dispersion.*resume=False"):
+        svt.SCVAE(small, likelihood="poisson", **MODEL).train(
+            **TRAIN, checkpoint_dir=tmp_path / "ck", resume=True)
+
+
 def test_resume_without_checkpoint_starts_afresh(small, reference, tmp_path):
     model = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path / "new", resume=True)
     _same_history(model.history, reference.history)
