@@ -251,6 +251,13 @@ class CellData:
             self._counts_placed = True
         return t
 
+    def genes_without_counts(self) -> int:
+        """How many genes have no count in any cell (one pass over the stored entries)."""
+        if sp.issparse(self.X):
+            seen = np.bincount(self.X.indices[self.X.data != 0], minlength=self.X.shape[1])
+            return int((seen == 0).sum())
+        return int(self.X.shape[1] - np.count_nonzero(np.any(self.X, axis=0)))
+
     def batches(
         self,
         indices: np.ndarray | None = None,

@@ -262,7 +262,8 @@ def test_missing_layer_and_missing_x(X):
 def test_zero_count_genes_are_fine(X):
     Y = X.copy()
     Y[:, [0, 5]] = 0
-    model = fit(make(Y))
+    with pytest.warns(UserWarning, match="2 of 12 genes have no counts"):  # works, and says so
+        model = fit(make(Y))
     finite_results(model)
     assert np.isfinite(model.get_elbo())
 
@@ -402,6 +403,21 @@ def test_unavailable_devices_and_negative_beta(X):
     for name in ("beta", "free_bits"):
         with pytest.raises(ValueError, match=f"{name} must be a non-negative number"):
             svt.SCVAE(make(X), **{name: -0.5}, **MODEL)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_many_genes_without_counts_are_pointed_out(X, fmt):
+    """Genes never detected cost time and inform nothing: a warning with the fix; the
+    AnnData is left as it is. A few such genes (usual after gene selection) pass quietly."""
+    wide = np.hstack([X, np.zeros((N_CELLS, 6))])  # 6 of 18 genes never detected
+    a = make(sp.csr_matrix(wide) if fmt == "csr" else wide)
+    with pytest.warns(UserWarning, match=r"6 of 18 genes have no counts in any cell.*filter_genes"):
+        svt.SCVAE(a, **MODEL)
+    assert a.n_vars == 18
+    one = np.hstack([np.tile(X, (1, 2)), np.zeros((N_CELLS, 1))])  # 1 of 25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svt.SCVAE(make(sp.csr_matrix(one) if fmt == "csr" else one), **MODEL)
 
 
 # ---------------------------------------------------------------------- genes
