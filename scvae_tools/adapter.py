@@ -172,11 +172,11 @@ class CellData:
         counts = _as_float32(counts, copy=copy)
         try:
             totals = count_totals(counts, validate, spec.allow_non_integer)
-        except ValueError as err:  # not counts: point at counts the AnnData holds elsewhere
-            hint = counts_elsewhere(adata, spec.layer) if "values" in str(err) else ""
+        except NotCountsError as err:  # point at counts the AnnData holds elsewhere, if any
+            hint = counts_elsewhere(adata, spec.layer)
             if not hint:
                 raise
-            raise ValueError(f"{err} {hint}") from None
+            raise NotCountsError(f"{err} {hint}") from None
         self.X = counts  # CSR or dense float32, only ever read
         self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
@@ -320,6 +320,11 @@ class CellData:
 
 
 # ---------------------------------------------------------------------- validation
+class NotCountsError(ValueError):
+    """The matrix holds values that are not counts: NaN/inf, negative or (unless allowed)
+    fractional. A ``ValueError``; its own class so that callers can add advice to it."""
+
+
 def count_totals(X, validate: bool = True, allow_non_integer: bool = False) -> np.ndarray:
     """Each cell's total counts (float32); with ``validate``, first :func:`validate_counts`.
 
@@ -404,7 +409,7 @@ def _validate_flat(flat: np.ndarray, whole: bool, where: str) -> None:
             continue
         k = chunk.size
         if np.not_equal(chunk, np.rint(chunk, out=rounded[:k]), out=differs[:k]).any():
-            raise ValueError(
+            raise NotCountsError(
                 f"The count matrix contains non-integer values{where}; it looks normalised or "
                 "log-transformed. Use raw integer counts (e.g. layer='counts'), or pass "
                 "allow_non_integer=True for ambient-corrected / pseudo-counts."
@@ -416,12 +421,12 @@ def _check_finite_non_negative(values: np.ndarray, where: str) -> None:
     # without temporaries instead of an isfinite mask.
     low, high = values.min(initial=0.0), values.max(initial=0.0)
     if not (np.isfinite(low) and np.isfinite(high)):
-        raise ValueError(
+        raise NotCountsError(
             f"The count matrix contains NaN or inf values{where}. Replace them (e.g. with 0) or "
             "drop the affected cells/genes before training."
         )
     if low < 0:
-        raise ValueError(
+        raise NotCountsError(
             f"The count matrix contains negative values{where}; a count model needs raw counts. "
             "Pass the raw counts (e.g. layer='counts' or adata.raw) rather than scaled or "
             "log-normalised data."

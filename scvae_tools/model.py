@@ -414,6 +414,12 @@ class SCVAE:
         per_cell = self.spec.n_genes * max(1, int(n_samples))
         return int(min(8192, max(1024, (1 << 23) // per_cell)))
 
+    def _posterior_z(self, b, give_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's covariate vector and z: the posterior means, or one sample per cell."""
+        cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+        m, v = self.module.encode(b.x, cov)
+        return cov, (m if give_mean else m + v.sqrt() * torch.randn_like(m))
+
     @torch.inference_mode()
     def _latent(self, data: CellData, give_mean: bool = True, batch_size: int | None = None,
                 indices: np.ndarray | None = None) -> np.ndarray:
@@ -422,9 +428,7 @@ class SCVAE:
         start = 0
         batch_size = self._inference_batch_size(batch_size)
         for b in self._eval_batches(data, batch_size, indices, sparse=True):  # encoder only: sparse ok
-            cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
-            m, v = self.module.encode(b.x, cov)
-            z = m if give_mean else m + v.sqrt() * torch.randn_like(m)
+            _, z = self._posterior_z(b, give_mean)
             out[start:start + len(z)] = z.cpu().numpy()
             start += len(z)
         return out
@@ -738,9 +742,7 @@ class SCVAE:
         start = 0
         for b in self._eval_batches(data, self._inference_batch_size(batch_size), indices,
                                     sparse=True):
-            cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
-            m, v = self.module.encode(b.x, cov)
-            z = m if give_mean else m + v.sqrt() * torch.randn_like(m)
+            cov, z = self._posterior_z(b, give_mean)
             params = self.module.decode(z, b.library, cov, b.batch_index)
             rows = slice(start, start + len(z))
             start += len(z)
