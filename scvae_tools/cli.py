@@ -262,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _flags_for(message: str, command: str) -> list[str]:
-    """The flags for the Python fixes an error message names (``layer='counts'`` …)."""
-    flags = [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
-    if "allow_non_integer=True" in message:
-        flags.append("--allow-non-integer")
+    """The flags for the Python fixes an error message names (``layer='counts'`` …), where
+    ``command`` has them (``apply`` reads the layer the model was trained on)."""
+    flags = []
+    if command in ("fit", "demo"):
+        flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
+        if "allow_non_integer=True" in message:
+            flags.append("--allow-non-integer")
     if "layers=False" in message:
         flags.append("--no-layers")
     if "load_query" in message and command == "apply":
