@@ -83,6 +83,13 @@ def test_apply_writes_a_saved_models_results(tmp_path, capsys):
     np.testing.assert_allclose(out.layers["scvae_denoised"],
                                fitted[:, out.var_names].layers["scvae_denoised"], rtol=1e-4)
     assert out.uns["scvae"]["data"]["batch_key"] == "batch"
+    # Out of core: the counts stream from disk, the results are the same.
+    assert main(["apply", str(tmp_path / "new.h5ad"), "--model", str(tmp_path / "model"),
+                 "-o", str(tmp_path / "applied_backed.h5ad"), "--backed"]) == 0
+    backed = ad.read_h5ad(tmp_path / "applied_backed.h5ad")
+    np.testing.assert_allclose(backed.obsm["X_scvae"], out.obsm["X_scvae"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(backed.layers["scvae_denoised"], out.layers["scvae_denoised"],
+                               rtol=1e-4)
 
 
 def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
