@@ -624,20 +624,15 @@ def _csr_positions(X: sp.csr_matrix, rows: np.ndarray
     return out_row, pos, lengths
 
 
-def _csr_rows(X: sp.csr_matrix, rows: np.ndarray,
-              found: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+def _csr_rows(X: sp.csr_matrix, rows: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The stored entries of some rows of a CSR matrix, row after row: (genes, values,
     output row of each entry, the number of entries of each row).
 
     The genes keep scipy's index type. scipy's own C++ row gather copies each row's run in
     one go, about 4× faster than gathering at :func:`_csr_positions` with numpy (which
-    remains the fallback, should that private function ever change). ``found``: the
-    rows' :func:`_csr_positions`, for that fallback.
+    remains the fallback, should that private function ever change).
     """
-    if found is not None:
-        out_row, pos, lengths = found
-        return X.indices[pos], X.data[pos], out_row, lengths
     starts = X.indptr[rows]
     lengths = (X.indptr[rows + 1] - starts).astype(np.int64)
     out_row = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
@@ -650,7 +645,8 @@ def _csr_rows(X: sp.csr_matrix, rows: np.ndarray,
             return cols, values, out_row, lengths
         except (TypeError, ValueError):  # pragma: no cover - an incompatible scipy
             pass
-    return _csr_rows(X, rows, _csr_positions(X, rows))
+    _, pos, _ = _csr_positions(X, rows)
+    return X.indices[pos], X.data[pos], out_row, lengths
 
 
 def _take(a: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,11 @@ def posterior_predictive_sample(
     model._check_trained()
     n_samples = check_positive_int(n_samples, "n_samples")
     data = model._data_for(adata)
-    genes = model._gene_indices(gene_list)
-    genes = np.arange(model.spec.n_genes) if genes is None else genes
-    out = np.empty((data.n_obs, len(genes), n_samples), dtype=np.float32)
+    genes = model._gene_indices(gene_list)  # None: all, without an indexing copy
+    n_out = model.spec.n_genes if genes is None else len(genes)
+    out = np.empty((data.n_obs, n_out, n_samples), dtype=np.float32)
     for rows, counts in _replicates(model, data, n_samples, batch_size, seed):
-        out[rows] = counts[:, :, genes].permute(1, 2, 0).cpu().numpy()
+        out[rows] = (counts if genes is None else counts[:, :, genes]).permute(1, 2, 0).cpu().numpy()
     return out
 
 
