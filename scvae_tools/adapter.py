@@ -553,10 +553,12 @@ def _select_genes(X, have: pd.Index, want: list[str]):
     missing = [g for g in want if g not in have_set]
     if missing:
         extra = [g for g in have_list if g not in want_set]
+        also = (f"; it also has {len(extra)} gene{'s' * (len(extra) > 1)} the model does not "
+                f"know (e.g. {extra[:5]})"
+                if extra else "")
         raise ValueError(
             f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
-            f"(e.g. {missing[:5]}); it also has {len(extra)} genes the model does not know "
-            f"(e.g. {extra[:5]}). Subset/reorder it to the model's genes, e.g. "
+            f"(e.g. {missing[:5]}){also}. Subset/reorder it to the model's genes, e.g. "
             "`adata[:, model.var_names]`, after adding the missing ones (as zeros) if needed."
         )
     if have.has_duplicates:

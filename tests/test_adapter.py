@@ -110,8 +110,13 @@ def test_genes_are_matched_by_name():
     np.testing.assert_array_equal(CellData(shuffled, spec).X.toarray(), a.X.toarray())
     shuffled.X = shuffled.X.toarray()  # dense counts are reordered the same way
     np.testing.assert_array_equal(CellData(shuffled, spec).X, a.X.toarray())
-    with pytest.raises(ValueError, match="lacks 1 of the model's 15 genes.*g3"):
+    with pytest.raises(ValueError, match="lacks 1 of the model's 15 genes.*g3") as err:
         CellData(a[:, [j for j in range(a.n_vars) if j != 3]].copy(), spec)
+    assert "does not know" not in str(err.value)  # no empty list of extra genes
+    renamed = a.copy()
+    renamed.var_names = [*a.var_names[:-1], "new_gene"]
+    with pytest.raises(ValueError, match=r"also has 1 gene the model does not know .*new_gene"):
+        CellData(renamed, spec)
 
 
 def test_unseen_batch_category_is_named():
