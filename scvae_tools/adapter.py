@@ -102,8 +102,14 @@ class DataSpec:
                 f"Gene names must be unique; duplicated: {dups}. "
                 "Fix with `adata.var_names_make_unique()`."
             )
-        cat_keys = list(categorical_covariate_keys or [])
-        cont_keys = list(continuous_covariate_keys or [])
+        for name, key in [("layer", layer), ("batch_key", batch_key),
+                          ("size_factor_key", size_factor_key)]:
+            if key is not None and not isinstance(key, str):
+                more = (" For several batch columns, pass one as batch_key and the others as "
+                        "categorical_covariate_keys." if name == "batch_key" else "")
+                raise TypeError(f"{name} must be one name (a str) or None, got {key!r}.{more}")
+        cat_keys = _key_list("categorical_covariate_keys", categorical_covariate_keys)
+        cont_keys = _key_list("continuous_covariate_keys", continuous_covariate_keys)
         for key in [batch_key, size_factor_key, *cat_keys, *cont_keys]:
             if key is not None:
                 _check_obs_key(adata, key)
@@ -461,6 +467,19 @@ def _check_not_empty(adata) -> None:
             f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
             "pass an AnnData with at least one cell and one gene."
         )
+
+
+def _key_list(name: str, keys) -> list[str]:
+    """``obs`` column names as a list; one name alone counts as a list of one (as in scanpy),
+    not as the characters of a string."""
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        return [keys]
+    keys = list(keys)
+    if not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"{name} must be obs column names (str), got {keys!r}.")
+    return keys
 
 
 def _check_obs_key(adata, key: str) -> None:

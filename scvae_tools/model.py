@@ -48,7 +48,8 @@ class SCVAE:
     batch_key
         ``obs`` column of batch labels; the encoder and decoder are conditioned on it.
     categorical_covariate_keys, continuous_covariate_keys
-        Further ``obs`` columns to condition on (one-hot encoded / used as they are).
+        Further ``obs`` columns to condition on (one-hot encoded / used as they are): a list
+        of names, or one name.
     size_factor_key
         ``obs`` column with each cell's library size; default: the cell's total counts.
     n_latent, n_hidden, n_layers, dropout_rate
@@ -82,8 +83,8 @@ class SCVAE:
         adata,
         layer: str | None = None,
         batch_key: str | None = None,
-        categorical_covariate_keys: list[str] | None = None,
-        continuous_covariate_keys: list[str] | None = None,
+        categorical_covariate_keys: list[str] | str | None = None,
+        continuous_covariate_keys: list[str] | str | None = None,
         size_factor_key: str | None = None,
         n_latent: int = 10,
         n_hidden: int = 128,

@@ -356,6 +356,20 @@ def test_bad_covariates(X):
                   categorical_covariate_keys=["donor"], **MODEL)
 
 
+def test_obs_keys_of_the_wrong_type(X):
+    adata = make(X, batch=["a", "b"] * (N_CELLS // 2), donor=["d", "e", "f"] * (N_CELLS // 3))
+    # One name where a list is expected is a list of one, not the string's characters.
+    one = svt.SCVAE(adata, categorical_covariate_keys="donor", **MODEL)
+    assert one.spec.categorical_covariate_keys == ["donor"]
+    assert one.spec.categorical_covariate_categories == {"donor": ["d", "e", "f"]}
+    with pytest.raises(TypeError, match=r"batch_key must be one name.*categorical_covariate_keys"):
+        svt.SCVAE(adata, batch_key=["batch", "donor"], **MODEL)
+    with pytest.raises(TypeError, match="layer must be one name"):
+        svt.SCVAE(adata, layer=0, **MODEL)
+    with pytest.raises(TypeError, match=r"continuous_covariate_keys must be obs column names"):
+        svt.SCVAE(adata, continuous_covariate_keys=[1], **MODEL)
+
+
 def test_settings_without_meaning_are_refused(X):
     with pytest.raises(ValueError, match="dispersion='gene-batch' needs a batch_key"):
         svt.SCVAE(make(X), dispersion="gene-batch", **MODEL)
