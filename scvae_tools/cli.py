@@ -82,8 +82,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fit(adata, args):
-    from .model import SCVAE
+    from .model import SCVAE, check_key_added
 
+    check_key_added(args.key_added)  # before training, not after
     model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key,
                   categorical_covariate_keys=args.categorical_covariate_keys,
                   continuous_covariate_keys=args.continuous_covariate_keys,
@@ -159,8 +160,9 @@ def cmd_fit(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from .model import SCVAE
+    from .model import SCVAE, check_key_added
 
+    check_key_added(args.key_added)
     adata = _read(args.input, args.backed)
     if args.query:  # new batches: fit their weights only, the reference stays as it was
         model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed,
@@ -269,6 +271,7 @@ def _flags_for(message: str, command: str) -> list[str]:
         flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
         if "allow_non_integer=True" in message:
             flags.append("--allow-non-integer")
+    flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]
     if "layers=False" in message:
         flags.append("--no-layers")
     if "load_query" in message and command == "apply":

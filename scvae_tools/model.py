@@ -867,8 +867,7 @@ class SCVAE:
         dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
         """
         self._check_trained()
-        if not isinstance(key_added, str) or not key_added.strip():
-            raise ValueError(f"key_added must be a non-empty string (e.g. 'scvae'), got {key_added!r}.")
+        check_key_added(key_added)
         _check_writable(adata, layers, self.spec.n_genes)
         data = self._data_for(adata)
         out_obsm = {f"X_{key_added}": self._latent(data, batch_size=batch_size)}
@@ -1003,6 +1002,18 @@ class SCVAE:
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec)
         return model
+
+
+def check_key_added(key_added) -> None:
+    """``key_added`` names the results (``obsm[f"X_{key_added}"]``, …): refuse what would
+    write under an empty or doubled name, before any training is spent."""
+    if not isinstance(key_added, str) or not key_added.strip():
+        raise ValueError(f"key_added must be a non-empty string (e.g. 'scvae'), got {key_added!r}.")
+    if key_added.startswith("X_"):  # scanpy's key_added is sometimes the obsm key itself
+        raise ValueError(
+            f"key_added names the results, not the obsm key: {key_added!r} would write "
+            f"obsm['X_{key_added}'] and layers['{key_added}_denoised']. Pass "
+            f"key_added={key_added[2:]!r} for obsm[{key_added!r}].")
 
 
 def _check_writable(adata, layers: bool, n_genes: int) -> None:

@@ -18,7 +18,7 @@ from .diagnostics import (  # noqa: F401  (re-exported as svt.tl.*)
     rate_distortion_sweep,
     variational_gap,
 )
-from .model import SCVAE
+from .model import SCVAE, check_key_added
 
 _INIT_ARGS = set(inspect.signature(SCVAE.__init__).parameters) - {"self", "adata"}
 _TRAIN_ARGS = set(inspect.signature(SCVAE.train).parameters) - {"self"}
@@ -43,6 +43,7 @@ def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCV
             f"Unknown argument(s) {sorted(unknown)} for svt.tl.scvae; model options are "
             f"{sorted(_INIT_ARGS)}, training options {sorted(_TRAIN_ARGS)}."
         )
+    check_key_added(key_added)  # before training, not after
     model = SCVAE(adata, **{k: v for k, v in kwargs.items() if k in _INIT_ARGS})
     model.train(**{k: v for k, v in kwargs.items() if k in _TRAIN_ARGS})
     model.write_to_adata(adata, key_added=key_added, layers=layers)

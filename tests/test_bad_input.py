@@ -399,11 +399,14 @@ def test_bad_call_arguments_are_named(baseline, call, message):
         call(model)
 
 
-def test_empty_result_key_is_refused(baseline, X):
+def test_empty_or_obsm_style_result_key_is_refused(baseline, X):
     model, _ = baseline
     a = make(X)
     with pytest.raises(ValueError, match="key_added must be a non-empty string"):
         model.write_to_adata(a, key_added="")
+    # scanpy's key_added is sometimes the obsm key itself; ours names the results.
+    with pytest.raises(ValueError, match=r"would write obsm\['X_X_vae'\].*key_added='vae'"):
+        svt.tl.scvae(a, key_added="X_vae", max_epochs=1, progress_bar=False, **MODEL)
     assert not a.obsm and not a.layers and not a.uns  # nothing written
 
 

@@ -118,6 +118,12 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--batch-key", "nope", "--quiet"])
     assert rc == 2 and "not a column of adata.obs" in capsys.readouterr().err
+    # An obsm-style key is refused before training, with the flag that fixes it.
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+               "--key-added", "X_vae", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "(on the command line: --key-added vae)" in err, err
+    assert not (tmp_path / "o.h5ad").exists()
 
 
 def test_fit_errors_give_the_flag_that_fixes_them(tmp_path, capsys):
