@@ -89,7 +89,14 @@ def pbmc3k(
                 f"{name} not found in {folder}. Point data_dir= or $SCVAE_TOOLS_DATA_DIR at the "
                 "folder that holds it, or allow download=True to build it from the 10x source."
             )
-        _build_pbmc3k(folder)
+        try:
+            _build_pbmc3k(folder)
+        except OSError as err:  # offline, a proxy, a full disk: say where the file should go
+            raise OSError(
+                f"{name} is not in {folder}, and building it from the public 10x matrix failed "
+                f"({err}). Copy the file into that folder, or point data_dir= or "
+                f"$SCVAE_TOOLS_DATA_DIR at a folder that holds it ({PBMC3K_URL})."
+            ) from err
     adata = ad.read_h5ad(path)
     adata.var_names_make_unique()
     return adata

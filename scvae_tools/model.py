@@ -965,6 +965,9 @@ class SCVAE:
         weights must match it and be finite; any problem raises a ``ValueError`` naming it.
         """
         path = Path(path)
+        if path.is_file():
+            raise FileNotFoundError(f"{path} is a file; a saved SCVAE is a folder: pass "
+                                    f"{path.parent if path.name == CONFIG_FILE else 'its folder'}.")
         if not (path / CONFIG_FILE).exists():
             old = path.with_name(f".{path.name}.old")
             hint = (f" A save was interrupted while swapping folders: the previous model is in "

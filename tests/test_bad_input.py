@@ -463,6 +463,30 @@ def test_duplicate_gene_names(X):
         svt.SCVAE(adata, **MODEL)
 
 
+# ---------------------------------------------------------------------- files and folders
+def test_missing_files_name_the_fix(baseline, tmp_path, monkeypatch):
+    model, _ = baseline
+    model.save(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"config.json is a file; a saved SCVAE is a folder: pass .*m\.$"):
+        svt.SCVAE.load(tmp_path / "m" / "config.json")
+    with pytest.raises(FileNotFoundError, match="No saved SCVAE at"):
+        svt.SCVAE.load(tmp_path / "nothing")
+    empty = tmp_path / "data"
+    with pytest.raises(FileNotFoundError, match="pbmc3k_hvg_counts.h5ad not found in .*data_dir="):
+        svt.datasets.pbmc3k(empty, hvg_only=True, download=False)
+    # Offline (as here): the failed download names the folder and the fix, not a bare URLError.
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(OSError, match=r"pbmc3k_full_counts.h5ad is not in .*data.*failed "
+                                      r"\(<urlopen error Name or service.*SCVAE_TOOLS_DATA_DIR"):
+        svt.datasets.pbmc3k(empty, download=True)
+
+
 # ---------------------------------------------------------------------- views and backed
 def test_views(X):
     parent = make(sp.csr_matrix(X), batch=np.array(["a", "b"] * (N_CELLS // 2)))
