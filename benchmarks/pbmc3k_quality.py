@@ -2,7 +2,8 @@
 
     python benchmarks/pbmc3k_quality.py [--data-dir ../shared/data] [--all-genes] [--seed 0]
         [--resolutions 0.5 1.0] [--grid] [--probe] [--prior mog --n-prior-components 10]
-        [--scvi] [--latent NAME=FILE.npy ...] [--pca-comps 10 50]
+        [--scvi] [--latent NAME=FILE.npy ...] [--pca-comps 10 50] [--pca-scaled]
+        [--model-kwargs JSON] [--train-kwargs JSON]
 
 Prints train time, epochs, held-out ELBO and, for each representation and Leiden
 resolution, the number of clusters and ARI / NMI against the tutorial's `cell_type`.
@@ -18,6 +19,8 @@ file's order, e.g. the GPU runs of ``gpu_check.py``) under the same protocol.
 ``--pca-scaled`` adds PCA of the scaled data (scanpy's tutorial workflow).
 ``--pca-comps 10 20 50`` scores PCA with each of these numbers of components (default 50
 alone; ``X_pca`` is 50, others ``X_pca10`` …): PCA's lead does not come from its dimension.
+``--model-kwargs '{"beta": 0.5}'`` and ``--train-kwargs '{"max_epochs": 100}'`` train with
+other settings than the defaults.
 ``--probe`` asks whether the representation *contains* the naive / memory CD4 T distinction,
 which PCA's clusters follow and the latent's do not: 5-fold cross-validated accuracy of a
 logistic regression on the standardised coordinates of those cells.
@@ -26,6 +29,7 @@ logistic regression on the standardised coordinates of those cells.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -132,11 +136,16 @@ def main() -> None:
                    help="PCA with each of these numbers of components (default: 50)")
     p.add_argument("--pca-scaled", action="store_true",
                    help="also PCA of scaled log-normalised data (X_pca_scaled, 50 components)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help='other SCVAE settings, e.g. \'{"beta": 0.5}\'')
+    p.add_argument("--train-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help='other train() settings, e.g. \'{"max_epochs": 100}\'')
     args = p.parse_args()
     adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=not args.all_genes)
     t0 = time.perf_counter()
-    model = svt.SCVAE(adata, prior=args.prior, n_prior_components=args.n_prior_components)
-    model.train(progress_bar=False, seed=args.seed)
+    model = svt.SCVAE(adata, prior=args.prior, n_prior_components=args.n_prior_components,
+                      **args.model_kwargs)
+    model.train(progress_bar=False, seed=args.seed, **args.train_kwargs)
     secs = time.perf_counter() - t0
     adata.obsm["X_scvae"] = model.get_latent_representation()
     reps = ["X_scvae"]
