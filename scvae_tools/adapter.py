@@ -257,6 +257,12 @@ class CellData:
             self._counts_placed = True
         return t
 
+    def release_device(self) -> None:
+        """Drop the tensors placed on a device (e.g. the counts resident on a GPU); the next
+        batch places them again, on whichever device it asks for."""
+        self._device_cache = {}
+        self._counts_placed = False
+
     def genes_without_counts(self) -> int:
         """How many genes have no count in any cell (one pass over the stored entries)."""
         if sp.issparse(self.X):

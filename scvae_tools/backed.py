@@ -256,6 +256,9 @@ class BackedCellData:
             self._pid = os.getpid()
         return self._h5
 
+    def release_device(self) -> None:
+        """Nothing to drop: streamed counts are moved to the device batch by batch."""
+
     def close(self) -> None:
         """Close the HDF5 file (it is reopened on the next read)."""
         if self._h5 is not None and self._pid == os.getpid():

@@ -25,6 +25,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be one of {choices}, got {device!r}.") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # e.g. "meta": tensors without values
+        raise ValueError(f"device must be one of {choices}, got {device!r}.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but torch {torch.__version__} sees no CUDA GPU "
                          "here (a CPU build, or no driver); use device='auto' or 'cpu'.")

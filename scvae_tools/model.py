@@ -338,6 +338,22 @@ class SCVAE:
                 "see model.get_kl_per_dimension().", UserWarning, stacklevel=3,
             )
 
+    def to_device(self, device: str | torch.device = "auto") -> SCVAE:
+        """Move the model to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or
+        ``"auto"``), as scvi-tools' ``model.to_device``; later evaluation runs there.
+
+        Also frees what the attached data held on the previous device: after training on
+        a GPU, ``model.to_device("cpu")`` gives its memory back (the counts stay resident
+        there otherwise, for fast evaluation). Training with ``train(device=...)`` moves
+        the model again. Returns the model.
+        """
+        device = resolve_device(device)  # refuses a device that is not there, unchanged
+        self.module.to(device)
+        self.device = device
+        if self._data is not None:
+            self._data.release_device()
+        return self
+
     # ------------------------------------------------------------------ evaluation
     def _require_data(self) -> CellData | BackedCellData:
         if self._data is None:

@@ -259,6 +259,23 @@ def test_inference_moves_the_module_only_when_it_is_elsewhere(trained, monkeypat
     assert moves == [(torch.device("meta"),)]
 
 
+def test_to_device_moves_the_model_and_frees_the_data_copy():
+    adata = svt.datasets.synthetic_counts(n_cells=200, n_genes=50, n_types=2, seed=0)
+    model = svt.SCVAE(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, progress_bar=False, seed=0)
+    z, x = model.get_latent_representation(), model.get_normalized_expression()
+    assert model._data._device_cache  # evaluation placed the counts on the device
+    for bad in ("cuda:7", "meta", "gpu"):  # absent, not a real device, not a name
+        with pytest.raises(ValueError, match="device"):
+            model.to_device(bad)
+        assert model.device == torch.device("cpu")  # a refused move changes nothing
+    assert model.to_device("cpu") is model
+    assert not model._data._device_cache  # the old device's copy was given back
+    assert all(p.device.type == "cpu" for p in model.module.parameters())
+    np.testing.assert_array_equal(model.get_latent_representation(), z)
+    np.testing.assert_array_equal(model.get_normalized_expression(), x)
+
+
 def test_likelihood_parameters_match_the_model_and_recover_dispersion():
     """Means are the expected counts; θ follows the dispersion setting and the data."""
     a = svt.datasets.synthetic_counts(n_cells=600, n_genes=80, n_batches=2, seed=0)
