@@ -583,8 +583,8 @@ def _select_genes(X, have: pd.Index, want: list[str]):
                 if extra else "")
         raise ValueError(
             f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
-            f"(e.g. {missing[:5]}){also}. Subset/reorder it to the model's genes, e.g. "
-            "`adata[:, model.var_names]`, after adding the missing ones (as zeros) if needed."
+            f"(e.g. {missing[:5]}){also}. To add the missing ones as zero counts (and drop "
+            "the others): `adata = SCVAE.prepare_query_anndata(adata, model)`."
         )
     if have.has_duplicates:
         raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")

@@ -420,8 +420,9 @@ def _column_map(have: pd.Index, want: list[str]) -> np.ndarray | None:
     if missing:
         raise ValueError(
             f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
-            f"(e.g. {missing[:5]}). Subset/reorder it to the model's genes (adding the "
-            "missing ones as zeros) and rewrite the file."
+            f"(e.g. {missing[:5]}). Write a file with the model's genes, the missing ones "
+            "as zero counts: `SCVAE.prepare_query_anndata(adata.to_memory(), model)"
+            ".write_h5ad(path)`."
         )
     if pd.Index(have_list).has_duplicates:
         raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")

@@ -163,7 +163,12 @@ def cmd_apply(args) -> int:
     from .model import SCVAE, check_key_added
 
     check_key_added(args.key_added)
+    if args.pad_missing_genes and args.backed:
+        raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
+                         "--backed, or write a padded file first.")
     adata = _read(args.input, args.backed)
+    if args.pad_missing_genes:
+        adata = SCVAE.prepare_query_anndata(adata, args.model)
     if args.query:  # new batches: fit their weights only, the reference stays as it was
         model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed,
                                  device=args.device, progress_bar=not args.quiet)
@@ -245,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="--query: max fine-tuning epochs (default: by data size)")
     apply.add_argument("--seed", type=int, default=0, help="--query: seed of the fine-tuning")
     apply.add_argument("--save-model", default=None, help="--query: save the mapped model here")
+    apply.add_argument("--pad-missing-genes", action="store_true",
+                       help="add the model's genes that the input lacks as zero counts (a "
+                            "warning gives how many) and drop the others; the output then "
+                            "has exactly the model's genes (SCVAE.prepare_query_anndata)")
     apply.add_argument("--quiet", action="store_true", help="no progress bar")
     apply.set_defaults(func=cmd_apply)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")
@@ -274,6 +283,8 @@ def _flags_for(message: str, command: str) -> list[str]:
     flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]
     if "layers=False" in message:
         flags.append("--no-layers")
+    if "prepare_query_anndata" in message and command == "apply":
+        flags.append("apply --pad-missing-genes")
     if "load_query" in message and command == "apply":
         flags.append("apply --query")
     return flags

@@ -862,6 +862,22 @@ class SCVAE:
             progress_bar=progress_bar,
         )
 
+    @staticmethod
+    def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
+        """A copy of ``adata`` with exactly the model's genes: extra genes dropped, missing
+        ones added as zero counts (flagged in ``var["scvae_padded"]``), as scvi-tools'
+        ``prepare_query_anndata`` but returning a new AnnData. ``reference``: a trained
+        model or its saved folder. See :func:`scvae_tools.query.prepare_query_anndata`.
+
+        Examples
+        --------
+        >>> query = svt.SCVAE.prepare_query_anndata(query, "ref_model")
+        >>> query_model = svt.SCVAE.load_query("ref_model", query)
+        """
+        from .query import prepare_query_anndata
+
+        return prepare_query_anndata(adata, reference, max_missing_fraction)
+
     # ------------------------------------------------------------------ AnnData output
     def write_to_adata(
         self, adata, key_added: str = "scvae", layers: bool = True, batch_size: int | None = None

@@ -7,6 +7,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 import scvae_tools as svt
@@ -109,7 +110,16 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
     a[:, 1:].copy().write_h5ad(tmp_path / "missing.h5ad")
     assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
                  "-o", str(tmp_path / "m.h5ad")]) == 2
-    assert a.var_names[0] in capsys.readouterr().err  # the missing gene is named
+    err = capsys.readouterr().err
+    assert a.var_names[0] in err  # the missing gene is named, with the flag that pads it
+    assert "(on the command line: apply --pad-missing-genes)" in err
+    with pytest.warns(UserWarning, match="1 of the model's 60 genes"):
+        assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
+                     "-o", str(tmp_path / "m.h5ad"), "--pad-missing-genes"]) == 0
+    padded = ad.read_h5ad(tmp_path / "m.h5ad")
+    assert list(padded.var_names) == list(a.var_names)  # the model's genes, the first as zeros
+    assert padded.var["scvae_padded"].tolist() == [True] + [False] * 59
+    assert padded.X[:, 0].nnz == 0 and "scvae_denoised" in padded.layers
 
 
 def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):

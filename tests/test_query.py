@@ -147,3 +147,61 @@ def test_transform_batch_encodes_with_the_observed_batch(split, reference):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
     # And it differs from decoding under the cell's own batch.
     assert not np.allclose(got, model.get_normalized_expression(cells), rtol=1e-2)
+
+
+def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, tmp_path):
+    """A query with some of the reference's genes missing, others extra and the rest
+    shuffled: padded with zeros, it maps onto the reference and keeps its labels."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    ref_adata, query_adata = split
+    ref_model, path = reference
+    rng = np.random.default_rng(0)
+    genes = query_adata.var_names.to_numpy()
+    dropped = rng.choice(genes, 8, replace=False)  # ~5% of the 150 genes
+    keep = rng.permutation([g for g in genes if g not in set(dropped)])
+    sub = query_adata[:, keep]
+    extra = sp.csr_matrix(rng.poisson(1.0, size=(sub.n_obs, 3)).astype(np.float32))
+    q = ad.AnnData(X=sp.hstack([sub.X, extra], format="csr"), obs=sub.obs.copy(),
+                   var=pd.DataFrame({"note": "x"}, index=[*keep, "EXTRA1", "EXTRA2", "EXTRA3"]))
+    q.layers["counts"] = q.X.toarray()  # dense layers are padded as well
+    q.obsm["X_other"] = rng.normal(size=(q.n_obs, 2))
+    before = q.copy()
+
+    with pytest.warns(UserWarning, match=r"8 of the model's 150 genes \(5%\)"):
+        prepared = svt.SCVAE.prepare_query_anndata(q, path)  # from the saved folder
+    assert list(prepared.var_names) == list(ref_model.var_names)
+    assert prepared.var["scvae_padded"].sum() == 8
+    assert set(prepared.var_names[prepared.var["scvae_padded"]]) == set(dropped)
+    # Present genes carry their counts; missing ones are zeros; X and layers agree.
+    full = query_adata[:, ref_model.var_names].X.toarray()
+    pad = prepared.var["scvae_padded"].to_numpy()
+    np.testing.assert_array_equal(prepared.X.toarray()[:, ~pad], full[:, ~pad])
+    assert prepared.X[:, np.flatnonzero(pad)].nnz == 0
+    np.testing.assert_array_equal(prepared.layers["counts"], prepared.X.toarray())
+    np.testing.assert_array_equal(prepared.obsm["X_other"], q.obsm["X_other"])
+    # The user's AnnData is untouched.
+    assert (q.X != before.X).nnz == 0 and list(q.var_names) == list(before.var_names)
+
+    # The padded query maps next to its types, as the complete one does.
+    mapped = svt.SCVAE.load_query(path, prepared, max_epochs=40, batch_size=64,
+                                  progress_bar=False)
+    knn = KNeighborsClassifier(n_neighbors=15).fit(
+        ref_model.get_latent_representation(ref_adata), ref_adata.obs["cell_type"].astype(str))
+    pred = knn.predict(mapped.get_latent_representation())
+    accuracy = float(np.mean(pred == prepared.obs["cell_type"].astype(str).to_numpy()))
+    assert accuracy >= 0.9, accuracy
+
+    # Without padding, the missing genes are named with the fix; with other identifiers
+    # (almost nothing shared) padding is refused.
+    with pytest.raises(ValueError, match="lacks 8 of the model's 150 genes.*prepare_query_anndata"):
+        svt.SCVAE.load_query(path, q, progress_bar=False)
+    renamed = q.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(q.n_vars)]
+    with pytest.raises(ValueError, match="lacks 150 of the model's 150 genes.*identifiers"):
+        svt.SCVAE.prepare_query_anndata(renamed, ref_model)  # from a model object
+    with pytest.raises(ValueError, match="in memory"):
+        q.write_h5ad(tmp_path / "q.h5ad")
+        svt.SCVAE.prepare_query_anndata(ad.read_h5ad(tmp_path / "q.h5ad", backed="r"), path)
