@@ -275,6 +275,11 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
 
     var = adata.var.copy()
     var.index = have
+    for col in var.columns:  # padded genes get <NA>: nullable types keep bool and int (and .h5ad)
+        if pd.api.types.is_bool_dtype(var[col]):
+            var[col] = var[col].astype("boolean")
+        elif pd.api.types.is_integer_dtype(var[col]):
+            var[col] = var[col].astype("Int64")
     var = var.reindex(genes)
     var["scvae_padded"] = pos < 0
     out = ad.AnnData(

@@ -168,6 +168,7 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
                    var=pd.DataFrame({"note": "x"}, index=[*keep, "EXTRA1", "EXTRA2", "EXTRA3"]))
     q.layers["counts"] = q.X.toarray()  # dense layers are padded as well
     q.obsm["X_other"] = rng.normal(size=(q.n_obs, 2))
+    q.var["highly_variable"], q.var["n_cells"] = True, 7  # as scanpy leaves them
     before = q.copy()
 
     with pytest.warns(UserWarning, match=r"8 of the model's 150 genes \(5%\)"):
@@ -182,6 +183,10 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
     assert prepared.X[:, np.flatnonzero(pad)].nnz == 0
     np.testing.assert_array_equal(prepared.layers["counts"], prepared.X.toarray())
     np.testing.assert_array_equal(prepared.obsm["X_other"], q.obsm["X_other"])
+    # Padded genes have no annotation (<NA>), and the result can still be saved.
+    assert prepared.var["highly_variable"].isna().sum() == 8
+    prepared.write_h5ad(tmp_path / "prepared.h5ad")
+    assert ad.read_h5ad(tmp_path / "prepared.h5ad").var["n_cells"].sum() == 7 * 142
     # The user's AnnData is untouched.
     assert (q.X != before.X).nnz == 0 and list(q.var_names) == list(before.var_names)
 
