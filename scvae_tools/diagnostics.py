@@ -62,18 +62,6 @@ def _gauss_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> t
     return -0.5 * ((z - mean).pow(2) / var + torch.log(var) + _LOG_2PI)
 
 
-def _posterior(model: SCVAE, data: CellData, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means and variances of every cell, (cells, latent) each."""
-    means, variances = [], []
-    with torch.inference_mode():
-        for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
-            cov = model.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
-            m, v = model.module.encode(b.x, cov)
-            means.append(m.cpu())
-            variances.append(v.cpu())
-    return torch.cat(means).numpy(), torch.cat(variances).numpy()
-
-
 def _log_weights(module, b: Batch, cov: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                  n_samples: int, chunk: int = 25) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) − log q(z_k|x) for K samples z_k ~ q(z|x): (K, cells)."""
@@ -201,7 +189,7 @@ def posterior_collapse(
     if threshold < 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}.")
     data = _data(model, adata)
-    m, v = _posterior(model, data)
+    m, v = model._posterior(data)
     if indices is not None:
         m, v = m[np.asarray(indices)], v[np.asarray(indices)]
     kl = model._kl_per_dim_mean(data, indices)
@@ -460,7 +448,7 @@ def aggregated_posterior(
     if int(n_samples) < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}.")
     data = _data(model, adata)
-    m_np, v_np = _posterior(model, data)
+    m_np, v_np = model._posterior(data)
     rng = np.random.default_rng(seed)
     if m_np.shape[0] > max_cells:
         keep = np.sort(rng.choice(m_np.shape[0], max_cells, replace=False))
@@ -861,7 +849,7 @@ def latent_traversal(
     A :class:`LatentTraversal`; ``.top_genes(n)`` lists the genes that move most per axis.
     """
     data = _data(model, adata)
-    means, _ = _posterior(model, data)
+    means, _ = model._posterior(data)
     n_latent = means.shape[1]
     dims = list(range(n_latent)) if dim is None else ([int(dim)] if np.isscalar(dim) else [int(d) for d in dim])
     bad = [d for d in dims if not 0 <= d < n_latent]

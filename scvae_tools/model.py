@@ -396,17 +396,23 @@ class SCVAE:
 
     def get_latent_representation(
         self, adata=None, give_mean: bool = True, batch_size: int | None = None,
-        indices: np.ndarray | None = None,
-    ) -> np.ndarray:
+        indices: np.ndarray | None = None, return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent coordinates of each cell: posterior means (or one sample), cells × n_latent.
 
         ``batch_size``: cells per batch; by default as many as keep a cells × genes block
         near 32 MB (4,194 cells for 2,000 genes; between 1,024 and 8,192).
         ``indices``: only these cells (row numbers, in this order).
+        ``return_dist``: return the posterior q(z|x) = N(mean, variance) itself, as the
+        tuple ``(means, variances)`` (each cells × n_latent), as scvi-tools does: how
+        uncertain each cell's position is, per dimension, as far as the encoder can tell.
         """
         self._check_trained()
         data = self._data_for(adata)
-        return self._latent(data, give_mean, batch_size, _check_indices(indices, data.n_obs))
+        indices = _check_indices(indices, data.n_obs)
+        if return_dist:
+            return self._posterior(data, batch_size, indices)
+        return self._latent(data, give_mean, batch_size, indices)
 
     def _gene_indices(self, gene_list) -> np.ndarray | None:
         """Positions of ``gene_list`` (names, or one name) among the model's genes; ``None``
@@ -437,18 +443,30 @@ class SCVAE:
         m, v = self.module.encode(b.x, cov)
         return cov, (m if give_mean else m + v.sqrt() * torch.randn_like(m))
 
-    @torch.inference_mode()
     def _latent(self, data: CellData, give_mean: bool = True, batch_size: int | None = None,
                 indices: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty((data.n_obs if indices is None else len(indices), self.n_latent),
-                       dtype=np.float32)
+        means, variances = self._posterior(data, batch_size, indices)
+        if give_mean:
+            return means
+        noise = torch.randn(means.shape).numpy()  # torch's global generator: torch.manual_seed
+        return means + np.sqrt(variances) * noise
+
+    @torch.inference_mode()
+    def _posterior(self, data: CellData, batch_size: int | None = None,
+                   indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior means and variances, (cells, n_latent) each."""
+        n = data.n_obs if indices is None else len(indices)
+        means = np.empty((n, self.n_latent), dtype=np.float32)
+        variances = np.empty_like(means)
         start = 0
         batch_size = self._inference_batch_size(batch_size)
-        for b in self._eval_batches(data, batch_size, indices, sparse=True):  # encoder only: sparse ok
-            _, z = self._posterior_z(b, give_mean)
-            out[start:start + len(z)] = z.cpu().numpy()
-            start += len(z)
-        return out
+        for b in self._eval_batches(data, batch_size, indices, sparse=True):  # encoder only
+            cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
+            m, v = self.module.encode(b.x, cov)
+            means[start:start + len(m)] = m.cpu().numpy()
+            variances[start:start + len(m)] = v.cpu().numpy()
+            start += len(m)
+        return means, variances
 
     def get_normalized_expression(
         self,

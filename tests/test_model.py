@@ -259,6 +259,28 @@ def test_inference_moves_the_module_only_when_it_is_elsewhere(trained, monkeypat
     assert moves == [(torch.device("meta"),)]
 
 
+def test_posterior_distribution_and_samples(trained):
+    """``return_dist`` gives q(z|x): the means are the latent, the variances those of the
+    model's KL, and ``give_mean=False`` draws from exactly that distribution."""
+    adata, model = trained
+    means, variances = model.get_latent_representation(return_dist=True)
+    np.testing.assert_array_equal(means, model.get_latent_representation())
+    assert variances.shape == means.shape and (variances > 0).all()
+    rows = np.array([5, 1, 3])
+    m3, v3 = model.get_latent_representation(indices=rows, return_dist=True)
+    np.testing.assert_array_equal(m3, means[rows])
+    np.testing.assert_array_equal(v3, variances[rows])
+    # They are the posterior the model's KL is computed from: KL(N(m, v) ‖ N(0, 1)).
+    kl = 0.5 * (means.astype(np.float64) ** 2 + variances - 1 - np.log(variances))
+    np.testing.assert_allclose(kl.mean(0), model.get_kl_per_dimension().to_numpy(), rtol=1e-4)
+    # Samples: mean and variance of 400 draws match the distribution.
+    torch.manual_seed(0)
+    draws = np.stack([model.get_latent_representation(indices=rows, give_mean=False)
+                      for _ in range(400)])
+    np.testing.assert_allclose(draws.mean(0), m3, atol=4 * np.sqrt(v3.max() / 400))
+    np.testing.assert_allclose(draws.var(0), v3, rtol=0.25)
+
+
 def test_to_device_moves_the_model_and_frees_the_data_copy():
     adata = svt.datasets.synthetic_counts(n_cells=200, n_genes=50, n_types=2, seed=0)
     model = svt.SCVAE(adata, n_latent=3, n_hidden=16)
