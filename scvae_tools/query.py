@@ -22,14 +22,17 @@ import copy
 import math
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .adapter import CellData, DataSpec
+from .adapter import CellData, DataSpec, _check_not_empty
 from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
 from .train import evaluate, field_max_epochs, nonzero_option, split_indices
@@ -222,13 +225,7 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     max_missing_fraction
         Refuse when more than this share of the model's genes is missing from ``adata``.
     """
-    import warnings
-
-    import anndata as ad
-    import scipy.sparse as sp
-
-    from .adapter import _check_not_empty
-    from .model import SCVAE
+    from .model import SCVAE  # imported here: model.py imports this module in its methods
 
     if isinstance(reference, SCVAE):
         genes = list(reference.spec.var_names)
