@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import scvae_tools as svt
-from scvae_tools.train import TrainConfig, default_max_epochs
+from scvae_tools.train import TrainConfig, default_batch_size_and_lr, default_max_epochs
 
 
 def test_cosine_schedule_values():
@@ -39,6 +39,22 @@ def test_default_epochs_rule():
     assert default_max_epochs(700) == 143   # pbmc68k
     assert default_max_epochs(100) == 400   # capped
     assert default_max_epochs(1_000_000) == 10  # floor
+
+
+def test_default_batch_size_and_lr_rule(synthetic):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_batch_size_and_lr(1_000_000, cpu) == (128, 4e-3)  # CPUs: always 128
+    assert default_batch_size_and_lr(99_999, cuda) == (128, 4e-3)  # too few steps for 1024
+    assert default_batch_size_and_lr(100_000, cuda) == (1024, 1e-2)
+    assert default_batch_size_and_lr(1_000_000, None) == (128, 4e-3)  # DDP: 128 per rank
+    # What train() used is recorded; an explicit batch size keeps the default lr.
+    model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+    model.train(max_epochs=1, progress_bar=False)
+    assert (model.train_config.batch_size, model.train_config.lr) == (128, 4e-3)
+    model.train(max_epochs=1, batch_size=1024, progress_bar=False)
+    assert (model.train_config.batch_size, model.train_config.lr) == (1024, 4e-3)
+    model.train(max_epochs=1, lr=1e-3, progress_bar=False)
+    assert (model.train_config.batch_size, model.train_config.lr) == (128, 1e-3)
 
 
 def test_history_records_the_schedule(synthetic):
