@@ -38,6 +38,11 @@ CANDIDATES = {
     # Larger batches for GPUs (launch-bound at 128), same epochs: the lr as is, or scaled up.
     "c1024_lr4e-3": {"batch_size": 1024, "lr": 4e-3, "max_epochs": None},
     "c1024_lr1e-2": {"batch_size": 1024, "lr": 1e-2, "max_epochs": None},
+    # Larger batches on the CPU (stop 22): the default epochs, then about the same wall time.
+    "c256_lr6e-3": {"batch_size": 256, "lr": 6e-3, "max_epochs": None},
+    "c512_lr8e-3": {"batch_size": 512, "lr": 8e-3, "max_epochs": None},
+    "c256_lr6e-3_13": {"batch_size": 256, "lr": 6e-3, "max_epochs": 13},
+    "c512_lr8e-3_15": {"batch_size": 512, "lr": 8e-3, "max_epochs": 15},
 }
 # (c = cosine decay, k = constant learning rate; then batch, peak lr, epochs.)
 
