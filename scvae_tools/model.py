@@ -209,7 +209,9 @@ class SCVAE:
             4e-3, or 1e-2 where the default batch is 1024 (a ``batch_size`` of your own
             keeps 4e-3); weight decay 1e-6 and eps 1e-2 as in scvi-tools. For scvi-tools'
             own schedule pass ``batch_size=128, lr=1e-3, lr_schedule="constant",
-            max_epochs=400``.
+            max_epochs=400``. The per-gene (or per-gene-and-batch) dispersions θ learn at
+            10× ``lr`` (their own Adam group): at the networks' rate they hardly moved
+            from their start in a default-length run.
         lr_schedule
             ``"cosine"`` (default): the learning rate decays from ``lr`` to ``lr / 100``
             over ``max_epochs``, step by step. ``"constant"``: ``lr`` throughout.

@@ -140,6 +140,27 @@ def test_resume_a_checkpoint_from_before_a_setting_existed(small, reference, tmp
     _same_history(resumed.history, reference.history)
 
 
+def test_resume_a_checkpoint_from_before_dispersion_had_its_own_lr(small, reference, tmp_path):
+    """Before ``dispersion_lr_factor``, the optimiser had one parameter group in the
+    module's order. Such a checkpoint is regrouped on resume, each parameter keeping its
+    own Adam state: the resumed run equals an uninterrupted one."""
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3}, checkpoint_dir=tmp_path)
+    path = tmp_path / ck.CHECKPOINT_FILE
+    state = ck.load_checkpoint(path)
+    names = [n for n, _ in VAE(svt.SCVAE(small, **MODEL).module_config).named_parameters()]
+    grouped = [n for n in names if n != "log_theta"] + ["log_theta"]  # the groups' order
+    opt = state["optimizer"]
+    assert [len(g["params"]) for g in opt["param_groups"]] == [len(names) - 1, 1]
+    old_id = {new: names.index(name) for new, name in enumerate(grouped)}
+    opt["state"] = {old_id[k]: v for k, v in opt["state"].items()}
+    first = {k: v for k, v in opt["param_groups"][0].items() if k != "lr_scale"}
+    opt["param_groups"] = [{**first, "params": list(range(len(names)))}]
+    del state["train_config"]["dispersion_lr_factor"]
+    ck.save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
+    resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    _same_history(resumed.history, reference.history)
+
+
 def test_old_poisson_checkpoints_and_saves_with_an_unused_dispersion(small, tmp_path):
     """Earlier versions gave Poisson models an unused θ parameter. Their saved models still
     load (θ is dropped, the latent is unchanged); their checkpoints cannot be resumed (the

@@ -330,6 +330,26 @@ def test_likelihood_parameters_match_the_model_and_recover_dispersion():
     assert 0.7 < fitted[0] < 1.4 and fitted[1] > 1.5 * fitted[0], fitted
 
 
+def test_per_gene_dispersion_is_learned_within_the_default_schedule():
+    """Half the genes simulated with θ = 0.5, half with θ = 8: the default training run
+    (50 epochs here) tells them apart. With the networks' learning rate for θ (before
+    ``dispersion_lr_factor``) the θ = 8 genes stopped at 2.7, where this asserts > 4."""
+    rng = np.random.default_rng(0)
+    n, g = 2000, 200
+    types = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1.5, (4, g))[types]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    mu = p / p.sum(1, keepdims=True) * rng.lognormal(np.log(2000), 0.3, n)[:, None]
+    theta = np.where(np.arange(g) < g // 2, 0.5, 8.0)
+    x = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    model = svt.SCVAE(ad.AnnData(x), n_latent=4, n_hidden=64)
+    model.train(progress_bar=False, seed=0)
+    assert model.train_config.dispersion_lr_factor == 10.0
+    fitted = np.exp(model.module.log_theta.detach().numpy())
+    low, high = np.median(fitted[: g // 2]), np.median(fitted[g // 2:])
+    assert 0.35 < low < 0.7 and high > 4 and high / low > 8, (low, high)
+
+
 @pytest.mark.parametrize("library_size, n_samples", [(1e4, 1), ("observed", 1), (1e4, 3)])
 def test_expression_for_some_cells_and_genes(library_size, n_samples):
     """indices= and gene_list= give exactly the rows and columns of the full result, each
