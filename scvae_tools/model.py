@@ -29,6 +29,7 @@ from .checkpoint import (
 from .devices import resolve_device
 from .module import VAE, ModuleConfig
 from .train import (
+    DEFAULT_LR,
     TrainConfig,
     default_batch_size_and_lr,
     default_max_epochs,
@@ -297,7 +298,8 @@ class SCVAE:
         if batch_size is None or lr is None:
             auto_device = None if strategy is not None else resolve_device(device)
             auto_batch, auto_lr = default_batch_size_and_lr(len(train_idx), auto_device)
-            lr = (auto_lr if batch_size is None else 4e-3) if lr is None else lr
+            # The large-batch lr only goes with the large batch it was measured for.
+            lr = (auto_lr if batch_size is None else DEFAULT_LR) if lr is None else lr
             batch_size = auto_batch if batch_size is None else batch_size
         cfg = TrainConfig(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
