@@ -147,9 +147,17 @@ def _write(adata, path: str, backed: bool) -> None:
 
 
 def _summary(model) -> str:
-    h = model.history.iloc[-1]
-    which = "train" if math.isnan(h["validation_elbo"]) else "validation"  # NaN: no validation cells
-    return f"trained {len(model.history)} epochs; {which} ELBO {h[f'{which}_elbo']:.2f} nats/cell"
+    hist = model.history
+    h = hist.iloc[-1]
+    if math.isnan(h["validation_elbo"]):  # no validation cells
+        return f"trained {len(hist)} epochs; train ELBO {h['train_elbo']:.2f} nats/cell"
+    cfg = model.train_config
+    if cfg.early_stopping and cfg.restore_best:  # the model holds the best epoch's weights
+        best = hist["validation_elbo"].idxmax()
+        return (f"trained {len(hist)} epochs; best validation ELBO "
+                f"{hist['validation_elbo'][best]:.2f} nats/cell at epoch "
+                f"{int(hist['epoch'][best])} (the weights kept)")
+    return f"trained {len(hist)} epochs; validation ELBO {h['validation_elbo']:.2f} nats/cell"
 
 
 def cmd_fit(args) -> int:

@@ -14,7 +14,7 @@ import scvae_tools as svt
 from scvae_tools.cli import main
 
 
-def test_fit_writes_results(tmp_path):
+def test_fit_writes_results(tmp_path, capsys):
     a = svt.datasets.synthetic_counts(n_cells=200, n_genes=60, n_batches=2, seed=0)
     a.layers["counts"] = a.X.copy()
     a.write_h5ad(tmp_path / "in.h5ad")
@@ -23,6 +23,10 @@ def test_fit_writes_results(tmp_path):
                "--save-model", str(tmp_path / "model")])
     assert rc == 0
     out = ad.read_h5ad(tmp_path / "out.h5ad")
+    # The summary reports the epoch whose weights were kept (early stopping restores the best).
+    val = np.asarray(out.uns["scvae"]["history"]["validation_elbo"])
+    assert (f"best validation ELBO {val.max():.2f} nats/cell at epoch {val.argmax() + 1}"
+            in capsys.readouterr().out)
     assert out.obsm["X_scvae"].shape == (200, 4) and "scvae_denoised" in out.layers
     assert out.uns["scvae"]["data"]["batch_key"] == "batch"
     model = svt.SCVAE.load(tmp_path / "model", out)
