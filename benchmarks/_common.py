@@ -203,7 +203,8 @@ def run_ours(ds: Dataset, settings: dict, marginal_samples: int = 100, seed: int
     n_train_fit = len(model.train_indices)
     out = {"tool": "scvae_tools", "train_s": train_s, "train_cpu_s": train_cpu_s,
            "epochs": epochs, "cells_per_s": epochs * n_train_fit / train_cpu_s,
-           "cells_per_s_wall": epochs * n_train_fit / train_s}
+           "cells_per_s_wall": epochs * n_train_fit / train_s,
+           "batch_size": model.train_config.batch_size, "lr": model.train_config.lr}
     out["heldout_elbo"] = model.get_elbo(test)
     out["heldout_marginal_ll"] = model.get_marginal_ll(test, n_samples=marginal_samples)
     latent, (inf_s, inf_wall) = _timed(model.get_latent_representation, ds.adata)

@@ -125,7 +125,7 @@ def worker(args) -> None:
         res = _common.run_ours(ds, settings, marginal_samples=args.marginal_samples,
                                seed=args.seed)
         n_genes = ds.adata.n_vars
-        batch = 128 if args.comparison == "identical" else _our_default_batch()
+        batch = res["batch_size"]  # what train() used (its default depends on the device)
         flops = _common.step_flops(n_genes, batch=batch)
         steps = res["epochs"] * max(1, int(0.9 * len(ds.train_idx)) // batch)
         res["gflops_achieved"] = flops * steps / res["train_cpu_s"] / 1e9
@@ -140,14 +140,6 @@ def worker(args) -> None:
                seed=args.seed, density=nnz / (ds.adata.n_obs * ds.adata.n_vars),
                n_genes=int(ds.adata.n_vars), n_test=int(len(ds.test_idx)), threads=args.threads)
     Path(args.out).write_text(json.dumps(res, indent=1))
-
-
-def _our_default_batch() -> int:
-    import inspect
-
-    from scvae_tools import SCVAE
-
-    return int(inspect.signature(SCVAE.train).parameters["batch_size"].default)
 
 
 # ---------------------------------------------------------------------- driver
