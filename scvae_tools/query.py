@@ -35,7 +35,13 @@ from torch import nn
 from .adapter import CellData, DataSpec, _check_not_empty
 from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
-from .train import evaluate, field_max_epochs, nonzero_option, split_indices
+from .train import (
+    DISPERSION_LR_FACTOR,
+    evaluate,
+    field_max_epochs,
+    nonzero_option,
+    split_indices,
+)
 
 if TYPE_CHECKING:
     from .model import SCVAE
@@ -307,15 +313,17 @@ def _fine_tune(
     params = dict(module.named_parameters())
     for p in module.parameters():
         p.requires_grad_(False)
-    trainable, hooks = [], []
+    groups, hooks = [], []
     for name, mask in masks.items():
         p = params[name]
         p.requires_grad_(True)
         m = mask.to(device)
         hooks.append(p.register_hook(lambda g, m=m: g * m))
-        trainable.append(p)
+        # The new batches' θ learn faster, as in training (TrainConfig.dispersion_lr_factor).
+        groups.append({"params": [p],
+                       "lr": lr * (DISPERSION_LR_FACTOR if name == "log_theta" else 1.0)})
     # No weight decay: it would shrink the frozen reference entries despite the zero gradient.
-    optim = torch.optim.Adam(trainable, lr=lr, eps=eps, weight_decay=0.0)
+    optim = torch.optim.Adam(groups, lr=lr, eps=eps, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rows, best, best_state, since_best = [], -math.inf, None, 0

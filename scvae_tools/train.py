@@ -27,6 +27,9 @@ from .distributed import DistContext
 from .fused import NonZeros
 from .module import VAE
 
+# How many times the networks' learning rate the free dispersions θ get (see TrainConfig).
+DISPERSION_LR_FACTOR = 10.0
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +80,7 @@ class TrainConfig:
     # 0.70–1.13 of the initial 1, against 0.12–1.46 at 10×, which fits the held-out cells
     # better (ELBO +3 nats per cell; pbmc68k +4 to +6) and recovers a simulated θ = 5
     # (4.7 against 2.8). See benchmarks/README.md, stop 22.
-    dispersion_lr_factor: float = 10.0
+    dispersion_lr_factor: float = DISPERSION_LR_FACTOR
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

@@ -210,3 +210,35 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
     with pytest.raises(ValueError, match="in memory"):
         q.write_h5ad(tmp_path / "q.h5ad")
         svt.SCVAE.prepare_query_anndata(ad.read_h5ad(tmp_path / "q.h5ad", backed="r"), path)
+
+
+def test_new_batch_dispersion_is_fitted(tmp_path):
+    """With ``dispersion="gene-batch"`` a new batch gets its own θ column, started at the
+    reference batches' mean and fitted at the training's faster θ rate: a query batch
+    simulated with θ = 0.5 next to reference batches with θ = 5 ends near 0.5 (at the
+    networks' rate it stopped at 2.0)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    n_genes = 150
+    profiles = rng.normal(0, 1.5, (4, n_genes))
+
+    def simulate(n, theta, batch):
+        types = rng.integers(0, 4, n)
+        p = np.exp(profiles[types])
+        mu = p / p.sum(1, keepdims=True) * rng.lognormal(np.log(1500), 0.3, n)[:, None]
+        x = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+        return ad.AnnData(sp.csr_matrix(x),
+                          obs=pd.DataFrame({"batch": batch}, index=[f"{batch}{i}" for i in range(n)]),
+                          var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+
+    ref = ad.concat([simulate(500, 5.0, "a"), simulate(500, 5.0, "b")])
+    model = svt.SCVAE(ref, batch_key="batch", dispersion="gene-batch", n_latent=4, n_hidden=64)
+    model.train(progress_bar=False, seed=0)
+    model.save(tmp_path / "ref")
+    mapped = svt.SCVAE.load_query(tmp_path / "ref", simulate(500, 0.5, "c"), progress_bar=False)
+    theta = np.median(np.exp(mapped.module.log_theta.detach().numpy()), axis=0)
+    assert theta[0] > 3 and theta[1] > 3  # the reference columns, frozen
+    assert 0.3 < theta[2] < 0.8, theta
