@@ -551,6 +551,36 @@ def test_fused_adam_steps_bit_for_bit_like_torch():
         _step_both(a, opt_a, c, opt_c, gen, lr=1e-3)
 
 
+def test_fused_adam_with_the_dispersion_group_matches_torch():
+    """The package's optimiser has two groups (θ at dispersion_lr_factor × lr), each with
+    its own step counter on the short path; it steps exactly as torch's Adam given the same
+    groups, through learning-rate changes."""
+    from scvae_tools import train as T
+
+    torch.manual_seed(0)
+    a = VAE(ModuleConfig(n_genes=40, n_hidden=16, n_latent=4))
+    b = VAE(ModuleConfig(n_genes=40, n_hidden=16, n_latent=4))
+    b.load_state_dict(a.state_dict())
+    cfg = T.TrainConfig(lr=1e-2)
+    opt_a = T._adam(a, cfg, torch.device("cpu"))
+    opt_b = torch.optim.Adam(T._param_groups(b, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             eps=cfg.eps, fused=True)
+    assert [g["lr"] for g in opt_a.param_groups] == [1e-2, 1e-2 * cfg.dispersion_lr_factor]
+    assert opt_a.param_groups[1]["params"] == [a.log_theta]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(10):
+        _same_grads(a, b, gen)
+        for opt in (opt_a, opt_b):
+            T._set_lr(opt, 1e-2 * 0.9 ** step)
+            opt.step()
+            opt.zero_grad()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)
+        _same_grads(a, b, gen)
+        assert opt_a._direct_plan() is not None  # after torch's first step: the short path
+    assert opt_a.param_groups[1]["lr"] == pytest.approx(1e-2 * 0.9 ** 9 * cfg.dispersion_lr_factor)
+
+
 def test_fused_adam_follows_torch_when_a_gradient_is_missing():
     """torch skips a parameter without a gradient (its counter falls behind); so does ours."""
     a, opt_a, b, opt_b = _twin_adams()
