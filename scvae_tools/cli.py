@@ -85,9 +85,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fit(adata, args):
-    from .model import SCVAE, check_key_added
+    from .model import SCVAE, check_key_added, check_save_target
 
     check_key_added(args.key_added)  # before training, not after
+    if getattr(args, "save_model", None):
+        check_save_target(args.save_model, overwrite=True)
     model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key,
                   categorical_covariate_keys=args.categorical_covariate_keys,
                   continuous_covariate_keys=args.continuous_covariate_keys,
@@ -171,9 +173,11 @@ def cmd_fit(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from .model import SCVAE, check_key_added
+    from .model import SCVAE, check_key_added, check_save_target
 
     check_key_added(args.key_added)
+    if args.save_model:
+        check_save_target(args.save_model, overwrite=True)
     if args.pad_missing_genes and args.backed:
         raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
                          "--backed, or write a padded file first.")
@@ -201,9 +205,11 @@ def cmd_demo(args) -> int:
     import scanpy as sc
 
     from . import datasets
+    from .model import check_save_target
     from .plotting import training_history
 
     out = Path(args.output)
+    check_save_target(out / "model", overwrite=True)  # before training, not after
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc68k()
     print(f"pbmc68k (embedded in scanpy): {adata.n_obs} cells × {adata.n_vars} genes")
@@ -275,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        message = str(err).strip("'\"")  # a KeyError quotes its message
+        # str() of a KeyError is the repr of its message: take the message itself
+        keyerror_text = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)
+        message = err.args[0] if keyerror_text else str(err)
         flags = _flags_for(message, args.command)
         if flags:
             message += f" (on the command line: {', '.join(flags)})"

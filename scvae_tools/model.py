@@ -41,6 +41,34 @@ from .train import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE)
+
+
+def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` unless :meth:`SCVAE.save` may write to ``path``.
+
+    ``path`` may be new, an empty folder, or (with ``overwrite``) a model saved before. A
+    folder holding anything else is never replaced: saving would delete those files.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a model is saved as a folder. Choose "
+                              "another path.")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    others = [name for name in entries if name not in MODEL_FILES]
+    if others:
+        shown = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{path} holds files that are not part of a saved model ({shown}); saving there "
+            "would delete them, so it is refused even with overwrite=True. Save the model to "
+            "a new folder (e.g. a sub-folder), or move those files.")
+    if not overwrite:
+        raise FileExistsError(f"{path} holds a saved model; pass overwrite=True to replace "
+                              "it.")
 
 
 class SCVAE:
@@ -994,12 +1022,12 @@ class SCVAE:
 
         The directory is written to a temporary sibling and renamed into place, so a crash
         mid-save never leaves a half-written model (and with ``overwrite`` the previous one
-        survives until the new one is complete).
+        survives until the new one is complete). ``overwrite`` replaces only a saved model:
+        a folder holding anything else is refused (see :func:`check_save_target`).
         """
         self._check_trained()
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

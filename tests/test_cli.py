@@ -131,7 +131,9 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
     a.write_h5ad(tmp_path / "in.h5ad")
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--batch-key", "nope", "--quiet"])
-    assert rc == 2 and "not a column of adata.obs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The key keeps both its quotes (a KeyError's str() is the repr of its message).
+    assert rc == 2 and "error: 'nope' is not a column of adata.obs" in err, err
     # An obsm-style key is refused before training, with the flag that fixes it.
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--key-added", "X_vae", "--quiet"])
@@ -216,3 +218,22 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     ref_out = ad.read_h5ad(tmp_path / "ref_out.h5ad")
     np.testing.assert_allclose(mapped.get_latent_representation(ref), ref_out.obsm["X_scvae"],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_save_model_never_deletes_other_files(tmp_path, capsys):
+    """`--save-model` replaces a saved model, but refuses, before training, a folder holding
+    anything else (here the input itself): saving there would have deleted it."""
+    a = svt.datasets.synthetic_counts(n_cells=60, n_genes=20, seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    a.write_h5ad(data / "in.h5ad")
+    rc = main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs", "1",
+               "--quiet", "--save-model", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds files that are not part of a saved model (in.h5ad)" in err, err
+    assert sorted(p.name for p in data.iterdir()) == ["in.h5ad"]
+    assert not (tmp_path / "o.h5ad").exists()  # refused before training
+    for _ in range(2):  # a new folder, then the saved model replaced
+        assert main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs",
+                     "1", "--quiet", "--save-model", str(tmp_path / "model")]) == 0
+    svt.SCVAE.load(tmp_path / "model", a)

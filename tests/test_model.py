@@ -155,8 +155,20 @@ def test_write_to_adata_catches_a_single_non_finite_value(trained, monkeypatch):
 def test_save_load_roundtrip(trained, tmp_path):
     adata, model = trained
     model.save(tmp_path / "m")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="holds a saved model; pass overwrite=True"):
         model.save(tmp_path / "m")
+    # overwrite replaces a saved model, never a folder with other files, nor a file
+    model.save(tmp_path / "m", overwrite=True)
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not part of a saved model \(notes.txt\)"):
+        model.save(tmp_path / "m", overwrite=True)
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
+    (tmp_path / "m" / "notes.txt").unlink()
+    (tmp_path / "f.h5ad").write_text("data")
+    with pytest.raises(FileExistsError, match="is a file"):
+        model.save(tmp_path / "f.h5ad", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    model.save(tmp_path / "empty")  # an empty folder is a fine target
     loaded = svt.SCVAE.load(tmp_path / "m", adata)
     np.testing.assert_array_equal(loaded.get_latent_representation(),
                                   model.get_latent_representation())
