@@ -167,18 +167,28 @@ class CellData:
         AnnData; nothing here ever writes to them. Such data are also never densified as
         a whole for the device (a pass or two over them does not repay building a cells ×
         genes copy): batches of sparse counts are gathered one by one.
+    trained
+        ``spec`` is a trained model's, whose layer cannot change: errors then say how to put
+        the counts where the model reads them, rather than to pass ``layer=``.
     """
 
-    def __init__(self, adata, spec: DataSpec, validate: bool = True, copy: bool = True):
+    def __init__(self, adata, spec: DataSpec, validate: bool = True, copy: bool = True,
+                 trained: bool = False):
         _check_not_empty(adata)
         self.spec = spec
         self.n_obs = adata.n_obs
         self.obs_names = adata.obs_names.copy()
-        counts = _select_genes(_get_counts(adata, spec.layer), adata.var_names, spec.var_names)
-        counts = _as_float32(counts, copy=copy)
+        counts = _get_counts(adata, spec.layer, trained)
+        counts = _as_float32(_select_genes(counts, adata.var_names, spec.var_names), copy=copy)
         try:
             totals = count_totals(counts, validate, spec.allow_non_integer)
+        except EmptyCellsError as err:
+            if adata.n_vars == counts.shape[1]:
+                raise
+            raise _empty_in_model_genes(err, spec) from None
         except NotCountsError as err:  # point at counts the AnnData holds elsewhere, if any
+            if trained:
+                raise NotCountsError(err.problem, counts_for_model(adata, spec.layer)) from None
             hint = counts_elsewhere(adata, spec.layer)
             if not hint:
                 raise
@@ -334,7 +344,14 @@ class CellData:
 # ---------------------------------------------------------------------- validation
 class NotCountsError(ValueError):
     """The matrix holds values that are not counts: NaN/inf, negative or (unless allowed)
-    fractional. A ``ValueError``; its own class so that callers can add advice to it."""
+    fractional. A ``ValueError``; its own class so that callers can replace the advice.
+
+    ``problem`` is what is wrong, ``fix`` what to do; the message is both.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem} {fix}".rstrip())
+        self.problem = problem
 
 
 def count_totals(X, validate: bool = True, allow_non_integer: bool = False) -> np.ndarray:
@@ -423,9 +440,9 @@ def _validate_flat(flat: np.ndarray, whole: bool, where: str) -> None:
         if np.not_equal(chunk, np.rint(chunk, out=rounded[:k]), out=differs[:k]).any():
             raise NotCountsError(
                 f"The count matrix contains non-integer values{where}; it looks normalised or "
-                "log-transformed. Use raw integer counts (e.g. layer='counts'), or pass "
-                "allow_non_integer=True for ambient-corrected / pseudo-counts."
-            )
+                "log-transformed.",
+                "Use raw integer counts (e.g. layer='counts'), or pass allow_non_integer=True "
+                "for ambient-corrected / pseudo-counts.")
 
 
 def _check_finite_non_negative(values: np.ndarray, where: str) -> None:
@@ -434,25 +451,41 @@ def _check_finite_non_negative(values: np.ndarray, where: str) -> None:
     low, high = values.min(initial=0.0), values.max(initial=0.0)
     if not (np.isfinite(low) and np.isfinite(high)):
         raise NotCountsError(
-            f"The count matrix contains NaN or inf values{where}. Replace them (e.g. with 0) or "
-            "drop the affected cells/genes before training."
-        )
+            f"The count matrix contains NaN or inf values{where}.",
+            "Replace them (e.g. with 0) or drop the affected cells/genes before training.")
     if low < 0:
         raise NotCountsError(
-            f"The count matrix contains negative values{where}; a count model needs raw counts. "
+            f"The count matrix contains negative values{where}; a count model needs raw counts.",
             "Pass the raw counts (e.g. layer='counts' or adata.raw) rather than scaled or "
-            "log-normalised data."
-        )
+            "log-normalised data.")
+
+
+class EmptyCellsError(ValueError):
+    """Cells without a count (row numbers in ``rows``)."""
+
+    def __init__(self, message: str, rows: np.ndarray) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 def check_no_empty_cells(totals: np.ndarray, fix: str = "") -> None:
     """Every cell needs at least one count; ``fix`` adds advice (e.g. for files on disk)."""
     empty = np.flatnonzero(totals == 0)
     if empty.size:
-        raise ValueError(
+        raise EmptyCellsError(
             f"{empty.size} cell(s) have zero total counts (first row indices: {empty[:5].tolist()}). "
-            f"Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`{fix}."
-        )
+            f"Remove them first, e.g. `sc.pp.filter_cells(adata, min_counts=1)`{fix}.", empty)
+
+
+def _empty_in_model_genes(err: EmptyCellsError, spec: DataSpec) -> EmptyCellsError:
+    """``err`` restated for an AnnData with more genes than ``spec``'s: the cells may have
+    counts in the others, which filtering on all genes does not see."""
+    where = "X" if spec.layer is None else f"layers[{spec.layer!r}]"
+    return EmptyCellsError(
+        f"{err.rows.size} cell(s) have no counts in the model's {len(spec.var_names)} genes "
+        f"(first row indices: {err.rows[:5].tolist()}); the counts they have are in genes the "
+        "model does not use. Remove them first, e.g. `adata = adata[np.asarray(adata[:, "
+        f"model.var_names].{where}.sum(axis=1)).ravel() > 0].copy()`.", err.rows)
 
 
 def batch_bounds(n: int, batch_size: int, drop_singleton: bool = False) -> list[tuple[int, int]]:
@@ -527,14 +560,35 @@ def _looks_like_counts(X, n: int = 100_000) -> bool:
                 and (values == np.rint(values)).all() and values.any())
 
 
-def _get_counts(adata, layer: str | None):
+def counts_for_model(adata, layer: str | None) -> str:
+    """Advice for evaluating a trained model on ``adata`` whose matrix ``layer`` (the one the
+    model was trained on) does not hold counts: how to put the counts there, on a copy."""
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    target = "q.X" if layer is None else f"q.layers[{layer!r}]"
+    names = [k for k in adata.layers.keys() if k != layer and _looks_like_counts(adata.layers[k])]
+    if names:
+        return (f"The model reads {where}, as in training, and adata.layers[{names[0]!r}] looks "
+                f"like raw counts: pass a copy with them there, e.g. `q = adata.copy(); "
+                f"{target} = q.layers[{names[0]!r}]`.")
+    raw = getattr(adata, "raw", None)
+    if layer is None and raw is not None and _looks_like_counts(raw.X):
+        return ("The model reads adata.X, as in training, and adata.raw looks like raw counts: "
+                "pass `adata.raw.to_adata()` (genes are matched by name).")
+    return f"The model reads {where}, as in training: pass an AnnData with raw counts there."
+
+
+def _get_counts(adata, layer: str | None, trained: bool = False):
     if layer is None:
         X = adata.X
     else:
         if layer not in adata.layers:
+            fix = (f"The model was trained on adata.layers[{layer!r}]: add the raw counts "
+                   f"there, e.g. `adata.layers[{layer!r}] = adata.X.copy()` if X holds them."
+                   if trained else "Pass layer= naming a layer that holds raw counts, or "
+                   "layer=None for adata.X.")
             raise KeyError(
-                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)})."
-            )
+                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
+                + fix)
         X = adata.layers[layer]
     if X is None:
         raise ValueError("adata.X is None; pass layer= naming the layer with counts.")

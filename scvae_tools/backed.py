@@ -38,7 +38,9 @@ from .adapter import (
     Batch,
     CellData,
     DataSpec,
+    EmptyCellsError,
     _block_entries,
+    _empty_in_model_genes,
     _encode,
     _nonzeros_on,
     _numeric_obs,
@@ -108,12 +110,13 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
 
 
 def make_cell_data(adata, spec: DataSpec, validate: bool = True, copy: bool = True,
-                   **backed_kwargs):
+                   trained: bool = False, **backed_kwargs):
     """:class:`BackedCellData` for backed AnnData / paths, else an in-memory ``CellData``
-    (``copy=False``: read the counts in place, see :class:`CellData`)."""
+    (``copy=False``: read the counts in place; ``trained``: ``spec`` is a trained model's;
+    see :class:`CellData`)."""
     if is_backed(adata):
         return BackedCellData(adata, spec, validate=validate, **backed_kwargs)
-    return CellData(adata, spec, validate=validate, copy=copy)
+    return CellData(adata, spec, validate=validate, copy=copy, trained=trained)
 
 
 class BackedCellData:
@@ -213,7 +216,12 @@ class BackedCellData:
         self._col_map = _column_map(pd.Index(var_names), spec.var_names)
         totals = self._scan(validate)
         if validate:
-            check_no_empty_cells(totals, fix=" on the data, then rewrite the file")
+            try:
+                check_no_empty_cells(totals, fix=" on the data, then rewrite the file")
+            except EmptyCellsError as err:
+                if len(var_names) == len(spec.var_names):
+                    raise
+                raise _empty_in_model_genes(err, spec) from None
         if spec.size_factor_key is not None:
             lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
             if np.any(~np.isfinite(lib)) or np.any(lib <= 0):

@@ -110,7 +110,7 @@ def differential_expression(
     if group2 is not None and str(group2) in groups1:
         raise ValueError(f"group1 and group2 must differ; both contain {group2!r}.")
 
-    data = CellData(adata, model.spec, copy=False)  # read-only, for this call only
+    data = CellData(adata, model.spec, copy=False, trained=True)  # read-only, for this call only
     counts = data.X
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -418,7 +418,7 @@ class SCVAE:
         if adata is None:
             return self._require_data()
         # Read in place: this CellData lives for one read-only evaluation call.
-        return make_cell_data(adata, self.spec, copy=False)
+        return make_cell_data(adata, self.spec, copy=False, trained=True)
 
     def _check_trained(self) -> None:
         if not self.is_trained:
@@ -1103,7 +1103,7 @@ class SCVAE:
         model.train_threads = threads if isinstance(threads, int) and threads > 0 else None
         model.train_indices = model.validation_indices = None
         model.is_trained = True
-        model._data = None if adata is None else make_cell_data(adata, model.spec)
+        model._data = None if adata is None else make_cell_data(adata, model.spec, trained=True)
         return model
 
 

@@ -172,7 +172,7 @@ def load_query(
     new_spec, added = _extended_spec(ref_spec, query_adata)
     new_cfg = ModuleConfig(**{**ref_cfg.to_dict(), "n_batch": new_spec.n_batch,
                               "n_cats_per_cov": new_spec.n_cats_per_cov})
-    data = CellData(query_adata, new_spec)  # checks genes and counts; raises with the fix
+    data = CellData(query_adata, new_spec, trained=True)  # checks genes, counts; names the fix
     torch.manual_seed(seed)
     module = VAE(new_cfg)
     new_labels = {(k, c) for k, cats in added.items() for c in cats}

@@ -239,6 +239,57 @@ def test_normalised_x_points_at_counts_kept_elsewhere(X):
         svt.SCVAE(c, **MODEL)
 
 
+def test_trained_model_names_the_fix_that_exists_at_evaluation(baseline, X):
+    """A trained model reads the layer it was trained on (no layer= at evaluation): the
+    errors say how to put the counts there, and following them works."""
+    model, z = baseline
+    logged = make(np.log1p(X / X.sum(1, keepdims=True) * 1e4))
+    logged.layers["counts"] = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match=r"non-integer.*The model reads adata.X, as in "
+                       r"training.*`q = adata.copy\(\); q.X = q.layers\['counts'\]`") as err:
+        model.get_latent_representation(logged)
+    assert "layer='counts'" not in str(err.value) and "allow_non_integer" not in str(err.value)
+    q = logged.copy()
+    q.X = q.layers["counts"]  # the fix, as the message gives it
+    np.testing.assert_allclose(model.get_latent_representation(q), z, rtol=1e-5, atol=1e-6)
+    with_raw = make(np.log1p(X))
+    with_raw.raw = make(X)
+    with pytest.raises(ValueError, match=r"adata.raw looks like raw counts: pass "
+                       r"`adata.raw.to_adata\(\)`"):
+        model.get_latent_representation(with_raw)
+    np.testing.assert_allclose(model.get_latent_representation(with_raw.raw.to_adata()), z,
+                               rtol=1e-5, atol=1e-6)
+    on_layer = fit(_with_layer(X), {"layer": "counts"})
+    with pytest.raises(KeyError, match=r"trained on adata.layers\['counts'\]: add the raw "
+                       r"counts there, e.g. `adata.layers\['counts'\] = adata.X.copy\(\)`"):
+        on_layer.get_latent_representation(make(X))
+
+
+def _with_layer(X) -> ad.AnnData:
+    a = make(np.log1p(X))
+    a.layers["counts"] = X.copy()
+    return a
+
+
+def test_cells_empty_in_the_model_genes_only(baseline, X):
+    """A query with extra genes: a cell whose counts all lie outside the model's genes is
+    named as such (filtering on all genes keeps it), and the advised filter works."""
+    model, z = baseline
+    extra = np.zeros((N_CELLS, 3), np.float32)
+    extra[:, 0] = 1
+    full = X.copy()
+    full[7] = 0
+    q = make(np.hstack([full, extra]))
+    q.var_names = [f"gene{j}" for j in range(N_GENES)] + ["x1", "x2", "x3"]
+    with pytest.raises(ValueError, match=r"1 cell\(s\) have no counts in the model's 12 "
+                       r"genes \(first row indices: \[7\]\)"):
+        model.get_latent_representation(q)
+    q = q[np.asarray(q[:, model.var_names].X.sum(axis=1)).ravel() > 0].copy()  # the advice
+    assert q.n_obs == N_CELLS - 1
+    np.testing.assert_allclose(model.get_latent_representation(q), np.delete(z, 7, axis=0),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make_bad, exc, message", [
     (lambda X: make(X.astype(object).astype(str)), ValueError, "dtype <U.*must be numeric"),
     (lambda X: make(X[:0]), ValueError, r"empty \(0 cells × 12 genes\)"),
