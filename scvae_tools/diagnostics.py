@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from .adapter import Batch, CellData
-from .model import SCVAE
+from .model import SCVAE, _check_indices
 from .train import evaluate
 
 __all__ = [
@@ -189,9 +189,10 @@ def posterior_collapse(
     if threshold < 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}.")
     data = _data(model, adata)
+    indices = _check_indices(indices, data.n_obs)
     m, v = model._posterior(data)
     if indices is not None:
-        m, v = m[np.asarray(indices)], v[np.asarray(indices)]
+        m, v = m[indices], v[indices]
     kl = model._kl_per_dim_mean(data, indices)
     var_mean = m.astype(np.float64).var(0)
     return pd.DataFrame(

@@ -98,10 +98,10 @@ def differential_expression(
     categories = _categories(adata.obs[groupby])
     if len(categories) < 2:
         raise ValueError(f"obs[{groupby!r}] has a single group; DE needs at least two.")
-    if group1 is None:
-        groups1 = categories
-    elif isinstance(group1, str):
-        groups1 = [group1]
+    if group1 is None:  # every group, against the rest or against group2
+        groups1 = [c for c in categories if group2 is None or c != str(group2)]
+    elif isinstance(group1, str) or np.ndim(group1) == 0:  # one label, e.g. 3 for integer labels
+        groups1 = [str(group1)]
     else:
         groups1 = [str(g) for g in group1]
     for g in [*groups1, *([] if group2 is None else [group2])]:
@@ -370,7 +370,7 @@ def store_rank_genes_groups(
     evidence first, and those lower in group1 last. Fields (structured arrays indexed by
     group name): ``names``; ``scores`` = sign(lfc_mean) × proba_de (``mode="change"``) or
     the Bayes factor (``"vanilla"``); ``logfoldchanges`` = lfc_mean (log2);
-    ``pvals`` = ``proba_not_de`` (resp. 1 − proba_m1) and ``pvals_adj`` = the posterior
+    ``pvals`` = ``proba_not_de`` (resp. 1 − max(proba_m1, proba_m2)) and ``pvals_adj`` = the posterior
     expected FDR of calling that gene and all genes with stronger evidence. These are
     Bayesian analogues, not frequentist p-values, but they make ``sc.get.rank_genes_groups_df``
     and ``sc.pl.rank_genes_groups_*`` (e.g. ``values_to_plot="logfoldchanges"``) work.
@@ -381,10 +381,10 @@ def store_rank_genes_groups(
             signed = np.sign(res["lfc_mean"].to_numpy()) * res["proba_de"].to_numpy()
             p_not = res["proba_not_de"].to_numpy()
             strength = res["proba_de"].to_numpy()
-        else:
+        else:  # either direction, as pvals_adj below (1 − proba_m1 made lower genes "1.0")
             signed = res["bayes_factor"].to_numpy()
-            p_not = res["proba_m2"].to_numpy()
             strength = np.maximum(res["proba_m1"].to_numpy(), res["proba_m2"].to_numpy())
+            p_not = 1 - strength
         order = np.lexsort((-res["lfc_mean"].to_numpy(), -signed))
         # Expected FDR along the evidence ranking, whatever the direction.
         ev_order = np.argsort(-strength, kind="stable")

@@ -282,8 +282,9 @@ class SCVAE:
         progress_bar
             Show a tqdm bar with the train and validation ELBO.
         kl_warmup_epochs
-            Epochs over which β ramps linearly from 0 to ``beta``; default
-            ``min(10, max_epochs // 4)``; 0 disables.
+            Epochs over which β ramps linearly up to ``beta``: epoch e (1, 2, …) uses
+            ``beta · min(1, e / kl_warmup_epochs)``, so the first already has a little KL
+            (scvi-tools' ramp starts at 0); default ``min(10, max_epochs // 4)``; 0 disables.
         checkpoint_dir
             Folder for a training checkpoint (model, optimiser, RNG states, epoch, history,
             early-stopping state), written atomically so that a killed run never leaves a
@@ -536,8 +537,9 @@ class SCVAE:
         ----------
         library_size
             A number: expression per ``library_size`` counts (default 1e4, like
-            ``sc.pp.normalize_total``). ``"observed"``: expected counts at each cell's own
-            library size. ``1``: gene proportions.
+            ``sc.pp.normalize_total``). ``"observed"``: ℓ·ρ at each cell's own library size,
+            the expected counts (under ZINB those of the count part: denoised values are
+            free of the extra zeros, as in scvi-tools). ``1``: gene proportions.
         n_samples
             With 1, decode the posterior mean; with more, average the decoded mean over
             this many posterior samples of z.
@@ -735,9 +737,9 @@ class SCVAE:
         groupby
             ``obs`` column defining the groups.
         group1
-            Group(s) to test; ``None``: every group, each against the rest.
+            Group(s) to test; ``None``: every group (but ``group2``), each on its own.
         group2
-            Reference group; ``None``: all cells not in ``group1`` ("Rest").
+            Reference group; ``None``: all cells not in the tested group ("Rest").
         mode
             ``"change"``: P(|LFC| ≥ ``delta``) per gene; ``"vanilla"``: P(mean1 > mean2).
         delta
@@ -811,7 +813,9 @@ class SCVAE:
         -------
         A dict of cells × genes arrays (genes in the model's order):
 
-        - ``"mean"``: the expected counts μ = ℓ·ρ at each cell's library size;
+        - ``"mean"``: μ = ℓ·ρ at each cell's library size, the expected counts under NB and
+          Poisson; under ZINB the mean of the count part, the expected counts being
+          (1 − dropout)·μ;
         - ``"dispersions"`` (NB, ZINB): the inverse dispersion θ, Var = μ + μ²/θ
           (the same for all cells with ``dispersion="gene"``, per batch with
           ``"gene-batch"``);
@@ -819,7 +823,12 @@ class SCVAE:
         """
         self._check_trained()
         data = self._data_for(adata)
-        indices = _check_indices(indices, data.n_obs)
+        return self._likelihood_parameters(data, _check_indices(indices, data.n_obs), give_mean,
+                                           batch_size)
+
+    @torch.inference_mode()
+    def _likelihood_parameters(self, data: CellData, indices: np.ndarray | None,
+                               give_mean: bool, batch_size: int | None) -> dict[str, np.ndarray]:
         n = data.n_obs if indices is None else len(indices)
         keys = ["mean"] + (["dispersions"] if self.module_config.likelihood != "poisson" else [])
         keys += ["dropout"] if self.module_config.likelihood == "zinb" else []
@@ -954,7 +963,7 @@ class SCVAE:
 
         Writes ``obsm[f"X_{key_added}"]`` (latent means), ``layers[f"{key_added}_denoised"]``
         (expression per 1e4 counts), ``layers[f"{key_added}_expected"]`` (expected counts at
-        each cell's library) and ``uns[key_added]`` (settings, version, history). Pass
+        each cell's library: ℓ·ρ, times 1 − π under ZINB) and ``uns[key_added]`` (settings, version, history). Pass
         ``layers=False`` to skip the two dense cells × genes layers on large data.
         The AnnData must have the model's genes (in any order, extra genes are not allowed
         for layers since layers must match ``adata.var``).
@@ -980,6 +989,9 @@ class SCVAE:
             factor = torch.from_numpy(np.asarray(data.library, dtype=np.float32) / np.float32(1e4))
             exp = np.empty_like(den)  # the same product as numpy's, on torch's threads
             torch.mul(torch.from_numpy(den), factor[:, None], out=torch.from_numpy(exp))
+            if self.module_config.likelihood == "zinb":  # E[x] = (1 − π)·μ: extra zeros
+                dropout = self._likelihood_parameters(data, None, True, batch_size)["dropout"]
+                np.multiply(exp, 1 - dropout, out=exp)
             if order is not None:  # adata lists the genes in another order
                 # take along an axis: ~6x faster than den[:, order] on a C-ordered matrix
                 den, exp = np.take(den, order, axis=1), np.take(exp, order, axis=1)
@@ -1174,10 +1186,13 @@ def _check_indices(indices, n_obs: int) -> np.ndarray | None:
     if idx.dtype == bool:
         raise ValueError("indices must be row numbers, not a boolean mask; pass "
                          "np.flatnonzero(mask).")
-    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+    if idx.size == 0:  # an ELBO of no cells would read 0.0, a perfect fit
+        raise ValueError("indices is empty: there are no cells to evaluate (e.g. "
+                         "model.validation_indices after train(train_size=1.0)).")
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
         raise ValueError(f"indices must be a 1-D array of row numbers, got shape {idx.shape} "
                          f"and dtype {idx.dtype}.")
-    if idx.size and (idx.min() < 0 or idx.max() >= n_obs):
+    if idx.min() < 0 or idx.max() >= n_obs:
         raise ValueError(f"indices must lie in [0, {n_obs}) for these {n_obs} cells; got "
                          f"values from {idx.min()} to {idx.max()}.")
     return idx.astype(np.int64, copy=False)

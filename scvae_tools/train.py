@@ -127,7 +127,8 @@ class TrainConfig:
         return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     def beta_at(self, epoch: int) -> float:
-        """β in force at ``epoch`` (0-based): linear warm-up from 0 to ``beta``."""
+        """β in force at ``epoch`` (0-based): ``beta · (epoch + 1) / kl_warmup_epochs`` up to
+        ``beta`` (the first epoch is not KL-free)."""
         if self.kl_warmup_epochs <= 0:
             return self.beta
         return self.beta * min(1.0, (epoch + 1) / self.kl_warmup_epochs)

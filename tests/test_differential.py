@@ -160,6 +160,29 @@ def test_vanilla_mode(fitted):
     assert np.all(np.diff(de["bayes_factor"].to_numpy()) <= 0)
     up = de["proba_m1"] > 0.99
     assert (de.loc[up, "lfc_mean"] > 0).all()
+    # In scanpy's layout, pvals and pvals_adj agree in both directions: a gene far lower in
+    # type0 is as significant as one far higher (pvals was 1 − proba_m1, so ~1.0 for it).
+    a = adata.copy()
+    model.differential_expression(a, "cell_type", "type0", "type2", mode="vanilla",
+                                  n_samples=200, key_added="vanilla")
+    df = sc.get.rank_genes_groups_df(a, "type0", key="vanilla")
+    down = df["logfoldchanges"] < -1
+    assert down.any() and (df.loc[down, "pvals"] < 0.05).mean() > 0.9
+    kept = sc.get.rank_genes_groups_df(a, "type0", key="vanilla", pval_cutoff=0.05)
+    assert (kept["pvals"] < 0.5).all() and (kept["logfoldchanges"] < 0).any()
+
+
+def test_groups_as_scanpy_and_scvi_tools_name_them(fitted):
+    """An integer label names one group; group1=None with group2 tests every other group
+    against group2 (it was refused: "both contain group2")."""
+    model, adata = fitted
+    a = adata.copy()
+    a.obs["type_id"] = a.obs["cell_type"].cat.codes.astype(int)  # 0, 1, 2
+    by_int = model.differential_expression(a, "type_id", 0, 2, n_samples=50)
+    by_name = model.differential_expression(a, "cell_type", "type0", "type2", n_samples=50)
+    pd.testing.assert_series_equal(by_int["lfc_mean"], by_name["lfc_mean"])
+    each = model.differential_expression(a, "cell_type", group2="type2", n_samples=50)
+    assert sorted(set(each["comparison"])) == ["type0 vs type2", "type1 vs type2"]
 
 
 def test_bad_input_is_explained(fitted):

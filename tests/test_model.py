@@ -218,6 +218,42 @@ def test_options_train(likelihood, dispersion, synthetic):
     assert np.isfinite(m.get_latent_representation()).all()
 
 
+def test_no_cells_to_evaluate_is_an_error_not_a_zero_elbo(trained):
+    """After train_size=1.0 the validation set is empty; its ELBO is not 0.0 (a perfect fit)."""
+    _, model = trained
+    none = np.array([], dtype=np.int64)
+    for call in (model.get_elbo, model.get_marginal_ll, model.get_latent_representation,
+                 model.get_normalized_expression,
+                 lambda indices: svt.diagnostics.posterior_collapse(model, indices=indices)):
+        with pytest.raises(ValueError, match="indices is empty: there are no cells"):
+            call(indices=none)
+
+
+def test_zinb_expected_layer_is_the_mean_of_the_zero_inflated_counts(synthetic):
+    """Under ZINB, E[x | z] = (1 − π)·ℓ·ρ; ℓ·ρ alone overstates it (on pbmc3k by ~1.6×).
+    Checked against the mean of counts drawn from the fitted ZINB at the posterior mean."""
+    from scvae_tools.distributions import sample_counts
+
+    m = svt.SCVAE(synthetic, likelihood="zinb", n_latent=4, n_hidden=32)
+    m.train(max_epochs=3, progress_bar=False, seed=0)
+    a = synthetic.copy()
+    m.write_to_adata(a)
+    p = m.get_likelihood_parameters()
+    assert p["dropout"].mean() > 0.05  # the extra zeros matter here
+    np.testing.assert_allclose(a.layers["scvae_expected"], (1 - p["dropout"]) * p["mean"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.get_normalized_expression(library_size="observed"), p["mean"],
+                               rtol=1e-4, atol=1e-5)  # the count part, as documented
+    torch.manual_seed(0)
+    mu, theta = torch.from_numpy(p["mean"][:20]), torch.from_numpy(p["dispersions"][:20])
+    logits = torch.logit(torch.from_numpy(p["dropout"][:20]).double()).float()
+    draws = torch.stack([sample_counts("zinb", mu, theta, logits)
+                         for _ in range(4000)]).mean(0).numpy()
+    expected = a.layers["scvae_expected"][:20]
+    assert abs(draws.sum() / expected.sum() - 1) < 0.01  # and ℓ·ρ is off by far more
+    assert p["mean"][:20].sum() / expected.sum() > 1.05
+
+
 def test_batch_conditioning_and_transform_batch(synthetic):
     m = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
     m.train(max_epochs=5, progress_bar=False)
