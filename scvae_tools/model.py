@@ -909,7 +909,9 @@ class SCVAE:
             Directory of the saved reference model.
         query_adata
             Query cells: the reference's genes (any order; extra genes are dropped, missing
-            ones are an error) and its ``obs`` columns (``batch_key``, covariates).
+            ones are an error) and its ``obs`` columns (``batch_key``, covariates). An
+            AnnData, or the path of an .h5ad file; a file or a backed AnnData is read into
+            memory (fine-tuning passes over the cells many times).
         max_epochs
             Fine-tuning epochs; default ``min(200, 20000 / n_cells · 400)``. 0 skips
             fine-tuning (the new columns keep their start: the mean of the reference batches).

@@ -161,6 +161,10 @@ def load_query(
     progress_bar: bool = True,
 ) -> SCVAE:
     """Map query cells onto a saved reference; see :meth:`SCVAE.load_query`."""
+    if isinstance(query_adata, (str, os.PathLike)):
+        query_adata = ad.read_h5ad(query_adata)
+    elif getattr(query_adata, "isbacked", False):
+        query_adata = query_adata.to_memory()
     reference = cls.load(reference_dir, adata=None, device="cpu")
     ref_spec, ref_cfg = reference.spec, reference.module_config
     if ref_spec.batch_key is None and not ref_spec.categorical_covariate_keys:
@@ -210,9 +214,10 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     Genes the model does not know are dropped; genes the query lacks are added as zero
     counts, in ``X`` and in every layer, and flagged in ``var["scvae_padded"]``. The result
     can go to :meth:`SCVAE.load_query`, :meth:`SCVAE.load` or any evaluation call.
-    ``obs``, ``obsm``, ``uns`` and ``raw`` are copied; ``varm`` and ``varp`` (gene × gene
-    or gene × component matrices that zeros cannot extend) are left out. ``adata`` itself
-    is not changed.
+    ``obs``, ``obsm``, ``obsp`` (e.g. a neighbour graph that ``uns["neighbors"]`` names),
+    ``uns``, ``raw`` and the name of the ``var`` index are copied; ``varm`` and ``varp``
+    (gene × gene or gene × component matrices that zeros cannot extend) are left out.
+    ``adata`` itself is not changed.
 
     The encoder reads a padded gene as "not detected" in every query cell, so the more
     genes are padded, the more the query's latent can shift: a warning gives the count,
@@ -283,11 +288,12 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
             var[col] = var[col].astype("boolean")
         elif pd.api.types.is_integer_dtype(var[col]):
             var[col] = var[col].astype("Int64")
-    var = var.reindex(genes)
+    var = var.reindex(pd.Index(genes, name=adata.var.index.name))
     var["scvae_padded"] = pos < 0
     out = ad.AnnData(
         X=None if adata.X is None else reindexed(adata.X), obs=adata.obs.copy(), var=var,
         obsm={k: v.copy() for k, v in adata.obsm.items()},
+        obsp={k: v.copy() for k, v in adata.obsp.items()},
         uns=copy.deepcopy(dict(adata.uns)),
         layers={k: reindexed(v) for k, v in adata.layers.items()},
     )

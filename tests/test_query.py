@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_known_batches_only_need_no_fine_tuning(split, reference):
                                ref_model.get_latent_representation(same), atol=1e-5)
 
 
+def test_query_from_a_file_or_backed_equals_in_memory(split, reference, query_model, tmp_path):
+    """load_query takes an .h5ad path or a backed AnnData (read into memory) as well."""
+    _, query_adata = split
+    query_adata.write_h5ad(tmp_path / "q.h5ad")
+    z = query_model.get_latent_representation()
+    for given in (tmp_path / "q.h5ad", ad.read_h5ad(tmp_path / "q.h5ad", backed="r")):
+        m = svt.SCVAE.load_query(reference[1], given, max_epochs=40, batch_size=64,
+                                 progress_bar=False)
+        np.testing.assert_array_equal(m.get_latent_representation(), z)
+
+
 def test_single_batch_reference_gets_a_zero_frozen_column(tmp_path):
     adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=60, n_types=2, n_batches=2, seed=0)
     ref_adata = adata[adata.obs["batch"] == "batch0"].copy()
@@ -152,7 +164,6 @@ def test_transform_batch_encodes_with_the_observed_batch(split, reference):
 def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, tmp_path):
     """A query with some of the reference's genes missing, others extra and the rest
     shuffled: padded with zeros, it maps onto the reference and keeps its labels."""
-    import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
@@ -168,6 +179,9 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
                    var=pd.DataFrame({"note": "x"}, index=[*keep, "EXTRA1", "EXTRA2", "EXTRA3"]))
     q.layers["counts"] = q.X.toarray()  # dense layers are padded as well
     q.obsm["X_other"] = rng.normal(size=(q.n_obs, 2))
+    q.obsp["connectivities"] = sp.random(q.n_obs, q.n_obs, density=0.05, format="csr",
+                                         random_state=0)  # cells, not genes: kept as it is
+    q.var.index.name = "symbol"
     q.var["highly_variable"], q.var["n_cells"] = True, 7  # as scanpy leaves them
     before = q.copy()
 
@@ -183,6 +197,8 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
     assert prepared.X[:, np.flatnonzero(pad)].nnz == 0
     np.testing.assert_array_equal(prepared.layers["counts"], prepared.X.toarray())
     np.testing.assert_array_equal(prepared.obsm["X_other"], q.obsm["X_other"])
+    assert (prepared.obsp["connectivities"] != q.obsp["connectivities"]).nnz == 0
+    assert prepared.var.index.name == "symbol"
     # Padded genes have no annotation (<NA>), and the result can still be saved.
     assert prepared.var["highly_variable"].isna().sum() == 8
     prepared.write_h5ad(tmp_path / "prepared.h5ad")
@@ -217,7 +233,6 @@ def test_new_batch_dispersion_is_fitted(tmp_path):
     reference batches' mean and fitted at the training's faster θ rate: a query batch
     simulated with θ = 0.5 next to reference batches with θ = 5 ends near 0.5 (at the
     networks' rate it stopped at 2.0)."""
-    import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
