@@ -60,7 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=float, default=0.9,
                    help="share of cells trained on; the rest validate (default 0.9)")
     p.add_argument("--kl-warmup-epochs", type=int, default=None,
-                   help="epochs over which β rises from 0 (default: by data size)")
+                   help="epochs over which β rises linearly to --beta, epoch e using "
+                        "β·e/W (default: min(10, epochs // 4); with --resume, the "
+                        "interrupted run's)")
     p.add_argument("--no-early-stopping", action="store_true",
                    help="train all --epochs instead of stopping when validation stalls")
     p.add_argument("--early-stopping-patience", type=int, default=30)
@@ -112,8 +114,6 @@ def _fit(adata, args):
     if not is_main_process():  # DDP: rank 0 alone computes and writes the results
         return model
     model.write_to_adata(adata, key_added=args.key_added, layers=not args.no_layers)
-    if args.save_model:
-        model.save(args.save_model, overwrite=True)
     return model
 
 
@@ -136,6 +136,21 @@ def _read(path: str, backed: bool):
     import anndata as ad
 
     return ad.read_h5ad(path)
+
+
+def _check_output(path: str, input_path: str | None = None) -> None:
+    """Refuse, before any training, an output path that could not be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"-o {path} is a folder; pass the path of an .h5ad file, e.g. "
+                                f"{out / 'result.h5ad'}.")
+    if input_path is not None and out.exists() and out.resolve() == Path(input_path).resolve():
+        raise FileExistsError(f"-o {path} is the input file; write the results to a new file "
+                              "(the input is only read).")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)  # nearest folder
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"-o {path}: cannot write into {parent}; choose a writable "
+                              "folder.")
 
 
 def _write(adata, path: str, backed: bool) -> None:
@@ -163,11 +178,14 @@ def _summary(model) -> str:
 
 
 def cmd_fit(args) -> int:
+    _check_output(args.output, args.input)
     adata = _read(args.input, args.backed)
     model = _fit(adata, args)
     if not is_main_process():
         return 0
-    _write(adata, args.output, args.backed)
+    _write(adata, args.output, args.backed)  # the results first: a failed save keeps them
+    if args.save_model:
+        model.save(args.save_model, overwrite=True)
     print(f"{_summary(model)}; wrote {args.output}")
     return 0
 
@@ -176,6 +194,7 @@ def cmd_apply(args) -> int:
     from .model import SCVAE, check_key_added, check_save_target
 
     check_key_added(args.key_added)
+    _check_output(args.output, args.input)
     if args.save_model:
         check_save_target(args.save_model, overwrite=True)
     if args.pad_missing_genes and args.backed:
@@ -226,6 +245,8 @@ def cmd_demo(args) -> int:
     training_history(model).savefig(out / "training_history.png", dpi=120)
     adata.write_h5ad(out / "pbmc68k_scvae.h5ad")
     model.save(out / "model", overwrite=True)
+    if args.save_model:
+        model.save(args.save_model, overwrite=True)
     print(f"{_summary(model)}; Leiden vs bulk_labels ARI {ari:.3f}")
     print(f"wrote {out / 'pbmc68k_scvae.h5ad'}, {out / 'umap.png'}, "
           f"{out / 'training_history.png'}, {out / 'model'}/")
@@ -280,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    # OSError: unreadable or non-.h5ad input, unwritable output (one line, not a traceback)
+    except (ValueError, KeyError, OSError, FloatingPointError) as err:
         # str() of a KeyError is the repr of its message: take the message itself
         keyerror_text = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)
         message = err.args[0] if keyerror_text else str(err)
@@ -300,6 +322,12 @@ def _flags_for(message: str, command: str) -> list[str]:
         if "allow_non_integer=True" in message:
             flags.append("--allow-non-integer")
     flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]
+    if command in ("fit", "demo"):  # training settings named by their Python argument
+        for python, flag in (("early_stopping=False", "--no-early-stopping"),
+                             ("needs a batch_key", "--batch-key COLUMN"),
+                             ("needs checkpoint_dir=", "--checkpoint-dir DIR")):
+            if python in message:
+                flags.append(flag)
     if "layers=False" in message:
         flags.append("--no-layers")
     if "prepare_query_anndata" in message and command == "apply":

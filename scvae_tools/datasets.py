@@ -23,9 +23,11 @@ PBMC3K_FULL = "pbmc3k_full_counts.h5ad"
 PBMC3K_HVG = "pbmc3k_hvg_counts.h5ad"
 PBMC3K_URL = "https://cf.10xgenomics.com/samples/cell/pbmc3k/pbmc3k_filtered_gene_bc_matrices.tar.gz"
 
-# The PBMC 3k tutorial's Louvain clusters → cell types (scanpy's pbmc3k_processed).
-_PBMC3K_TYPES = ["CD4 T cells", "CD14+ Monocytes", "B cells", "CD8 T cells", "NK cells",
-                 "FCGR3A+ Monocytes", "Dendritic cells", "Megakaryocytes"]
+# scanpy's pbmc3k_processed labels → the names of the Seurat tutorial's annotation that the
+# prepared files carry (its CD4 T cells are one group there, naive and memory here).
+_PBMC3K_TYPE_NAMES = {"CD4 T cells": "CD4 T", "CD14+ Monocytes": "CD14+ Mono", "B cells": "B",
+                      "CD8 T cells": "CD8 T", "NK cells": "NK", "FCGR3A+ Monocytes": "FCGR3A+ Mono",
+                      "Dendritic cells": "DC", "Megakaryocytes": "Platelet"}
 
 
 def get_data_dir(path: str | os.PathLike | None = None) -> Path:
@@ -76,14 +78,22 @@ def pbmc3k(
         QC). ``True``: 2,000 highly variable genes (``pbmc3k_hvg_counts.h5ad``).
     download
         Build the file from the public 10x matrix when it is absent (default: yes, unless
-        ``$SCVAE_TOOLS_NO_DOWNLOAD`` is set).
+        ``$SCVAE_TOOLS_NO_DOWNLOAD`` is set to anything but ``0``/``false``/``no``).
+
+    Notes
+    -----
+    The prepared files (see ``../shared/data/README.md``) carry the Seurat tutorial's nine
+    types. A file built here from the download takes its labels from scanpy's
+    ``pbmc3k_processed`` instead, with the same names but eight types: naive and memory
+    CD4 T cells are one group, ``"CD4 T"``. Such an HVG file has no ``X_umap_seurat``.
     """
     folder = get_data_dir(data_dir)
     name = PBMC3K_HVG if hvg_only else PBMC3K_FULL
     path = folder / name
     if not path.exists():
         if download is None:
-            download = not os.environ.get("SCVAE_TOOLS_NO_DOWNLOAD")
+            flag = os.environ.get("SCVAE_TOOLS_NO_DOWNLOAD", "").strip().lower()
+            download = flag in ("", "0", "false", "no")
         if not download:
             raise FileNotFoundError(
                 f"{name} not found in {folder}. Point data_dir= or $SCVAE_TOOLS_DATA_DIR at the "
@@ -120,14 +130,17 @@ def _build_pbmc3k(folder: Path) -> None:
     cells = processed.obs_names.intersection(full.obs_names)
     full = full[cells].copy()
     types = processed.obs.loc[cells, "louvain"].astype(str)
-    full.obs["cell_type"] = pd.Categorical(types)
+    full.obs["cell_type"] = pd.Categorical(types.map(lambda t: _PBMC3K_TYPE_NAMES.get(t, t)))
     full.X = sp.csr_matrix(full.X, dtype=np.float32)
     full.var["seurat_min_cells3"] = np.asarray((full.X > 0).sum(0)).ravel() >= 3
     full.write_h5ad(folder / PBMC3K_FULL)
     hvg = full[:, full.var["seurat_min_cells3"].to_numpy()].copy()
     sc.pp.highly_variable_genes(hvg, n_top_genes=2000, flavor="seurat_v3")
     hvg = hvg[:, hvg.var["highly_variable"].to_numpy()].copy()
-    hvg.obs["n_counts_all_genes"] = np.asarray(full.X.sum(1)).ravel()
+    totals = np.asarray(full.X.sum(1)).ravel()
+    mito = np.asarray(full[:, full.var_names.str.startswith("MT-")].X.sum(1)).ravel()
+    hvg.obs["n_counts_all_genes"] = totals
+    hvg.obs["percent_mito"] = 100 * mito / totals
     hvg.write_h5ad(folder / PBMC3K_HVG)
 
 

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
     check_state_dict,
+    load_checkpoint,
     package_versions,
     replace_dir,
     safe_torch_load,
@@ -284,7 +285,8 @@ class SCVAE:
         kl_warmup_epochs
             Epochs over which β ramps linearly up to ``beta``: epoch e (1, 2, …) uses
             ``beta · min(1, e / kl_warmup_epochs)``, so the first already has a little KL
-            (scvi-tools' ramp starts at 0); default ``min(10, max_epochs // 4)``; 0 disables.
+            (scvi-tools' ramp starts at 0); default ``min(10, max_epochs // 4)`` (when
+            resuming, the interrupted run's); 0 disables.
         checkpoint_dir
             Folder for a training checkpoint (model, optimiser, RNG states, epoch, history,
             early-stopping state), written atomically so that a killed run never leaves a
@@ -321,6 +323,11 @@ class SCVAE:
                 f"({resolve_device(device)}); leave cuda_graphs=False on CPUs and MPS.")
         n = data.n_obs
         max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
+        checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
+        if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:
+            # The default follows max_epochs: resuming with more epochs keeps the run's own.
+            saved = load_checkpoint(checkpoint.path) or {}
+            kl_warmup_epochs = saved.get("train_config", {}).get("kl_warmup_epochs")
         if kl_warmup_epochs is None:
             kl_warmup_epochs = min(10, max_epochs // 4)
         train_idx, val_idx = split_indices(n, train_size, seed)
@@ -337,7 +344,6 @@ class SCVAE:
             validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
             compile=compile, cuda_graphs=cuda_graphs, seed=seed, train_size=train_size,
         )
-        checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         torch.manual_seed(seed)
         # Re-initialise so that a seed fully determines the result, whatever came before.
         module = VAE(self.module_config)
@@ -1040,10 +1046,12 @@ class SCVAE:
         a folder holding anything else is refused (see :func:`check_save_target`).
         """
         self._check_trained()
-        path = Path(path)
+        path = Path(os.path.abspath(path))  # "." or "..": a folder with a name and a parent
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        # A private sibling, created with the user's umask (mkdtemp's would give rwx------).
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
         try:
             self._write_model_files(tmp)
             replace_dir(tmp, path)  # atomic: the old model survives any failure before this

@@ -105,6 +105,10 @@ class TrainConfig:
             raise ValueError("lr_min_factor must be in (0, 1] and lr_plateau_factor in (0, 1).")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.early_stopping_patience < 1:  # 0 stopped at the first scored epoch
+            raise ValueError("early_stopping_patience must be >= 1 (scored epochs without "
+                             f"improvement), got {self.early_stopping_patience}; to train "
+                             "every epoch, pass early_stopping=False.")
         if self.lr_plateau_patience < 1:
             raise ValueError(f"lr_plateau_patience must be >= 1, got {self.lr_plateau_patience}.")
         if not 0 < self.rollback_lr_factor < 1:

@@ -96,6 +96,23 @@ def test_checkpoint_resume_in_process_matches_uninterrupted(small, reference, tm
                                   resumed.get_latent_representation())
 
 
+def test_resume_with_more_epochs_keeps_the_default_warmup(small, tmp_path):
+    """The default KL warm-up follows max_epochs (min(10, max_epochs // 4)): a run of 12
+    epochs warms up over 3, and resuming it with 16 (4 by that rule) keeps its 3 instead of
+    refusing a setting the user never chose."""
+    train = {k: v for k, v in TRAIN.items() if k != "kl_warmup_epochs"}
+    svt.SCVAE(small, **MODEL).train(**{**train, "max_epochs": 12}, early_stopping=False,
+                                     checkpoint_dir=tmp_path)
+    longer = svt.SCVAE(small, **MODEL).train(**{**train, "max_epochs": 16}, early_stopping=False,
+                                              checkpoint_dir=tmp_path, resume=True)
+    assert len(longer.history) == 16 and longer.train_config.kl_warmup_epochs == 3
+    np.testing.assert_allclose(longer.history["beta"].to_numpy()[:4], [1 / 3, 2 / 3, 1, 1])
+    fresh = svt.SCVAE(small, **MODEL).train(**{**train, "max_epochs": 16}, early_stopping=False)
+    assert fresh.train_config.kl_warmup_epochs == 4  # without a checkpoint: the rule
+    with pytest.raises(ValueError, match="early_stopping_patience must be >= 1"):
+        svt.SCVAE(small, **MODEL).train(**train, early_stopping_patience=0)
+
+
 def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
     saved: list[int] = []
     real = ck.save_checkpoint

@@ -139,6 +139,12 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
                "--key-added", "X_vae", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "(on the command line: --key-added vae)" in err, err
+    for flags, named in ((["--dispersion", "gene-batch"], "--batch-key COLUMN"),
+                         (["--early-stopping-patience", "0"], "--no-early-stopping"),
+                         (["--resume"], "--checkpoint-dir DIR")):
+        assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+                     "--quiet", *flags]) == 2
+        assert f"(on the command line: {named})" in capsys.readouterr().err
     assert not (tmp_path / "o.h5ad").exists()
 
 
@@ -237,3 +243,33 @@ def test_save_model_never_deletes_other_files(tmp_path, capsys):
         assert main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs",
                      "1", "--quiet", "--save-model", str(tmp_path / "model")]) == 0
     svt.SCVAE.load(tmp_path / "model", a)
+
+
+def test_output_problems_are_one_line_errors_before_training(tmp_path, capsys, monkeypatch):
+    """Not an .h5ad, -o a folder or the input itself: one line and status 2, found before
+    training. The results are written before the model is saved, so a failed save (here
+    "--save-model ." in an empty folder works) never loses them."""
+    a = svt.datasets.synthetic_counts(n_cells=60, n_genes=20, seed=0)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    (tmp_path / "notes.h5ad").write_text("not hdf5")
+    (tmp_path / "outdir").mkdir()
+    trained = []
+    monkeypatch.setattr(svt.SCVAE, "train", lambda self, **k: trained.append(1))
+    for argv, message in (
+            (["notes.h5ad", "-o", "o.h5ad"], "error: Unable to"),
+            (["in.h5ad", "-o", "outdir"], "-o outdir is a folder"),
+            (["in.h5ad", "-o", "in.h5ad", "--backed"], "-o in.h5ad is the input file")):
+        monkeypatch.chdir(tmp_path)
+        assert main(["fit", *argv, "--epochs", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not trained
+    monkeypatch.undo()
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+                 "--epochs", "1", "--quiet", "--save-model", "."]) == 0
+    svt.SCVAE.load(empty, a)
+    assert (tmp_path / "o.h5ad").exists()
+    assert oct(empty.stat().st_mode & 0o077) != "0o0"  # the umask's bits, not mkdtemp's 0700
