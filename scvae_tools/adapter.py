@@ -113,6 +113,15 @@ class DataSpec:
         for key in [batch_key, size_factor_key, *cat_keys, *cont_keys]:
             if key is not None:
                 _check_obs_key(adata, key)
+        roles = [("batch_key", batch_key)] * (batch_key is not None) + [
+            ("categorical_covariate_keys", k) for k in cat_keys] + [
+            ("continuous_covariate_keys", k) for k in cont_keys]
+        seen: dict[str, str] = {}
+        for role, key in roles:  # one column, one input: twice is a redundant (or odd) input
+            if key in seen:
+                raise ValueError(f"obs column {key!r} is given twice ({seen[key]} and {role}); "
+                                 "name each column once.")
+            seen[key] = role
         if layer is not None and layer not in adata.layers:
             raise KeyError(
                 f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
@@ -222,10 +231,7 @@ class CellData:
             [_numeric_obs(obs, k).astype(np.float32) for k in spec.continuous_covariate_keys],
             axis=1,
         ) if spec.continuous_covariate_keys else np.zeros((self.n_obs, 0), dtype=np.float32)
-        if not np.all(np.isfinite(self.cont_covs)):
-            raise ValueError(
-                "Continuous covariates contain NaN or inf; fill or drop those cells first."
-            )
+        _check_finite_covariates(self.cont_covs, spec.continuous_covariate_keys)
         self._device_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._counts_placed = False  # counts of the cached device placed yet
         self._resident = copy  # place the counts on the device as a whole (see `copy`)
@@ -519,6 +525,15 @@ def _key_list(name: str, keys) -> list[str]:
     if not all(isinstance(k, str) for k in keys):
         raise TypeError(f"{name} must be obs column names (str), got {keys!r}.")
     return keys
+
+
+def _check_finite_covariates(values: np.ndarray, keys: list[str]) -> None:
+    """Continuous covariates (cells × keys) must be finite; name the columns that are not."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        cols = [f"{k!r} ({int(n)} cells)" for k, n in zip(keys, bad.sum(0), strict=True) if n]
+        raise ValueError(f"Continuous covariates contain NaN or inf: obs {', '.join(cols)}; "
+                         "fill or drop those cells first.")
 
 
 def _check_obs_key(adata, key: str) -> None:

@@ -40,6 +40,7 @@ from .adapter import (
     DataSpec,
     EmptyCellsError,
     _block_entries,
+    _check_finite_covariates,
     _empty_in_model_genes,
     _encode,
     _nonzeros_on,
@@ -242,10 +243,7 @@ class BackedCellData:
         self.cont_covs = (np.stack([_numeric_obs(obs, k).astype(np.float32)
                                     for k in spec.continuous_covariate_keys], axis=1)
                           if spec.continuous_covariate_keys else np.zeros((n, 0), dtype=np.float32))
-        if not np.all(np.isfinite(self.cont_covs)):
-            raise ValueError(
-                "Continuous covariates contain NaN or inf; fill or drop those cells first."
-            )
+        _check_finite_covariates(self.cont_covs, spec.continuous_covariate_keys)
 
     @property
     def X(self):

@@ -1134,6 +1134,9 @@ def check_key_added(key_added) -> None:
     write under an empty or doubled name, before any training is spent."""
     if not isinstance(key_added, str) or not key_added.strip():
         raise ValueError(f"key_added must be a non-empty string (e.g. 'scvae'), got {key_added!r}.")
+    if "/" in key_added:  # anndata cannot read such keys back from an .h5ad
+        raise ValueError(f"key_added must not contain '/' (an .h5ad group separator), got "
+                         f"{key_added!r}; e.g. key_added={key_added.replace('/', '_')!r}.")
     if key_added.startswith("X_"):  # scanpy's key_added is sometimes the obsm key itself
         raise ValueError(
             f"key_added names the results, not the obsm key: {key_added!r} would write "

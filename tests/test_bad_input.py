@@ -397,9 +397,14 @@ def test_batch_labels_at_inference(X):
 def test_bad_covariates(X):
     with pytest.raises(ValueError, match="must be positive and finite.*size_factor_key=None"):
         fit(make(X, sf=np.where(np.arange(N_CELLS) == 2, 0.0, 1.0)), init={"size_factor_key": "sf"})
-    with pytest.raises(ValueError, match="Continuous covariates contain NaN"):
-        svt.SCVAE(make(X, pct=np.where(np.arange(N_CELLS) == 2, np.nan, 0.5)),
-                  continuous_covariate_keys=["pct"], **MODEL)
+    with pytest.raises(ValueError, match=r"Continuous covariates contain NaN or inf: obs "
+                       r"'pct' \(1 cells\)"):
+        svt.SCVAE(make(X, pct=np.where(np.arange(N_CELLS) == 2, np.nan, 0.5),
+                       ok=np.ones(N_CELLS)), continuous_covariate_keys=["ok", "pct"], **MODEL)
+    with pytest.raises(ValueError, match=r"'batch' is given twice \(batch_key and "
+                       "categorical_covariate_keys\)"):
+        svt.SCVAE(make(X, batch=["a", "b"] * (N_CELLS // 2)), batch_key="batch",
+                  categorical_covariate_keys="batch", **MODEL)
     with pytest.raises(ValueError, match=r"obs\['pct'\] must be numeric"):
         svt.SCVAE(make(X, pct=["x"] * N_CELLS), continuous_covariate_keys=["pct"], **MODEL)
     with pytest.raises(ValueError, match="missing label"):
@@ -458,6 +463,9 @@ def test_empty_or_obsm_style_result_key_is_refused(baseline, X):
     # scanpy's key_added is sometimes the obsm key itself; ours names the results.
     with pytest.raises(ValueError, match=r"would write obsm\['X_X_vae'\].*key_added='vae'"):
         svt.tl.scvae(a, key_added="X_vae", max_epochs=1, progress_bar=False, **MODEL)
+    # "/" separates groups in an .h5ad: such a key writes, and then the file cannot be read
+    with pytest.raises(ValueError, match=r"must not contain '/'.*key_added='run_1'"):
+        model.write_to_adata(a, key_added="run/1")
     assert not a.obsm and not a.layers and not a.uns  # nothing written
 
 
