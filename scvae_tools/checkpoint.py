@@ -24,6 +24,7 @@ interrupted one stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import math
 import os
@@ -336,12 +337,16 @@ class CheckpointConfig:
     identity
         What the checkpoint must match to be resumed (model architecture, genes, …), set by
         the caller; a checkpoint of another model is refused.
+    cells
+        A digest of the cell names in their order (:func:`cells_digest`): the split is saved
+        as row numbers, which only mean the same cells in the same order.
     """
 
     directory: Path
     every: int = 10
     resume: bool = False
     identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cells: str = ""
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -351,6 +356,11 @@ class CheckpointConfig:
     @property
     def path(self) -> Path:
         return self.directory / CHECKPOINT_FILE
+
+
+def cells_digest(names) -> str:
+    """SHA-1 of cell names in their order (for :class:`CheckpointConfig`)."""
+    return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec
 from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
+    cells_digest,
     check_state_dict,
     load_checkpoint,
     package_versions,
@@ -374,7 +375,8 @@ class SCVAE:
         # A checkpoint is only resumed into the same architecture, genes and covariates.
         identity = {"module": self.module_config.to_dict(), "data": self.spec.to_dict()}
         return CheckpointConfig(Path(checkpoint_dir), every=every, resume=resume,
-                                identity=identity)
+                                identity=identity,
+                                cells=cells_digest(self._require_data().obs_names))
 
     def _warn_if_collapsed(self) -> None:
         if self.history.empty or self.validation_indices is None:

@@ -809,6 +809,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
         },
         "train_config": cfg.to_dict(),
         "identity": ck.identity,
+        "cells": ck.cells,
         "train_idx": torch.from_numpy(np.asarray(train_idx, dtype=np.int64)),
         "val_idx": torch.from_numpy(np.asarray(val_idx, dtype=np.int64)),
     })
@@ -840,6 +841,9 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
             and np.array_equal(state["val_idx"].numpy(), val_idx)):
         raise ValueError(f"The checkpoint {ck.path} used another train/validation split (a "
                          f"different number of cells or train_size). {fix}")
+    if state.get("cells") and ck.cells and state["cells"] != ck.cells:  # older: not recorded
+        raise ValueError(f"The checkpoint {ck.path} was written for other cells, or the same "
+                         f"cells in another order (the split is kept as row numbers). {fix}")
     if module.log_theta is None and "log_theta" in state["module"]:
         raise ValueError(f"The checkpoint {ck.path} was written by an older scvae_tools, whose "
                          "Poisson models carried an unused dispersion parameter, and cannot be "

@@ -402,7 +402,7 @@ def test_bad_covariates(X):
         svt.SCVAE(make(X, pct=np.where(np.arange(N_CELLS) == 2, np.nan, 0.5),
                        ok=np.ones(N_CELLS)), continuous_covariate_keys=["ok", "pct"], **MODEL)
     with pytest.raises(ValueError, match=r"'batch' is given twice \(batch_key and "
-                       "categorical_covariate_keys\)"):
+                       r"categorical_covariate_keys\)"):
         svt.SCVAE(make(X, batch=["a", "b"] * (N_CELLS // 2)), batch_key="batch",
                   categorical_covariate_keys="batch", **MODEL)
     with pytest.raises(ValueError, match=r"obs\['pct'\] must be numeric"):

@@ -113,6 +113,16 @@ def test_resume_with_more_epochs_keeps_the_default_warmup(small, tmp_path):
         svt.SCVAE(small, **MODEL).train(**train, early_stopping_patience=0)
 
 
+def test_resume_refuses_the_same_cells_in_another_order(small, tmp_path):
+    """The split is saved as row numbers: with the rows shuffled they would name other
+    cells (validation cells trained on), so such a resume is refused."""
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path)
+    shuffled = small[np.random.default_rng(0).permutation(small.n_obs)].copy()
+    with pytest.raises(ValueError, match="other cells, or the same cells in another order"):
+        svt.SCVAE(shuffled, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)  # same: fine
+
+
 def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
     saved: list[int] = []
     real = ck.save_checkpoint
