@@ -31,9 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     p.add_argument("--batch-key", default=None, help="obs column with batch labels")
     p.add_argument("--categorical-covariate-keys", nargs="+", default=None, metavar="KEY",
-                   help="obs columns of categorical covariates (one-hot into both networks)")
+                   help="obs columns of categorical covariates (one-hot into both networks); "
+                        "give the input file before this option, or end the list with --")
     p.add_argument("--continuous-covariate-keys", nargs="+", default=None, metavar="KEY",
-                   help="obs columns of continuous covariates")
+                   help="obs columns of continuous covariates (input file before, as above)")
     p.add_argument("--size-factor-key", default=None,
                    help="obs column with each cell's library size (default: its count sum)")
     p.add_argument("--allow-non-integer", action="store_true",
@@ -194,6 +195,10 @@ def cmd_apply(args) -> int:
     from .model import SCVAE, check_key_added, check_save_target
 
     check_key_added(args.key_added)
+    if not args.query and (args.epochs is not None or args.seed is not None):
+        raise ValueError("--epochs and --seed set the fine-tuning of --query; without it the "
+                         "model is applied as it is. Add --query for cells of new batches, or "
+                         "drop those flags.")
     _check_output(args.output, args.input)
     if args.save_model:
         check_save_target(args.save_model, overwrite=True)
@@ -204,7 +209,7 @@ def cmd_apply(args) -> int:
     if args.pad_missing_genes:
         adata = SCVAE.prepare_query_anndata(adata, args.model)
     if args.query:  # new batches: fit their weights only, the reference stays as it was
-        model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed,
+        model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed or 0,
                                  device=args.device, progress_bar=not args.quiet)
     else:
         model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
@@ -286,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                             "reference model first (scArches-style reference mapping)")
     apply.add_argument("--epochs", type=int, default=None,
                        help="--query: max fine-tuning epochs (default: by data size)")
-    apply.add_argument("--seed", type=int, default=0, help="--query: seed of the fine-tuning")
-    apply.add_argument("--save-model", default=None, help="--query: save the mapped model here")
+    apply.add_argument("--seed", type=int, default=None,
+                       help="--query: seed of the fine-tuning (default 0)")
+    apply.add_argument("--save-model", default=None,
+                       help="save the model here (with --query, the mapped model)")
     apply.add_argument("--pad-missing-genes", action="store_true",
                        help="add the model's genes that the input lacks as zero counts (a "
                             "warning gives how many) and drop the others; the output then "

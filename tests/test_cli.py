@@ -216,6 +216,9 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     args = ["apply", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "ref_model"),
             "-o", str(tmp_path / "query_out.h5ad")]
     assert main(args) == 2 and "apply --query" in capsys.readouterr().err
+    # fine-tuning flags without --query would be ignored: refused instead
+    assert main([*args, "--epochs", "5"]) == 2
+    assert "--epochs and --seed set the fine-tuning of --query" in capsys.readouterr().err
     assert main([*args, "--query", "--epochs", "5", "--quiet",
                  "--save-model", str(tmp_path / "query_model")]) == 0
     out = ad.read_h5ad(tmp_path / "query_out.h5ad")
