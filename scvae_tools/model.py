@@ -836,10 +836,13 @@ class SCVAE:
 
     @torch.inference_mode()
     def _likelihood_parameters(self, data: CellData, indices: np.ndarray | None,
-                               give_mean: bool, batch_size: int | None) -> dict[str, np.ndarray]:
+                               give_mean: bool, batch_size: int | None,
+                               only: str | None = None) -> dict[str, np.ndarray]:
+        """See :meth:`get_likelihood_parameters`; ``only``: just that one parameter."""
         n = data.n_obs if indices is None else len(indices)
         keys = ["mean"] + (["dispersions"] if self.module_config.likelihood != "poisson" else [])
         keys += ["dropout"] if self.module_config.likelihood == "zinb" else []
+        keys = [k for k in keys if only in (None, k)]
         out = {k: np.empty((n, self.spec.n_genes), dtype=np.float32) for k in keys}
         start = 0
         for b in self._eval_batches(data, self._inference_batch_size(batch_size), indices,
@@ -848,7 +851,8 @@ class SCVAE:
             params = self.module.decode(z, b.library, cov, b.batch_index)
             rows = slice(start, start + len(z))
             start += len(z)
-            out["mean"][rows] = params["mu"].cpu().numpy()
+            if "mean" in out:
+                out["mean"][rows] = params["mu"].cpu().numpy()
             if "dispersions" in out:  # (genes,) for per-gene θ: broadcast over the rows
                 out["dispersions"][rows] = params["theta"].cpu().numpy()
             if "dropout" in out:
@@ -1000,7 +1004,8 @@ class SCVAE:
             exp = np.empty_like(den)  # the same product as numpy's, on torch's threads
             torch.mul(torch.from_numpy(den), factor[:, None], out=torch.from_numpy(exp))
             if self.module_config.likelihood == "zinb":  # E[x] = (1 − π)·μ: extra zeros
-                dropout = self._likelihood_parameters(data, None, True, batch_size)["dropout"]
+                dropout = self._likelihood_parameters(data, None, True, batch_size,
+                                                      only="dropout")["dropout"]
                 np.multiply(exp, 1 - dropout, out=exp)
             if order is not None:  # adata lists the genes in another order
                 # take along an axis: ~6x faster than den[:, order] on a C-ordered matrix
