@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,6 +144,16 @@ class DistContext:
             # Poisson models keep an unused dispersion parameter.
             find_unused_parameters=poisson,
         )
+
+    def rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's torch RNG state (CPU, and its CUDA device's), gathered on all ranks:
+        rank 0 writes them into a checkpoint, so each rank resumes its own noise stream."""
+        mine = {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else None}
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, mine)
+        return states
 
     def sync_buffers(self, module: nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""

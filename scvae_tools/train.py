@@ -375,11 +375,14 @@ def train_module(
     if cfg.cuda_graphs and (dist is not None or cfg.compile):
         raise ValueError("cuda_graphs=True cannot be combined with DDP or compile=True.")
     loop = _LoopState()
+    # DDP syncs gradients; wrapping offsets each rank's seed, which a resume then replaces
+    # with the rank's own saved stream.
+    elbo_fn = module.elbo_terms if dist is None else dist.wrap(module)
     if checkpoint is not None and checkpoint.resume:
-        _resume(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx, device)
+        _resume(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx, device,
+                rank=0 if dist is None else dist.rank)
     guard = _StepGuard(device, list(module.parameters()), deferred=cfg.cuda_graphs)
     good = _snapshot(module, optim)  # the state a divergence rolls back to
-    elbo_fn = module.elbo_terms if dist is None else dist.wrap(module)  # DDP syncs gradients
     bar = None
     if progress_bar and (dist is None or dist.is_main):
         from tqdm.auto import tqdm
@@ -470,10 +473,13 @@ def train_module(
             if (cfg.lr_schedule == "plateau" and loop.since_best
                     and loop.since_best % cfg.lr_plateau_patience == 0):
                 loop.lr_scale *= cfg.lr_plateau_factor
-        if checkpoint is not None and (dist is None or dist.is_main) and (
+        if checkpoint is not None and (
             loop.epoch % checkpoint.every == 0 or loop.stopped or loop.epoch >= cfg.max_epochs
         ):
-            _write_checkpoint(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx)
+            ranks = None if dist is None else dist.rng_states()  # a collective: every rank
+            if dist is None or dist.is_main:
+                _write_checkpoint(checkpoint, module, optim, gen, loop, cfg, train_idx, val_idx,
+                                  ranks)
     if bar is not None:
         bar.close()
     if loop.best_state is not None:
@@ -788,7 +794,9 @@ def _cpu_state(state: dict | None) -> dict | None:
 
 def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
                       gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
-                      train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+                      train_idx: np.ndarray, val_idx: np.ndarray,
+                      ranks: list[dict] | None = None) -> None:
+    """``ranks``: under DDP, every rank's RNG states (:meth:`DistContext.rng_states`)."""
     cuda = torch.cuda.is_available() and any(p.is_cuda for p in module.parameters())
     ckpt.save_checkpoint(ck.path, {
         "epoch": loop.epoch,
@@ -806,6 +814,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
             "torch": torch.get_rng_state(),
             "generator": gen.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "ranks": ranks or [],
         },
         "train_config": cfg.to_dict(),
         "identity": ck.identity,
@@ -817,8 +826,11 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
 
 def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
             gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
-            train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device) -> None:
-    """Load ``ck.path`` into module, optimiser, RNGs and ``loop``; no-op without a checkpoint."""
+            train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
+            rank: int = 0) -> None:
+    """Load ``ck.path`` into module, optimiser, RNGs and ``loop``; no-op without a checkpoint.
+
+    Under DDP each ``rank`` takes its own saved noise stream."""
     state = ckpt.load_checkpoint(ck.path, required=ckpt.TRAINING_STATE_KEYS)
     if state is None:
         return
@@ -855,6 +867,13 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     gen.set_state(state["rng"]["generator"])
     if device.type == "cuda" and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    ranks = state["rng"].get("ranks") or []
+    if rank < len(ranks):  # DDP: this rank's own streams
+        torch.set_rng_state(ranks[rank]["torch"])
+        if device.type == "cuda" and ranks[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
+    elif rank:  # a checkpoint from before ranks were saved: at least keep the streams apart
+        torch.manual_seed(torch.initial_seed() + rank)
     loop.rows = list(state["rows"])
     loop.epoch = int(state["epoch"])
     loop.best = float(state["best"])

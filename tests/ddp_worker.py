@@ -30,6 +30,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backed", action="store_true")
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--interrupt-at-epoch", type=int, default=0,
+                   help="stop training (as if killed) during this epoch's validation")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -48,8 +52,24 @@ def main() -> None:
     model = svt.SCVAE(adata, n_latent=5, batch_key="batch")
     if args.backed:
         model._data.chunk_size = 64  # several chunks even for a few hundred cells
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, seed=0, early_stopping=False,
-                progress_bar=False, device="cpu", strategy="ddp")
+    if args.interrupt_at_epoch:
+        import scvae_tools.train as st
+
+        real_evaluate, calls = st.evaluate, []
+
+        def interrupted(*a, **kw):
+            calls.append(1)
+            if len(calls) == args.interrupt_at_epoch:
+                raise KeyboardInterrupt
+            return real_evaluate(*a, **kw)
+
+        st.evaluate = interrupted
+    try:
+        model.train(max_epochs=args.epochs, batch_size=args.batch_size, seed=0,
+                    early_stopping=False, progress_bar=False, device="cpu", strategy="ddp",
+                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=2, resume=args.resume)
+    except KeyboardInterrupt:
+        return
     rank = int(os.environ["RANK"])
     np.savez(out / f"seen_rank{rank}.npz", *seen)
     # DDP keeps the replicas identical: the test compares these across ranks.
@@ -62,6 +82,7 @@ def main() -> None:
             "train_indices": model.train_indices.tolist(),
             "validation_elbo": model.history["validation_elbo"].tolist(),
             "epochs": len(model.history),
+            "latent": model.get_latent_representation().tolist(),
         }
         (out / "result.json").write_text(json.dumps(result))
 

@@ -108,6 +108,26 @@ def test_two_gloo_ranks_match_single_process(synthetic, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_gloo_ranks_resume_to_the_uninterrupted_run(synthetic, tmp_path):
+    """Killed at epoch 5 (checkpoints every 2 epochs), then resumed: the same model as one
+    uninterrupted DDP run. Each rank resumes its own noise stream (before, rank 0's state
+    was saved and then reseeded away: the runs split after the resume)."""
+    path = tmp_path / "s.h5ad"
+    synthetic.write_h5ad(path)
+    run = [str(ROOT / "tests" / "ddp_worker.py"), str(path)]
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "res").mkdir()
+    _torchrun([*run, str(tmp_path / "ref"), "--epochs", "8"])
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    _torchrun([*run, str(tmp_path / "res"), "--epochs", "8", *ck, "--interrupt-at-epoch", "5"])
+    assert not (tmp_path / "res" / "result.json").exists()  # it was stopped
+    _torchrun([*run, str(tmp_path / "res"), "--epochs", "8", *ck, "--resume"])
+    ref, res = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("ref", "res"))
+    assert res["validation_elbo"] == ref["validation_elbo"]
+    np.testing.assert_array_equal(np.asarray(res["latent"]), np.asarray(ref["latent"]))
+
+
+@pytest.mark.slow
 def test_cli_under_torchrun_writes_once(synthetic, tmp_path):
     path, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
     synthetic.write_h5ad(path)
