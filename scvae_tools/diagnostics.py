@@ -195,11 +195,13 @@ def posterior_collapse(
         m, v = m[indices], v[indices]
     kl = model._kl_per_dim_mean(data, indices)
     var_mean = m.astype(np.float64).var(0)
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {"kl": kl, "mean_variance": var_mean, "posterior_variance": v.mean(0),
          "active": var_mean > threshold},
         index=[f"z{d}" for d in range(m.shape[1])],
     )
+    table.attrs["threshold"] = threshold  # for svt.pl.posterior_collapse(table)
+    return table
 
 
 def active_units(
@@ -631,15 +633,25 @@ def jacobian_coupling(
 
 
 def _discretize(x: np.ndarray, n_bins: int) -> np.ndarray:
-    """Equal-width bins for a continuous column, codes for a categorical/integer one."""
+    """Equal-width bins for a continuous column (its values as codes when at most
+    ``n_bins``)."""
     x = np.asarray(x)
-    if x.dtype.kind in "OUSb" or isinstance(x.dtype, pd.CategoricalDtype):
-        return pd.factorize(x)[0]
     uniq = np.unique(x)
     if len(uniq) <= n_bins:
         return np.searchsorted(uniq, x)
     edges = np.histogram_bin_edges(x.astype(np.float64), bins=n_bins)
     return np.clip(np.digitize(x, edges[1:-1]), 0, n_bins - 1)
+
+
+def _factor_codes(v: pd.Series, n_bins: int) -> np.ndarray:
+    """A factor's codes at its own levels (categorical, string, bool or integer values: a
+    20-level integer factor is not merged into ``n_bins`` bins); a float factor is binned
+    like the latents."""
+    if v.isna().any():
+        raise ValueError(f"Factor {v.name!r} has missing values; drop those cells first.")
+    if isinstance(v.dtype, pd.CategoricalDtype) or v.dtype.kind in "OUSbiu":
+        return pd.factorize(v)[0]
+    return _discretize(v.to_numpy(), n_bins)
 
 
 def _mutual_info(a: np.ndarray, b: np.ndarray) -> float:
@@ -662,8 +674,9 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 10) -> dic
 
     For each factor v_k: (I(z_(1); v_k) − I(z_(2); v_k)) / H(v_k), with z_(1), z_(2) the two
     latent axes most informative about it; MIG is the mean over factors, in [0, 1], high when
-    each factor is captured by one axis alone. Latents (and continuous factors) are
-    discretised into ``n_bins`` equal-width bins; the plug-in estimate is biased upwards by
+    each factor is captured by one axis alone. Latents and float factors are discretised into
+    ``n_bins`` equal-width bins; categorical, string, bool and integer factors keep their own
+    levels, however many. The plug-in estimate is biased upwards by
     about (n_bins − 1)² / (2 · cells) nats, so keep ``n_bins`` well below √cells.
 
     Parameters
@@ -692,7 +705,7 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 10) -> dic
     mi = np.zeros((latent.shape[1], fac.shape[1]))
     gaps = {}
     for k, col in enumerate(fac.columns):
-        v = _discretize(fac[col].to_numpy(), n_bins)
+        v = _factor_codes(fac[col], n_bins)
         h = _entropy(v)
         if h <= 0:
             raise ValueError(f"Factor {col!r} is constant; it carries no information.")
@@ -772,6 +785,8 @@ class LatentTraversal:
         The genes.
     reference
         The latent point all other axes are held at.
+    library_size
+        The counts the expression is per.
     """
 
     dims: list[int]
@@ -779,6 +794,7 @@ class LatentTraversal:
     expression: np.ndarray
     var_names: pd.Index
     reference: np.ndarray
+    library_size: float = 1e4
 
     def log2(self) -> np.ndarray:
         """log2(1 + expression): the pseudocount keeps barely expressed genes from dominating."""
@@ -888,4 +904,5 @@ def latent_traversal(
             z_t = torch.as_tensor(z, dtype=torch.float32, device=dev)
             expr.append(module.decode(z_t, lib, cov, bi)["mu"].cpu().numpy())
     return LatentTraversal(dims=dims, values=grid, expression=np.stack(expr),
-                           var_names=model.var_names.copy(), reference=ref)
+                           var_names=model.var_names.copy(), reference=ref,
+                           library_size=float(library_size))

@@ -694,7 +694,11 @@ class SCVAE:
     def _kl_per_dim_mean(self, data: CellData, indices: np.ndarray | None = None) -> np.ndarray:
         """Mean KL per latent dimension over ``indices`` (default: all cells)."""
         total, n = None, 0
-        with torch.inference_mode():
+        # Under a mixture prior the KL is a Monte Carlo estimate: the same draws every call,
+        # and the caller's random state left as it was.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(0)
             for b in self._eval_batches(data, 1024, indices, sparse=True):  # encoder only
                 cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
                 kl = self.module.kl_per_dim(*self.module.encode(b.x, cov))[1].sum(0)

@@ -167,7 +167,8 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False):
     return fig
 
 
-def posterior_collapse(model_or_table, adata=None, threshold: float = 0.01, show: bool = False):
+def posterior_collapse(model_or_table, adata=None, threshold: float | None = None,
+                       show: bool = False):
     """Per-dimension KL and variance of the posterior mean, collapsed axes in grey.
 
     Parameters
@@ -175,7 +176,8 @@ def posterior_collapse(model_or_table, adata=None, threshold: float = 0.01, show
     model_or_table
         A trained :class:`~scvae_tools.SCVAE` or the table from ``svt.tl.posterior_collapse``.
     adata, threshold
-        Passed to ``svt.tl.posterior_collapse`` when a model is given.
+        Passed to ``svt.tl.posterior_collapse`` when a model is given (threshold: default
+        0.01, or the one a given table was computed with).
     show
         Call ``plt.show()``.
 
@@ -185,7 +187,9 @@ def posterior_collapse(model_or_table, adata=None, threshold: float = 0.01, show
     """
     if isinstance(model_or_table, pd.DataFrame):
         table = model_or_table
+        threshold = table.attrs.get("threshold", 0.01) if threshold is None else threshold
     else:
+        threshold = 0.01 if threshold is None else threshold
         from .diagnostics import posterior_collapse as _pc
 
         table = _pc(model_or_table, adata, threshold)
@@ -341,7 +345,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
 def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False):
     """Expression of the genes that move most along each traversed axis.
 
-    One panel per axis: log2(1 + expression per 1e4) of its top ``n_genes`` genes against
+    One panel per axis: log2(1 + expression per library size) of its top ``n_genes`` genes against
     the z value on that axis.
 
     Parameters
@@ -378,7 +382,7 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False)
             ax.plot(traversal.values[i], traversal.log2()[i, :, genes.index(g)],
                     "-o", ms=2.5, lw=1.2, label=g)
         ax.set_xlabel(f"z{d}")
-        ax.set_ylabel("log2(1 + expression per 1e4)")
+        ax.set_ylabel(f"log2(1 + expression per {traversal.library_size:g})")
         ax.set_title(f"Traversal of z{d}", fontsize=10)
         ax.legend(frameon=False, fontsize=7)
     if show:

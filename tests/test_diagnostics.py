@@ -197,6 +197,10 @@ def test_mog_prior_trains_saves_and_loads(factors, tmp_path):
     assert np.isfinite(model.history["validation_elbo"]).all()
     kl = model.get_kl_per_dimension()
     assert np.isfinite(kl).all()
+    # A Monte Carlo KL, yet the same on every call, and the caller's random state is kept.
+    state = torch.get_rng_state()
+    np.testing.assert_array_equal(svt.tl.posterior_collapse(model)["kl"], kl)
+    assert torch.equal(state, torch.get_rng_state())
     model.save(tmp_path / "m")
     loaded = svt.SCVAE.load(tmp_path / "m", factors)
     assert loaded.module_config.prior == "mog" and loaded.module_config.n_prior_components == 5
@@ -263,6 +267,25 @@ def test_mig_measures_axis_alignment():
         svt.tl.mutual_information_gap(aligned[:10], f)
 
 
+def test_mig_keeps_a_discrete_factor_at_its_own_levels():
+    """A 20-level factor (e.g. cluster ids) is not merged into 10 bins: ints, categorical
+    ints and strings give the textbook MIG (sklearn's mutual information of the codes)."""
+    from sklearn.metrics import mutual_info_score
+
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 20, 4000)
+    z = np.column_stack([v % 2, v // 2]) + 0.01 * rng.normal(size=(4000, 2))
+    codes = [np.rint(z[:, 0]).astype(int), np.rint(z[:, 1]).astype(int)]
+    mi = sorted((mutual_info_score(c, v) for c in codes), reverse=True)
+    p = np.bincount(v) / v.size
+    textbook = (mi[0] - mi[1]) / -(p * np.log(p)).sum()
+    for factor in (v, pd.Categorical(v), v.astype(str)):
+        got = svt.tl.mutual_information_gap(z, pd.DataFrame({"v": factor}), n_bins=10)["mig"]
+        assert got == pytest.approx(textbook, abs=1e-9)  # binned: 0.999
+    with pytest.raises(ValueError, match="'v' has missing values"):
+        svt.tl.mutual_information_gap(z, pd.DataFrame({"v": np.where(v > 18, np.nan, v)}))
+
+
 def test_decoder_jacobian_matches_finite_differences(trained, factors):
     jac = svt.tl.decoder_jacobian(trained, factors, n_cells=20, seed=0)
     rows = np.sort(np.random.default_rng(0).choice(factors.n_obs, 20, replace=False))
@@ -307,9 +330,20 @@ def test_latent_traversal_output(trained):
     assert (np.diff(top.loc[top["dim"] == 0, "log2_range"]) <= 0).all()
     with pytest.raises(ValueError, match="n_latent"):
         svt.tl.latent_traversal(trained, dim=9)
+    per100 = svt.tl.latent_traversal(trained, dim=0, library_size=100)
+    np.testing.assert_allclose(per100.expression.sum(-1), 100, rtol=1e-4)
+    fig = svt.pl.latent_traversal(per100, n_genes=1)
+    assert fig.axes[0].get_ylabel() == "log2(1 + expression per 100)"  # not "per 1e4"
 
 
 # ---------------------------------------------------------------------- figures
+def test_collapse_plot_draws_the_table_threshold(trained):
+    table = svt.tl.posterior_collapse(trained, threshold=0.5)
+    ax = svt.pl.posterior_collapse(table).axes[1]
+    assert ax.get_lines()[0].get_ydata()[0] == 0.5  # the line the colours were split by
+    assert f"{int(table['active'].sum())}/{len(table)} active" in ax.get_title()
+
+
 def test_figures_render(trained, factors, tmp_path):
     adata = factors.copy()
     sweep = pd.DataFrame({"beta": [0.5, 1, 2], "rate": [9.0, 6.0, 3.0],
