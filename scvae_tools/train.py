@@ -143,7 +143,8 @@ PRECISIONS = ("32", "bf16-mixed")
 
 
 def default_max_epochs(n_cells: int) -> int:
-    """Epochs of our default schedule: ~100,000 cell visits, between 10 and 400 epochs.
+    """Epochs of our default schedule: 100,000 / n_cells (~90,000 visits of the training
+    cells with 10% held out), between 10 and 400 epochs.
 
     With batch 128, peak lr 4e-3 and a cosine decay this reaches, on pbmc3k and pbmc68k, a
     better held-out ELBO than scvi-tools' 400-epoch default (see ``benchmarks/README.md``,
