@@ -332,6 +332,11 @@ class SCVAE:
         if kl_warmup_epochs is None:
             kl_warmup_epochs = min(10, max_epochs // 4)
         train_idx, val_idx = split_indices(n, train_size, seed)
+        if train_size < 1 and not len(val_idx):
+            warnings.warn(
+                f"train_size={train_size} of {n} cells leaves no validation cell; early "
+                "stopping watches the training ELBO instead. Pass a smaller train_size to hold "
+                "cells out, or train_size=1.0 to say so.", UserWarning, stacklevel=2)
         if batch_size is None or lr is None:
             auto_device = None if strategy is not None else resolve_device(device)
             auto_batch, auto_lr = default_batch_size_and_lr(len(train_idx), auto_device)
@@ -990,7 +995,8 @@ class SCVAE:
         error ``adata`` is left untouched.
 
         A backed AnnData (``backed="r"``) is read in chunks; the latent and ``uns`` go to
-        its in-memory ``obsm``/``uns`` (save with ``adata.write_h5ad(new_path)``), and the
+        its in-memory ``obsm``/``uns`` (save with ``svt.backed.write_h5ad_backed(adata,
+        new_path)``, which copies X on disk instead of reading it), and the
         dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
         """
         self._check_trained()

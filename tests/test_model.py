@@ -218,6 +218,13 @@ def test_options_train(likelihood, dispersion, synthetic):
     assert np.isfinite(m.get_latent_representation()).all()
 
 
+def test_a_split_without_validation_cells_warns():
+    tiny = svt.datasets.synthetic_counts(n_cells=10, n_genes=20, seed=0)
+    with pytest.warns(UserWarning, match="train_size=0.95 of 10 cells leaves no validation"):
+        svt.SCVAE(tiny, n_latent=2, n_hidden=8).train(max_epochs=1, train_size=0.95,
+                                                       batch_size=4, progress_bar=False)
+
+
 def test_no_cells_to_evaluate_is_an_error_not_a_zero_elbo(trained):
     """After train_size=1.0 the validation set is empty; its ELBO is not 0.0 (a perfect fit)."""
     _, model = trained
