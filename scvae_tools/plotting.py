@@ -211,11 +211,14 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     return fig
 
 
-def variational_gap(adata, key: str = "scvae", groupby: str | None = None, show: bool = False):
+def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
+                    layer: str | None = None, show: bool = False):
     """Per-cell variational gap log p̂(x) − ELBO (from ``svt.tl.variational_gap``).
 
     Left: its distribution (or one box per group of ``obs[groupby]``); right: against the
     cell's total counts, since deeper cells carry more evidence and usually have larger gaps.
+    The counts are ``adata.X``'s, or ``adata.layers[layer]``'s (pass the model's layer when
+    X holds normalised values).
 
     Returns
     -------
@@ -240,11 +243,12 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None, show:
         a.set_xticks(np.arange(1, len(cats) + 1), cats, rotation=45, ha="right", fontsize=8)
         a.set_ylabel("variational gap [nats]")
     a.set_title("log p̂(x) (IWAE) − ELBO per cell", fontsize=10)
-    depth = np.asarray(adata.X.sum(1)).ravel() if adata.X is not None else None
+    counts = adata.X if layer is None else adata.layers[layer]
+    depth = np.asarray(counts.sum(1)).ravel() if counts is not None else None
     if depth is not None:
         b.scatter(depth, gap, s=4, alpha=0.5, rasterized=True)
         b.set_xscale("log")
-        b.set_xlabel("total counts (adata.X)")
+        b.set_xlabel(f"total counts ({'adata.X' if layer is None else f'layers[{layer!r}]'})")
         b.set_ylabel("variational gap [nats]")
         b.set_title("Gap vs sequencing depth", fontsize=10)
     if show:

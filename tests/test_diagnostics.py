@@ -345,6 +345,19 @@ def test_collapse_plot_draws_the_table_threshold(trained):
     assert f"{int(table['active'].sum())}/{len(table)} active" in ax.get_title()
 
 
+def _gap_on_layer(adata):
+    """With counts in a layer and X normalised, the depth axis reads the layer."""
+    a = adata.copy()
+    a.layers["counts"] = a.X.copy()
+    a.X = a.X * 0.5
+    fig = svt.pl.variational_gap(a, layer="counts")
+    ax = fig.axes[1]
+    assert ax.get_xlabel() == "total counts (layers['counts'])"
+    np.testing.assert_allclose(ax.collections[0].get_offsets()[:, 0],
+                               np.asarray(a.layers["counts"].sum(1)).ravel())
+    return fig
+
+
 def test_figures_render(trained, factors, tmp_path):
     adata = factors.copy()
     sweep = pd.DataFrame({"beta": [0.5, 1, 2], "rate": [9.0, 6.0, 3.0],
@@ -356,6 +369,7 @@ def test_figures_render(trained, factors, tmp_path):
         "rate_distortion": svt.pl.rate_distortion(sweep),
         "collapse": svt.pl.posterior_collapse(trained),
         "variational_gap": svt.pl.variational_gap(adata),
+        "variational_gap_layer": _gap_on_layer(adata),
         "amortization_gap": svt.pl.amortization_gap(adata),
         "holes": svt.pl.aggregated_posterior(svt.tl.aggregated_posterior(trained, n_samples=300)),
         "traversal": svt.pl.latent_traversal(svt.tl.latent_traversal(trained), n_genes=4),
