@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .distributed import is_main_process
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
+    # "warning: …" alone: the source line of a call inside this module means nothing to
+    # someone at the command line (recorded warnings, e.g. under pytest, are not formatted)
+    python_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     # OSError: unreadable or non-.h5ad input, unwritable output (one line, not a traceback)
@@ -318,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             message += f" (on the command line: {', '.join(flags)})"
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = python_format
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def _flags_for(message: str, command: str) -> list[str]:

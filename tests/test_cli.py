@@ -181,6 +181,16 @@ def test_demo_as_module(tmp_path):
     assert "X_umap" in out.obsm and "leiden" in out.obs
 
 
+def test_warnings_print_as_one_line_without_our_source():
+    """At the command line a warning reads "warning: …", not a path into cli.py."""
+    code = ("import warnings, scvae_tools.cli as c\n"
+            "c.cmd_demo = lambda args: warnings.warn('look here') or 0\n"
+            "raise SystemExit(c.main(['demo']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "warning: look here\n", proc.stderr
+
+
 def test_committed_synthetic_file_matches_its_generator(tmp_path):
     """data/synthetic_small.h5ad is what data/README.md says wrote it, and it trains."""
     path = Path(__file__).resolve().parent.parent / "data" / "synthetic_small.h5ad"
