@@ -16,7 +16,7 @@ Two objects come out of here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -663,31 +663,58 @@ def _select_genes(X, have: pd.Index, want: list[str]):
     return np.take(np.asarray(X), order, axis=1)  # ~6x faster than X[:, order] row-major
 
 
-def _categories(obs: pd.DataFrame, key: str) -> list[str]:
-    col = obs[key]
+def _integral_text(v) -> str:
+    """A label as text, an integral float as its integer ("1", not "1.0")."""
+    return str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+
+
+def _label_text(col: pd.Series, known: list[str] | None = None) -> Callable[[Any], str]:
+    """How to write ``col``'s labels as text: ``str``, or for float labels
+    :func:`_integral_text`, so that labels stored as floats (integers after a merge that
+    introduced NaN) match the same labels stored as integers. With ``known`` categories (a
+    trained model's), whichever of the two matches more of them: a model saved with "1.0"
+    still reads its own labels."""
+    values = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else col
+    if values.dtype.kind != "f":
+        return str
+    if known is not None:
+        plain, integral = (sum(f(v) in known for v in set(values))
+                           for f in (str, _integral_text))
+        if plain > integral:
+            return str
+    return _integral_text
+
+
+def _check_no_missing_labels(col: pd.Series, key: str) -> None:
     if col.isna().any():
         raise ValueError(
-            f"obs[{key!r}] has {int(col.isna().sum())} missing label(s). Fill them "
-            f"(e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)` or a placeholder) "
-            "or drop those cells."
+            f"obs[{key!r}] has {int(col.isna().sum())} missing label(s). Give those cells a "
+            "label of their own (e.g. 'unknown') or drop them."
         )
+
+
+def _categories(obs: pd.DataFrame, key: str, known: list[str] | None = None) -> list[str]:
+    """The labels of ``obs[key]`` as text: a categorical's in its order (the used ones),
+    others sorted; ``known``: see :func:`_label_text`."""
+    col = obs[key]
+    _check_no_missing_labels(col, key)
+    text = _label_text(col, known)
     if isinstance(col.dtype, pd.CategoricalDtype):
-        present = set(col.astype(str))
-        return [str(c) for c in col.cat.categories if str(c) in present]
-    return sorted({str(v) for v in col})
+        present = {text(c) for c in col.unique()}
+        return [text(c) for c in col.cat.categories if text(c) in present]
+    return sorted({text(v) for v in col.unique()})
 
 
 def _encode(obs: pd.DataFrame, key: str, categories: list[str]) -> np.ndarray:
     if key not in obs.columns:
         raise KeyError(f"{key!r} is not a column of adata.obs; the model was set up with it.")
     col = obs[key]
-    if col.isna().any():
-        raise ValueError(
-            f"obs[{key!r}] has {int(col.isna().sum())} missing label(s); fill them or drop those cells."
-        )
-    codes = pd.Categorical(col.astype(str), categories=categories).codes.astype(np.int64)
+    _check_no_missing_labels(col, key)
+    text = _label_text(col, categories)
+    labels = col.map(text).astype(str) if text is not str else col.astype(str)
+    codes = pd.Categorical(labels, categories=categories).codes.astype(np.int64)
     if np.any(codes < 0):
-        unseen = sorted(set(col.astype(str)) - set(categories))
+        unseen = sorted(set(labels) - set(categories))
         raise ValueError(
             f"obs[{key!r}] has categories the model was not trained on: {unseen[:5]} "
             f"(known: {categories[:10]}). Map those cells to a known category, or use "

@@ -171,6 +171,7 @@ class SCVAE:
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
         self.train_threads: int | None = None  # torch's CPU threads in the last train()
+        self.query_info: dict[str, Any] | None = None  # set by load_query
         # Backed AnnData (or a path) streams from disk; see scvae_tools.backed.
         self._data: CellData | BackedCellData | None = make_cell_data(adata, self.spec)
         if isinstance(self._data, CellData):
@@ -943,7 +944,9 @@ class SCVAE:
         Returns
         -------
         A trained model attached to ``query_adata``; ``model.history`` holds the fine-tuning,
-        ``model.query_info`` the new categories. Use it like any model (latent,
+        ``model.query_info`` the reference, the new categories and the fine-tuning's
+        settings (saved with the model and written to ``uns[key]["query"]``, next to the
+        reference's own training settings in ``"train"``). Use it like any model (latent,
         ``write_to_adata``, ``save``); it also embeds reference cells, as before. Calling
         :meth:`train` on it would retrain from scratch.
 
@@ -1051,6 +1054,7 @@ class SCVAE:
             "torch_threads": self.train_threads,
             "versions": package_versions(),
             "history": hist,
+            "query": self.query_info,
         })
 
     # ------------------------------------------------------------------ save / load
@@ -1089,6 +1093,8 @@ class SCVAE:
             "torch_threads": self.train_threads,
             "versions": package_versions(),
         }
+        if self.query_info is not None:  # a mapped query: how it was mapped
+            config["query"] = self.query_info
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
@@ -1141,6 +1147,8 @@ class SCVAE:
         threads = raw.get("torch_threads")
         model.train_threads = threads if isinstance(threads, int) and threads > 0 else None
         model.train_indices = model.validation_indices = None
+        query = raw.get("query")
+        model.query_info = query if isinstance(query, dict) else None
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec, trained=True)
         return model

@@ -74,12 +74,13 @@ def _extended_spec(ref: DataSpec, query_adata) -> tuple[DataSpec, dict[str, list
     from .adapter import _categories  # the same category rules as at set-up
 
     if ref.batch_key:
-        new = [c for c in _categories(query_adata.obs, ref.batch_key) if c not in ref.batch_categories]
+        new = [c for c in _categories(query_adata.obs, ref.batch_key, ref.batch_categories)
+               if c not in ref.batch_categories]
         spec.batch_categories = [*ref.batch_categories, *new]
         added["batch"] = new
     for key in ref.categorical_covariate_keys:
         known = ref.categorical_covariate_categories[key]
-        new = [c for c in _categories(query_adata.obs, key) if c not in known]
+        new = [c for c in _categories(query_adata.obs, key, known) if c not in known]
         spec.categorical_covariate_categories[key] = [*known, *new]
         added[f"cat:{key}"] = new
     return spec, added
@@ -190,10 +191,14 @@ def load_query(
     model.is_trained = True
     model._data = data
     model.device = _resolve(device)
-    model.query_info = {"reference_dir": str(reference_dir),
-                        "new_categories": {k: v for k, v in added.items() if v}}
-
     n_epochs = min(200, field_max_epochs(data.n_obs)) if max_epochs is None else int(max_epochs)
+    model.query_info = {
+        "reference_dir": str(reference_dir),
+        "new_categories": {k: v for k, v in added.items() if v},
+        "settings": {"max_epochs": n_epochs, "batch_size": batch_size, "lr": lr, "eps": eps,
+                     "train_size": train_size, "early_stopping": early_stopping,
+                     "early_stopping_patience": early_stopping_patience, "seed": seed},
+    }
     if not new_labels or n_epochs == 0:
         # Nothing new to learn (all query categories known): the reference maps it as it is.
         model.history = pd.DataFrame()

@@ -372,7 +372,8 @@ def test_batch_key_missing_or_with_nan(X):
     with_nan[[3, 9]] = np.nan
     for col in (with_nan, pd.Categorical(with_nan),
                 np.where(np.arange(N_CELLS) == 3, np.nan, np.arange(N_CELLS) % 2)):
-        with pytest.raises(ValueError, match=r"obs\['batch'\] has \d missing label\(s\).*Fill them"):
+        with pytest.raises(ValueError, match=r"obs\['batch'\] has \d missing label\(s\).*label of "
+                           "their own"):
             svt.SCVAE(make(X, batch=col), batch_key="batch", **MODEL)
 
 
@@ -392,6 +393,29 @@ def test_batch_labels_at_inference(X):
     cat = make(X, batch=pd.Categorical(labels, categories=["a", "b", "zz"]))
     np.testing.assert_array_equal(model.get_latent_representation(cat),
                                   model.get_latent_representation(adata))
+
+
+def test_integer_labels_stored_as_floats_are_the_same_labels(X, tmp_path):
+    """Integer batch labels become floats when a merge introduces NaN: 1.0 is label "1",
+    for the model (plain load) and for reference mapping, which made them new batches and
+    moved the reference's own cells. A model saved with float text ("1.0") still reads them."""
+    ints = np.arange(N_CELLS) % 2
+    model = fit(make(X, batch=ints), init={"batch_key": "batch"})
+    assert model.spec.batch_categories == ["0", "1"]
+    z = model.get_latent_representation()
+    floats = make(X, batch=ints.astype(float))
+    np.testing.assert_array_equal(model.get_latent_representation(floats), z)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(make(X, batch=pd.Categorical(ints.astype(float)))), z)
+    model.save(tmp_path / "ref")
+    mapped = svt.SCVAE.load_query(tmp_path / "ref", floats, progress_bar=False)
+    assert mapped.query_info["new_categories"] == {}  # not "0.0" and "1.0"
+    np.testing.assert_array_equal(mapped.get_latent_representation(), z)
+    # a model whose categories were written "0.0"/"1.0" (float labels, before this change)
+    from scvae_tools.adapter import _encode
+
+    np.testing.assert_array_equal(_encode(floats.obs, "batch", ["0.0", "1.0"]), ints)
+    np.testing.assert_array_equal(_encode(floats.obs, "batch", ["0", "1"]), ints)
 
 
 def test_bad_covariates(X):

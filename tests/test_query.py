@@ -89,6 +89,16 @@ def test_query_model_saves_and_reloads(split, query_model, tmp_path):
     again = svt.SCVAE.load(tmp_path / "q", query_adata)
     np.testing.assert_allclose(again.get_latent_representation(),
                                query_model.get_latent_representation(), atol=1e-5)
+    # How it was mapped survives the save and goes into uns, next to the reference's training
+    info = query_model.query_info
+    assert again.query_info == info and info["new_categories"] == {"batch": ["batch2"]}
+    assert info["settings"]["max_epochs"] == 40 and info["settings"]["batch_size"] == 64
+    a = query_adata.copy()
+    again.write_to_adata(a, layers=False)
+    assert a.uns["scvae"]["query"]["settings"]["seed"] == 0
+    a.write_h5ad(tmp_path / "q.h5ad")
+    assert ad.read_h5ad(tmp_path / "q.h5ad").uns["scvae"]["query"]["reference_dir"] == info[
+        "reference_dir"]
 
 
 def test_known_batches_only_need_no_fine_tuning(split, reference):
