@@ -100,7 +100,9 @@ def log_zinb(
     log_nb_zero = theta * (torch.log(theta + _EPS) - torch.log(theta + mu + _EPS))
     zero_case = torch.logaddexp(pi_logits, log_nb_zero) + log_one_minus_pi
     nonzero_case = log_one_minus_pi + log_nb_x
-    return torch.where(x < 0.5, zero_case, nonzero_case)
+    # Only an exact zero takes the zero-inflated branch: a fractional count (allowed with
+    # allow_non_integer=True) below 0.5 is a non-zero count, as in the NB and Poisson.
+    return torch.where(x == 0, zero_case, nonzero_case)
 
 
 def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

@@ -97,12 +97,19 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
         const float *restrict l = logits + r * G;
         const float *restrict xr = x + r * G;
         const float m = row_max(l, G);
-        /* exp(l - m) once: rho is it over the sum, and log rho = l - log z */
-        float *restrict e = rho_row, s = 0.0f;
-        for (int64_t g = 0; g < G; ++g) s += e[g] = expf(l[g] - m);
-        const float log_z = m + logf(s), llib = log_lib[r], lib = expf(llib);
+        /* exp(l - m) once: rho is it over the sum s, and log rho = (l - m) - log s */
+        float *restrict e = rho_row, s = 0.0f, acc = 0.0f, sx = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+            const float d = l[g] - m;
+            s += e[g] = expf(d);
+            /* x·(l - m) here, apart from x·log(θ+μ) below: in one expression the compiler
+             * (-fassociative-math) may regroup it as l - (m + log(θ+μ)), and with logits
+             * sharing a large offset m that cancels in float32 */
+            acc += xr[g] * d;
+            sx += xr[g];
+        }
+        const float llib = log_lib[r], lib = expf(llib);
         const float lib_s = lib / s;
-        float acc = 0.0f, sx = 0.0f;
         float *restrict gt = g_lt ? g_lt + r * G : NULL;
         if (g_logits) {
             float *restrict gl = g_logits + r * G;
@@ -110,8 +117,7 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
             for (int64_t g = 0; g < G; ++g) {
                 const float mu = lib_s * e[g], tm = theta[g] + mu, ltm = logf(tm);
                 const float b = ltm - log_theta[g], p = (mu - xr[g]) / tm;
-                acc += xr[g] * (l[g] - ltm) - theta[g] * b;
-                sx += xr[g];
+                acc -= xr[g] * ltm + theta[g] * b;
                 sp += theta[g] * p;
                 gt[g] = b - p;
                 gl[g] = theta[g] * p;
@@ -121,8 +127,7 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
         } else {
             for (int64_t g = 0; g < G; ++g) {
                 const float tm = theta[g] + lib_s * e[g], ltm = logf(tm);
-                acc += xr[g] * (l[g] - ltm) - theta[g] * (ltm - log_theta[g]);
-                sx += xr[g];
+                acc -= xr[g] * ltm + theta[g] * (ltm - log_theta[g]);
             }
         }
         double lg_sum = 0.0;
@@ -143,7 +148,9 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
             lg_sum += lg;
             if (gt) gt[c] -= (float)dg;
         }
-        ll[r] = acc + (llib - log_z) * sx + (float)lg_sum;
+        /* log rho = (l - m) - log s: relative to the row's maximum, so that logits sharing a
+         * large offset do not cancel in float32 (log z itself is about that offset) */
+        ll[r] = acc + (llib - logf(s)) * sx + (float)lg_sum;
     }
 }
 

@@ -43,6 +43,15 @@ def test_zinb_matches_mixture():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_zinb_of_fractional_counts_is_the_nb_as_dropout_vanishes():
+    """allow_non_integer=True data have counts in (0, 0.5): they are not zeros (they took the
+    zero branch, whatever their value). With π → 0 the ZINB is the NB everywhere."""
+    x = t([[0.0, 0.1, 0.3, 0.49, 0.5, 2.7]])
+    mu, theta, no_dropout = t([[2.0] * 6]), t([[2.0] * 6]), t([[-40.0] * 6])
+    np.testing.assert_allclose(log_zinb(x, mu, theta, no_dropout).numpy(),
+                               log_nb(x, mu, theta).numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_nb_float32_close_to_scipy():
     ours = log_nb(torch.tensor(X, dtype=torch.float32), torch.tensor(MU, dtype=torch.float32),
                   torch.tensor(THETA, dtype=torch.float32)).double().numpy()
