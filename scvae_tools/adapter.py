@@ -206,12 +206,7 @@ class CellData:
         self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
         if spec.size_factor_key is not None:
-            lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
-            if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
-                raise ValueError(
-                    f"obs[{spec.size_factor_key!r}] must be positive and finite for every cell; "
-                    "fix or drop those cells, or leave size_factor_key=None to use each cell's total counts."
-                )
+            lib = size_factors(obs, spec.size_factor_key)
         else:
             lib = totals
         self.library = lib
@@ -534,6 +529,17 @@ def _check_finite_covariates(values: np.ndarray, keys: list[str]) -> None:
         cols = [f"{k!r} ({int(n)} cells)" for k, n in zip(keys, bad.sum(0), strict=True) if n]
         raise ValueError(f"Continuous covariates contain NaN or inf: obs {', '.join(cols)}; "
                          "fill or drop those cells first.")
+
+
+def size_factors(obs: pd.DataFrame, key: str) -> np.ndarray:
+    """``obs[key]`` as float32 library sizes: positive and finite for every cell."""
+    lib = _numeric_obs(obs, key).astype(np.float32)
+    if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
+        raise ValueError(
+            f"obs[{key!r}] must be positive and finite for every cell; fix or drop those "
+            "cells (or, setting up a new model, leave size_factor_key=None to use each cell's "
+            "total counts).")
+    return lib
 
 
 def _check_obs_key(adata, key: str) -> None:

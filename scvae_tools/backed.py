@@ -48,6 +48,7 @@ from .adapter import (
     _to_device,
     batch_bounds,
     check_no_empty_cells,
+    size_factors,
     validate_values,
 )
 
@@ -224,13 +225,7 @@ class BackedCellData:
                     raise
                 raise _empty_in_model_genes(err, spec) from None
         if spec.size_factor_key is not None:
-            lib = _numeric_obs(obs, spec.size_factor_key).astype(np.float32)
-            if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
-                raise ValueError(
-                    f"obs[{spec.size_factor_key!r}] must be positive and finite for every cell; "
-                    "fix or drop those cells, or leave size_factor_key=None to use each cell's "
-                    "total counts."
-                )
+            lib = size_factors(obs, spec.size_factor_key)
         else:
             lib = totals.astype(np.float32)
         self.library = lib
