@@ -1,6 +1,9 @@
-"""Where tensors live: device choice and the dtypes each device supports."""
+"""Where tensors live: device choice, the dtypes each device supports, seeded blocks."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -42,3 +45,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for epoch sums (exact over millions of cells); float32 on MPS, which lacks float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators (the CPU's and ``device``'s CUDA one) for the block,
+    and give the caller's random state back after it; ``seed=None``: leave them alone."""
+    if seed is None:
+        yield
+        return
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield

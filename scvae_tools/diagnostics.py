@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 
 from .adapter import Batch, CellData
+from .devices import seeded
 from .model import SCVAE, _check_indices
 from .train import evaluate
 
@@ -51,10 +52,6 @@ def _data(model: SCVAE, adata) -> CellData:
         raise TypeError(f"Expected a trained svt.SCVAE, got {type(model).__name__}.")
     model._check_trained()
     return model._data_for(adata)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def _gauss_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -141,8 +138,7 @@ def rate_distortion_sweep(
         held_out = model.validation_indices
         on = "validation" if held_out is not None and len(held_out) else "train"
         idx = held_out if on == "validation" else model.train_indices
-        with torch.random.fork_rng(devices=_rng_devices(model.device)):
-            torch.manual_seed(train_kw.get("seed", 0))  # same evaluation draws for every β
+        with seeded(train_kw.get("seed", 0), model.device):  # the same draws for every β
             ev = evaluate(model.module, data, idx, 1024, model.device)
             marginal_ll = model.get_marginal_ll(n_samples=n_samples, indices=idx)
         rows.append({
@@ -256,8 +252,7 @@ def variational_gap(
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     data = _data(model, adata)
     elbo, iw = [], []
-    with torch.random.fork_rng(devices=_rng_devices(model.device)), torch.inference_mode():
-        torch.manual_seed(seed)
+    with seeded(seed, model.device), torch.inference_mode():
         for b in model._eval_batches(data, batch_size):
             cov = model.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = model.module.encode(b.x, cov)
@@ -338,8 +333,7 @@ def amortization_gap(
     try:
         for p in module.parameters():  # frozen decoder (and encoder): only q's parameters move
             p.requires_grad_(False)
-        with torch.random.fork_rng(devices=_rng_devices(model.device)):
-            torch.manual_seed(seed)
+        with seeded(seed, model.device):
             for b in model._eval_batches(data, batch_size):
                 a, r, mu = _refine_batch(module, b, n_steps, lr, n_mc, n_eval_samples, eval_every)
                 amortized.append(a)
@@ -538,8 +532,7 @@ def sample(model: SCVAE, n: int, source: str = "prior", adata=None, seed: int = 
     module = model.module
     rows = np.random.default_rng(seed).integers(0, data.n_obs, n)
     zs, counts = [], []
-    with torch.random.fork_rng(devices=_rng_devices(model.device)), torch.inference_mode():
-        torch.manual_seed(seed)
+    with seeded(seed, model.device), torch.inference_mode():
         gen = torch.Generator().manual_seed(seed)
         for b in model._eval_batches(data, 1024, indices=rows):
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)

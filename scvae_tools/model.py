@@ -28,7 +28,7 @@ from .checkpoint import (
     safe_torch_load,
     validate_model_config,
 )
-from .devices import resolve_device
+from .devices import resolve_device, seeded
 from .module import VAE, ModuleConfig
 from .train import (
     DEFAULT_LR,
@@ -702,9 +702,7 @@ class SCVAE:
         total, n = None, 0
         # Under a mixture prior the KL is a Monte Carlo estimate: the same draws every call,
         # and the caller's random state left as it was.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(0)
+        with seeded(0, self.device), torch.inference_mode():
             for b in self._eval_batches(data, 1024, indices, sparse=True):  # encoder only
                 cov = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
                 kl = self.module.kl_per_dim(*self.module.encode(b.x, cov))[1].sum(0)

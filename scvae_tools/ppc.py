@@ -10,7 +10,6 @@ for example, cannot produce the over-dispersion and excess zeros of real UMI cou
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .devices import seeded
 from .model import check_positive_int
 
 if TYPE_CHECKING:
@@ -26,23 +26,11 @@ if TYPE_CHECKING:
 STATISTICS = ("mean", "variance", "zero_fraction", "cv")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch's global RNGs (used by the count samplers) without disturbing the caller's."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 @torch.inference_mode()
 def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int | None):
     """Yield (row indices, counts of shape (n_samples, cells in batch, genes)) per minibatch."""
     module = model.module
-    with _seeded(seed, model.device):
+    with seeded(seed, model.device):  # the count samplers draw from the global generators
         for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = module.encode(b.x, cov)
