@@ -1,8 +1,13 @@
 """scvae_tools vs scvi-tools' SCVI: time to quality (defaults) and raw step efficiency.
 
-Two comparisons on the same data and the same held-out cells (10%, never trained on):
+Three comparisons on the same data and the same held-out cells (10%, never trained on):
 
 * ``defaults``  — each tool with its own defaults (what a user gets from ``train()``).
+  scvi-tools' default (400 epochs on pbmc3k) is longer than it needs: its held-out ELBO is
+  better after 40 epochs than after 400, so the time ratio here measures the two default
+  schedules as much as the two implementations. Hence:
+* ``short``     — scvi-tools' defaults but our default number of epochs (ours: its
+  defaults): what scvi-tools reaches when told to train as briefly as we do.
 * ``identical`` — 1 hidden layer of 128, 10 latent, NB, gene dispersion, batch 128, the same
   number of epochs, the same KL warm-up, lr 1e-3, no early stopping; validation cells scored
   once, after training (scvi-tools scores none while training in this configuration).
@@ -42,6 +47,8 @@ sys.path.insert(0, str(HERE))
 def settings_for(tool: str, comparison: str, epochs: int) -> dict:
     if comparison == "defaults":
         return {}
+    if comparison == "short":  # scvi-tools' defaults, but as many epochs as ours train
+        return {} if tool == "ours" else {"max_epochs": epochs}
     warmup = max(1, min(10, epochs // 4))
     if tool == "ours":
         return {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "batch_size": 128,
@@ -119,7 +126,11 @@ def worker(args) -> None:
     import _common
     import torch._dynamo  # noqa: F401
 
-    ds = _common.load(args.dataset, n_cells=args.n_synthetic)
+    ds = _common.load(args.dataset, n_cells=args.n_synthetic, seed=args.split_seed)
+    if args.comparison == "short":
+        from scvae_tools.train import default_max_epochs
+
+        args.epochs = default_max_epochs(len(ds.train_idx))  # what our train() runs
     settings = settings_for(args.tool, args.comparison, args.epochs)
     if args.tool == "ours":
         res = _common.run_ours(ds, settings, marginal_samples=args.marginal_samples,
@@ -234,7 +245,7 @@ def print_table(rows: list[dict], clock: str = "wall") -> None:
             speed = theirs["time_s"] / ours["time_s"]
             thr = ours["cells_per_s"] / theirs["cells_per_s"]
             d_elbo = (ours["heldout_elbo"] - theirs["heldout_elbo"]) / abs(theirs["heldout_elbo"])
-            if comp == "defaults":  # the issue's time-to-quality bar
+            if comp in ("defaults", "short"):  # the issue's time-to-quality bar
                 ok = d_elbo >= -0.005 and ours["ari"] >= theirs["ari"] - 0.03
                 print(f"\ntime to quality: held-out ELBO within 0.5% of scvi-tools' and ARI "
                       f"not lower by more than 0.03: **{'yes' if ok else 'NO'}**")
@@ -262,8 +273,11 @@ def main(argv=None) -> None:
                    choices=["pbmc3k", "synthetic", "synthetic-sparse", "pbmc68k"],
                    help="synthetic: 42%% non-zeros; synthetic-sparse: shaped like pbmc3k's "
                         "HVGs (~11%% non-zeros)")
-    p.add_argument("--comparisons", nargs="+", default=["defaults", "identical"],
-                   choices=["defaults", "identical"])
+    p.add_argument("--comparisons", nargs="+", default=["defaults", "short", "identical"],
+                   choices=["defaults", "short", "identical"],
+                   help="defaults: each tool's own; short: scvi-tools' defaults but our "
+                        "default number of epochs (what scvi-tools reaches in a short run); "
+                        "identical: the same settings for both")
     p.add_argument("--tools", nargs="+", default=["ours", "scvi"], choices=["ours", "scvi"])
     p.add_argument("--n-synthetic", type=int, default=100_000)
     p.add_argument("--epochs-pbmc3k", type=int, default=100,
@@ -286,6 +300,11 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="training seeds (both tools; the held-out split stays the same); "
                         "the tables show each seed and their mean")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the held-out split (the defaults were chosen with split 0's "
+                        "held-out cells among others; another split checks them on cells "
+                        "they were not chosen on); for the synthetic sets also the seed "
+                        "that generates them")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     # worker mode (internal)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -324,13 +343,15 @@ def _run_one(args, py: str, dset: str, comp: str, tool: str, epochs: int, seed: 
     """Run (or, with --reuse, read) one worker; its JSON row in a list (empty on failure)."""
     tag = f"{dset}{args.n_synthetic if dset.startswith('synthetic') else ''}_{comp}" + (
         f"{epochs}" if comp == "identical" else "") + f"_{tool}" + (
-        f"_seed{seed}" if seed else "") + ".json"
+        f"_seed{seed}" if seed else "") + (
+        f"_split{args.split_seed}" if args.split_seed else "") + ".json"
     out = out_dir / tag
     if not (args.reuse and out.exists()):
         cmd = [py, __file__, "--worker", "--tool", tool, "--dataset", dset,
                "--comparison", comp, "--epochs", str(epochs), "--out", str(out),
                "--n-synthetic", str(args.n_synthetic), "--threads", str(args.threads),
-               "--marginal-samples", str(args.marginal_samples), "--seed", str(seed)]
+               "--marginal-samples", str(args.marginal_samples), "--seed", str(seed),
+               "--split-seed", str(args.split_seed)]
         print(f"running {tool} / {dset} / {comp} / seed {seed} ...", flush=True)
         t = time.perf_counter()
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"},
