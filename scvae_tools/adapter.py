@@ -206,7 +206,7 @@ class CellData:
         self._whole = validate and not spec.allow_non_integer  # checked: whole counts
         obs = adata.obs
         if spec.size_factor_key is not None:
-            lib = size_factors(obs, spec.size_factor_key)
+            lib = size_factors(obs, spec.size_factor_key, None if trained else totals)
         else:
             lib = totals
         self.library = lib
@@ -502,6 +502,13 @@ def batch_bounds(n: int, batch_size: int, drop_singleton: bool = False) -> list[
 
 
 def _check_not_empty(adata) -> None:
+    """An AnnData with at least one cell and one gene (and not ``adata.raw``)."""
+    if type(adata).__name__ == "Raw":  # has X and var but no obs: fails far from here
+        raise TypeError(
+            "adata.raw is not an AnnData. Pass `adata.raw.to_adata()` (the raw genes, with "
+            "adata's obs), or copy the raw counts of adata's genes into a layer, "
+            "`adata.layers['counts'] = adata.raw[:, adata.var_names].X.copy()`, and pass "
+            "layer='counts'.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(
             f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
@@ -531,14 +538,29 @@ def _check_finite_covariates(values: np.ndarray, keys: list[str]) -> None:
                          "fill or drop those cells first.")
 
 
-def size_factors(obs: pd.DataFrame, key: str) -> np.ndarray:
-    """``obs[key]`` as float32 library sizes: positive and finite for every cell."""
+def size_factors(obs: pd.DataFrame, key: str, totals: np.ndarray | None = None) -> np.ndarray:
+    """``obs[key]`` as float32 library sizes: positive and finite for every cell.
+
+    With the cells' ``totals`` (setting up a model), warn when they are on another scale:
+    the model takes them as the library size ℓ in μ = ℓ·ρ, in counts, as scvi-tools does,
+    where scran- or DESeq-style size factors have mean 1.
+    """
     lib = _numeric_obs(obs, key).astype(np.float32)
     if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
         raise ValueError(
             f"obs[{key!r}] must be positive and finite for every cell; fix or drop those "
             "cells (or, setting up a new model, leave size_factor_key=None to use each cell's "
             "total counts).")
+    if totals is not None:
+        ratio = float(np.median(lib / np.maximum(totals, 1.0)))
+        if not 0.05 <= ratio <= 20:
+            warnings.warn(
+                f"obs[{key!r}] is on another scale than the cells' total counts (median "
+                f"ratio {ratio:.3g}). It is used as each cell's library size in counts "
+                "(expected counts = library size × proportions); size factors with mean 1 "
+                f"(scran, DESeq) fit far worse. Scale them to counts, e.g. `adata.obs[{key!r}] "
+                "*= total_counts.mean()`, or leave size_factor_key=None.",
+                UserWarning, stacklevel=5)  # size_factors, CellData, make_cell_data, SCVAE
     return lib
 
 

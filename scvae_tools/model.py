@@ -570,7 +570,7 @@ class SCVAE:
             calls, reusing one buffer also spares the operating system zeroing fresh memory
             (up to a fifth of a call on large dense data).
         indices
-            Only these cells (row numbers, in this order).
+            Only these cells (row numbers, in this order, or a boolean mask).
         gene_list
             Only these genes, in this order (names from ``model.var_names``). Each cell is
             still normalised over all genes; only the result is smaller: for a few marker
@@ -646,6 +646,9 @@ class SCVAE:
         if transform_batch is None:
             return batch_index
         cats = self.spec.batch_categories
+        if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)):
+            raise TypeError(f"transform_batch takes one batch, got {transform_batch!r}; call "
+                            "once per batch (and average the results for a mean over batches).")
         if str(transform_batch) not in cats:
             raise KeyError(f"transform_batch={transform_batch!r} is not a known batch; choose from {cats}.")
         return torch.full_like(batch_index, cats.index(str(transform_batch)))
@@ -1220,13 +1223,16 @@ def check_positive_int(value, name: str) -> int:
 
 
 def _check_indices(indices, n_obs: int) -> np.ndarray | None:
-    """``indices`` as int64 row numbers within ``n_obs`` cells, or ``None`` for all cells."""
+    """``indices`` (row numbers, or a boolean mask over the cells) as int64 row numbers
+    within ``n_obs`` cells, or ``None`` for all cells."""
     if indices is None:
         return None
     idx = np.asarray(indices)
-    if idx.dtype == bool:
-        raise ValueError("indices must be row numbers, not a boolean mask; pass "
-                         "np.flatnonzero(mask).")
+    if idx.dtype == bool:  # a mask over the cells, as scanpy users write them
+        if idx.shape != (n_obs,):
+            raise ValueError(f"A boolean mask as indices needs one value per cell ({n_obs}), "
+                             f"got shape {idx.shape}.")
+        idx = np.flatnonzero(idx)
     if idx.size == 0:  # an ELBO of no cells would read 0.0, a perfect fit
         raise ValueError("indices is empty: there are no cells to evaluate (e.g. "
                          "model.validation_indices after train(train_size=1.0)).")

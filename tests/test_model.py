@@ -443,8 +443,14 @@ def test_bad_indices_are_named():
     m = svt.SCVAE(a, n_latent=2, n_hidden=8).train(max_epochs=1, progress_bar=False)
     with pytest.raises(ValueError, match=r"lie in \[0, 100\).*from 0 to 100"):
         m.get_latent_representation(indices=[0, 100])
-    with pytest.raises(ValueError, match="boolean mask.*flatnonzero"):
-        m.get_normalized_expression(indices=np.ones(100, bool))
+    # a boolean mask over the cells, as scanpy users write them, selects those cells
+    mask = np.arange(100) % 3 == 0
+    np.testing.assert_array_equal(m.get_latent_representation(indices=mask),
+                                  m.get_latent_representation()[mask])
+    with pytest.raises(ValueError, match=r"one value per cell \(100\), got shape \(99,\)"):
+        m.get_normalized_expression(indices=np.ones(99, bool))
+    with pytest.raises(TypeError, match="transform_batch takes one batch"):
+        m.get_normalized_expression(transform_batch=["a", "b"])
     with pytest.raises(ValueError, match="1-D array of row numbers"):
         m.get_elbo(indices=np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"lie in \[0, 100\)"):
