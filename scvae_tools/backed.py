@@ -117,7 +117,7 @@ def make_cell_data(adata, spec: DataSpec, validate: bool = True, copy: bool = Tr
     (``copy=False``: read the counts in place; ``trained``: ``spec`` is a trained model's;
     see :class:`CellData`)."""
     if is_backed(adata):
-        return BackedCellData(adata, spec, validate=validate, **backed_kwargs)
+        return BackedCellData(adata, spec, validate=validate, trained=trained, **backed_kwargs)
     return CellData(adata, spec, validate=validate, copy=copy, trained=trained)
 
 
@@ -141,6 +141,8 @@ class BackedCellData:
     buffer_chunks
         Chunks read together and shuffled as one buffer during training; memory is about
         ``chunk_size · buffer_chunks · non-zeros per cell · 8`` bytes.
+    trained
+        ``spec`` is a trained model's (see :class:`~scvae_tools.adapter.CellData`).
 
     Attributes
     ----------
@@ -151,7 +153,7 @@ class BackedCellData:
     """
 
     def __init__(self, adata, spec: DataSpec, validate: bool = True, chunk_size: int = 1024,
-                 buffer_chunks: int = 16):
+                 buffer_chunks: int = 16, trained: bool = False):
         if chunk_size < 1 or buffer_chunks < 1:
             raise ValueError("chunk_size and buffer_chunks must be positive integers.")
         self.spec = spec
@@ -225,7 +227,7 @@ class BackedCellData:
                     raise
                 raise _empty_in_model_genes(err, spec) from None
         if spec.size_factor_key is not None:
-            lib = size_factors(obs, spec.size_factor_key)
+            lib = size_factors(obs, spec.size_factor_key, None if trained else totals)
         else:
             lib = totals.astype(np.float32)
         self.library = lib

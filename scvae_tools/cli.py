@@ -140,6 +140,18 @@ def _read(path: str, backed: bool):
     return ad.read_h5ad(path)
 
 
+def _check_model_folder_apart(save_model: str | None, output: str | Path) -> None:
+    """``--save-model`` must not be (or contain) where results are written: a model folder
+    holds only the model, so saving after the results would be refused, after training."""
+    if not save_model:
+        return
+    folder, out = Path(save_model).resolve(), Path(output).resolve()
+    if out == folder or folder in out.parents:
+        raise ValueError(f"--save-model {save_model} would also hold {output}; a model folder "
+                         "holds only the model. Save it to a folder of its own, e.g. "
+                         f"{Path(save_model) / 'model'}.")
+
+
 def _check_output(path: str, input_path: str | None = None) -> None:
     """Refuse, before any training, an output path that could not be written."""
     out = Path(path)
@@ -181,6 +193,7 @@ def _summary(model) -> str:
 
 def cmd_fit(args) -> int:
     _check_output(args.output, args.input)
+    _check_model_folder_apart(args.save_model, args.output)
     adata = _read(args.input, args.backed)
     model = _fit(adata, args)
     if not is_main_process():
@@ -201,6 +214,7 @@ def cmd_apply(args) -> int:
                          "model is applied as it is. Add --query for cells of new batches, or "
                          "drop those flags.")
     _check_output(args.output, args.input)
+    _check_model_folder_apart(args.save_model, args.output)
     if args.save_model:
         check_save_target(args.save_model, overwrite=True)
     if args.pad_missing_genes and args.backed:
@@ -235,6 +249,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.output)
     check_save_target(out / "model", overwrite=True)  # before training, not after
+    _check_model_folder_apart(args.save_model, out)
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc68k()
     print(f"pbmc68k (embedded in scanpy): {adata.n_obs} cells × {adata.n_vars} genes")

@@ -56,5 +56,11 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         return
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+        # These generators only: torch.manual_seed would also reset every other GPU's,
+        # which the fork does not give back.
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        if device.type == "mps":  # (its state is not given back: fork_rng covers CUDA only)
+            torch.mps.manual_seed(seed)
         yield

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec
+from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec, _integral_text
 from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
@@ -33,6 +33,7 @@ from .module import VAE, ModuleConfig
 from .train import (
     DEFAULT_LR,
     TrainConfig,
+    check_patience,
     default_batch_size_and_lr,
     default_max_epochs,
     evaluate,
@@ -324,6 +325,7 @@ class SCVAE:
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
                 f"({resolve_device(device)}); leave cuda_graphs=False on CPUs and MPS.")
         n = data.n_obs
+        check_patience(early_stopping, early_stopping_patience)
         max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:
@@ -649,9 +651,12 @@ class SCVAE:
         if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)):
             raise TypeError(f"transform_batch takes one batch, got {transform_batch!r}; call "
                             "once per batch (and average the results for a mean over batches).")
-        if str(transform_batch) not in cats:
+        # the label as obs holds it: 1.0 for a float column whose categories read "1"
+        name = next((t for t in (str(transform_batch), _integral_text(transform_batch))
+                     if t in cats), None)
+        if name is None:
             raise KeyError(f"transform_batch={transform_batch!r} is not a known batch; choose from {cats}.")
-        return torch.full_like(batch_index, cats.index(str(transform_batch)))
+        return torch.full_like(batch_index, cats.index(name))
 
     @torch.inference_mode()
     def get_elbo(self, adata=None, indices: np.ndarray | None = None, batch_size: int = 1024) -> float:
@@ -846,13 +851,10 @@ class SCVAE:
 
     @torch.inference_mode()
     def _likelihood_parameters(self, data: CellData, indices: np.ndarray | None,
-                               give_mean: bool, batch_size: int | None,
-                               only: str | None = None) -> dict[str, np.ndarray]:
-        """See :meth:`get_likelihood_parameters`; ``only``: just that one parameter."""
+                               give_mean: bool, batch_size: int | None) -> dict[str, np.ndarray]:
         n = data.n_obs if indices is None else len(indices)
         keys = ["mean"] + (["dispersions"] if self.module_config.likelihood != "poisson" else [])
         keys += ["dropout"] if self.module_config.likelihood == "zinb" else []
-        keys = [k for k in keys if only in (None, k)]
         out = {k: np.empty((n, self.spec.n_genes), dtype=np.float32) for k in keys}
         start = 0
         for b in self._eval_batches(data, self._inference_batch_size(batch_size), indices,
@@ -861,13 +863,24 @@ class SCVAE:
             params = self.module.decode(z, b.library, cov, b.batch_index)
             rows = slice(start, start + len(z))
             start += len(z)
-            if "mean" in out:
-                out["mean"][rows] = params["mu"].cpu().numpy()
+            out["mean"][rows] = params["mu"].cpu().numpy()
             if "dispersions" in out:  # (genes,) for per-gene θ: broadcast over the rows
                 out["dispersions"][rows] = params["theta"].cpu().numpy()
             if "dropout" in out:
                 out["dropout"][rows] = torch.sigmoid(params["pi_logits"]).cpu().numpy()
         return out
+
+    @torch.inference_mode()
+    def _times_no_dropout_(self, out: np.ndarray, data: CellData, batch_size: int | None) -> None:
+        """``out`` (cells × genes, the model's gene order) times 1 − π, batch by batch: no
+        cells × genes array of π is held (a ZINB model's expected counts)."""
+        start = 0
+        for b in self._eval_batches(data, self._inference_batch_size(batch_size), sparse=True):
+            cov, z = self._posterior_z(b, True)
+            pi_logits = self.module.decode(z, b.library, cov, b.batch_index)["pi_logits"]
+            rows = torch.from_numpy(out[start:start + len(z)])
+            rows.mul_(torch.sigmoid(pi_logits.neg_()).cpu())  # 1 − σ(l) = σ(−l)
+            start += len(z)
 
     def posterior_predictive_sample(
         self, adata=None, n_samples: int = 1, gene_list: list[str] | None = None,
@@ -1017,9 +1030,7 @@ class SCVAE:
             exp = np.empty_like(den)  # the same product as numpy's, on torch's threads
             torch.mul(torch.from_numpy(den), factor[:, None], out=torch.from_numpy(exp))
             if self.module_config.likelihood == "zinb":  # E[x] = (1 − π)·μ: extra zeros
-                dropout = self._likelihood_parameters(data, None, True, batch_size,
-                                                      only="dropout")["dropout"]
-                np.multiply(exp, 1 - dropout, out=exp)
+                self._times_no_dropout_(exp, data, batch_size)
             if order is not None:  # adata lists the genes in another order
                 # take along an axis: ~6x faster than den[:, order] on a C-ordered matrix
                 den, exp = np.take(den, order, axis=1), np.take(exp, order, axis=1)

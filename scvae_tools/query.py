@@ -37,6 +37,7 @@ from .devices import accumulator_dtype
 from .module import VAE, ModuleConfig
 from .train import (
     DISPERSION_LR_FACTOR,
+    check_patience,
     evaluate,
     field_max_epochs,
     nonzero_option,
@@ -166,6 +167,7 @@ def load_query(
         query_adata = ad.read_h5ad(query_adata)
     elif getattr(query_adata, "isbacked", False):
         query_adata = query_adata.to_memory()
+    check_patience(early_stopping, early_stopping_patience)
     reference = cls.load(reference_dir, adata=None, device="cpu")
     ref_spec, ref_cfg = reference.spec, reference.module_config
     if ref_spec.batch_key is None and not ref_spec.categorical_covariate_keys:

@@ -105,10 +105,6 @@ class TrainConfig:
             raise ValueError("lr_min_factor must be in (0, 1] and lr_plateau_factor in (0, 1).")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
-        if self.early_stopping_patience < 1:  # 0 stopped at the first scored epoch
-            raise ValueError("early_stopping_patience must be >= 1 (scored epochs without "
-                             f"improvement), got {self.early_stopping_patience}; to train "
-                             "every epoch, pass early_stopping=False.")
         if self.lr_plateau_patience < 1:
             raise ValueError(f"lr_plateau_patience must be >= 1, got {self.lr_plateau_patience}.")
         if not 0 < self.rollback_lr_factor < 1:
@@ -140,6 +136,15 @@ class TrainConfig:
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 PRECISIONS = ("32", "bf16-mixed")
+
+
+def check_patience(early_stopping: bool, patience: int) -> None:
+    """With early stopping, a patience below 1 would stop at the first scored epoch. (Checked
+    where users pass it, not in :class:`TrainConfig`, so that saved configs always load.)"""
+    if early_stopping and patience < 1:
+        raise ValueError(f"early_stopping_patience must be >= 1 (scored epochs without "
+                         f"improvement), got {patience}; to train every epoch, pass "
+                         "early_stopping=False.")
 
 
 def default_max_epochs(n_cells: int) -> int:

@@ -411,6 +411,10 @@ def test_integer_labels_stored_as_floats_are_the_same_labels(X, tmp_path):
     mapped = svt.SCVAE.load_query(tmp_path / "ref", floats, progress_bar=False)
     assert mapped.query_info["new_categories"] == {}  # not "0.0" and "1.0"
     np.testing.assert_array_equal(mapped.get_latent_representation(), z)
+    # transform_batch given as obs holds the label (1.0) names batch "1"
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(floats, transform_batch=np.float64(1.0)),
+        model.get_normalized_expression(floats, transform_batch="1"))
     # a model whose categories were written "0.0"/"1.0" (float labels, before this change)
     from scvae_tools.adapter import _encode
 
@@ -418,7 +422,7 @@ def test_integer_labels_stored_as_floats_are_the_same_labels(X, tmp_path):
     np.testing.assert_array_equal(_encode(floats.obs, "batch", ["0", "1"]), ints)
 
 
-def test_size_factors_on_another_scale_warn_and_raw_is_named(X):
+def test_size_factors_on_another_scale_warn_and_raw_is_named(X, tmp_path):
     """scran/DESeq size factors (mean 1) are not library sizes in counts: the fit would be
     far worse (on pbmc3k, ELBO −2084 against −688), so setting up with them warns."""
     totals = X.sum(1)
@@ -427,6 +431,10 @@ def test_size_factors_on_another_scale_warn_and_raw_is_named(X):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # library sizes in counts: no warning
         svt.SCVAE(make(X, sf=totals * 1.3), size_factor_key="sf", **MODEL)
+    path = tmp_path / "sf.h5ad"  # and the same for counts read from disk
+    make(sp.csr_matrix(X), sf=totals / totals.mean()).write_h5ad(path)
+    with pytest.warns(UserWarning, match=r"obs\['sf'\] is on another scale"):
+        svt.SCVAE(str(path), size_factor_key="sf", **MODEL)
     a = make(np.log1p(X))
     a.raw = make(X)
     with pytest.raises(TypeError, match=r"adata.raw is not an AnnData.*raw.to_adata\(\)"):

@@ -111,6 +111,11 @@ def test_resume_with_more_epochs_keeps_the_default_warmup(small, tmp_path):
     assert fresh.train_config.kl_warmup_epochs == 4  # without a checkpoint: the rule
     with pytest.raises(ValueError, match="early_stopping_patience must be >= 1"):
         svt.SCVAE(small, **MODEL).train(**train, early_stopping_patience=0)
+    # without early stopping the patience is unused: no error (it was refused with the
+    # advice to pass early_stopping=False, already passed)
+    svt.SCVAE(small, **MODEL).train(**{**train, "max_epochs": 1}, early_stopping=False,
+                                     early_stopping_patience=0)
+    train_mod.TrainConfig(max_epochs=3, early_stopping_patience=0)  # saved configs still load
 
 
 def test_resume_refuses_the_same_cells_in_another_order(small, tmp_path):

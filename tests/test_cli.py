@@ -252,6 +252,12 @@ def test_save_model_never_deletes_other_files(tmp_path, capsys):
     assert rc == 2 and "holds files that are not part of a saved model (in.h5ad)" in err, err
     assert sorted(p.name for p in data.iterdir()) == ["in.h5ad"]
     assert not (tmp_path / "o.h5ad").exists()  # refused before training
+    # -o inside the --save-model folder: refused before training (saving after the results
+    # were written there would be refused, and the model lost)
+    rc = main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "run" / "result.h5ad"),
+               "--epochs", "1", "--quiet", "--save-model", str(tmp_path / "run")])
+    assert rc == 2 and "would also hold" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     for _ in range(2):  # a new folder, then the saved model replaced
         assert main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs",
                      "1", "--quiet", "--save-model", str(tmp_path / "model")]) == 0
