@@ -554,12 +554,18 @@ def size_factors(obs: pd.DataFrame, key: str, totals: np.ndarray | None = None) 
     if totals is not None:
         ratio = float(np.median(lib / np.maximum(totals, 1.0)))
         if not 0.05 <= ratio <= 20:
+            why = (f"It looks like size factors with mean 1 (scran, DESeq), which fit far "
+                   f"worse: scale them to counts, e.g. `adata.obs[{key!r}] *= "
+                   "np.asarray(adata.X.sum(axis=1)).mean()` (the counts of the model's genes)"
+                   if ratio < 0.05 else
+                   "Library sizes over other genes (e.g. all genes, for a model of a gene "
+                   "subset) put the expected counts on another scale: pass library sizes of "
+                   "the model's genes")
             warnings.warn(
                 f"obs[{key!r}] is on another scale than the cells' total counts (median "
-                f"ratio {ratio:.3g}). It is used as each cell's library size in counts "
-                "(expected counts = library size × proportions); size factors with mean 1 "
-                f"(scran, DESeq) fit far worse. Scale them to counts, e.g. `adata.obs[{key!r}] "
-                "*= total_counts.mean()`, or leave size_factor_key=None.",
+                f"ratio {ratio:.3g}); it is used as each cell's library size in counts "
+                f"(expected counts = library size × proportions). {why}, or leave "
+                "size_factor_key=None.",
                 UserWarning, stacklevel=5)  # size_factors, CellData, make_cell_data, SCVAE
     return lib
 

@@ -94,6 +94,8 @@ def _fit(adata, args):
     check_key_added(args.key_added)  # before training, not after
     if getattr(args, "save_model", None):
         check_save_target(args.save_model, overwrite=True)
+        if getattr(args, "checkpoint_dir", None):  # checkpoints written there: refused later
+            _check_model_folder_apart(args.save_model, args.checkpoint_dir)
     model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key,
                   categorical_covariate_keys=args.categorical_covariate_keys,
                   continuous_covariate_keys=args.continuous_covariate_keys,

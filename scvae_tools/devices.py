@@ -54,7 +54,8 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     if seed is None:
         yield
         return
-    cuda = [device.index or 0] if device.type == "cuda" else []
+    cuda = ([torch.cuda.current_device() if device.index is None else device.index]
+            if device.type == "cuda" else [])
     with torch.random.fork_rng(devices=cuda):
         # These generators only: torch.manual_seed would also reset every other GPU's,
         # which the fork does not give back.

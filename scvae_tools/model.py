@@ -469,7 +469,7 @@ class SCVAE:
 
         ``batch_size``: cells per batch; by default as many as keep a cells × genes block
         near 32 MB (4,194 cells for 2,000 genes; between 1,024 and 8,192).
-        ``indices``: only these cells (row numbers, in this order).
+        ``indices``: only these cells (row numbers, in this order, or a boolean mask).
         ``return_dist``: return the posterior q(z|x) = N(mean, variance) itself, as the
         tuple ``(means, variances)`` (each cells × n_latent), as scvi-tools does: how
         uncertain each cell's position is, per dimension, as far as the encoder can tell.
@@ -824,8 +824,8 @@ class SCVAE:
         adata
             AnnData with the model's genes; ``None``: the training data.
         indices
-            Only these cells (row numbers); each result has cells × genes float32 values,
-            so restrict large data to the cells of interest.
+            Only these cells (row numbers, or a boolean mask); each result has cells × genes
+            float32 values, so restrict large data to the cells of interest.
         give_mean
             Decode the posterior mean of z (as denoised expression does); ``False``: one
             sample of z per cell.

@@ -431,6 +431,10 @@ def test_size_factors_on_another_scale_warn_and_raw_is_named(X, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # library sizes in counts: no warning
         svt.SCVAE(make(X, sf=totals * 1.3), size_factor_key="sf", **MODEL)
+    # far above the totals (e.g. all-gene totals for a gene subset): other advice
+    with pytest.warns(UserWarning, match="Library sizes over other genes") as rec:
+        svt.SCVAE(make(X, sf=totals * 100), size_factor_key="sf", **MODEL)
+    assert "scran" not in str(rec[0].message)
     path = tmp_path / "sf.h5ad"  # and the same for counts read from disk
     make(sp.csr_matrix(X), sf=totals / totals.mean()).write_h5ad(path)
     with pytest.warns(UserWarning, match=r"obs\['sf'\] is on another scale"):

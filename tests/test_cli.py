@@ -258,6 +258,10 @@ def test_save_model_never_deletes_other_files(tmp_path, capsys):
                "--epochs", "1", "--quiet", "--save-model", str(tmp_path / "run")])
     assert rc == 2 and "would also hold" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    rc = main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs", "1",
+               "--quiet", "--save-model", str(tmp_path / "m2"),
+               "--checkpoint-dir", str(tmp_path / "m2" / "ck")])  # the same for checkpoints
+    assert rc == 2 and "would also hold" in capsys.readouterr().err
     for _ in range(2):  # a new folder, then the saved model replaced
         assert main(["fit", str(data / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs",
                      "1", "--quiet", "--save-model", str(tmp_path / "model")]) == 0
