@@ -712,7 +712,7 @@ def _label_text(col: pd.Series, known: list[str] | None = None) -> Callable[[Any
     if values.dtype.kind != "f":
         return str
     if known is not None:
-        plain, integral = (sum(f(v) in known for v in set(values))
+        plain, integral = (sum(f(v) in known for v in values.unique())
                            for f in (str, _integral_text))
         if plain > integral:
             return str
@@ -745,7 +745,9 @@ def _encode(obs: pd.DataFrame, key: str, categories: list[str]) -> np.ndarray:
     col = obs[key]
     _check_no_missing_labels(col, key)
     text = _label_text(col, categories)
-    labels = col.map(text).astype(str) if text is not str else col.astype(str)
+    # a dict over the distinct labels: pandas maps it in C, not one Python call per cell
+    labels = (col.map({v: text(v) for v in col.unique()}).astype(str) if text is not str
+              else col.astype(str))
     codes = pd.Categorical(labels, categories=categories).codes.astype(np.int64)
     if np.any(codes < 0):
         unseen = sorted(set(labels) - set(categories))
