@@ -89,13 +89,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fit(adata, args):
-    from .model import SCVAE, check_key_added, check_save_target
+    from .model import SCVAE, check_key_added
 
     check_key_added(args.key_added)  # before training, not after
-    if getattr(args, "save_model", None):
-        check_save_target(args.save_model, overwrite=True)
-        if getattr(args, "checkpoint_dir", None):  # checkpoints written there: refused later
-            _check_model_folder_apart(args.save_model, args.checkpoint_dir)
     model = SCVAE(adata, layer=args.layer, batch_key=args.batch_key,
                   categorical_covariate_keys=args.categorical_covariate_keys,
                   continuous_covariate_keys=args.continuous_covariate_keys,
@@ -142,16 +138,22 @@ def _read(path: str, backed: bool):
     return ad.read_h5ad(path)
 
 
-def _check_model_folder_apart(save_model: str | None, output: str | Path) -> None:
-    """``--save-model`` must not be (or contain) where results are written: a model folder
-    holds only the model, so saving after the results would be refused, after training."""
+def _check_save_model(save_model: str | None, *written: str | Path | None) -> None:
+    """Before any training: ``--save-model`` can be written (a new or empty folder, or a
+    saved model), and is not (nor contains) a path the command writes: a model folder holds
+    only the model, so saving after those files would be refused, after training."""
     if not save_model:
         return
-    folder, out = Path(save_model).resolve(), Path(output).resolve()
-    if out == folder or folder in out.parents:
-        raise ValueError(f"--save-model {save_model} would also hold {output}; a model folder "
-                         "holds only the model. Save it to a folder of its own, e.g. "
-                         f"{Path(save_model) / 'model'}.")
+    from .model import check_save_target
+
+    check_save_target(save_model, overwrite=True)
+    folder = Path(save_model).resolve()
+    for path in filter(None, written):
+        out = Path(path).resolve()
+        if out == folder or folder in out.parents:
+            raise ValueError(f"--save-model {save_model} would also hold {path}; a model "
+                             "folder holds only the model. Save it to a folder of its own, "
+                             f"e.g. {Path(save_model) / 'model'}.")
 
 
 def _check_output(path: str, input_path: str | None = None) -> None:
@@ -195,7 +197,7 @@ def _summary(model) -> str:
 
 def cmd_fit(args) -> int:
     _check_output(args.output, args.input)
-    _check_model_folder_apart(args.save_model, args.output)
+    _check_save_model(args.save_model, args.output, args.checkpoint_dir)
     adata = _read(args.input, args.backed)
     model = _fit(adata, args)
     if not is_main_process():
@@ -208,7 +210,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from .model import SCVAE, check_key_added, check_save_target
+    from .model import SCVAE, check_key_added
 
     check_key_added(args.key_added)
     if not args.query and (args.epochs is not None or args.seed is not None):
@@ -216,9 +218,7 @@ def cmd_apply(args) -> int:
                          "model is applied as it is. Add --query for cells of new batches, or "
                          "drop those flags.")
     _check_output(args.output, args.input)
-    _check_model_folder_apart(args.save_model, args.output)
-    if args.save_model:
-        check_save_target(args.save_model, overwrite=True)
+    _check_save_model(args.save_model, args.output)
     if args.pad_missing_genes and args.backed:
         raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
                          "--backed, or write a padded file first.")
@@ -251,7 +251,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.output)
     check_save_target(out / "model", overwrite=True)  # before training, not after
-    _check_model_folder_apart(args.save_model, out)
+    _check_save_model(args.save_model, out)
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc68k()
     print(f"pbmc68k (embedded in scanpy): {adata.n_obs} cells × {adata.n_vars} genes")

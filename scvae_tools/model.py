@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec, _integral_text
+from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec, _label_text
 from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
@@ -651,10 +651,9 @@ class SCVAE:
         if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)):
             raise TypeError(f"transform_batch takes one batch, got {transform_batch!r}; call "
                             "once per batch (and average the results for a mean over batches).")
-        # the label as obs holds it: 1.0 for a float column whose categories read "1"
-        name = next((t for t in (str(transform_batch), _integral_text(transform_batch))
-                     if t in cats), None)
-        if name is None:
+        # written as the obs labels are (1.0 is batch "1"; "1.0" for a model saved so)
+        name = _label_text(pd.Series([transform_batch]), cats)(transform_batch)
+        if name not in cats:
             raise KeyError(f"transform_batch={transform_batch!r} is not a known batch; choose from {cats}.")
         return torch.full_like(batch_index, cats.index(name))
 
@@ -1002,8 +1001,9 @@ class SCVAE:
 
         Writes ``obsm[f"X_{key_added}"]`` (latent means), ``layers[f"{key_added}_denoised"]``
         (expression per 1e4 counts), ``layers[f"{key_added}_expected"]`` (expected counts at
-        each cell's library: ℓ·ρ, times 1 − π under ZINB) and ``uns[key_added]`` (settings, version, history). Pass
-        ``layers=False`` to skip the two dense cells × genes layers on large data.
+        each cell's library: ℓ·ρ, times 1 − π under ZINB) and ``uns[key_added]`` (settings,
+        version, history). Pass ``layers=False`` to skip the two dense cells × genes layers
+        on large data.
         The AnnData must have the model's genes (in any order, extra genes are not allowed
         for layers since layers must match ``adata.var``).
 
