@@ -17,6 +17,9 @@ q_g = (x_g − μ_g)/(θ_g + μ_g) and a_g = log θ_g − log(θ_g + μ_g):
     ∂/∂ l_g = d_g − ρ_g Σ_h d_h
     ∂/∂ log θ_g = θ_g (a_g − q_g + ψ(x_g+θ_g) − ψ(θ_g))
 
+a_g is computed as −log1p(μ_g/θ_g): for near-Poisson genes (θ ≫ μ) the difference of the
+two logs would cancel in float32 and leave the dispersion's gradient with no correct digit.
+
 For x = 0 the ``lgamma``/``digamma`` terms cancel exactly, so they are evaluated only at the
 non-zero entries (single-cell data are mostly zeros); on the CPU, with one θ per gene, small
 whole counts read them from per-gene tables (see :func:`_gamma_differences`). The value
@@ -58,10 +61,20 @@ def _direct_differences(
     th_nz: torch.Tensor, xv: torch.Tensor, want_digamma: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lgamma(x+θ) − lgamma(θ) − lgamma(x+1) and ψ(x+θ) − ψ(θ), from ``torch.lgamma`` and
-    ``torch.digamma``."""
+    ``torch.digamma``.
+
+    In float64 (except on MPS, which has none): in float32 the differences of two large
+    values cancel once θ is large (at θ = 1e4, lgamma(θ) ≈ 8e4 keeps ~0.004 of its digits
+    after the point, and θ·(ψ(x+θ) − ψ(θ)) has an error of ~0.01). They are taken at a
+    few entries per cell (on the CPU, only those outside the tables).
+    """
+    dtype = th_nz.dtype
+    if th_nz.device.type != "mps":
+        th_nz, xv = th_nz.double(), xv.double()
     xt = xv + th_nz
-    lg = torch.lgamma(xt).sub_(torch.lgamma(th_nz)).sub_(torch.lgamma(xv + 1.0))
-    return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)) if want_digamma else None)
+    lg = torch.lgamma(xt).sub_(torch.lgamma(th_nz)).sub_(torch.lgamma(xv + 1.0)).to(dtype)
+    return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)).to(dtype) if want_digamma
+                else None)
 
 
 def _with_zero_column(table: torch.Tensor) -> torch.Tensor:
@@ -281,12 +294,15 @@ def _nb_core_torch(
     rho = log_rho.exp()
     lib = log_library.exp()
     theta = log_theta.exp()
-    tm = torch.addcmul(theta, rho, lib)  # θ + μ with μ = ℓ·ρ, in one pass
-    log_tm = torch.log(tm)
-    # b = log(θ+μ) − log θ = −a. Dense part: Σ_g −θ·b + x·(log ρ − log(θ+μ)) + x·log ℓ,
-    # the last being log ℓ · Σ_g x. With one θ per gene, Σ_g θ·b is a mat-vec.
-    b = torch.sub(log_tm, log_theta)
+    mu = torch.mul(rho, lib)
+    tm = torch.add(theta, mu)
+    # b = log(θ+μ) − log θ = −a, as log1p(μ/θ): the difference of the two logs cancels in
+    # float32 once θ ≫ μ (near-Poisson genes), and θ·(b − p) below, the dispersion's
+    # gradient, would be left with nothing. Dense part: Σ_g −θ·b + x·(log ρ − log(θ+μ))
+    # + x·log ℓ, the last being log ℓ · Σ_g x. With one θ per gene, Σ_g θ·b is a mat-vec.
+    b = torch.div(mu, theta).log1p_()
     ll = (b.mv(theta) if per_gene_theta else torch.mul(b, theta).sum(-1)).neg_()
+    log_tm = torch.add(b, log_theta)
     ll += log_tm.neg_().add_(log_rho).mul_(x).sum(-1)  # log_tm is not needed past here
     ll += log_library.reshape(-1) * x.sum(-1)
     # lgamma(x+θ) − lgamma(θ) − lgamma(x+1) vanishes where x = 0: non-zeros only.
@@ -301,7 +317,7 @@ def _nb_core_torch(
     if not want_grads:
         return ll, None, None
     # With q = (x − μ)/(θ+μ):  ∂/∂ log μ = θ·q  and  ∂/∂ log θ = θ·(a − q + ψ(x+θ) − ψ(θ)).
-    p = torch.mul(rho, lib).sub_(x).div_(tm)  # p = −q
+    p = mu.sub_(x).div_(tm)  # p = −q (μ is not needed past here)
     s = p.mv(theta) if per_gene_theta else torch.mul(p, theta).sum(-1)  # −Σ_h θ_h q_h
     g_lt = b.sub_(p)  # −(a − q); b is a fresh contiguous tensor: a view is safe
     g_lt.reshape(-1).scatter_add_(0, nz.flat, dig.neg_())  # flat positions are unique
