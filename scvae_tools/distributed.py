@@ -121,10 +121,18 @@ class DistContext:
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
                    local_rank=local_rank, device=dev, backend=backend, owns_group=owns)
 
-    def close(self) -> None:
-        """Destroy the process group if :meth:`from_env` created it."""
+    def close(self, finished: bool = True) -> None:
+        """Destroy the process group if :meth:`from_env` created it.
+
+        ``finished``: the run ended normally on this rank, so every rank reaches this
+        point and they leave together (a barrier). After an error on this rank the others
+        may be waiting in a collective that this rank will never join: a barrier would
+        hang them all, so the group is torn down at once, and the other ranks' next
+        collective fails (Gloo: connection closed) instead of waiting forever.
+        """
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

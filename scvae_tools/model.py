@@ -358,13 +358,15 @@ class SCVAE:
         module = VAE(self.module_config)
         dist_ctx = _dist_context(strategy, device)
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
+        finished = False
         try:
             history = train_module(module, data, train_idx, val_idx, cfg, device,
                                    progress_bar=progress_bar, checkpoint=checkpoint,
                                    dist=dist_ctx)
+            finished = True
         finally:
             if dist_ctx is not None:
-                dist_ctx.close()
+                dist_ctx.close(finished)
         # Only a run that finished replaces the model: a diverged one raised above.
         self.module, self.device, self.history = module, device, history
         self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx

@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--interrupt-at-epoch", type=int, default=0,
                    help="stop training (as if killed) during this epoch's validation")
+    p.add_argument("--fail-on-rank", type=int, default=None,
+                   help="this rank alone raises an error during the third validation")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -67,6 +69,18 @@ def main() -> None:
             return real_evaluate(*a, **kw)
 
         st.evaluate = interrupted
+    if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
+        import scvae_tools.train as st
+
+        real_evaluate, calls = st.evaluate, []
+
+        def failing(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError(f"injected failure on rank {args.fail_on_rank}")
+            return real_evaluate(*a, **kw)
+
+        st.evaluate = failing
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, seed=0,
                 early_stopping=False, progress_bar=False, device="cpu", strategy="ddp",
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=2, resume=args.resume)

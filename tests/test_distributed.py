@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +67,25 @@ def test_ddp_without_process_group_is_a_clear_error(synthetic, monkeypatch):
         DistContext.from_env("cpu")
 
 
-def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 240, ok: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # In a session of its own, so that a run that hangs is killed with its workers (they
+    # would otherwise outlive the test, blocked in a collective).
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT, start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.communicate()
+            raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -125,6 +138,21 @@ def test_two_gloo_ranks_resume_to_the_uninterrupted_run(synthetic, tmp_path):
     ref, res = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("ref", "res"))
     assert res["validation_elbo"] == ref["validation_elbo"]
     np.testing.assert_array_equal(np.asarray(res["latent"]), np.asarray(ref["latent"]))
+
+
+def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(synthetic, tmp_path):
+    """One rank fails mid-run. It used to wait in a barrier on its way out while the other
+    waited in the next all-reduce: both hung (Gloo's default timeout is 30 minutes). Now
+    the failing rank leaves at once and the other's collective fails."""
+    path = tmp_path / "s.h5ad"
+    synthetic.write_h5ad(path)
+    start = time.perf_counter()
+    proc = _torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(path), str(tmp_path),
+                      "--epochs", "20", "--fail-on-rank", "1"], timeout=180, ok=False)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
+    assert time.perf_counter() - start < 150
+    assert not (tmp_path / "result.json").exists()
 
 
 @pytest.mark.slow
