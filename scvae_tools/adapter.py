@@ -96,11 +96,15 @@ class DataSpec:
     ) -> DataSpec:
         """Learn the spec (gene order, categories) from the AnnData used for training."""
         _check_not_empty(adata)
-        if adata.var_names.has_duplicates:
-            dups = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+        # As text, as a saved model keeps them: 1 and "1" are one name there.
+        names = adata.var_names.astype(str)
+        if names.has_duplicates:
+            dups = names[names.duplicated()].unique()[:5].tolist()
+            as_text = ("" if adata.var_names.equals(names) else
+                       "`adata.var_names = adata.var_names.astype(str)` then ")
             raise ValueError(
-                f"Gene names must be unique; duplicated: {dups}. "
-                "Fix with `adata.var_names_make_unique()`."
+                f"Gene names must be unique (as text); duplicated: {dups}. "
+                f"Fix with {as_text}`adata.var_names_make_unique()`."
             )
         for name, key in [("layer", layer), ("batch_key", batch_key),
                           ("size_factor_key", size_factor_key)]:
@@ -264,7 +268,9 @@ class CellData:
                 t["x_indptr"] = torch.from_numpy(self.X.indptr.astype(np.int64)).to(device)
             elif n * g * 4 <= DENSE_LIMIT_BYTES:
                 dense = self.X.toarray() if sp.issparse(self.X) else np.asarray(self.X)
-                t["x"] = torch.from_numpy(dense).to(device)
+                with warnings.catch_warnings():  # a read-only user array: only read here
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    t["x"] = torch.from_numpy(dense).to(device)
             self._counts_placed = True
         return t
 
@@ -509,6 +515,11 @@ def _check_not_empty(adata) -> None:
             "adata's obs), or copy the raw counts of adata's genes into a layer, "
             "`adata.layers['counts'] = adata.raw[:, adata.var_names].X.copy()`, and pass "
             "layer='counts'.")
+    if not all(hasattr(adata, a) for a in ("n_obs", "obs", "var_names")):
+        raise TypeError(
+            f"Expected an AnnData, got {type(adata).__name__}. Wrap a cells × genes count "
+            "matrix as `anndata.AnnData(X)` (with obs and var for cell and gene names), or "
+            "read a file with `anndata.read_h5ad(path)`.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(
             f"The AnnData is empty ({adata.n_obs} cells × {adata.n_vars} genes); "
@@ -640,7 +651,10 @@ def _get_counts(adata, layer: str | None, trained: bool = False):
                 + fix)
         X = adata.layers[layer]
     if X is None:
-        raise ValueError("adata.X is None; pass layer= naming the layer with counts.")
+        fix = ("The model was trained on adata.X: put the raw counts there, e.g. "
+               "`adata.X = adata.layers['counts']`." if trained else
+               "Pass layer= naming the layer with counts.")
+        raise ValueError(f"adata.X is None. {fix}")
     if hasattr(X, "to_memory"):  # backed sparse dataset
         X = X.to_memory()
     return X
@@ -762,6 +776,12 @@ def _encode(obs: pd.DataFrame, key: str, categories: list[str]) -> np.ndarray:
 def _numeric_obs(obs: pd.DataFrame, key: str) -> np.ndarray:
     if key not in obs.columns:
         raise KeyError(f"{key!r} is not a column of adata.obs (available: {list(obs.columns)}).")
+    if obs[key].dtype.kind in "mM":  # numbers in nanoseconds: ~1e18, and training diverges
+        raise ValueError(
+            f"obs[{key!r}] holds dates or durations (dtype {obs[key].dtype}); a continuous "
+            "covariate must be a number on a scale near 1. Convert it, e.g. to days: "
+            f"`(adata.obs[{key!r}] - adata.obs[{key!r}].min()).dt.days` for dates, "
+            f"`adata.obs[{key!r}].dt.total_seconds() / 86400` for durations.")
     try:
         return obs[key].to_numpy(dtype=np.float64)
     except (TypeError, ValueError) as err:

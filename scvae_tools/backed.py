@@ -190,10 +190,12 @@ class BackedCellData:
         self._pid = -1
         f = self._file()
         if self._key not in f:
-            raise KeyError(
-                f"{self._key!r} not found in {self.path}; the counts must be in X or "
-                f"layers[{spec.layer!r}]. Pass layer= naming the layer with counts."
-            )
+            where = "X" if spec.layer is None else f"layers[{spec.layer!r}]"
+            fix = (f"The model reads its counts from {where}: write the file with the raw "
+                   "counts there." if trained else
+                   "Pass layer= naming the layer with counts." if spec.layer is None else
+                   "Pass layer= naming a layer the file has, or layer=None for X.")
+            raise KeyError(f"{where} not found in {self.path}. {fix}")
         node = f[self._key]
         if isinstance(node, h5py.Group):
             enc = node.attrs.get("encoding-type", "")

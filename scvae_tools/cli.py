@@ -353,6 +353,8 @@ def _flags_for(message: str, command: str) -> list[str]:
     flags = []
     if command in ("fit", "demo"):
         flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
+        if "Pass layer= naming" in message:
+            flags.append("--layer LAYER")
         if "allow_non_integer=True" in message:
             flags.append("--allow-non-integer")
     flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]

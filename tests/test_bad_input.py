@@ -25,7 +25,6 @@ TRAIN = dict(max_epochs=2, batch_size=16, progress_bar=False, seed=0)
 
 
 
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -305,7 +304,7 @@ def test_missing_layer_and_missing_x(X):
         svt.SCVAE(make(X), layer="counts", **MODEL)
     no_x = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]),
                       var=pd.DataFrame(index=[f"g{j}" for j in range(3)]))
-    with pytest.raises(ValueError, match="adata.X is None; pass layer="):
+    with pytest.raises(ValueError, match="adata.X is None. Pass layer="):
         svt.SCVAE(no_x, **MODEL)
 
 
@@ -569,7 +568,7 @@ def test_genes_permuted_extra_missing_at_load(X, baseline, tmp_path):
 def test_duplicate_gene_names(X):
     adata = make(X)
     adata.var_names = ["gene0", "gene0"] + [f"gene{j}" for j in range(2, N_GENES)]
-    with pytest.raises(ValueError, match=r"unique; duplicated: \['gene0'\].*var_names_make_unique"):
+    with pytest.raises(ValueError, match=r"unique \(as text\); duplicated: \['gene0'\]\. Fix with `adata.var_names_make"):
         svt.SCVAE(adata, **MODEL)
 
 
@@ -626,3 +625,56 @@ def test_backed_anndata_is_read_into_memory(X, baseline, tmp_path, fmt):
     np.testing.assert_allclose(fit(backed).get_latent_representation(), z, rtol=1e-5, atol=1e-6)
     backed.file.close()
     assert path.read_bytes() == raw  # the file on disk was only read
+
+
+def test_dates_as_a_continuous_covariate_are_refused_with_a_conversion():
+    """Dates became ~1e18 nanoseconds: training diverged into a garbage model (ELBO −6e6)."""
+    adata = make(_counts())
+    adata.obs["t"] = pd.date_range("2020", periods=N_CELLS)
+    adata.obs["dt"] = pd.to_timedelta(np.arange(N_CELLS), unit="h")
+    for key in ("t", "dt"):
+        with pytest.raises(ValueError, match=rf"obs\['{key}'\] holds dates or durations.*days"):
+            svt.SCVAE(adata, continuous_covariate_keys=key, **MODEL)
+
+
+@pytest.mark.parametrize("thing", [np.ones((5, 3)), sp.csr_matrix(np.ones((5, 3))),
+                                   pd.DataFrame(np.ones((5, 3))), None])
+def test_something_else_than_an_anndata_is_a_type_error_naming_the_fix(thing):
+    with pytest.raises(TypeError, match=r"Expected an AnnData.*anndata.AnnData\(X\)"):
+        svt.SCVAE(thing)
+    if thing is None:  # for the evaluation methods, None means the training data
+        return
+    model = svt.SCVAE(make(_counts()), **MODEL).train(**TRAIN)
+    with pytest.raises(TypeError, match="Expected an AnnData"):
+        model.get_latent_representation(thing)
+
+
+def test_gene_names_equal_as_text_are_refused_before_training(tmp_path):
+    """1 and "1" differ in pandas but not in a saved model: save worked and load refused."""
+    adata = make(_counts())
+    adata.var_names = pd.Index([1, "1"] + [f"g{j}" for j in range(N_GENES - 2)], dtype=object)
+    with pytest.raises(ValueError, match=r"unique \(as text\); duplicated: \['1'\].*astype"):
+        svt.SCVAE(adata, **MODEL)
+
+
+def test_x_none_advice_fits_a_trained_model():
+    X = _counts()
+    model = svt.SCVAE(make(X), **MODEL).train(**TRAIN)
+    query = make(X)
+    query.layers["counts"] = X
+    query.X = None
+    with pytest.raises(ValueError, match=r"trained on adata.X.*adata.X = adata.layers"):
+        model.get_latent_representation(query)
+    with pytest.raises(ValueError, match="Pass layer= naming the layer"):
+        svt.SCVAE(query, **MODEL)
+
+
+def test_a_read_only_dense_matrix_is_read_without_torch_warnings():
+    X = _counts()
+    model = svt.SCVAE(make(X), **MODEL).train(**TRAIN)
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        z = model.get_latent_representation(make(frozen))
+    np.testing.assert_allclose(z, model.get_latent_representation(), rtol=1e-5, atol=1e-6)

@@ -296,3 +296,16 @@ def test_output_problems_are_one_line_errors_before_training(tmp_path, capsys, m
     svt.SCVAE.load(empty, a)
     assert (tmp_path / "o.h5ad").exists()
     assert oct(empty.stat().st_mode & 0o077) != "0o0"  # the umask's bits, not mkdtemp's 0700
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_counts_only_in_a_layer_name_the_flag(tmp_path, capsys, backed):
+    """X is None: the error names --layer (it said `layer=`, a Python argument)."""
+    a = svt.datasets.synthetic_counts(n_cells=40, n_genes=10, seed=0)
+    b = ad.AnnData(obs=a.obs, var=a.var)
+    b.layers["counts"] = a.X.copy()
+    b.write_h5ad(tmp_path / "in.h5ad")
+    rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "out.h5ad"), "--quiet",
+               "--epochs", "1", *(["--backed"] if backed else [])])
+    assert rc == 2
+    assert "(on the command line: --layer LAYER)" in capsys.readouterr().err
