@@ -1,4 +1,9 @@
-"""Scanpy-style plots. Each returns the matplotlib ``Axes`` (or ``Figure``) it drew on."""
+"""Scanpy-style plots of training and diagnostics.
+
+Each returns the matplotlib ``Figure`` it drew on. Each takes ``axes=`` (Axes to draw on,
+one per panel, instead of a new figure), ``save=`` (a file to write the figure to) and
+``show=`` (call ``plt.show()``).
+"""
 
 from __future__ import annotations
 

@@ -7,19 +7,53 @@ import numpy as np
 import pandas as pd
 
 
+def _panels(axes, n: int, figsize: tuple[float, float], ncols: int | None = None):
+    """The figure and the ``n`` axes a plot draws on: the caller's ``axes`` (one Axes or a
+    sequence of ``n``, e.g. part of a larger figure), else those of a new figure, ``ncols``
+    panels per row (default: all in one row)."""
+    if axes is None:
+        ncols = n if ncols is None else ncols
+        nrows = -(-n // ncols)
+        fig, grid = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False,
+                                 constrained_layout=True)
+        flat = list(grid.ravel())
+        for spare in flat[n:]:
+            spare.set_visible(False)
+        return fig, flat[:n]
+    flat = list(np.atleast_1d(np.asarray(axes, dtype=object)).ravel())
+    if len(flat) != n:
+        raise ValueError(f"This plot draws {n} panel(s); pass axes= with {n} matplotlib Axes, "
+                         f"got {len(flat)}.")
+    return flat[0].figure, flat
+
+
+def _finish(fig, show: bool, save):
+    """Save (``save``: a file name, its extension the format) and show; return the figure."""
+    if save is not None:
+        fig.savefig(save, dpi=150, bbox_inches="tight")
+    if show:
+        plt.show()
+    return fig
+
+
 def _history_of(model_or_history) -> pd.DataFrame:
     if isinstance(model_or_history, pd.DataFrame):
         return model_or_history
     return model_or_history.history
 
 
-def training_history(model_or_history, show: bool = False):
+def training_history(model_or_history, axes=None, save=None, show: bool = False):
     """Training curves: ELBO, reconstruction (distortion) and KL (rate) per epoch.
 
     Parameters
     ----------
     model_or_history
         A trained :class:`~scvae_tools.SCVAE` or its ``history`` DataFrame.
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
@@ -30,7 +64,7 @@ def training_history(model_or_history, show: bool = False):
     hist = _history_of(model_or_history)
     if hist.empty:
         raise ValueError("The model has no training history; train it first.")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
+    fig, axes = _panels(axes, 3, (12, 3.4))
     for a, (col, title) in zip(
         axes,
         [("elbo", "ELBO (nats/cell, higher is better)"),
@@ -39,8 +73,12 @@ def training_history(model_or_history, show: bool = False):
         strict=True,
     ):
         a.plot(hist["epoch"], hist[f"train_{col}"], label="train")
-        if hist[f"validation_{col}"].notna().any():
-            a.plot(hist["epoch"], hist[f"validation_{col}"], label="validation")
+        # With validation_every > 1 the column is NaN between checks: plot the checks
+        # (a line through NaN draws nothing), with markers when they are sparse.
+        val = hist[["epoch", f"validation_{col}"]].dropna()
+        if len(val):
+            a.plot(val["epoch"], val[f"validation_{col}"], label="validation",
+                   marker="o" if len(val) < len(hist) else None, ms=3)
         a.set_xlabel("epoch")
         a.set_title(title, fontsize=10)
         a.legend(frameon=False)
@@ -48,12 +86,11 @@ def training_history(model_or_history, show: bool = False):
         b = axes[2].twinx()
         b.plot(hist["epoch"], hist["beta"], color="grey", ls=":", label="β")
         b.set_ylabel("β in force", color="grey")
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
-def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = False):
+def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), axes=None, save=None,
+        show: bool = False):
     """Posterior predictive check: observed (x) vs replicated (y) per-gene statistics.
 
     Parameters
@@ -63,8 +100,13 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         several models (e.g. NB vs Poisson).
     stats
         Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show.
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -84,9 +126,8 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         raise ValueError(f"Unknown statistic(s) {bad}; choose from {STATISTICS}.")
     titles = {"mean": "mean count", "variance": "variance", "zero_fraction": "fraction of zeros",
               "cv": "coefficient of variation"}
-    fig, axes = plt.subplots(1, len(stats), figsize=(3.6 * len(stats), 3.6), constrained_layout=True,
-                             squeeze=False)
-    for a, stat in zip(axes[0], stats, strict=True):
+    fig, axes = _panels(axes, len(stats), (3.6 * len(stats), 3.6))
+    for a, stat in zip(axes, stats, strict=True):
         lo, hi = np.inf, -np.inf
         for label, table in tables.items():
             err = ppc_summary(table)[stat]
@@ -107,16 +148,14 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         a.set_ylabel("replicated (posterior predictive)")
         a.set_title(titles[stat], fontsize=10)
         a.legend(frameon=False, fontsize=8, markerscale=3)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
 # ---------------------------------------------------------------------- VAE diagnostics
 # Figures for scvae_tools.diagnostics (svt.tl.rate_distortion_sweep, …).
 
 
-def rate_distortion(sweep: pd.DataFrame, show: bool = False):
+def rate_distortion(sweep: pd.DataFrame, axes=None, save=None, show: bool = False):
     """The rate–distortion trade-off of a β sweep (:func:`svt.tl.rate_distortion_sweep`).
 
     Left: distortion −E[log p(x|z)] against rate KL(q(z|x) ‖ p(z)), one point per β (lower
@@ -128,8 +167,13 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False):
     ----------
     sweep
         The DataFrame returned by ``svt.tl.rate_distortion_sweep``.
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -141,20 +185,26 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False):
         raise KeyError(f"sweep lacks column(s) {sorted(missing)}; pass the DataFrame from "
                        "svt.tl.rate_distortion_sweep.")
     df = sweep.sort_values("beta")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10.5, 4))
     a.plot(df["rate"], df["distortion"], "-o", color="C0")
     for _, r in df.iterrows():
         a.annotate(f"β={r['beta']:g}", (r["rate"], r["distortion"]), textcoords="offset points",
                    xytext=(5, 5), fontsize=8)
     a.set_xlabel("rate  KL(q(z|x) ‖ p(z))  [nats/cell]")
     a.set_ylabel("distortion  −E[log p(x|z)]  [nats/cell]")
-    a.set_title("Rate–distortion (held-out cells)", fontsize=10)
+    on_train = "evaluated_on" in df and (df["evaluated_on"] == "train").any()  # train_size=1
+    cells = "training" if on_train else "held-out"
+    a.set_title(f"Rate–distortion ({cells} cells)", fontsize=10)
     b.plot(df["beta"], df["elbo"], "-o", label="ELBO")
     b.plot(df["beta"], df["marginal_ll"], "-s", label="log p(x) (IWAE)")
-    b.set_xscale("log", base=2)
+    positive = df["beta"][df["beta"] > 0]
+    if (df["beta"] <= 0).any():  # β = 0 has no place on a log axis: linear up to the next β
+        b.set_xscale("symlog", base=2, linthresh=float(positive.min()) if len(positive) else 1.0)
+    else:
+        b.set_xscale("log", base=2)
     b.set_xlabel("β")
     b.set_ylabel("nats/cell (higher is better)")
-    b.set_title("Held-out fit and active units", fontsize=10)
+    b.set_title(f"{cells.capitalize()} fit and active units", fontsize=10)
     c = b.twinx()
     c.plot(df["beta"], df["active_units"], ":^", color="grey", label="active units")
     c.set_ylabel("active units", color="grey")
@@ -162,13 +212,11 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False):
     h1, l1 = b.get_legend_handles_labels()
     h2, l2 = c.get_legend_handles_labels()
     b.legend(h1 + h2, l1 + l2, frameon=False, fontsize=8, loc="lower left")
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
 def posterior_collapse(model_or_table, adata=None, threshold: float | None = None,
-                       show: bool = False):
+                       axes=None, save=None, show: bool = False):
     """Per-dimension KL and variance of the posterior mean, collapsed axes in grey.
 
     Parameters
@@ -178,8 +226,13 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     adata, threshold
         Passed to ``svt.tl.posterior_collapse`` when a model is given (threshold: default
         0.01, or the one a given table was computed with).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -187,7 +240,10 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     """
     if isinstance(model_or_table, pd.DataFrame):
         table = model_or_table
-        threshold = table.attrs.get("threshold", 0.01) if threshold is None else threshold
+        if threshold is None:
+            threshold = table.attrs.get("threshold", 0.01)
+        else:  # colours and the count follow the threshold drawn, not the table's own
+            table = table.assign(active=table["mean_variance"] > threshold)
     else:
         threshold = 0.01 if threshold is None else threshold
         from .diagnostics import posterior_collapse as _pc
@@ -195,7 +251,7 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
         table = _pc(model_or_table, adata, threshold)
     colors = np.where(table["active"].to_numpy(), "C0", "lightgrey")
     x = np.arange(len(table))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10, 3.4))
     a.bar(x, table["kl"], color=colors)
     a.set_title("KL(q(z_d|x) ‖ p(z_d)) per dimension [nats]", fontsize=10)
     b.bar(x, table["mean_variance"], color=colors)
@@ -206,19 +262,35 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     b.legend(frameon=False, fontsize=8)
     for ax in (a, b):
         ax.set_xticks(x, table.index, fontsize=8)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
 def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
-                    layer: str | None = None, show: bool = False):
+                    layer: str | None = None, axes=None, save=None, show: bool = False):
     """Per-cell variational gap log p̂(x) − ELBO (from ``svt.tl.variational_gap``).
 
     Left: its distribution (or one box per group of ``obs[groupby]``); right: against the
     cell's total counts, since deeper cells carry more evidence and usually have larger gaps.
     The counts are ``adata.X``'s, or ``adata.layers[layer]``'s (pass the model's layer when
     X holds normalised values).
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``svt.tl.variational_gap`` wrote ``obs[f"{key}_variational_gap"]`` to.
+    key
+        The ``key_added`` it was given.
+    groupby
+        An ``obs`` column: one box per group instead of the histogram.
+    layer
+        Where the counts for the depth axis are (default ``adata.X``).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
+    show
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -229,7 +301,7 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         raise KeyError(f"obs[{col!r}] not found; run svt.tl.variational_gap(model, adata, "
                        f"key_added={key!r}) first.")
     gap = adata.obs[col].to_numpy()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10, 3.6))
     if groupby is None:
         a.hist(gap, bins=40, color="C0")
         a.axvline(np.median(gap), color="k", ls="--", lw=0.8, label=f"median {np.median(gap):.2f}")
@@ -251,16 +323,29 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         b.set_xlabel(f"total counts ({'adata.X' if layer is None else f'layers[{layer!r}]'})")
         b.set_ylabel("variational gap [nats]")
         b.set_title("Gap vs sequencing depth", fontsize=10)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
-def amortization_gap(adata, key: str = "scvae", show: bool = False):
+def amortization_gap(adata, key: str = "scvae", axes=None, save=None, show: bool = False):
     """Amortized vs refined per-cell ELBO (from ``svt.tl.amortization_gap``).
 
     Left: the distribution of the gap; right: the gap against the amortized ELBO (a cell at
     0 is one for which the encoder is already as good as per-cell optimisation).
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``svt.tl.amortization_gap`` wrote ``obs[f"{key}_amortized_elbo"]``,
+        ``…_refined_elbo`` and ``…_amortization_gap`` to.
+    key
+        The ``key_added`` it was given.
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
+    show
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -272,7 +357,7 @@ def amortization_gap(adata, key: str = "scvae", show: bool = False):
         raise KeyError(f"obs lacks {missing}; run svt.tl.amortization_gap(model, adata, "
                        f"key_added={key!r}) first.")
     amort, refined, gap = (adata.obs[c].to_numpy() for c in cols)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10, 3.8))
     a.hist(gap, bins=40, color="C1")
     a.axvline(gap.mean(), color="k", ls="--", lw=0.8, label=f"mean {gap.mean():.2f} nats")
     a.set_xlabel("amortization gap [nats]")
@@ -284,12 +369,11 @@ def amortization_gap(adata, key: str = "scvae", show: bool = False):
     b.set_xlabel("amortized ELBO (encoder) [nats]")
     b.set_ylabel("amortization gap [nats]")
     b.set_title(f"Gap per cell (refined ELBO mean {refined.mean():.1f} nats)", fontsize=10)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
-def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show: bool = False):
+def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, axes=None,
+                         save=None, show: bool = False):
     """Prior draws over the aggregated posterior q(z), holes highlighted.
 
     Grey: draws from q(z) (where the decoder was trained); coloured: draws from the prior
@@ -302,8 +386,13 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     dims
         The two latent axes to show (default: the two with the largest spread of cells'
         posterior means).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -319,7 +408,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
         dims = tuple(np.argsort(-result["posterior_means"].var(0))[:2])
     i, j = dims
     holes = lq < result["hole_threshold"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 4.2), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10.5, 4.2))
     a.scatter(zq[:, i], zq[:, j], s=3, c="lightgrey", label="q(z) draws", rasterized=True)
     sc_ = a.scatter(zp[~holes, i], zp[~holes, j], s=5, c=lq[~holes], cmap="viridis",
                     label="prior draws", rasterized=True)
@@ -341,12 +430,11 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     b.set_ylabel("draws")
     b.legend(frameon=False, fontsize=8)
     b.set_title("Hole score of prior draws", fontsize=10)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
-def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False):
+def latent_traversal(traversal, n_genes: int = 5, dims=None, axes=None, save=None,
+                     show: bool = False):
     """Expression of the genes that move most along each traversed axis.
 
     One panel per axis: log2(1 + expression per library size) of its top ``n_genes`` genes against
@@ -360,8 +448,13 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False)
         Genes per panel.
     dims
         Subset of the traversed axes to draw (default: all).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -376,11 +469,8 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False)
     genes = list(traversal.var_names)
     ncol = min(len(dims), 4)
     nrow = int(np.ceil(len(dims) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False,
-                             constrained_layout=True)
-    for ax in axes.ravel()[len(dims):]:
-        ax.set_visible(False)
-    for ax, d in zip(axes.ravel(), dims, strict=False):
+    fig, axes = _panels(axes, len(dims), (3.6 * ncol, 3.0 * nrow), ncols=ncol)
+    for ax, d in zip(axes, dims, strict=True):
         i = all_dims.index(d)
         for g in top.loc[top["dim"] == d, "gene"]:
             ax.plot(traversal.values[i], traversal.log2()[i, :, genes.index(g)],
@@ -389,20 +479,23 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False)
         ax.set_ylabel(f"log2(1 + expression per {traversal.library_size:g})")
         ax.set_title(f"Traversal of z{d}", fontsize=10)
         ax.legend(frameon=False, fontsize=7)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)
 
 
-def disentanglement(result: dict, show: bool = False):
+def disentanglement(result: dict, axes=None, save=None, show: bool = False):
     """Mutual information between latent axes and known factors, and Jacobian coupling.
 
     Parameters
     ----------
     result
         The dict from ``svt.tl.disentanglement``.
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure.
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
-        Call ``plt.show()``.
+        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
 
     Returns
     -------
@@ -411,7 +504,7 @@ def disentanglement(result: dict, show: bool = False):
     if "mutual_information" not in result or "coupling_matrix" not in result:
         raise KeyError("Pass the dict returned by svt.tl.disentanglement.")
     mi, cm = result["mutual_information"], result["coupling_matrix"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, (a, b) = _panels(axes, 2, (10, 4))
     im = a.imshow(mi.to_numpy(), cmap="Blues", aspect="auto", vmin=0)
     a.set_xticks(range(mi.shape[1]), mi.columns, rotation=30, ha="right", fontsize=8)
     a.set_yticks(range(mi.shape[0]), mi.index, fontsize=8)
@@ -430,6 +523,4 @@ def disentanglement(result: dict, show: bool = False):
     b.set_yticks(range(cm.shape[0]), cm.index, fontsize=8)
     fig.colorbar(im2, ax=b, label="mean |cos| of decoder-Jacobian columns")
     b.set_title(f"Decoder coupling of latent axes: {result['coupling']:.3f}", fontsize=10)
-    if show:
-        plt.show()
-    return fig
+    return _finish(fig, show, save)

@@ -10,11 +10,11 @@ for example, cannot produce the over-dispersion and excess zeros of real UMI cou
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 
 from .devices import seeded
@@ -28,7 +28,8 @@ STATISTICS = ("mean", "variance", "zero_fraction", "cv")
 
 @torch.inference_mode()
 def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int | None):
-    """Yield (row indices, counts of shape (n_samples, cells in batch, genes)) per minibatch."""
+    """Yield (row indices, counts of shape (n_samples, cells in batch, genes), the observed
+    counts of the batch (dense or sparse CSR)) per minibatch."""
     module = model.module
     with seeded(seed, model.device):  # the count samplers draw from the global generators
         for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
@@ -36,7 +37,7 @@ def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int |
             m, v = module.encode(b.x, cov)
             z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
             params = module.decode(z, b.library, cov, b.batch_index)
-            yield b.index.cpu().numpy(), module.sample_counts(params)
+            yield b.index.cpu().numpy(), module.sample_counts(params), b.x
 
 
 def posterior_predictive_sample(
@@ -50,7 +51,7 @@ def posterior_predictive_sample(
     genes = model._gene_indices(gene_list)  # None: all, without an indexing copy
     n_out = model.spec.n_genes if genes is None else len(genes)
     out = np.empty((data.n_obs, n_out, n_samples), dtype=np.float32)
-    for rows, counts in _replicates(model, data, n_samples, batch_size, seed):
+    for rows, counts, _ in _replicates(model, data, n_samples, batch_size, seed):
         out[rows] = (counts if genes is None else counts[:, :, genes]).permute(1, 2, 0).cpu().numpy()
     return out
 
@@ -71,31 +72,28 @@ def ppc(
     model._check_trained()
     n_samples = check_positive_int(n_samples, "n_samples")
     data = model._data_for(adata)
-    X = data.X
-    n, g = X.shape
-    # Observed moments (float64: sums of squares of large counts lose precision in float32).
-    if sp.issparse(X):
-        s = np.asarray(X.sum(0), dtype=np.float64).ravel()
-        ss = np.asarray(X.multiply(X).sum(0), dtype=np.float64).ravel()
-        nz = np.asarray((X > 0).sum(0), dtype=np.float64).ravel()
-    else:
-        Xd = np.asarray(X, dtype=np.float64)
-        s, ss, nz = Xd.sum(0), (Xd**2).sum(0), (Xd > 0).sum(0).astype(np.float64)
-    observed = _stats_from_moments(n, s, ss, nz)
-    rs = torch.zeros(n_samples, g, dtype=torch.float64)
-    rss = torch.zeros(n_samples, g, dtype=torch.float64)
-    rnz = torch.zeros(n_samples, g, dtype=torch.float64)
-    for _, counts in _replicates(model, data, n_samples, batch_size, seed):
-        c = counts.cpu().double()  # float64 after the move: MPS has none
-        rs += c.sum(1)
-        rss += (c * c).sum(1)
-        rnz += (c > 0).sum(1)
-    rep = _stats_from_moments(n, rs.numpy(), rss.numpy(), rnz.numpy())  # (n_samples, genes) each
+    n, g = data.n_obs, model.spec.n_genes
+    # Sums over cells for the observed (first row) and each replicated data set, batch by
+    # batch: backed data are read in chunks like any evaluation. float64: sums of squares
+    # of large counts lose precision in float32 (and after the move, as MPS has none).
+    with torch.inference_mode():  # the batches' tensors are inference tensors
+        sums = torch.zeros(3, 1 + n_samples, g, dtype=torch.float64)
+        for _, counts, x in _replicates(model, data, n_samples, batch_size, seed):
+            x = (x.to_dense() if x.layout == torch.sparse_csr else x).cpu().double()
+            c = torch.cat([x.unsqueeze(0), counts.cpu().double()])
+            sums[0] += c.sum(1)
+            sums[1] += (c * c).sum(1)
+            sums[2] += (c > 0).sum(1)
+    s, ss, nz = sums.numpy()
+    observed = _stats_from_moments(n, s[0], ss[0], nz[0])
+    rep = _stats_from_moments(n, s[1:], ss[1:], nz[1:])  # (n_samples, genes) each
     cols: dict[str, np.ndarray] = {}
     for stat in STATISTICS:
         cols[f"{stat}_obs"] = observed[stat]
-        cols[f"{stat}_rep"] = np.nanmean(rep[stat], 0) if n_samples > 1 else rep[stat][0]
-        cols[f"{stat}_rep_sd"] = np.nanstd(rep[stat], 0) if n_samples > 1 else np.zeros(g)
+        with warnings.catch_warnings():  # genes with no count in any replicate: NaN CV
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cols[f"{stat}_rep"] = np.nanmean(rep[stat], 0) if n_samples > 1 else rep[stat][0]
+            cols[f"{stat}_rep_sd"] = np.nanstd(rep[stat], 0) if n_samples > 1 else np.zeros(g)
     table = pd.DataFrame(cols, index=pd.Index(model.spec.var_names))
     table.attrs["likelihood"] = model.module_config.likelihood
     table.attrs["n_samples"] = n_samples
