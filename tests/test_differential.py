@@ -185,6 +185,50 @@ def test_groups_as_scanpy_and_scvi_tools_name_them(fitted):
     assert sorted(set(each["comparison"])) == ["type0 vs type2", "type1 vs type2"]
 
 
+def test_float_labels_numpy_delta_and_a_path(fitted, tmp_path):
+    """Labels stored as floats (0.0) are named as integers, a NumPy delta is a number, and a
+    path is read backed (all three were refused)."""
+    model, adata = fitted
+    a = adata.copy()
+    a.obs["type_id"] = a.obs["cell_type"].cat.codes.astype(float)  # 0.0, 1.0, 2.0
+    by_float = model.differential_expression(a, "type_id", 0, 2, n_samples=50, seed=3,
+                                             delta=np.float32(0.25))
+    by_name = model.differential_expression(a, "cell_type", "type0", "type2", n_samples=50,
+                                            seed=3)
+    pd.testing.assert_series_equal(by_float["lfc_mean"], by_name["lfc_mean"])
+    assert set(by_float["group1"]) == {"0"}
+    a.write_h5ad(tmp_path / "a.h5ad")
+    by_path = model.differential_expression(str(tmp_path / "a.h5ad"), "cell_type", "type0",
+                                            "type2", n_samples=50, seed=3)
+    pd.testing.assert_series_equal(by_path["lfc_mean"], by_name["lfc_mean"])
+
+
+def test_group_means_stay_positive_for_a_marker_of_a_small_group(monkeypatch):
+    """A marker of a few cells, absent elsewhere: the model's θ for the gene is fitted over
+    all cells and predicts count noise far wider than within the group. A Normal clipped at
+    0 then made the group's mean exactly 0 in many replicates; the Gamma, capped at the
+    group's own variance, keeps every replicate positive."""
+    from scvae_tools import differential
+
+    rng = np.random.default_rng(0)
+    n, g = 400, 30
+    X = rng.poisson(5.0, size=(n, g)).astype(np.float32)
+    X[:, 0] = 0
+    X[:8, 0] = rng.integers(20, 60, size=8)  # 8 cells carry the marker, every one of them
+    adata = svt.datasets.synthetic_counts(n_cells=n, n_genes=g, seed=0)
+    adata.X = X
+    adata.obs["group"] = pd.Categorical(np.where(np.arange(n) < 8, "small", "rest"))
+    model = svt.SCVAE(adata, n_latent=3)
+    model.train(max_epochs=15, batch_size=64, progress_bar=False, seed=0)
+    seen = []
+    real = differential._bootstrap_means
+    monkeypatch.setattr(differential, "_bootstrap_means",
+                        lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    de = model.differential_expression(adata, "group", "small", "rest", n_samples=400)
+    assert (seen[0] > 0).all()  # no replicate of the small group's mean is 0
+    assert np.isfinite(de["lfc_mean"]).all()
+
+
 def test_bad_input_is_explained(fitted):
     model, adata = fitted
     with pytest.raises(KeyError, match="not a column"):
