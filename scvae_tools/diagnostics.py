@@ -237,6 +237,8 @@ def variational_gap(
         K, importance samples per cell.
     key_added
         Prefix of the ``obs`` columns.
+    batch_size
+        Cells per minibatch (each holds n_samples × cells × genes values).
     seed
         Seeds the samples (the global torch RNG is left as it was).
 
@@ -309,6 +311,10 @@ def amortization_gap(
         both ELBOs are reported.
     eval_every
         Steps between evaluations of the refined ELBO (the best one is kept).
+    batch_size
+        Cells refined together.
+    key_added
+        Prefix of the ``obs`` columns.
     return_latents
         Also return the refined posterior means, cells × n_latent.
     seed
@@ -566,8 +572,20 @@ def decoder_jacobian(
     """∂ log μ_x / ∂z at cells' posterior means: (cells, genes, n_latent).
 
     μ_x = ℓ·ρ(z), so this is ∂ log ρ / ∂z (the library does not depend on z); computed by
-    forward-mode differentiation, one pass per latent dimension. ``n_cells`` randomly chosen
-    cells are used (all with ``None``).
+    forward-mode differentiation, one pass per latent dimension.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scvae_tools.SCVAE`.
+    adata
+        Cells with the model's genes (default: the training data).
+    n_cells
+        How many cells, chosen at random (``None``: all of them, in order).
+    seed
+        Seeds the choice of cells.
+    batch_size
+        Cells per minibatch.
     """
     data = _data(model, adata)
     rows = _subset(data.n_obs, n_cells, seed)
@@ -609,6 +627,15 @@ def jacobian_coupling(
     disjoint or orthogonal gene programs and 1 when they move the same one. Each column is
     first centred over genes: the softmax normalisation shifts every gene's log-proportion by
     the same amount whatever the axis, a shared component that says nothing about coupling.
+
+    Parameters
+    ----------
+    model, adata, n_cells, seed
+        As in :func:`decoder_jacobian`.
+    active_only
+        Average the coupling over active axes only (:func:`posterior_collapse`).
+    threshold
+        The activity threshold (variance over cells of the posterior mean).
 
     Returns
     -------
@@ -750,6 +777,8 @@ def disentanglement(
     key_added
         ``adata.uns`` key for the summary (``mig``, ``per_factor``, ``coupling``); ``None``
         skips writing.
+    seed
+        Seeds the choice of cells for the Jacobian.
 
     Returns
     -------

@@ -900,6 +900,8 @@ class SCVAE:
             Replicates per cell.
         gene_list
             Only these genes (in this order); ``None``: all of the model's genes.
+        batch_size
+            Cells per minibatch.
         seed
             Seeds the draws (``None``: torch's global random state).
 

@@ -33,6 +33,18 @@ def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCV
     ``layers=False``) and ``uns[key_added]``; then
     ``sc.pp.neighbors(adata, use_rep="X_scvae")`` works as with PCA.
 
+    Parameters
+    ----------
+    adata
+        Counts in ``X`` or in the ``layer=`` given (see :class:`~scvae_tools.SCVAE`).
+    key_added
+        Names of the results: ``obsm[f"X_{key_added}"]``, ``layers[f"{key_added}_denoised"]``
+        and ``…_expected``, ``uns[key_added]``.
+    layers
+        Write the two cells × genes layers (``False`` for large data: the latent only).
+    **kwargs
+        Options of :class:`~scvae_tools.SCVAE` and :meth:`~scvae_tools.SCVAE.train`.
+
     Returns
     -------
     The trained model.
@@ -66,6 +78,8 @@ def ppc(model: SCVAE, adata=None, n_samples: int = 10, batch_size: int = 256, se
         AnnData with the model's genes; ``None``: the training data.
     n_samples
         Simulated datasets; the replicated statistics are averaged over them.
+    batch_size
+        Cells per minibatch (each holds n_samples × cells × genes values).
     seed
         Seeds the simulation.
 
