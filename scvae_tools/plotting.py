@@ -42,20 +42,21 @@ def _history_of(model_or_history) -> pd.DataFrame:
     return model_or_history.history
 
 
-def training_history(model_or_history, axes=None, save=None, show: bool = False):
+def training_history(model_or_history, show: bool = False, *, axes=None, save=None):
     """Training curves: ELBO, reconstruction (distortion) and KL (rate) per epoch.
 
     Parameters
     ----------
     model_or_history
         A trained :class:`~scvae_tools.SCVAE` or its ``history`` DataFrame.
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -89,8 +90,8 @@ def training_history(model_or_history, axes=None, save=None, show: bool = False)
     return _finish(fig, show, save)
 
 
-def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), axes=None, save=None,
-        show: bool = False):
+def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = False, *,
+        axes=None, save=None):
     """Posterior predictive check: observed (x) vs replicated (y) per-gene statistics.
 
     Parameters
@@ -100,13 +101,14 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), axes=None, sa
         several models (e.g. NB vs Poisson).
     stats
         Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show.
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -155,7 +157,7 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), axes=None, sa
 # Figures for scvae_tools.diagnostics (svt.tl.rate_distortion_sweep, …).
 
 
-def rate_distortion(sweep: pd.DataFrame, axes=None, save=None, show: bool = False):
+def rate_distortion(sweep: pd.DataFrame, show: bool = False, *, axes=None, save=None):
     """The rate–distortion trade-off of a β sweep (:func:`svt.tl.rate_distortion_sweep`).
 
     Left: distortion −E[log p(x|z)] against rate KL(q(z|x) ‖ p(z)), one point per β (lower
@@ -167,13 +169,14 @@ def rate_distortion(sweep: pd.DataFrame, axes=None, save=None, show: bool = Fals
     ----------
     sweep
         The DataFrame returned by ``svt.tl.rate_distortion_sweep``.
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -216,7 +219,7 @@ def rate_distortion(sweep: pd.DataFrame, axes=None, save=None, show: bool = Fals
 
 
 def posterior_collapse(model_or_table, adata=None, threshold: float | None = None,
-                       axes=None, save=None, show: bool = False):
+                       show: bool = False, *, axes=None, save=None):
     """Per-dimension KL and variance of the posterior mean, collapsed axes in grey.
 
     Parameters
@@ -226,13 +229,14 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     adata, threshold
         Passed to ``svt.tl.posterior_collapse`` when a model is given (threshold: default
         0.01, or the one a given table was computed with).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -266,7 +270,7 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
 
 
 def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
-                    layer: str | None = None, axes=None, save=None, show: bool = False):
+                    layer: str | None = None, show: bool = False, *, axes=None, save=None):
     """Per-cell variational gap log p̂(x) − ELBO (from ``svt.tl.variational_gap``).
 
     Left: its distribution (or one box per group of ``obs[groupby]``); right: against the
@@ -284,13 +288,14 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         An ``obs`` column: one box per group instead of the histogram.
     layer
         Where the counts for the depth axis are (default ``adata.X``).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -326,7 +331,7 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
     return _finish(fig, show, save)
 
 
-def amortization_gap(adata, key: str = "scvae", axes=None, save=None, show: bool = False):
+def amortization_gap(adata, key: str = "scvae", show: bool = False, *, axes=None, save=None):
     """Amortized vs refined per-cell ELBO (from ``svt.tl.amortization_gap``).
 
     Left: the distribution of the gap; right: the gap against the amortized ELBO (a cell at
@@ -339,13 +344,14 @@ def amortization_gap(adata, key: str = "scvae", axes=None, save=None, show: bool
         ``…_refined_elbo`` and ``…_amortization_gap`` to.
     key
         The ``key_added`` it was given.
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -372,8 +378,8 @@ def amortization_gap(adata, key: str = "scvae", axes=None, save=None, show: bool
     return _finish(fig, show, save)
 
 
-def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, axes=None,
-                         save=None, show: bool = False):
+def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show: bool = False,
+                         *, axes=None, save=None):
     """Prior draws over the aggregated posterior q(z), holes highlighted.
 
     Grey: draws from q(z) (where the decoder was trained); coloured: draws from the prior
@@ -386,13 +392,14 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, axes
     dims
         The two latent axes to show (default: the two with the largest spread of cells'
         posterior means).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -433,8 +440,8 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, axes
     return _finish(fig, show, save)
 
 
-def latent_traversal(traversal, n_genes: int = 5, dims=None, axes=None, save=None,
-                     show: bool = False):
+def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False, *,
+                     axes=None, save=None):
     """Expression of the genes that move most along each traversed axis.
 
     One panel per axis: log2(1 + expression per library size) of its top ``n_genes`` genes against
@@ -448,13 +455,14 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, axes=None, save=Non
         Genes per panel.
     dims
         Subset of the traversed axes to draw (default: all).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
@@ -482,20 +490,21 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, axes=None, save=Non
     return _finish(fig, show, save)
 
 
-def disentanglement(result: dict, axes=None, save=None, show: bool = False):
+def disentanglement(result: dict, show: bool = False, *, axes=None, save=None):
     """Mutual information between latent axes and known factors, and Jacobian coupling.
 
     Parameters
     ----------
     result
         The dict from ``svt.tl.disentanglement``.
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure.
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…).
     show
         Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    axes
+        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
+        a new figure (keyword only).
+    save
+        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+        keyword only).
 
     Returns
     -------
