@@ -24,6 +24,7 @@ are done in one streaming pass over the file when the object is created.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from .adapter import (
     size_factors,
     validate_values,
 )
+from .checkpoint import atomic_write
 
 # Rows further apart than this are read with separate HDF5 reads; closer ones are read
 # as one span (an HDF5 read call costs about as much as reading ~100 extra rows).
@@ -97,18 +99,21 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
     src, dst = Path(adata.filename), Path(path)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst} is the backing file itself; choose a new output path.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
     parts = {"obs": adata.obs, "var": adata.var, "obsm": dict(adata.obsm),
              "varm": dict(adata.varm), "obsp": dict(adata.obsp), "varp": dict(adata.varp),
              "layers": dict(adata.layers), "uns": dict(adata.uns)}
-    with h5py.File(tmp, "r+") as f:
-        for key, value in parts.items():
-            if key in f:
-                del f[key]
-            ad.io.write_elem(f, key, value)
-    os.replace(tmp, dst)
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for key, value in parts.items():
+                if key in f:
+                    del f[key]
+                ad.io.write_elem(f, key, value)
+
+    # A unique temporary name, removed if anything fails (a full copy of an atlas must not
+    # be left behind), flushed to disk before the rename.
+    atomic_write(dst, write)
 
 
 def make_cell_data(adata, spec: DataSpec, validate: bool = True, copy: bool = True,
@@ -264,6 +269,19 @@ class BackedCellData:
     def release_device(self) -> None:
         """Nothing to drop: streamed counts are moved to the device batch by batch."""
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """Hold the file open while reading (nested uses share it), and close it after the
+        outermost: between calls nothing holds the .h5ad, so it can be rewritten or
+        opened for writing by another process."""
+        self._readers = getattr(self, "_readers", 0) + 1
+        try:
+            yield
+        finally:
+            self._readers -= 1
+            if self._readers == 0:
+                self.close()
+
     def close(self) -> None:
         """Close the HDF5 file (it is reopened on the next read)."""
         if self._h5 is not None and self._pid == os.getpid():
@@ -304,10 +322,11 @@ class BackedCellData:
         uniq, inverse = np.unique(rows, return_inverse=True)
         breaks = np.flatnonzero(np.diff(uniq) > _GAP_ROWS) + 1
         parts = []
-        for run in np.split(uniq, breaks):
-            r0, r1 = int(run[0]), int(run[-1]) + 1
-            span = self._read_span(r0, r1)
-            parts.append(span if len(run) == r1 - r0 else span[run - r0])
+        with self._reading():
+            for piece in (p for run in np.split(uniq, breaks) for p in _dense_pieces(run)):
+                r0, r1 = int(piece[0]), int(piece[-1]) + 1
+                span = self._read_span(r0, r1)
+                parts.append(span if len(piece) == r1 - r0 else span[piece - r0])
         X = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
         X = X[inverse]
         if self._col_map is not None:
@@ -317,6 +336,10 @@ class BackedCellData:
 
     def _scan(self, validate: bool) -> np.ndarray:
         """One pass over the file: per-cell totals (model genes) and chunk-wise validation."""
+        with self._reading():
+            return self._scan_rows(validate)
+
+    def _scan_rows(self, validate: bool) -> np.ndarray:
         totals = np.empty(self.n_obs, dtype=np.float64)
         for r0 in range(0, self.n_obs, _SCAN_ROWS):
             r1 = min(r0 + _SCAN_ROWS, self.n_obs)
@@ -371,6 +394,12 @@ class BackedCellData:
         carries its non-zeros (``Batch.nonzero``), read off the CSR rows it was built from.
         At most about ``chunk_size · buffer_chunks`` cells are held in memory at a time.
         """
+        with self._reading():
+            yield from self._batches(indices, batch_size, shuffle, generator, device,
+                                     drop_singleton, nonzero)
+
+    def _batches(self, indices, batch_size, shuffle, generator, device, drop_singleton,
+                 nonzero) -> Iterator[Batch]:
         device = torch.device(device)
         idx = np.arange(self.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         if shuffle:
@@ -402,6 +431,21 @@ class BackedCellData:
 
 
 # ---------------------------------------------------------------------- helpers
+def _dense_pieces(run: np.ndarray, waste: int = 4) -> list[np.ndarray]:
+    """``run`` (sorted rows, gaps ≤ _GAP_ROWS) cut into pieces each read in one span of at
+    most ``waste`` × its rows (+ _GAP_ROWS): a spread-out subset, such as every 50th cell
+    or the validation tenth, is not read as the whole range it spans."""
+    if run[-1] - run[0] + 1 <= waste * len(run) + _GAP_ROWS:
+        return [run]  # the usual case: a dense run (chunk-local training order)
+    pieces, start = [], 0
+    for i in range(1, len(run)):
+        if run[i] - run[start] + 1 > waste * (i - start + 1) + _GAP_ROWS:
+            pieces.append(run[start:i])
+            start = i
+    pieces.append(run[start:])
+    return pieces
+
+
 def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:
     """``obs`` and ``var_names`` of an .h5ad without touching the matrices."""
     import anndata as ad

@@ -349,9 +349,21 @@ class CheckpointConfig:
     cells: str = ""
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory)
+        self.directory = Path(self.directory).expanduser()
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"checkpoint_every must be a positive integer, got {self.every!r}.")
+        # Checked now, not at the first write `every` epochs into training.
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir {str(self.directory)!r} is a file; pass a folder "
+                             "(it is created if needed).")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"checkpoint_dir {str(self.directory)!r} cannot be created "
+                             f"({err.strerror or err}); pass a folder you can write to.") from err
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise ValueError(f"checkpoint_dir {str(self.directory)!r} is not writable; pass a "
+                             "folder you can write to.")
 
     @property
     def path(self) -> Path:

@@ -218,3 +218,44 @@ def test_scvae_accepts_path_and_make_cell_data(synthetic, h5ad_path):
     model.train(max_epochs=2, batch_size=128, progress_bar=False, device="cpu")
     assert model.get_latent_representation(h5ad_path).shape == (synthetic.n_obs, 3)
     assert np.isfinite(model.get_elbo(h5ad_path))
+
+
+def test_nothing_holds_the_file_between_calls(synthetic, h5ad_path):
+    """The model kept the .h5ad open for its whole life: writing results back to the file
+    it was trained from failed ("unable to truncate a file which is already open")."""
+    model = svt.SCVAE(str(h5ad_path), n_latent=3)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False, seed=0)
+    z = model.get_latent_representation()
+    adata = ad.read_h5ad(h5ad_path)
+    model.write_to_adata(adata, layers=False)
+    adata.write_h5ad(h5ad_path)  # the same file, rewritten
+    np.testing.assert_allclose(ad.read_h5ad(h5ad_path).obsm["X_scvae"], z, rtol=1e-5, atol=1e-6)
+    # ... and reading goes on afterwards: the file is reopened when needed.
+    np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-5, atol=1e-6)
+
+
+def test_spread_out_rows_are_not_read_as_their_whole_range(synthetic, h5ad_path, monkeypatch):
+    """Every 50th cell, or a validation tenth, used to be read in one span of the whole
+    range between them (up to 64× the rows wanted)."""
+    bk = BackedCellData(h5ad_path, _spec(synthetic))
+    spans = []
+    real = bk._read_span
+    monkeypatch.setattr(bk, "_read_span", lambda r0, r1: spans.append(r1 - r0) or real(r0, r1))
+    rows = np.arange(0, bk.n_obs, 50)
+    X = bk.read_rows(rows)
+    mem = CellData(synthetic, _spec(synthetic))
+    np.testing.assert_array_equal(X.toarray(), mem.X[rows].toarray())
+    assert sum(spans) <= 4 * len(rows) + 64 * len(spans), (sum(spans), len(rows))
+    spans.clear()
+    bk.read_rows(np.arange(100, 300))  # a dense run is still one read
+    assert spans == [200]
+
+
+def test_write_h5ad_backed_leaves_nothing_behind_when_it_fails(h5ad_path, tmp_path):
+    bk = read_backed(h5ad_path)
+    bk.uns["bad"] = object()  # anndata cannot write it
+    out = tmp_path / "out" / "copy.h5ad"
+    with pytest.raises(Exception):  # noqa: B017  (anndata's own error type)
+        write_h5ad_backed(bk, out)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir()] if out.parent.exists() else True

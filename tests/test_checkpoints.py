@@ -458,3 +458,15 @@ def test_deferred_guard_flags_the_first_bad_step(monkeypatch, multi_tensor):
     params[1].grad = torch.ones(2, 2)
     guard.bad_step(0, torch.tensor(float("nan")))
     assert guard.first_bad_step() == 0
+
+
+def test_a_bad_checkpoint_dir_is_refused_before_training(small, tmp_path):
+    """A file as checkpoint_dir failed only at the first write, `checkpoint_every` epochs in."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    model = svt.SCVAE(small, n_latent=2)
+    for bad in (afile, afile / "sub"):
+        with pytest.raises(ValueError, match="checkpoint_dir"):
+            model.train(max_epochs=3, checkpoint_dir=bad, checkpoint_every=3, progress_bar=False)
+    assert not model.is_trained
+    assert afile.read_text() == "not a folder"
