@@ -22,6 +22,7 @@ from .checkpoint import (
     CheckpointConfig,
     cells_digest,
     check_state_dict,
+    counts_digest,
     load_checkpoint,
     package_versions,
     replace_dir,
@@ -384,9 +385,10 @@ class SCVAE:
             return None
         # A checkpoint is only resumed into the same architecture, genes and covariates.
         identity = {"module": self.module_config.to_dict(), "data": self.spec.to_dict()}
+        data = self._require_data()
         return CheckpointConfig(Path(checkpoint_dir), every=every, resume=resume,
-                                identity=identity,
-                                cells=cells_digest(self._require_data().obs_names))
+                                identity=identity, cells=cells_digest(data.obs_names),
+                                counts=counts_digest(data.library))
 
     def _warn_if_collapsed(self) -> None:
         if self.history.empty or self.validation_indices is None:

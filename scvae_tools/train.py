@@ -825,6 +825,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
         "train_config": cfg.to_dict(),
         "identity": ck.identity,
         "cells": ck.cells,
+        "counts": ck.counts,
         "train_idx": torch.from_numpy(np.asarray(train_idx, dtype=np.int64)),
         "val_idx": torch.from_numpy(np.asarray(val_idx, dtype=np.int64)),
     })
@@ -862,6 +863,10 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     if state.get("cells") and ck.cells and state["cells"] != ck.cells:  # older: not recorded
         raise ValueError(f"The checkpoint {ck.path} was written for other cells, or the same "
                          f"cells in another order (the split is kept as row numbers). {fix}")
+    if state.get("counts") and ck.counts and state["counts"] != ck.counts:  # older: none
+        raise ValueError(f"The checkpoint {ck.path} was written for other counts: the cells' "
+                         "library sizes differ (another layer, or other data under the same "
+                         f"cell names). {fix}")
     if module.log_theta is None and "log_theta" in state["module"]:
         raise ValueError(f"The checkpoint {ck.path} was written by an older scvae_tools, whose "
                          "Poisson models carried an unused dispersion parameter, and cannot be "

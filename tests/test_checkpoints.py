@@ -128,6 +128,19 @@ def test_resume_refuses_the_same_cells_in_another_order(small, tmp_path):
     svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)  # same: fine
 
 
+def test_resume_refuses_other_counts_under_the_same_names(small, tmp_path):
+    """Other data under the same cell and gene names (another layer, say) were resumed as if
+    they were the interrupted run's; a backed read of the same file is the same data."""
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path)
+    other = small.copy()
+    other.X = other.X * 3
+    with pytest.raises(ValueError, match="other counts"):
+        svt.SCVAE(other, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    small.write_h5ad(tmp_path / "small.h5ad")
+    svt.SCVAE(str(tmp_path / "small.h5ad"), **MODEL).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                          resume=True)
+
+
 def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
     saved: list[int] = []
     real = ck.save_checkpoint
