@@ -203,8 +203,11 @@ class BackedCellData:
             raise KeyError(f"{where} not found in {self.path}. {fix}")
         node = f[self._key]
         if isinstance(node, h5py.Group):
-            enc = node.attrs.get("encoding-type", "")
-            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            enc = _attr_text(node, "encoding-type")
+            shape_attr = "shape"
+            if not enc and _attr_text(node, "h5sparse_format"):  # anndata < 0.7 files
+                enc = f"{_attr_text(node, 'h5sparse_format')}_matrix"
+                shape_attr = "h5sparse_shape"
             if enc != "csr_matrix":
                 raise ValueError(
                     f"{self._key} in {self.path} is stored as {enc or 'an unknown group'}; "
@@ -213,7 +216,7 @@ class BackedCellData:
                 )
             self._sparse = True
             self._indptr = np.asarray(node["indptr"][:], dtype=np.int64)
-            shape = tuple(int(s) for s in node.attrs["shape"])
+            shape = tuple(int(s) for s in node.attrs[shape_attr])
         else:
             self._sparse = False
             self._indptr = None
@@ -454,9 +457,21 @@ def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:
         for key in ("obs", "var"):
             if key not in f:
                 raise ValueError(f"{path} has no {key!r}; it is not an .h5ad written by anndata.")
-        obs = ad.io.read_elem(f["obs"])
-        var = ad.io.read_elem(f["var"])
+        legacy = isinstance(f["obs"], h5py.Dataset)  # anndata < 0.7: a compound array
+        if not legacy:
+            obs = ad.io.read_elem(f["obs"])
+            var = ad.io.read_elem(f["var"])
+    if legacy:  # anndata itself still reads those; matrices stay on disk
+        old = ad.read_h5ad(path, backed="r")
+        obs, var = old.obs.copy(), old.var.copy()
+        old.file.close()
     return obs, var.index
+
+
+def _attr_text(node, name: str) -> str:
+    """An HDF5 attribute as text ("" when absent)."""
+    value = node.attrs.get(name, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _column_map(have: pd.Index, want: list[str]) -> np.ndarray | None:

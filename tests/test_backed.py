@@ -259,3 +259,28 @@ def test_write_h5ad_backed_leaves_nothing_behind_when_it_fails(h5ad_path, tmp_pa
         write_h5ad_backed(bk, out)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir()] if out.parent.exists() else True
+
+
+def test_files_from_anndata_before_0_7_are_read(synthetic, tmp_path):
+    """Pre-0.7 .h5ad (X with h5sparse_* attributes, obs/var as compound arrays), which
+    anndata still reads, were refused ("stored as an unknown group") or crashed."""
+    import h5py
+
+    X = synthetic.X.tocsr()
+    path = tmp_path / "legacy.h5ad"
+    text = h5py.string_dtype()
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        g.attrs["h5sparse_format"] = "csr"
+        g.attrs["h5sparse_shape"] = np.array(X.shape)
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        f.create_dataset("obs", data=np.array([(c,) for c in synthetic.obs_names],
+                                              dtype=np.dtype([("index", text)])))
+        f.create_dataset("var", data=np.array([(v,) for v in synthetic.var_names],
+                                              dtype=np.dtype([("index", text)])))
+    model = svt.SCVAE(synthetic, n_latent=3, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, progress_bar=False, seed=0)
+    want = model.get_latent_representation(synthetic)
+    for source in (str(path), ad.read_h5ad(path, backed="r")):
+        np.testing.assert_allclose(model.get_latent_representation(source), want,
+                                   rtol=1e-5, atol=1e-5)
