@@ -111,13 +111,13 @@ def differential_expression(
     if len(categories) < 2:
         raise ValueError(f"obs[{groupby!r}] has a single group; DE needs at least two.")
     if group2 is not None:
-        group2 = _integral_text(group2)
+        group2 = _group_name(group2, categories)
     if group1 is None:  # every group, against the rest or against group2
         groups1 = [c for c in categories if group2 is None or c != group2]
     elif isinstance(group1, str) or np.ndim(group1) == 0:  # one label, e.g. 3 for integer labels
-        groups1 = [_integral_text(group1)]
+        groups1 = [_group_name(group1, categories)]
     else:
-        groups1 = [_integral_text(g) for g in group1]
+        groups1 = [_group_name(g, categories) for g in group1]
     for g in [*groups1, *([] if group2 is None else [group2])]:
         if str(g) not in categories:
             raise KeyError(f"Group {g!r} is not in obs[{groupby!r}]; groups are {categories}.")
@@ -161,9 +161,11 @@ def differential_expression(
         sums2 = (_rest_sums(sums_of("all", np.arange(data.n_obs)), sums1) if group2 is None
                  else sums_of(f"g:{group2}", cells2))
         m1 = _bootstrap_means(pool1, min(len(cells1), max_cells_per_group), n_samples, gen,
-                              _proportion_variance(sums1, len(cells1)))
+                              _proportion_variance(sums1, len(cells1)),
+                              float(np.mean(1.0 / data.library[cells1])))
         m2 = _bootstrap_means(pool2, min(len(cells2), max_cells_per_group), n_samples, gen,
-                              _proportion_variance(sums2, len(cells2)))
+                              _proportion_variance(sums2, len(cells2)),
+                              float(np.mean(1.0 / data.library[cells2])))
         raw = _raw_stats(sums1, len(cells1), sums2, len(cells2))
         eps = _pseudocount(pseudocounts, m1, m2, raw)
         res = _summarise(m1, m2, mode, delta, eps, fdr_target)
@@ -190,6 +192,20 @@ def differential_expression(
 
 
 # ---------------------------------------------------------------------- sampling
+def _group_name(group, categories: list[str]) -> str:
+    """A requested group as one of ``categories``: as given (``str``), or written the other
+    way for whole numbers (0, 0.0, "0" and "0.0" all name group "0", or "0.0" in a column
+    of such strings)."""
+    names = [str(group), _integral_text(group)]
+    try:
+        names.append(_integral_text(float(group)))
+    except (TypeError, ValueError):
+        pass
+    if isinstance(group, (int, np.integer)) and not isinstance(group, bool):
+        names.append(f"{group}.0")
+    return next((n for n in names if n in categories), str(group))
+
+
 def _categories(col: pd.Series, text=str) -> list[str]:
     """The groups present in ``col``, as text (categories in their order, else sorted)."""
     if isinstance(col.dtype, pd.CategoricalDtype):
@@ -251,7 +267,7 @@ def _posterior_pool(
 
 def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_samples: int,
                      gen: torch.Generator, max_var: np.ndarray | None = None,
-                     chunk: int = 250) -> np.ndarray:
+                     inv_library: float = 0.0, chunk: int = 250) -> np.ndarray:
     """Posterior replicates of the group's mean profile: (n_samples, genes), float64.
 
     Each replicate averages ``n_draw`` rows drawn with replacement from the pool (the
@@ -266,7 +282,9 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
     variance of one cell is capped there: the model's per-gene θ is fitted over all cells,
     and for a marker (expressed in one group, absent elsewhere) it is far smaller than
     within the group, so the noise it predicts can exceed everything the group's
-    observed counts vary by.
+    observed counts vary by. The cap never goes below Poisson noise, ρ·mean(1/ℓ) with
+    ``inv_library`` the group's mean 1/ℓ: counts cannot vary less than that, and a group
+    that happens to show no count of a gene does not make the model's ρ certain.
     """
     scale, var = pool
     n_rows = scale.shape[0]
@@ -280,7 +298,7 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
         mean = (weights @ scale).double()
         cell_var = (weights @ var).double()
         if cap is not None:
-            cell_var = torch.minimum(cell_var, cap)
+            cell_var = torch.minimum(cell_var, torch.maximum(cap, mean * inv_library))
         noise_var = cell_var / n_draw
         # Gamma(shape a, scale s) with a·s = mean and a·s² = noise_var; ρ > 0, so mean > 0.
         shape = (mean.pow(2) / noise_var.clamp_min(1e-300)).clamp(min=1e-6, max=1e12)

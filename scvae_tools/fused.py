@@ -51,6 +51,8 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad
 
 
+_MIN_LOG_THETA = -60.0
+
 # On the CPU, counts up to this use per-gene tables of lgamma(θ+k) − lgamma(θ) and
 # ψ(θ+k) − ψ(θ) (cumulative sums of log(θ+j) and 1/(θ+j), j < k): ~95% of the non-zeros of
 # a 10x matrix.
@@ -66,7 +68,8 @@ def _direct_differences(
     In float64 (except on MPS, which has none): in float32 the differences of two large
     values cancel once θ is large (at θ = 1e4, lgamma(θ) ≈ 8e4 keeps ~0.004 of its digits
     after the point, and θ·(ψ(x+θ) − ψ(θ)) has an error of ~0.01). They are taken at a
-    few entries per cell (on the CPU, only those outside the tables).
+    few entries per cell on the CPU with one θ per gene (those outside the tables); with a
+    θ per cell or per gene and batch, and on accelerators, at every non-zero.
     """
     dtype = th_nz.dtype
     if th_nz.device.type != "mps":
@@ -255,6 +258,9 @@ def _nb_core(
     compiled kernel when it is available (one pass per cell instead of ~30 torch kernels);
     otherwise in :func:`_nb_core_torch`. Both give the same values to float32 rounding.
     """
+    # μ/θ must stay finite (b = log1p(μ/θ)); θ below e^-60 (a dispersion of 1e26) is
+    # meaningless anyway, and at e^-88 μ/θ would overflow float32 and make θ·b = 0·inf.
+    log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
     if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, x):
         return _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero)
     return _nb_core_torch(logits, log_library, log_theta, x, want_grads, nonzero)

@@ -197,6 +197,12 @@ def test_float_labels_numpy_delta_and_a_path(fitted, tmp_path):
                                             seed=3)
     pd.testing.assert_series_equal(by_float["lfc_mean"], by_name["lfc_mean"])
     assert set(by_float["group1"]) == {"0"}
+    for spelling in ("0.0", "0", 0.0):  # every spelling of a whole number names the group
+        again = model.differential_expression(a, "type_id", spelling, 2, n_samples=50, seed=3)
+        pd.testing.assert_series_equal(again["lfc_mean"], by_name["lfc_mean"])
+    a.obs["as_text"] = a.obs["type_id"].astype(str)  # "0.0", "1.0", "2.0"
+    text = model.differential_expression(a, "as_text", 0, 2.0, n_samples=50, seed=3)
+    assert set(text["group1"]) == {"0.0"} and set(text["group2"]) == {"2.0"}
     a.write_h5ad(tmp_path / "a.h5ad")
     by_path = model.differential_expression(str(tmp_path / "a.h5ad"), "cell_type", "type0",
                                             "type2", n_samples=50, seed=3)

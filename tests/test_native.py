@@ -149,6 +149,24 @@ def test_near_poisson_genes_keep_their_dispersion_gradient(kernel, use_native):
     assert bool((err < 0.05 * lt.grad.abs() + 2e-4 * lt.grad.abs().max()).all())
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_a_vanishing_dispersion_parameter_gives_finite_values(kernel, use_native):
+    """log θ below about −88 made μ/θ overflow float32 (log1p(μ/θ) = inf, θ·inf = NaN);
+    NaN inputs still give NaN (the training loop's divergence checks rely on it)."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(f"no compiled kernel here: {native._unsupported()}")
+    use_native(kernel)
+    logits, log_library, log_theta, x, _ = _batch("counts", n=8, g=40, seed=2)
+    for value in (-95.0, -105.0):
+        lt = log_theta.clone()
+        lt[:2] = value
+        ll, g_logits, g_lt = _value_and_grads(logits, log_library, lt, x, None)
+        assert torch.isfinite(ll).all() and torch.isfinite(g_logits).all(), value
+    lt = log_theta.clone()
+    lt[0] = float("nan")
+    assert torch.isnan(nb_log_likelihood_from_logits(logits, log_library, lt, x)).all()
+
+
 @needs_kernel
 def test_kernel_result_does_not_depend_on_the_thread_count(use_native):
     use_native(True)
