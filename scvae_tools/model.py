@@ -110,6 +110,11 @@ class SCVAE:
         aggregated posterior (fewer "holes"); its KL is a one-sample Monte-Carlo estimate.
     n_prior_components
         Mixture components of the ``"mog"`` prior.
+    use_batch_norm
+        BatchNorm after each hidden layer of ``"both"`` networks (default), only the
+        ``"encoder"`` or the ``"decoder"``, or ``"none"`` (as scvi-tools). On pbmc3k,
+        ``"decoder"`` gave Leiden clusters slightly closer to the annotation (ARI +0.025 ±
+        0.014 over 9 seeds; README, "Quality on pbmc3k").
 
     Examples
     --------
@@ -137,6 +142,7 @@ class SCVAE:
         allow_non_integer: bool = False,
         prior: str = "normal",
         n_prior_components: int = 10,
+        use_batch_norm: str | bool = "both",
     ):
         if dispersion == "gene-batch" and batch_key is None:
             raise ValueError("dispersion='gene-batch' needs a batch_key.")
@@ -159,6 +165,7 @@ class SCVAE:
             n_batch=self.spec.n_batch, n_cats_per_cov=self.spec.n_cats_per_cov,
             n_continuous_cov=len(self.spec.continuous_covariate_keys),
             prior=prior, n_prior_components=int(n_prior_components),
+            use_batch_norm=use_batch_norm,
         )
         for name, value in (("beta", beta), ("free_bits", free_bits)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -51,7 +51,10 @@ class ModuleConfig:
     n_batch: int = 1
     n_cats_per_cov: list[int] = field(default_factory=list)
     n_continuous_cov: int = 0
-    use_batch_norm: bool = True
+    # BatchNorm in both networks (True), neither (False), or only "encoder" / "decoder" (as
+    # scvi-tools' use_batch_norm; "both" and "none" are stored as True / False, so configs
+    # and checkpoints written before the option keep their identity).
+    use_batch_norm: bool | str = True
     prior: str = "normal"
     n_prior_components: int = 10
 
@@ -70,6 +73,11 @@ class ModuleConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        norm = {"both": True, "none": False}.get(self.use_batch_norm, self.use_batch_norm)
+        if norm not in (True, False, "encoder", "decoder"):
+            raise ValueError("use_batch_norm must be 'both', 'encoder', 'decoder' or 'none', "
+                             f"got {self.use_batch_norm!r}.")
+        self.use_batch_norm = norm
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
 
@@ -122,7 +130,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModuleConfig):
         super().__init__()
         self.body = mlp(cfg.n_genes + cfg.n_covariates, cfg.n_hidden, cfg.n_layers,
-                        cfg.dropout_rate, cfg.use_batch_norm)
+                        cfg.dropout_rate, cfg.use_batch_norm in (True, "encoder"))
         self.mean = nn.Linear(cfg.n_hidden, cfg.n_latent)
         self.log_var = nn.Linear(cfg.n_hidden, cfg.n_latent)
 
@@ -194,7 +202,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         # No dropout in the decoder (as in scvi-tools): it would blur the reconstruction.
         self.body = mlp(cfg.n_latent + cfg.n_covariates, cfg.n_hidden, cfg.n_layers, 0.0,
-                        cfg.use_batch_norm)
+                        cfg.use_batch_norm in (True, "decoder"))
         self.scale = nn.Linear(cfg.n_hidden, cfg.n_genes)
         self.dropout = nn.Linear(cfg.n_hidden, cfg.n_genes) if cfg.likelihood == "zinb" else None
         self.log_theta_cell = (

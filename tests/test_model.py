@@ -455,3 +455,24 @@ def test_bad_indices_are_named():
         m.get_elbo(indices=np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"lie in \[0, 100\)"):
         m.get_marginal_ll(indices=[-1], n_samples=2)
+
+
+@pytest.mark.parametrize("setting, encoder, decoder", [
+    ("both", 1, 1), ("encoder", 1, 0), ("decoder", 0, 1), ("none", 0, 0), (False, 0, 0)])
+def test_batch_norm_in_either_network_as_scvi_tools(setting, encoder, decoder, tmp_path):
+    adata = svt.datasets.synthetic_counts(n_cells=150, n_genes=20, seed=0)
+    model = svt.SCVAE(adata, n_latent=2, n_hidden=8, use_batch_norm=setting)
+    count = [sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())
+             for net in (model.module.encoder, model.module.decoder)]
+    assert count == [encoder, decoder]
+    model.train(max_epochs=2, batch_size=32, progress_bar=False, seed=0)
+    model.save(tmp_path / "m")
+    again = svt.SCVAE.load(tmp_path / "m", adata)
+    np.testing.assert_array_equal(again.get_latent_representation(),
+                                  model.get_latent_representation())
+
+
+def test_batch_norm_setting_is_checked():
+    adata = svt.datasets.synthetic_counts(n_cells=50, n_genes=10, seed=0)
+    with pytest.raises(ValueError, match="use_batch_norm must be 'both', 'encoder'"):
+        svt.SCVAE(adata, use_batch_norm="layer")
