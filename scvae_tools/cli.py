@@ -53,12 +53,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="N(0, I), or a learned mixture of Gaussians")
     p.add_argument("--n-prior-components", type=int, default=10,
                    help="mixture components of --prior mog")
+    p.add_argument("--batch-norm", choices=["both", "encoder", "decoder", "none"],
+                   default="both", help="BatchNorm in which network (default: both)")
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: by data size)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="cells per minibatch (default 128; 1024 on a CUDA GPU from 100,000 "
                         "training cells)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 4e-3; 1e-2 with the GPU's batch 1024)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="Adam's (default 1e-6)")
+    p.add_argument("--eps", type=float, default=1e-2, help="Adam's epsilon (default 1e-2)")
     p.add_argument("--train-size", type=float, default=0.9,
                    help="share of cells trained on; the rest validate (default 0.9)")
     p.add_argument("--kl-warmup-epochs", type=int, default=None,
@@ -99,8 +103,10 @@ def _fit(adata, args):
                   n_latent=args.n_latent, n_hidden=args.n_hidden, n_layers=args.n_layers,
                   dropout_rate=args.dropout_rate, likelihood=args.likelihood,
                   dispersion=args.dispersion, beta=args.beta, free_bits=args.free_bits,
-                  prior=args.prior, n_prior_components=args.n_prior_components)
+                  prior=args.prior, n_prior_components=args.n_prior_components,
+                  use_batch_norm=args.batch_norm)
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                weight_decay=args.weight_decay, eps=args.eps,
                 train_size=args.train_size, kl_warmup_epochs=args.kl_warmup_epochs,
                 early_stopping=not args.no_early_stopping,
                 early_stopping_patience=args.early_stopping_patience,

@@ -309,3 +309,23 @@ def test_counts_only_in_a_layer_name_the_flag(tmp_path, capsys, backed):
                "--epochs", "1", *(["--backed"] if backed else [])])
     assert rc == 2
     assert "(on the command line: --layer LAYER)" in capsys.readouterr().err
+
+
+def test_every_model_and_training_setting_has_a_flag():
+    """The README says so: `fit` lacked --weight-decay and --eps."""
+    import argparse
+    import inspect
+
+    from scvae_tools import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_model_args(parser)
+    dests = {a.dest for a in parser._actions}
+    renamed = {"max_epochs": "epochs", "early_stopping": "no_early_stopping",
+               "progress_bar": "quiet", "use_batch_norm": "batch_norm"}
+    wanted = (set(inspect.signature(svt.SCVAE.__init__).parameters)
+              | set(inspect.signature(svt.SCVAE.train).parameters)) - {"self", "adata"}
+    # strategy and checkpoints are flags of `fit` itself (torchrun and resume options)
+    missing = {w for w in wanted if renamed.get(w, w) not in dests} - {
+        "strategy", "checkpoint_dir", "checkpoint_every", "resume"}
+    assert not missing, missing
