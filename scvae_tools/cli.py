@@ -242,6 +242,8 @@ def cmd_apply(args) -> int:
         model.save(args.save_model, overwrite=True)
     what = "mapped onto" if args.query else "applied"
     print(f"{what} the model in {args.model}: {adata.n_obs} cells; wrote {args.output}")
+    if args.query and not model.history.empty:  # the query's own training, as fit reports it
+        print(_summary(model))
     return 0
 
 

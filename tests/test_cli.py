@@ -231,6 +231,7 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     assert "--epochs and --seed set the fine-tuning of --query" in capsys.readouterr().err
     assert main([*args, "--query", "--epochs", "5", "--quiet",
                  "--save-model", str(tmp_path / "query_model")]) == 0
+    assert "trained 5 epochs" in capsys.readouterr().out  # the query's training, as fit says
     out = ad.read_h5ad(tmp_path / "query_out.h5ad")
     assert out.obsm["X_scvae"].shape == (query.n_obs, 10) and np.isfinite(out.obsm["X_scvae"]).all()
     mapped = svt.SCVAE.load(tmp_path / "query_model")
