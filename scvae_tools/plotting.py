@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -36,12 +38,36 @@ def _finish(fig, show: bool, save):
     return fig
 
 
+_PLOT_PARAMS = """\
+show
+    Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+axes
+    Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of a new
+    figure (keyword only).
+save
+    Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
+    keyword only)."""
+
+
+def _plot_params(fn):
+    """Write the parameters every plot shares into ``fn``'s docstring at ``{plot_params}``
+    (at that line's indentation, which Python 3.13 strips and earlier versions keep)."""
+    if fn.__doc__ is None:  # python -OO
+        return fn
+    line = next(ln for ln in fn.__doc__.splitlines() if ln.strip() == "{plot_params}")
+    indent = line[:len(line) - len(line.lstrip())]
+    fn.__doc__ = fn.__doc__.replace("{plot_params}",
+                                    textwrap.indent(_PLOT_PARAMS, indent).lstrip(), 1)
+    return fn
+
+
 def _history_of(model_or_history) -> pd.DataFrame:
     if isinstance(model_or_history, pd.DataFrame):
         return model_or_history
     return model_or_history.history
 
 
+@_plot_params
 def training_history(model_or_history, show: bool = False, *, axes=None, save=None):
     """Training curves: ELBO, reconstruction (distortion) and KL (rate) per epoch.
 
@@ -49,14 +75,7 @@ def training_history(model_or_history, show: bool = False, *, axes=None, save=No
     ----------
     model_or_history
         A trained :class:`~scvae_tools.SCVAE` or its ``history`` DataFrame.
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -90,6 +109,7 @@ def training_history(model_or_history, show: bool = False, *, axes=None, save=No
     return _finish(fig, show, save)
 
 
+@_plot_params
 def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = False, *,
         axes=None, save=None):
     """Posterior predictive check: observed (x) vs replicated (y) per-gene statistics.
@@ -101,14 +121,7 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         several models (e.g. NB vs Poisson).
     stats
         Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show.
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -157,6 +170,7 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
 # Figures for scvae_tools.diagnostics (svt.tl.rate_distortion_sweep, …).
 
 
+@_plot_params
 def rate_distortion(sweep: pd.DataFrame, show: bool = False, *, axes=None, save=None):
     """The rate–distortion trade-off of a β sweep (:func:`svt.tl.rate_distortion_sweep`).
 
@@ -169,14 +183,7 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False, *, axes=None, save=
     ----------
     sweep
         The DataFrame returned by ``svt.tl.rate_distortion_sweep``.
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -218,6 +225,7 @@ def rate_distortion(sweep: pd.DataFrame, show: bool = False, *, axes=None, save=
     return _finish(fig, show, save)
 
 
+@_plot_params
 def posterior_collapse(model_or_table, adata=None, threshold: float | None = None,
                        show: bool = False, *, axes=None, save=None):
     """Per-dimension KL and variance of the posterior mean, collapsed axes in grey.
@@ -229,14 +237,7 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     adata, threshold
         Passed to ``svt.tl.posterior_collapse`` when a model is given (threshold: default
         0.01, or the one a given table was computed with).
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -269,6 +270,7 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     return _finish(fig, show, save)
 
 
+@_plot_params
 def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
                     layer: str | None = None, show: bool = False, *, axes=None, save=None):
     """Per-cell variational gap log p̂(x) − ELBO (from ``svt.tl.variational_gap``).
@@ -288,14 +290,7 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         An ``obs`` column: one box per group instead of the histogram.
     layer
         Where the counts for the depth axis are (default ``adata.X``).
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -331,6 +326,7 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
     return _finish(fig, show, save)
 
 
+@_plot_params
 def amortization_gap(adata, key: str = "scvae", show: bool = False, *, axes=None, save=None):
     """Amortized vs refined per-cell ELBO (from ``svt.tl.amortization_gap``).
 
@@ -344,14 +340,7 @@ def amortization_gap(adata, key: str = "scvae", show: bool = False, *, axes=None
         ``…_refined_elbo`` and ``…_amortization_gap`` to.
     key
         The ``key_added`` it was given.
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -378,6 +367,7 @@ def amortization_gap(adata, key: str = "scvae", show: bool = False, *, axes=None
     return _finish(fig, show, save)
 
 
+@_plot_params
 def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show: bool = False,
                          *, axes=None, save=None):
     """Prior draws over the aggregated posterior q(z), holes highlighted.
@@ -392,14 +382,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     dims
         The two latent axes to show (default: the two with the largest spread of cells'
         posterior means).
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -440,6 +423,7 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     return _finish(fig, show, save)
 
 
+@_plot_params
 def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False, *,
                      axes=None, save=None):
     """Expression of the genes that move most along each traversed axis.
@@ -455,14 +439,7 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False,
         Genes per panel.
     dims
         Subset of the traversed axes to draw (default: all).
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
@@ -490,6 +467,7 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False,
     return _finish(fig, show, save)
 
 
+@_plot_params
 def disentanglement(result: dict, show: bool = False, *, axes=None, save=None):
     """Mutual information between latent axes and known factors, and Jacobian coupling.
 
@@ -497,14 +475,7 @@ def disentanglement(result: dict, show: bool = False, *, axes=None, save=None):
     ----------
     result
         The dict from ``svt.tl.disentanglement``.
-    show
-        Call ``plt.show()`` (for scripts; notebooks display the returned figure).
-    axes
-        Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of
-        a new figure (keyword only).
-    save
-        Write the figure to this file (its extension gives the format: ``.png``, ``.pdf``…;
-        keyword only).
+    {plot_params}
 
     Returns
     -------
