@@ -678,3 +678,16 @@ def test_a_read_only_dense_matrix_is_read_without_torch_warnings():
         warnings.simplefilter("error", UserWarning)
         z = model.get_latent_representation(make(frozen))
     np.testing.assert_allclose(z, model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_continuous_covariate_far_from_unit_scale_warns_with_the_fix():
+    """The networks take a covariate as it is: one in the thousands (a library size) hurt
+    the fit badly and said nothing."""
+    adata = make(_counts())
+    adata.obs["total"] = np.asarray(adata.X.sum(1)).ravel() * 50.0
+    adata.obs["total_z"] = (adata.obs["total"] - adata.obs["total"].mean()) / adata.obs["total"].std()
+    with pytest.warns(UserWarning, match=r"obs\['total'\] is far from unit scale.*Standardise"):
+        svt.SCVAE(adata, continuous_covariate_keys="total", **MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        svt.SCVAE(adata, continuous_covariate_keys="total_z", **MODEL)
