@@ -31,9 +31,9 @@ import os
 import pickle
 import platform
 import shutil
-import tempfile
 import types
 import typing
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +82,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A unique name, created with the umask's permissions (mkstemp's 0600 would make a
+    # checkpoint or a written .h5ad unreadable to the colleagues a saved model is not).
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible

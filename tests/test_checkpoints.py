@@ -483,3 +483,21 @@ def test_a_bad_checkpoint_dir_is_refused_before_training(small, tmp_path):
             model.train(max_epochs=3, checkpoint_dir=bad, checkpoint_every=3, progress_bar=False)
     assert not model.is_trained
     assert afile.read_text() == "not a folder"
+
+
+def test_checkpoints_and_written_files_follow_the_umask(small, tmp_path):
+    """Atomic writes used mkstemp, whose files are 0600: a colleague could not resume a
+    shared checkpoint, nor read an .h5ad from write_h5ad_backed."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 1}, checkpoint_dir=tmp_path)
+        small.write_h5ad(tmp_path / "in.h5ad")
+        svt.backed.write_h5ad_backed(svt.backed.read_backed(tmp_path / "in.h5ad"),
+                                     tmp_path / "out.h5ad")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "out.h5ad"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(tmp_path.glob(".*.tmp"))
