@@ -194,7 +194,8 @@ class CellData:
         self.n_obs = adata.n_obs
         self.obs_names = adata.obs_names.copy()
         counts = _get_counts(adata, spec.layer, trained)
-        counts = _as_float32(_select_genes(counts, adata.var_names, spec.var_names), copy=copy)
+        counts = _as_float32(_select_genes(counts, adata.var_names, spec.var_names,
+                                           adata.obs_names), copy=copy)
         try:
             totals = count_totals(counts, validate, spec.allow_non_integer)
         except EmptyCellsError as err:
@@ -687,7 +688,11 @@ def _as_float32(X, copy: bool = True):
     return np.array(X, dtype=np.float32, copy=True)
 
 
-def _select_genes(X, have: pd.Index, want: list[str]):
+# The share of a model's genes that prepare_query_anndata pads with zeros by default.
+PAD_LIMIT = 0.25
+
+
+def _select_genes(X, have: pd.Index, want: list[str], obs_names: pd.Index | None = None):
     if have.tolist() == want:  # the usual case (string names in the model's order): no loop
         return X
     have_list = [str(v) for v in have]
@@ -696,21 +701,33 @@ def _select_genes(X, have: pd.Index, want: list[str]):
     have_set, want_set = set(have_list), set(want)
     missing = [g for g in want if g not in have_set]
     if missing:
-        extra = [g for g in have_list if g not in want_set]
-        also = (f"; it also has {len(extra)} gene{'s' * (len(extra) > 1)} the model does not "
-                f"know (e.g. {extra[:5]})"
-                if extra else "")
-        raise ValueError(
-            f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
-            f"(e.g. {missing[:5]}){also}. To add the missing ones as zero counts (and drop "
-            "the others): `adata = SCVAE.prepare_query_anndata(adata, model)`."
-        )
+        raise ValueError(_missing_genes_message(missing, want, have_list, want_set, obs_names))
     if have.has_duplicates:
         raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
     order = pd.Index(have_list).get_indexer(want)
     if sp.issparse(X):
         return sp.csr_matrix(X)[:, order]
     return np.take(np.asarray(X), order, axis=1)  # ~6x faster than X[:, order] row-major
+
+
+def _missing_genes_message(missing: list[str], want: list[str], have_list: list[str],
+                           want_set: set[str], obs_names: pd.Index | None) -> str:
+    """What is wrong when an AnnData lacks some of a model's genes, and the fix that fits."""
+    extra = [g for g in have_list if g not in want_set]
+    also = (f"; it also has {len(extra)} gene{'s' * (len(extra) > 1)} the model does not "
+            f"know (e.g. {extra[:5]})" if extra else "")
+    head = f"The AnnData lacks {len(missing)} of the model's {len(want)} genes (e.g. {missing[:5]}){also}."
+    if (len(missing) == len(want) and obs_names is not None
+            and len(want_set.intersection(map(str, obs_names))) >= len(want) // 2):
+        return (f"{head} Its cells are named like the model's genes: it looks transposed "
+                "(genes × cells). Pass `adata.T` (cells must be rows, as in scanpy).")
+    filtered = ("If genes were filtered after training (e.g. sc.pp.filter_genes), evaluate "
+                "the AnnData from before the filter, then subset its cells.")
+    if len(missing) > PAD_LIMIT * len(want):
+        return (f"{head} That is too many to pad with zero counts (over "
+                f"{PAD_LIMIT:.0%}): pass cells measured on the model's genes. {filtered}")
+    return (f"{head} To add the missing ones as zero counts (and drop the others): "
+            f"`adata = SCVAE.prepare_query_anndata(adata, model)`. {filtered}")
 
 
 def _integral_text(v) -> str:

@@ -691,3 +691,35 @@ def test_a_continuous_covariate_far_from_unit_scale_warns_with_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         svt.SCVAE(adata, continuous_covariate_keys="total_z", **MODEL)
+
+
+def test_missing_genes_advice_fits_the_case():
+    """Padding was advised even where it is refused (over a quarter missing) or wrong (an
+    AnnData that is genes × cells)."""
+    X = _counts()
+    model = svt.SCVAE(make(X), **MODEL).train(**TRAIN)
+    few = make(X)[:, 2:].copy()  # 2 of 12 genes gone: padding is the fix
+    with pytest.raises(ValueError, match="prepare_query_anndata.*filtered after training"):
+        model.get_latent_representation(few)
+    many = make(X)[:, 6:].copy()  # half gone: too many to pad
+    with pytest.raises(ValueError, match=r"too many to pad with zero counts \(over 25%\)"):
+        model.get_latent_representation(many)
+    square = make(X[:N_GENES].T.copy())  # genes as rows, named like the model's genes
+    square.obs_names = [f"gene{j}" for j in range(N_GENES)]
+    square.var_names = [f"cell{i}" for i in range(N_GENES)]
+    with pytest.raises(ValueError, match=r"looks transposed.*adata\.T"):
+        model.get_latent_representation(square)
+
+
+def test_results_under_one_key_come_from_one_model():
+    """layers=False under a key an earlier model wrote layers to left that model's layers
+    beside the new latent."""
+    X = _counts()
+    adata = make(X)
+    svt.SCVAE(adata, **MODEL).train(**TRAIN).write_to_adata(adata)
+    assert list(adata.uns["scvae"]["layers"]) == ["scvae_denoised", "scvae_expected"]
+    second = svt.SCVAE(adata, **{**MODEL, "n_latent": 3}).train(**TRAIN)
+    with pytest.warns(UserWarning, match="Removed layers"):
+        second.write_to_adata(adata, layers=False)
+    assert "scvae_denoised" not in adata.layers and "scvae_expected" not in adata.layers
+    assert adata.obsm["X_scvae"].shape[1] == 3 and len(adata.uns["scvae"]["layers"]) == 0
