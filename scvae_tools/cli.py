@@ -192,12 +192,11 @@ def _summary(model) -> str:
     h = hist.iloc[-1]
     if math.isnan(h["validation_elbo"]):  # no validation cells
         return f"trained {len(hist)} epochs; train ELBO {h['train_elbo']:.2f} nats/cell"
-    cfg = model.train_config
-    if cfg.early_stopping and cfg.restore_best:  # the model holds the best epoch's weights
-        best = hist["validation_elbo"].idxmax()
+    restored = hist.attrs.get("restored_epoch")
+    if restored:  # the model holds that epoch's weights (after the KL warm-up)
+        row = hist.loc[hist["epoch"] == restored].iloc[0]
         return (f"trained {len(hist)} epochs; best validation ELBO "
-                f"{hist['validation_elbo'][best]:.2f} nats/cell at epoch "
-                f"{int(hist['epoch'][best])} (the weights kept)")
+                f"{row['validation_elbo']:.2f} nats/cell at epoch {restored} (the weights kept)")
     return f"trained {len(hist)} epochs; validation ELBO {h['validation_elbo']:.2f} nats/cell"
 
 

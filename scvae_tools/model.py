@@ -333,8 +333,16 @@ class SCVAE:
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
                 f"({resolve_device(device)}); leave cuda_graphs=False on CPUs and MPS.")
         n = data.n_obs
+        # Whole numbers, NumPy's included (a seed from np.arange), and nothing else: 2.7
+        # epochs or a patience of 2.5 used to be truncated or taken as they were.
+        seed = _whole(seed, "seed", minimum=0)
+        validation_every = _whole(validation_every, "validation_every")
+        early_stopping_patience = _whole(early_stopping_patience, "early_stopping_patience",
+                                         minimum=0)
+        max_epochs = None if max_epochs is None else _whole(max_epochs, "max_epochs")
+        batch_size = None if batch_size is None else _whole(batch_size, "batch_size")
         check_patience(early_stopping, early_stopping_patience)
-        max_epochs = default_max_epochs(n) if max_epochs is None else int(max_epochs)
+        max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:
             # The default follows max_epochs: resuming with more epochs keeps the run's own.
@@ -377,6 +385,7 @@ class SCVAE:
                 dist_ctx.close(finished)
         # Only a run that finished replaces the model: a diverged one raised above.
         self.module, self.device, self.history = module, device, history
+        self.query_info = None  # trained from scratch: no longer a query mapped onto a reference
         self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx
         self.train_threads = torch.get_num_threads()  # with the seed, it fixes the CPU result
         self.is_trained = True
@@ -1255,6 +1264,17 @@ def _warn_if_many_empty_genes(data: CellData) -> None:
             "and inference without informing the model. Drop them first, e.g. "
             "`sc.pp.filter_genes(adata, min_cells=1)`, or select variable genes.",
             UserWarning, stacklevel=3)
+
+
+def _whole(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int (Python or NumPy integer), or a ``TypeError``/``ValueError``
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+    return int(value)
 
 
 def check_positive_int(value, name: str) -> int:

@@ -87,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}.")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}.")
         if self.kl_warmup_epochs < 0:
@@ -453,7 +453,10 @@ def train_module(
                            validation_kl=math.nan)
             row["lr"] = float(optim.param_groups[0]["lr"])
             row["seconds"] = time.perf_counter() - t0
-        if bad_step is not None or not _row_finite(row, has_validation=validated):
+        # The weights too: the epoch's last step can break them after its loss was scored,
+        # and they are about to become the "last good" state every rollback returns to.
+        if (bad_step is not None or not _row_finite(row, has_validation=validated)
+                or not _weights_finite(module)):
             _roll_back(module, optim, good, loop, cfg, epoch, bad_step)
             if graphed is not None:
                 graphed.invalidate()  # the optimiser's state tensors were replaced
@@ -473,6 +476,7 @@ def train_module(
                 loop.best, loop.since_best = monitor, 0
                 if cfg.restore_best and cfg.early_stopping:
                     loop.best_state = copy.deepcopy(module.state_dict())
+                    loop.best_epoch = epoch + 1
             else:
                 loop.since_best += 1
             loop.stopped = cfg.early_stopping and loop.since_best >= cfg.early_stopping_patience
@@ -491,7 +495,11 @@ def train_module(
     if loop.best_state is not None:
         module.load_state_dict(loop.best_state)
     module.eval()
-    return pd.DataFrame(loop.rows)
+    history = pd.DataFrame(loop.rows)
+    # Which epoch's weights the module holds (None: the last one's). Not simply the row of
+    # the best validation ELBO: only epochs after the KL warm-up can be restored.
+    history.attrs["restored_epoch"] = loop.best_epoch if loop.best_state is not None else None
+    return history
 
 
 def _adam(module: VAE, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -658,6 +666,12 @@ class FusedAdam(torch.optim.Adam):
 
 
 # ---------------------------------------------------------------------- loop helpers
+def _weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync per epoch on an accelerator)."""
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 # Divergence handling and checkpointing, kept out of the step so the hot loop stays small.
 @dataclass
 class _LoopState:
@@ -667,6 +681,7 @@ class _LoopState:
     epoch: int = 0  # completed epochs
     best: float = -math.inf
     best_state: dict | None = None
+    best_epoch: int = 0  # the epoch (1-based) whose weights best_state holds
     since_best: int = 0
     stopped: bool = False  # early stopping fired
     rollbacks: int = 0
@@ -814,6 +829,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
         "best": float(loop.best),
         "since_best": loop.since_best,
         "best_state": _cpu_state(loop.best_state),
+        "best_epoch": loop.best_epoch,
         "module": _cpu_state(module.state_dict()),
         "optimizer": optim.state_dict(),
         "rng": {
@@ -889,6 +905,7 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     loop.epoch = int(state["epoch"])
     loop.best = float(state["best"])
     loop.since_best = int(state["since_best"])
+    loop.best_epoch = int(state.get("best_epoch", 0))  # older checkpoints: not recorded
     loop.stopped = bool(state["stopped"])
     loop.rollbacks = int(state["rollbacks"])
     loop.lr_scale = float(state.get("lr_scale", cfg.rollback_lr_factor ** loop.rollbacks))

@@ -476,3 +476,44 @@ def test_batch_norm_setting_is_checked():
     adata = svt.datasets.synthetic_counts(n_cells=50, n_genes=10, seed=0)
     with pytest.raises(ValueError, match="use_batch_norm must be 'both', 'encoder'"):
         svt.SCVAE(adata, use_batch_norm="layer")
+
+
+def test_the_restored_epoch_is_recorded_and_reported():
+    """Only epochs after the KL warm-up can be restored; the CLI named the best epoch over
+    all rows (one of the warm-up's) as "the weights kept"."""
+    from scvae_tools.cli import _summary
+
+    adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=30, seed=1)
+    model = svt.SCVAE(adata, n_latent=3)
+    model.train(max_epochs=6, kl_warmup_epochs=3, lr=0.03, lr_schedule="constant",
+                early_stopping_patience=3, progress_bar=False, seed=0)
+    restored = model.history.attrs["restored_epoch"]
+    assert restored >= 3
+    assert f"at epoch {restored} (the weights kept)" in _summary(model)
+    model.train(max_epochs=3, kl_warmup_epochs=5, progress_bar=False, seed=0)  # never restores
+    assert model.history.attrs["restored_epoch"] is None
+    assert "weights kept" not in _summary(model)
+
+
+def test_numpy_integers_are_whole_numbers_and_fractions_are_not():
+    adata = svt.datasets.synthetic_counts(n_cells=100, n_genes=20, seed=0)
+    model = svt.SCVAE(adata, n_latent=2)
+    for seed in np.arange(2):  # a seed from np.arange used to crash in torch
+        model.train(max_epochs=np.int64(2), validation_every=np.int64(1), seed=seed,
+                    progress_bar=False)
+    for bad in ({"max_epochs": 2.7}, {"batch_size": 64.0}, {"early_stopping_patience": 2.5}):
+        with pytest.raises(TypeError, match="whole number"):
+            model.train(progress_bar=False, **bad)
+    with pytest.raises(ValueError, match="lr must be a positive finite"):
+        model.train(max_epochs=1, lr=float("inf"), progress_bar=False)
+
+
+def test_weights_broken_by_an_epochs_last_step_are_not_kept_as_good():
+    """The end-of-epoch check looked at the losses only: weights made inf by the epoch's
+    last step were snapshotted as the state every rollback returned to."""
+    adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=30, seed=1)
+    model = svt.SCVAE(adata, n_latent=3)
+    with pytest.raises(FloatingPointError, match="the last finite state \\(the initial weights\\)"):
+        model.train(max_epochs=5, lr=1e39, lr_schedule="constant", batch_size=1000,
+                    train_size=1.0, progress_bar=False)
+    assert not model.is_trained
