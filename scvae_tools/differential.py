@@ -8,10 +8,13 @@ expression (gene proportions, i.e. a pseudo-bulk of the denoised profiles),
 with ε a small pseudocount. Its posterior is approximated by Monte Carlo: every replicate
 draws the group's cells with replacement (a bootstrap over cells, for the uncertainty of a
 population mean estimated from finitely many cells), for each drawn cell one sample of
-z ~ q(z | x) decoded to ρ (the model's uncertainty about that cell), and adds Gaussian noise
-with the variance that count sampling (NB / ZINB / Poisson at the cell's library) puts on a
-mean of that many observed cells — without it, the denoised ρ would make the posterior far
-too narrow for lowly expressed genes. From the replicates:
+z ~ q(z | x) decoded to ρ (the model's uncertainty about that cell), and draws the observed
+mean around it from a Gamma with the variance that count sampling (NB / ZINB / Poisson at
+the cell's library) puts on a mean of that many observed cells — without it, the denoised
+ρ would make the posterior far too narrow for lowly expressed genes. Each cell's count
+variance is capped at the group's own variance of x/ℓ (a marker's θ, fitted across all
+cells, predicts far more noise than its group shows), but never below Poisson noise. From
+the replicates:
 
 * ``mode="change"`` (default): ``proba_de`` = P(|LFC_g| ≥ δ), ``bayes_factor`` =
   log(p / (1 − p)); genes are called DE while the posterior expected false discovery rate
