@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,36 +265,43 @@ class BackedCellData:
     # ------------------------------------------------------------------ file access
     def _file(self) -> h5py.File:
         """The open HDF5 file; reopened in a forked / spawned process (handles don't survive)."""
-        if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._h5
+        with self.__dict__.setdefault("_lock", threading.RLock()):
+            if self._h5 is None or self._pid != os.getpid():
+                self._h5 = h5py.File(self.path, "r")
+                self._pid = os.getpid()
+            return self._h5
 
     def release_device(self) -> None:
         """Nothing to drop: streamed counts are moved to the device batch by batch."""
 
     @contextlib.contextmanager
     def _reading(self):
-        """Hold the file open while reading (nested uses share it), and close it after the
-        outermost: between calls nothing holds the .h5ad, so it can be rewritten or
+        """Hold the file open while reading (nested and concurrent uses share it), and close
+        it after the last: between calls nothing holds the .h5ad, so it can be rewritten or
         opened for writing by another process."""
-        self._readers = getattr(self, "_readers", 0) + 1
+        lock = self.__dict__.setdefault("_lock", threading.RLock())
+        with lock:
+            self._readers = getattr(self, "_readers", 0) + 1
         try:
             yield
         finally:
-            self._readers -= 1
-            if self._readers == 0:
-                self.close()
+            with lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self.close()
 
     def close(self) -> None:
         """Close the HDF5 file (it is reopened on the next read)."""
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5 = None
+        with self.__dict__.setdefault("_lock", threading.RLock()):
+            if self._h5 is not None and self._pid == os.getpid():
+                self._h5.close()
+            self._h5 = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_h5"] = None
+        state.pop("_lock", None)  # not picklable; a copy makes its own
+        state["_readers"] = 0  # a copy holds no file open
         return state
 
     def __del__(self) -> None:
@@ -434,19 +442,16 @@ class BackedCellData:
 
 
 # ---------------------------------------------------------------------- helpers
-def _dense_pieces(run: np.ndarray, waste: int = 4) -> list[np.ndarray]:
-    """``run`` (sorted rows, gaps ≤ _GAP_ROWS) cut into pieces each read in one span of at
-    most ``waste`` × its rows (+ _GAP_ROWS): a spread-out subset, such as every 50th cell
-    or the validation tenth, is not read as the whole range it spans."""
-    if run[-1] - run[0] + 1 <= waste * len(run) + _GAP_ROWS:
+def _dense_pieces(run: np.ndarray, max_span: int = 8192) -> list[np.ndarray]:
+    """``run`` (sorted rows, gaps ≤ _GAP_ROWS) cut so that a sparse one is not read as one
+    span of the whole range it covers (every 10th cell of a 16k-cell window would read
+    160k rows at once). Reading across the small gaps costs less than more HDF5 calls, so
+    only the memory is bounded: a run denser than one row in four stays one read; a sparser
+    one is cut into spans of at most ``max_span`` rows, each subset as soon as it is read."""
+    if run[-1] - run[0] + 1 <= max(4 * len(run), max_span):
         return [run]  # the usual case: a dense run (chunk-local training order)
-    pieces, start = [], 0
-    for i in range(1, len(run)):
-        if run[i] - run[start] + 1 > waste * (i - start + 1) + _GAP_ROWS:
-            pieces.append(run[start:i])
-            start = i
-    pieces.append(run[start:])
-    return pieces
+    bins = (run - run[0]) // max_span
+    return np.split(run, np.flatnonzero(np.diff(bins)) + 1)
 
 
 def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:

@@ -341,9 +341,10 @@ class CheckpointConfig:
     cells
         A digest of the cell names in their order (:func:`cells_digest`): the split is saved
         as row numbers, which only mean the same cells in the same order.
-    counts
-        A digest of the cells' library sizes (:func:`counts_digest`): the same names over
-        other counts (another layer, other data) are not the run that was interrupted.
+    library
+        The cells' library sizes (float32): the same names over other counts (another
+        layer, other data) are not the run that was interrupted. Compared with a relative
+        tolerance, since in-memory and backed reads sum in different orders.
     """
 
     directory: Path
@@ -351,7 +352,7 @@ class CheckpointConfig:
     resume: bool = False
     identity: dict[str, Any] = dataclasses.field(default_factory=dict)
     cells: str = ""
-    counts: str = ""
+    library: Any = None
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).expanduser()
@@ -378,15 +379,6 @@ class CheckpointConfig:
 def cells_digest(names) -> str:
     """SHA-1 of cell names in their order (for :class:`CheckpointConfig`)."""
     return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
-
-
-def counts_digest(library) -> str:
-    """SHA-1 of the cells' library sizes, rounded so that in-memory and backed reads (which
-    sum in different orders) give the same digest (for :class:`CheckpointConfig`)."""
-    import numpy as np
-
-    rounded = np.round(np.asarray(library, dtype=np.float64).ravel(), 2)
-    return hashlib.sha1(np.ascontiguousarray(rounded).tobytes()).hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

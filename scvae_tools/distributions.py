@@ -49,7 +49,7 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     # scatters (advanced indexing's backward sorts the indices: ~8× slower here).
     flat_x = xb.reshape(-1)
     flat = torch.nonzero(flat_x).squeeze(1)
-    if theta.numel() == shape[-1]:  # one θ per gene, broadcast over cells
+    if theta.shape[-1] == shape[-1] and all(d == 1 for d in theta.shape[:-1]):  # per gene
         tv = theta.reshape(-1).index_select(0, flat % shape[-1])
     else:
         tv = tb.reshape(-1).index_select(0, flat)

@@ -22,7 +22,6 @@ from .checkpoint import (
     CheckpointConfig,
     cells_digest,
     check_state_dict,
-    counts_digest,
     load_checkpoint,
     package_versions,
     replace_dir,
@@ -404,7 +403,7 @@ class SCVAE:
         data = self._require_data()
         return CheckpointConfig(Path(checkpoint_dir), every=every, resume=resume,
                                 identity=identity, cells=cells_digest(data.obs_names),
-                                counts=counts_digest(data.library))
+                                library=np.asarray(data.library, dtype=np.float32))
 
     def _warn_if_collapsed(self) -> None:
         if self.history.empty or self.validation_indices is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,8 +74,12 @@ class ModuleConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        norm = {"both": True, "none": False}.get(self.use_batch_norm, self.use_batch_norm)
-        if norm not in (True, False, "encoder", "decoder"):
+        norm = self.use_batch_norm
+        if isinstance(norm, (bool, np.bool_)):  # not 1 or 1.0: they would save, then not load
+            norm = bool(norm)
+        elif isinstance(norm, str) and norm in ("both", "none", "encoder", "decoder"):
+            norm = {"both": True, "none": False}.get(norm, norm)
+        else:
             raise ValueError("use_batch_norm must be 'both', 'encoder', 'decoder' or 'none', "
                              f"got {self.use_batch_norm!r}.")
         self.use_batch_norm = norm

@@ -339,7 +339,7 @@ def _fine_tune(
     optim = torch.optim.Adam(groups, lr=lr, eps=eps, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    rows, best, best_state, since_best = [], -math.inf, None, 0
+    rows, best, best_state, since_best, best_epoch = [], -math.inf, None, 0, None
     epochs = range(max_epochs)
     bar = None
     if progress_bar:
@@ -379,7 +379,7 @@ def _fine_tune(
                 bar.set_postfix(elbo=f"{row['train_elbo']:.1f}", val=f"{row['validation_elbo']:.1f}")
             monitor = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
             if monitor > best:
-                best, since_best = monitor, 0
+                best, since_best, best_epoch = monitor, 0, epoch + 1
                 best_state = {n: params[n].detach().clone() for n in masks}
             else:
                 since_best += 1
@@ -397,4 +397,8 @@ def _fine_tune(
     for p in module.parameters():
         p.requires_grad_(True)
     module.eval()
-    return pd.DataFrame(rows)
+    history = pd.DataFrame(rows)
+    # As train_module: the epoch whose weights are kept (None: the last one's).
+    history.attrs["restored_epoch"] = (best_epoch if early_stopping and best_state is not None
+                                       else None)
+    return history

@@ -841,7 +841,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
         "train_config": cfg.to_dict(),
         "identity": ck.identity,
         "cells": ck.cells,
-        "counts": ck.counts,
+        "library": None if ck.library is None else torch.from_numpy(ck.library),
         "train_idx": torch.from_numpy(np.asarray(train_idx, dtype=np.int64)),
         "val_idx": torch.from_numpy(np.asarray(val_idx, dtype=np.int64)),
     })
@@ -879,7 +879,10 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     if state.get("cells") and ck.cells and state["cells"] != ck.cells:  # older: not recorded
         raise ValueError(f"The checkpoint {ck.path} was written for other cells, or the same "
                          f"cells in another order (the split is kept as row numbers). {fix}")
-    if state.get("counts") and ck.counts and state["counts"] != ck.counts:  # older: none
+    saved_lib = state.get("library")  # older checkpoints: not recorded
+    if saved_lib is not None and ck.library is not None and not (
+            len(saved_lib) == len(ck.library)
+            and np.allclose(saved_lib.numpy(), ck.library, rtol=1e-4, atol=1e-3)):
         raise ValueError(f"The checkpoint {ck.path} was written for other counts: the cells' "
                          "library sizes differ (another layer, or other data under the same "
                          f"cell names). {fix}")
@@ -905,7 +908,11 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     loop.epoch = int(state["epoch"])
     loop.best = float(state["best"])
     loop.since_best = int(state["since_best"])
-    loop.best_epoch = int(state.get("best_epoch", 0))  # older checkpoints: not recorded
+    loop.best_epoch = int(state.get("best_epoch", 0))
+    if "best_epoch" not in state and state["best_state"] is not None:
+        # Older checkpoints: the epoch whose monitored ELBO is the best one recorded.
+        loop.best_epoch = next((int(r["epoch"]) for r in loop.rows if loop.best in (
+            r.get("validation_elbo"), r.get("train_elbo"))), 0)
     loop.stopped = bool(state["stopped"])
     loop.rollbacks = int(state["rollbacks"])
     loop.lr_scale = float(state.get("lr_scale", cfg.rollback_lr_factor ** loop.rollbacks))

@@ -134,3 +134,11 @@ def test_nonzero_counts_of_near_poisson_genes_keep_the_dispersion_gradient(theta
     err = (got - want).abs()
     assert float(err.max()) < 2e-6 * float(x.max()) + 0.01 * float(want.abs().max()), (
         float(err.max()), float(want.abs().max()))
+
+
+def test_one_theta_per_cell_is_not_taken_for_one_per_gene():
+    """θ of shape (cells, 1) with as many cells as genes was read as one θ per gene."""
+    x, mu = t(X[:4, :4]), t(MU[:4, :4])
+    theta = t([[0.5], [2.0], [10.0], [100.0]])
+    np.testing.assert_allclose(log_nb(x, mu, theta).numpy(),
+                               nb_scipy(X[:4, :4], MU[:4, :4], theta.numpy()), rtol=1e-6, atol=1e-6)

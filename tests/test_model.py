@@ -474,8 +474,10 @@ def test_batch_norm_in_either_network_as_scvi_tools(setting, encoder, decoder, t
 
 def test_batch_norm_setting_is_checked():
     adata = svt.datasets.synthetic_counts(n_cells=50, n_genes=10, seed=0)
-    with pytest.raises(ValueError, match="use_batch_norm must be 'both', 'encoder'"):
-        svt.SCVAE(adata, use_batch_norm="layer")
+    for bad in ("layer", 1, 1.0):  # 1 == True: it trained, then could not be loaded
+        with pytest.raises(ValueError, match="use_batch_norm must be 'both', 'encoder'"):
+            svt.SCVAE(adata, use_batch_norm=bad)
+    assert svt.SCVAE(adata, use_batch_norm=np.True_).module_config.use_batch_norm is True
 
 
 def test_the_restored_epoch_is_recorded_and_reported():
