@@ -1076,12 +1076,21 @@ class SCVAE:
                 )
         record = self._uns_record()
         record["layers"] = np.asarray(list(out_layers), dtype=object)  # which are this model's
+        # An earlier model's layers under this key: those its record lists (older records
+        # list none: then the two names, if a model's record is there at all). A user's own
+        # layer of that name, with no model record, is kept.
+        earlier = adata.uns.get(key_added)
+        if not (isinstance(earlier, dict) and "version" in earlier):
+            theirs = []
+        elif "layers" in earlier:
+            theirs = [str(n) for n in earlier["layers"]]
+        else:
+            theirs = [f"{key_added}_denoised", f"{key_added}_expected"]
+        stale = [n for n in theirs if n not in out_layers and n in adata.layers]
         adata.obsm.update(out_obsm)
         for name, arr in out_layers.items():
             adata.layers[name] = arr
-        stale = [n for n in (f"{key_added}_denoised", f"{key_added}_expected")
-                 if n not in out_layers and n in adata.layers]
-        for name in stale:  # an earlier model's layers under this key: not this model's
+        for name in stale:
             del adata.layers[name]
         if stale:
             warnings.warn(f"Removed layers {stale}: an earlier model wrote them under "

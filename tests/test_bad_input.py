@@ -723,3 +723,13 @@ def test_results_under_one_key_come_from_one_model():
         second.write_to_adata(adata, layers=False)
     assert "scvae_denoised" not in adata.layers and "scvae_expected" not in adata.layers
     assert adata.obsm["X_scvae"].shape[1] == 3 and len(adata.uns["scvae"]["layers"]) == 0
+
+
+def test_a_users_own_layer_of_that_name_is_kept():
+    """Only layers a model's record lists are removed, not a user's layer of the same name."""
+    adata = make(_counts())
+    adata.layers["scvae_denoised"] = adata.X.copy()  # the user's, no model record
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        svt.SCVAE(adata, **MODEL).train(**TRAIN).write_to_adata(adata, layers=False)
+    assert "scvae_denoised" in adata.layers
