@@ -265,7 +265,7 @@ class BackedCellData:
     # ------------------------------------------------------------------ file access
     def _file(self) -> h5py.File:
         """The open HDF5 file; reopened in a forked / spawned process (handles don't survive)."""
-        with self.__dict__.setdefault("_lock", threading.RLock()):
+        with self._lock():
             if self._h5 is None or self._pid != os.getpid():
                 self._h5 = h5py.File(self.path, "r")
                 self._pid = os.getpid()
@@ -274,12 +274,17 @@ class BackedCellData:
     def release_device(self) -> None:
         """Nothing to drop: streamed counts are moved to the device batch by batch."""
 
+    def _lock(self) -> threading.RLock:
+        """This object's lock for the file handle (made on first use: a pickled copy, as
+        sent to DDP ranks or worker processes, makes its own)."""
+        return self.__dict__.setdefault("_file_lock", threading.RLock())
+
     @contextlib.contextmanager
     def _reading(self):
         """Hold the file open while reading (nested and concurrent uses share it), and close
         it after the last: between calls nothing holds the .h5ad, so it can be rewritten or
         opened for writing by another process."""
-        lock = self.__dict__.setdefault("_lock", threading.RLock())
+        lock = self._lock()
         with lock:
             self._readers = getattr(self, "_readers", 0) + 1
         try:
@@ -292,7 +297,7 @@ class BackedCellData:
 
     def close(self) -> None:
         """Close the HDF5 file (it is reopened on the next read)."""
-        with self.__dict__.setdefault("_lock", threading.RLock()):
+        with self._lock():
             if self._h5 is not None and self._pid == os.getpid():
                 self._h5.close()
             self._h5 = None
@@ -300,7 +305,7 @@ class BackedCellData:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_h5"] = None
-        state.pop("_lock", None)  # not picklable; a copy makes its own
+        state.pop("_file_lock", None)  # not picklable; a copy makes its own
         state["_readers"] = 0  # a copy holds no file open
         return state
 

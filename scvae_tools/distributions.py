@@ -30,6 +30,25 @@ def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tens
     )
 
 
+def gamma_differences(
+    theta: torch.Tensor, x: torch.Tensor, want_digamma: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lgamma(x+θ) − lgamma(θ) − lgamma(x+1) and (optionally) ψ(x+θ) − ψ(θ), elementwise.
+
+    In float64 (except on MPS, which has none), cast back: in float32 the differences of two
+    large values cancel once θ is large (at θ = 1e4, lgamma(θ) ≈ 8e4 keeps ~0.004 of its
+    digits after the point, and θ·(ψ(x+θ) − ψ(θ)) has an error of ~0.01). Callers take them
+    at the non-zero counts only (they vanish at x = 0). Differentiable in θ.
+    """
+    dtype = theta.dtype
+    if theta.device.type != "mps":
+        theta, x = theta.double(), x.double()
+    xt = x + theta
+    lg = torch.lgamma(xt).sub_(torch.lgamma(theta)).sub_(torch.lgamma(x + 1.0)).to(dtype)
+    return lg, (torch.digamma(xt).sub_(torch.digamma(theta)).to(dtype) if want_digamma
+                else None)
+
+
 def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """lgamma(x+θ) − lgamma(θ) − lgamma(x+1), broadcast; differentiable in θ.
 
@@ -41,10 +60,8 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """
     shape = torch.broadcast_shapes(x.shape, theta.shape)
     xb, tb = x.expand(shape), theta.expand(shape)
-    wide = xb.dtype if xb.device.type == "mps" else torch.float64
     if xb.device.type != "cpu":  # no data-dependent indexing: the host would wait
-        xw, tw = xb.to(wide), tb.to(wide)
-        return (torch.lgamma(xw + tw) - torch.lgamma(tw) - torch.lgamma(xw + 1.0)).to(xb.dtype)
+        return gamma_differences(tb, xb)[0]
     # Flat positions and index_select/index_add: their backward passes are gathers and
     # scatters (advanced indexing's backward sorts the indices: ~8× slower here).
     flat_x = xb.reshape(-1)
@@ -53,8 +70,7 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         tv = theta.reshape(-1).index_select(0, flat % shape[-1])
     else:
         tv = tb.reshape(-1).index_select(0, flat)
-    xv, tv = flat_x.index_select(0, flat).to(wide), tv.to(wide)
-    values = (torch.lgamma(xv + tv) - torch.lgamma(tv) - torch.lgamma(xv + 1.0)).to(xb.dtype)
+    values = gamma_differences(tv, flat_x.index_select(0, flat))[0]
     return values.new_zeros(flat_x.shape).index_add(0, flat, values).reshape(shape)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from scvae_tools import native
+from scvae_tools.distributions import gamma_differences as _direct_differences
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -57,27 +58,6 @@ _MIN_LOG_THETA = -60.0
 # ψ(θ+k) − ψ(θ) (cumulative sums of log(θ+j) and 1/(θ+j), j < k): ~95% of the non-zeros of
 # a 10x matrix.
 _TABLE_COUNTS = 8
-
-
-def _direct_differences(
-    th_nz: torch.Tensor, xv: torch.Tensor, want_digamma: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """lgamma(x+θ) − lgamma(θ) − lgamma(x+1) and ψ(x+θ) − ψ(θ), from ``torch.lgamma`` and
-    ``torch.digamma``.
-
-    In float64 (except on MPS, which has none): in float32 the differences of two large
-    values cancel once θ is large (at θ = 1e4, lgamma(θ) ≈ 8e4 keeps ~0.004 of its digits
-    after the point, and θ·(ψ(x+θ) − ψ(θ)) has an error of ~0.01). They are taken at a
-    few entries per cell on the CPU with one θ per gene (those outside the tables); with a
-    θ per cell or per gene and batch, and on accelerators, at every non-zero.
-    """
-    dtype = th_nz.dtype
-    if th_nz.device.type != "mps":
-        th_nz, xv = th_nz.double(), xv.double()
-    xt = xv + th_nz
-    lg = torch.lgamma(xt).sub_(torch.lgamma(th_nz)).sub_(torch.lgamma(xv + 1.0)).to(dtype)
-    return lg, (torch.digamma(xt).sub_(torch.digamma(th_nz)).to(dtype) if want_digamma
-                else None)
 
 
 def _with_zero_column(table: torch.Tensor) -> torch.Tensor:
