@@ -1098,6 +1098,11 @@ class SCVAE:
                           "latent (layers=False writes none).", UserWarning, stacklevel=2)
         adata.uns[key_added] = record
 
+    def _restored_epoch(self) -> int | None:
+        """The epoch whose weights the model holds (``history.attrs``), or None."""
+        epoch = self.history.attrs.get("restored_epoch")
+        return None if epoch is None else int(epoch)
+
     def _uns_record(self) -> dict[str, Any]:
         """Settings, versions and history in h5ad-writable form (no None values)."""
         hist = {c: self.history[c].to_numpy() for c in self.history.columns}
@@ -1113,6 +1118,7 @@ class SCVAE:
             "torch_threads": self.train_threads,
             "versions": package_versions(),
             "history": hist,
+            "restored_epoch": self._restored_epoch(),
             "query": self.query_info,
         })
 
@@ -1151,6 +1157,8 @@ class SCVAE:
             "seed": self.train_config.seed if self.train_config else None,
             "torch_threads": self.train_threads,
             "versions": package_versions(),
+            # the epoch whose weights these are (a CSV cannot carry the history's attrs)
+            "restored_epoch": self._restored_epoch(),
         }
         if self.query_info is not None:  # a mapped query: how it was mapped
             config["query"] = self.query_info
@@ -1202,6 +1210,9 @@ class SCVAE:
         model.module.to(model.device).eval()
         hist_file = path / HISTORY_FILE
         model.history = pd.read_csv(hist_file) if hist_file.exists() and hist_file.stat().st_size > 1 else pd.DataFrame()
+        restored = raw.get("restored_epoch")
+        if isinstance(restored, int) and not isinstance(restored, bool) and restored >= 0:
+            model.history.attrs["restored_epoch"] = restored
         model.train_config = config["train"]
         threads = raw.get("torch_threads")
         model.train_threads = threads if isinstance(threads, int) and threads > 0 else None

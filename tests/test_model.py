@@ -480,7 +480,7 @@ def test_batch_norm_setting_is_checked():
     assert svt.SCVAE(adata, use_batch_norm=np.True_).module_config.use_batch_norm is True
 
 
-def test_the_restored_epoch_is_recorded_and_reported():
+def test_the_restored_epoch_is_recorded_and_reported(tmp_path):
     """Only epochs after the KL warm-up can be restored; the CLI named the best epoch over
     all rows (one of the warm-up's) as "the weights kept"."""
     from scvae_tools.cli import _summary
@@ -492,9 +492,15 @@ def test_the_restored_epoch_is_recorded_and_reported():
     restored = model.history.attrs["restored_epoch"]
     assert restored >= 3
     assert f"at epoch {restored} (the weights kept)" in _summary(model)
+    model.save(tmp_path / "m")  # a CSV drops the attrs: config.json carries the epoch
+    assert svt.SCVAE.load(tmp_path / "m").history.attrs["restored_epoch"] == restored
+    model.write_to_adata(adata, layers=False)
+    assert adata.uns["scvae"]["restored_epoch"] == restored
     model.train(max_epochs=3, kl_warmup_epochs=5, progress_bar=False, seed=0)  # never restores
     assert model.history.attrs["restored_epoch"] is None
     assert "weights kept" not in _summary(model)
+    model.save(tmp_path / "m", overwrite=True)
+    assert "restored_epoch" not in svt.SCVAE.load(tmp_path / "m").history.attrs
 
 
 def test_numpy_integers_are_whole_numbers_and_fractions_are_not():
