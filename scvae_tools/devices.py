@@ -48,20 +48,40 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
+def rng_kept(device: torch.device) -> Iterator[None]:
+    """Run the block, then give torch's global random state back (the CPU's and
+    ``device``'s): scoring held-out cells draws z, and must not change what training or
+    the caller draws next."""
+    cuda = ([torch.cuda.current_device() if device.index is None else device.index]
+            if device.type == "cuda" else [])
+    mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+    with torch.random.fork_rng(devices=cuda):  # fork_rng gives back the CPU's and CUDA's
+        try:
+            yield
+        finally:
+            if mps_state is not None:
+                torch.mps.set_rng_state(mps_state)
+
+
+@contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch's global generators (the CPU's and ``device``'s CUDA one) for the block,
-    and give the caller's random state back after it; ``seed=None``: leave them alone."""
+    """Seed torch's global generators (the CPU's and ``device``'s) for the block, and give
+    the caller's random state back after it; ``seed=None``: leave them alone."""
     if seed is None:
         yield
         return
-    cuda = ([torch.cuda.current_device() if device.index is None else device.index]
-            if device.type == "cuda" else [])
-    with torch.random.fork_rng(devices=cuda):
-        # These generators only: torch.manual_seed would also reset every other GPU's,
-        # which the fork does not give back.
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        if device.type == "mps":  # (its state is not given back: fork_rng covers CUDA only)
-            torch.mps.manual_seed(seed)
+    with rng_kept(device):
+        seed_generators(seed, device)
         yield
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU's generator and ``device``'s. Not ``torch.manual_seed``: it would also
+    reset every other GPU's, which :func:`rng_kept` does not give back."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[
+            torch.cuda.current_device() if device.index is None else device.index
+        ].manual_seed(seed)
+    if device.type == "mps":
+        torch.mps.manual_seed(seed)

@@ -2,8 +2,8 @@
 
 Every function takes a trained :class:`~scvae_tools.SCVAE` (or, for the β sweep, an AnnData)
 and returns plain results (a DataFrame, a dict or a small dataclass); functions that compute
-one value per cell also write it into ``adata.obs``. They are exported as ``svt.tl.*`` and
-each has a figure in ``svt.pl.*``.
+one value per cell also write it into ``adata.obs``. They are exported as ``svt.tl.*``
+(``sample`` as ``model.sample``), most with a figure in ``svt.pl.*``.
 
 Sign conventions: log-likelihoods, ELBOs and bounds are in nats per cell, higher is better;
 *rate* is KL(q(z|x) ‖ p(z)) and *distortion* is −E_q[log p(x|z)], both mean nats per cell.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import torch
 
 from .adapter import Batch, CellData
 from .devices import seeded
-from .model import SCVAE, _check_indices
+from .model import SCVAE, _check_indices, check_key_added
+from .module import samples_per_block
 from .train import evaluate
 
 __all__ = [
@@ -47,6 +49,16 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 # ---------------------------------------------------------------------- helpers
+def _generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from fresh entropy for ``None``."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
 def _data(model: SCVAE, adata) -> CellData:
     if not isinstance(model, SCVAE):
         raise TypeError(f"Expected a trained svt.SCVAE, got {type(model).__name__}.")
@@ -59,14 +71,29 @@ def _gauss_log_prob(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> t
     return -0.5 * ((z - mean).pow(2) / var + torch.log(var) + _LOG_2PI)
 
 
+def _per_cell_target(adata, what: str, key_added) -> None:
+    """Functions that write per-cell results need an AnnData (not a path) and a name."""
+    if adata is None or isinstance(adata, (str, os.PathLike)):
+        raise ValueError(f"{what} writes per-cell results into adata.obs, so it needs an "
+                         f"AnnData, got {adata!r}; read the file first "
+                         "(adata = anndata.read_h5ad(path)) and pass adata.")
+    check_key_added(key_added)
+
+
+def _decode_for_likelihood(module, z, b: Batch, cov: torch.Tensor) -> dict:
+    # The fused NB scores from the logits: no cells × genes means (μ, ρ) needed.
+    return module.decode(z, b.library, cov, b.batch_index, means=module.cfg.likelihood != "nb")
+
+
 def _log_weights(module, b: Batch, cov: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                 n_samples: int, chunk: int = 25) -> torch.Tensor:
+                 n_samples: int) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) − log q(z_k|x) for K samples z_k ~ q(z|x): (K, cells)."""
     out = []
+    chunk = samples_per_block(*b.x.shape)
     for start in range(0, n_samples, chunk):
         k = min(chunk, n_samples - start)
         z = m + v.sqrt() * torch.randn((k, *m.shape), device=m.device, dtype=m.dtype)
-        params = module.decode(z, b.library, cov, b.batch_index)
+        params = _decode_for_likelihood(module, z, b, cov)
         log_q = _gauss_log_prob(z, m, v).sum(-1)
         out.append(module.log_px(b.x, params) + module.prior_log_prob(z) - log_q)
     return torch.cat(out, 0)
@@ -238,7 +265,8 @@ def variational_gap(
     key_added
         Prefix of the ``obs`` columns.
     batch_size
-        Cells per minibatch (each holds n_samples × cells × genes values).
+        Cells per minibatch; their samples are decoded a few at a time, in blocks of at
+        most ~2²⁴ samples × cells × genes values.
     seed
         Seeds the samples (the global torch RNG is left as it was).
 
@@ -248,8 +276,7 @@ def variational_gap(
     columns are written to ``adata.obs[f"{key_added}_elbo"]``,
     ``obs[f"{key_added}_log_px_iw"]`` and ``obs[f"{key_added}_variational_gap"]``.
     """
-    if adata is None:
-        raise ValueError("variational_gap writes per-cell results into adata.obs; pass adata=.")
+    _per_cell_target(adata, "variational_gap", key_added)
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
     data = _data(model, adata)
@@ -326,8 +353,7 @@ def amortization_gap(
     ``amortization_gap`` (nats), also written to ``adata.obs[f"{key_added}_<column>"]``;
     with ``return_latents`` a tuple ``(DataFrame, refined_means)``.
     """
-    if adata is None:
-        raise ValueError("amortization_gap writes per-cell results into adata.obs; pass adata=.")
+    _per_cell_target(adata, "amortization_gap", key_added)
     for name, val in (("n_steps", n_steps), ("n_mc", n_mc), ("n_eval_samples", n_eval_samples),
                       ("eval_every", eval_every)):
         if int(val) < 1:
@@ -366,14 +392,20 @@ def _refine_batch(module, b: Batch, n_steps: int, lr: float, n_mc: int, n_eval: 
         cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
         m0, v0 = module.encode(b.x, cov)
     eval_eps = torch.randn((n_eval, *m0.shape), device=m0.device)
+    chunk = samples_per_block(*b.x.shape)
 
-    def elbo(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def elbo_part(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The ELBO's Monte Carlo sum over these draws (divide by all draws for the mean)."""
         var = log_var.exp()
         z = mean + var.sqrt() * eps
-        log_px = module.log_px(b.x, module.decode(z, b.library, cov, b.batch_index)).mean(0)
-        kl = module.kl_per_dim(mean, var, None)[0] if module.cfg.prior == "normal" else (
-            _gauss_log_prob(z, mean, var).sum(-1) - module.prior_log_prob(z)).mean(0)
-        return log_px - kl
+        log_px = module.log_px(b.x, _decode_for_likelihood(module, z, b, cov)).sum(0)
+        if module.cfg.prior == "normal":
+            return log_px - len(eps) * module.kl_per_dim(mean, var, None)[0]
+        return log_px - (_gauss_log_prob(z, mean, var).sum(-1) - module.prior_log_prob(z)).sum(0)
+
+    def elbo(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # A few draws at a time: a samples × cells × genes block stays bounded.
+        return sum(elbo_part(mean, log_var, e) for e in eps.split(chunk)) / len(eps)
 
     mean = m0.clone().requires_grad_(True)
     log_var = torch.log(v0).clone().requires_grad_(True)
@@ -383,9 +415,10 @@ def _refine_batch(module, b: Batch, n_steps: int, lr: float, n_mc: int, n_eval: 
     optim = torch.optim.Adam([mean, log_var], lr=lr)
     for step in range(1, n_steps + 1):
         eps = torch.randn((n_mc, *m0.shape), device=m0.device)
-        loss = -elbo(mean, log_var, eps).sum()  # cells are independent: a sum optimises each
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        for e in eps.split(chunk):  # gradients accumulate: one block of draws in memory
+            # cells are independent: a sum over cells optimises each
+            (-elbo_part(mean, log_var, e).sum() / n_mc).backward()
         optim.step()
         if step % eval_every == 0 or step == n_steps:
             with torch.no_grad():
@@ -453,10 +486,15 @@ def aggregated_posterior(
     Dict with ``kl_aggregated_prior`` (KL(q(z) ‖ p(z)), nats), ``kl_prior_aggregated``
     (KL(p(z) ‖ q(z)), large when the prior puts mass in holes), ``hole_fraction``,
     ``hole_threshold``, and arrays ``prior_samples``, ``prior_log_q`` (the hole score per
-    prior draw), ``posterior_samples``, ``posterior_log_q`` and ``posterior_means``.
+    prior draw), ``posterior_samples``, ``posterior_log_q`` and ``posterior_means`` (the
+    cells that define q(z): all of them, or a random ``max_cells`` in their order).
     """
     if not 0 < hole_quantile < 1:
         raise ValueError(f"hole_quantile must be in (0, 1), got {hole_quantile}.")
+    if isinstance(adata, (str, os.PathLike)) and key_added is not None:
+        raise ValueError(f"aggregated_posterior stores its summary in adata.uns[{key_added!r}], "
+                         "which a file path does not have: pass key_added=None, or read the "
+                         "file first (adata = anndata.read_h5ad(path)).")
     if int(n_samples) < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}.")
     data = _data(model, adata)
@@ -466,7 +504,7 @@ def aggregated_posterior(
         keep = np.sort(rng.choice(m_np.shape[0], max_cells, replace=False))
         m_np, v_np = m_np[keep], v_np[keep]
     means, variances = torch.from_numpy(m_np).double(), torch.from_numpy(v_np).double()
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(seed)
     pick = torch.from_numpy(rng.integers(0, means.shape[0], int(n_samples)))
     z_q = means[pick] + variances[pick].sqrt() * torch.randn(
         (int(n_samples), means.shape[1]), generator=gen, dtype=torch.float64)
@@ -539,7 +577,7 @@ def sample(model: SCVAE, n: int, source: str = "prior", adata=None, seed: int = 
     rows = np.random.default_rng(seed).integers(0, data.n_obs, n)
     zs, counts = [], []
     with seeded(seed, model.device), torch.inference_mode():
-        gen = torch.Generator().manual_seed(seed)
+        gen = _generator(seed)
         for b in model._eval_batches(data, 1024, indices=rows):
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             if source == "prior":
@@ -587,10 +625,15 @@ def decoder_jacobian(
     batch_size
         Cells per minibatch.
     """
+    blocks = _jacobian_blocks(model, adata, n_cells, seed, batch_size)
+    return torch.cat(list(blocks)).numpy()
+
+
+def _jacobian_blocks(model: SCVAE, adata, n_cells: int | None, seed: int, batch_size: int):
+    """:func:`decoder_jacobian` one minibatch of cells at a time, (cells, genes, n_latent)."""
     data = _data(model, adata)
     rows = _subset(data.n_obs, n_cells, seed)
     module = model.module
-    jac = []
     for b in model._eval_batches(data, batch_size, indices=rows):
         with torch.no_grad():
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
@@ -604,8 +647,7 @@ def decoder_jacobian(
             tangent = torch.zeros_like(m)
             tangent[:, d] = 1.0
             cols.append(torch.func.jvp(log_rho, (m,), (tangent,))[1].detach())
-        jac.append(torch.stack(cols, -1).cpu())
-    return torch.cat(jac).numpy()
+        yield torch.stack(cols, -1).cpu()
 
 
 def _subset(n_obs: int, n_cells: int | None, seed: int) -> np.ndarray:
@@ -643,13 +685,20 @@ def jacobian_coupling(
     units when ``active_only``), ``matrix`` (DataFrame, mean |cosine| per pair of axes) and
     ``dims`` (the axes used).
     """
-    jac = decoder_jacobian(model, adata, n_cells=n_cells, seed=seed).astype(np.float64)
-    jac -= jac.mean(1, keepdims=True)
-    norms = np.linalg.norm(jac, axis=1, keepdims=True)
-    unit = jac / np.maximum(norms, 1e-12)
-    cos = np.abs(np.einsum("cgi,cgj->cij", unit, unit)).mean(0)
-    names = [f"z{d}" for d in range(jac.shape[2])]
-    dims = list(range(jac.shape[2]))
+    # Block by block: the whole cells × genes × n_latent Jacobian is never held (with all
+    # genes, 500 cells would take over a GB).
+    cos_sum, n = 0.0, 0
+    shape = model.spec.n_genes * model.module_config.n_latent
+    cells = int(min(256, max(8, (1 << 22) // shape)))  # blocks of ~2²² values
+    for block in _jacobian_blocks(model, adata, n_cells, seed, batch_size=cells):
+        jac = block.double()
+        jac -= jac.mean(1, keepdim=True)
+        unit = jac / jac.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos_sum = cos_sum + torch.einsum("cgi,cgj->cij", unit, unit).abs().sum(0)
+        n += len(jac)
+    cos = (cos_sum / n).numpy()
+    names = [f"z{d}" for d in range(cos.shape[0])]
+    dims = list(range(cos.shape[0]))
     if active_only:
         dims = [d for d, a in enumerate(posterior_collapse(model, adata, threshold)["active"]) if a]
     sub = cos[np.ix_(dims, dims)]
@@ -705,8 +754,9 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 10) -> dic
     latent axes most informative about it; MIG is the mean over factors, in [0, 1], high when
     each factor is captured by one axis alone. Latents and float factors are discretised into
     ``n_bins`` equal-width bins; categorical, string, bool and integer factors keep their own
-    levels, however many. The plug-in estimate is biased upwards by
-    about (n_bins − 1)² / (2 · cells) nats, so keep ``n_bins`` well below √cells.
+    levels, however many. The plug-in estimate is biased upwards by about
+    (n_bins − 1)(L − 1) / (2 · cells) nats for a factor of L levels (L = n_bins when binned),
+    so keep ``n_bins`` well below √cells.
 
     Parameters
     ----------
@@ -786,6 +836,10 @@ def disentanglement(
     :func:`mutual_information_gap`) and ``coupling``, ``coupling_matrix`` (see
     :func:`jacobian_coupling`).
     """
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError("disentanglement reads the factors from adata.obs, so it needs an "
+                         f"AnnData, got {type(adata).__name__}; read a file first "
+                         "(adata = anndata.read_h5ad(path)).")
     factor_keys = [factor_keys] if isinstance(factor_keys, str) else list(factor_keys)
     missing = [k for k in factor_keys if k not in adata.obs]
     if missing:

@@ -368,16 +368,17 @@ class SCVAE:
             validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
             compile=compile, cuda_graphs=cuda_graphs, seed=seed, train_size=train_size,
         )
-        torch.manual_seed(seed)
-        # Re-initialise so that a seed fully determines the result, whatever came before.
-        module = VAE(self.module_config)
         dist_ctx = _dist_context(strategy, device)
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
         finished = False
         try:
-            history = train_module(module, data, train_idx, val_idx, cfg, device,
-                                   progress_bar=progress_bar, checkpoint=checkpoint,
-                                   dist=dist_ctx)
+            # The seed fully determines the result, whatever came before, and the caller's
+            # own random state is given back afterwards.
+            with seeded(seed, device):
+                module = VAE(self.module_config)  # re-initialised
+                history = train_module(module, data, train_idx, val_idx, cfg, device,
+                                       progress_bar=progress_bar, checkpoint=checkpoint,
+                                       dist=dist_ctx)
             finished = True
         finally:
             if dist_ctx is not None:
@@ -677,25 +678,35 @@ class SCVAE:
         return torch.full_like(batch_index, cats.index(name))
 
     @torch.inference_mode()
-    def get_elbo(self, adata=None, indices: np.ndarray | None = None, batch_size: int = 1024) -> float:
+    def get_elbo(self, adata=None, indices: np.ndarray | None = None, batch_size: int = 1024,
+                 seed: int | None = 0) -> float:
         """Mean per-cell ELBO in nats (higher is better; full normalised likelihood).
 
-        Uses one posterior sample per cell, like scvi-tools' ``get_elbo``. ``indices``
+        Uses one posterior sample per cell, like scvi-tools' ``get_elbo``, drawn with
+        ``seed`` (the caller's torch random state is left as it was; ``None``: drawn from
+        it), so the same model and cells give the same value at every call. ``indices``
         restricts to some cells (e.g. ``model.validation_indices``).
         """
         self._check_trained()
         data = self._data_for(adata)
         indices = _check_indices(indices, data.n_obs)
         batch_size = check_positive_int(batch_size, "batch_size")
-        return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
+        with seeded(seed, self.device):
+            return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
 
     @torch.inference_mode()
     def get_marginal_ll(
         self, adata=None, n_samples: int = 100, indices: np.ndarray | None = None,
-        batch_size: int = 256, return_per_cell: bool = False,
+        batch_size: int = 256, return_per_cell: bool = False, seed: int | None = 0,
     ) -> float | np.ndarray:
         """Importance-weighted estimate of log p(x), mean per cell in nats (higher is better).
 
+        IWAE (Burda et al. 2016) with ``n_samples`` draws from each cell's q(z|x): a lower
+        bound on log p(x) that tightens as ``n_samples`` grows, and equals the ELBO in
+        expectation with one. The draws are seeded by ``seed`` (the caller's torch random
+        state is left as it was; ``None``: drawn from it), so a call gives the same value
+        each time. Cells are scored ``batch_size`` at a time, their samples decoded in
+        blocks of at most ~2²⁴ samples × cells × genes values.
         With ``return_per_cell`` the per-cell values are returned instead of their mean.
         """
         self._check_trained()
@@ -704,10 +715,11 @@ class SCVAE:
         indices = _check_indices(indices, data.n_obs)
         vals = []
         # The batches' non-zeros spare the likelihood a search of each samples × cells block.
-        for b in self._eval_batches(data, batch_size, indices, nonzero=True):
-            vals.append(self.module.importance_weighted_log_px(
-                b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs, n_samples=n_samples,
-                nonzero=b.nonzero))
+        with seeded(seed, self.device):
+            for b in self._eval_batches(data, batch_size, indices, nonzero=True):
+                vals.append(self.module.importance_weighted_log_px(
+                    b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs, n_samples=n_samples,
+                    nonzero=b.nonzero))
         per_cell = torch.cat(vals).cpu().numpy().astype(np.float64)
         return per_cell if return_per_cell else float(per_cell.mean())
 

@@ -488,15 +488,17 @@ class VAE(nn.Module):
         cat_covs: torch.Tensor | None = None,
         cont_covs: torch.Tensor | None = None,
         n_samples: int = 100,
-        chunk: int = 25,
+        chunk: int | None = None,
         nonzero: NonZeros | None = None,
     ) -> torch.Tensor:
         """IWAE estimate of log p(x) per cell with ``n_samples`` samples from q(z|x).
 
         log p(x) ≈ logsumexp_k[log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K, a lower
         bound that tightens as K grows and equals the ELBO in expectation at K = 1.
-        ``nonzero``: the non-zeros of ``x`` when the data path knows them.
+        ``nonzero``: the non-zeros of ``x`` when the data path knows them. ``chunk``:
+        samples decoded at once (default: :func:`samples_per_block`).
         """
+        chunk = chunk or samples_per_block(*x.shape)
         cov = self.covariates(batch_index, cat_covs, cont_covs)
         qz_m, qz_v = self.encode(x, cov)
         std = qz_v.sqrt()
@@ -517,6 +519,16 @@ class VAE(nn.Module):
         return sample_counts(
             self.cfg.likelihood, params["mu"], params.get("theta"), params.get("pi_logits")
         )
+
+
+BLOCK_VALUES = 1 << 24
+
+
+def samples_per_block(n_cells: int, n_genes: int, most: int = 25) -> int:
+    """Posterior samples to decode at once: a samples × cells × genes block of at most
+    ``BLOCK_VALUES`` (~2²⁴) values, a few hundred MB with the likelihood's temporaries,
+    however many genes."""
+    return max(1, min(int(most), BLOCK_VALUES // max(1, n_cells * n_genes)))
 
 
 def kl_normal_std(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .adapter import CellData, DataSpec, _check_not_empty
-from .devices import accumulator_dtype
+from .devices import accumulator_dtype, seeded
 from .module import VAE, ModuleConfig
 from .train import (
     DISPERSION_LR_FACTOR,
@@ -180,8 +180,8 @@ def load_query(
     new_cfg = ModuleConfig(**{**ref_cfg.to_dict(), "n_batch": new_spec.n_batch,
                               "n_cats_per_cov": new_spec.n_cats_per_cov})
     data = CellData(query_adata, new_spec, trained=True)  # checks genes, counts; names the fix
-    torch.manual_seed(seed)
-    module = VAE(new_cfg)
+    with seeded(seed, torch.device("cpu")):  # the caller's random state is given back
+        module = VAE(new_cfg)
     new_labels = {(k, c) for k, cats in added.items() for c in cats}
     masks = _transplant(reference.module, ref_spec, module, new_spec, new_labels)
 
@@ -207,9 +207,10 @@ def load_query(
         module.to(model.device).eval()
         return model
     train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
-    model.history = _fine_tune(module, data, masks, train_idx, val_idx, n_epochs, batch_size, lr,
-                               eps, model.beta, model.free_bits, early_stopping,
-                               early_stopping_patience, seed, model.device, progress_bar)
+    with seeded(seed, model.device):
+        model.history = _fine_tune(module, data, masks, train_idx, val_idx, n_epochs, batch_size,
+                                   lr, eps, model.beta, model.free_bits, early_stopping,
+                                   early_stopping_patience, seed, model.device, progress_bar)
     model.train_indices, model.validation_indices = train_idx, val_idx
     model.train_threads = torch.get_num_threads()
     return model
@@ -337,8 +338,7 @@ def _fine_tune(
                        "lr": lr * (DISPERSION_LR_FACTOR if name == "log_theta" else 1.0)})
     # No weight decay: it would shrink the frozen reference entries despite the zero gradient.
     optim = torch.optim.Adam(groups, lr=lr, eps=eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # (the global ones: seeded by the caller)
     rows, best, best_state, since_best, best_epoch = [], -math.inf, None, 0, None
     epochs = range(max_epochs)
     bar = None

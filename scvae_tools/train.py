@@ -22,7 +22,7 @@ from torch.optim import optimizer as _torch_optimizer
 from . import checkpoint as ckpt
 from .adapter import Batch, CellData
 from .checkpoint import CheckpointConfig
-from .devices import accumulator_dtype
+from .devices import accumulator_dtype, rng_kept, seed_generators
 from .distributed import DistContext
 from .fused import NonZeros
 from .module import VAE
@@ -204,8 +204,18 @@ def evaluate(
     """Mean per-cell ELBO, reconstruction log-likelihood and KL over ``indices``.
 
     Under DDP (``dist``) each rank scores its slice of ``indices`` and the sums are
-    all-reduced, so every rank returns the same global means.
+    all-reduced, so every rank returns the same global means. The z it draws leave torch's
+    random state as it was: how often training scores its validation cells does not change
+    what it learns.
     """
+    with rng_kept(device):
+        return _evaluate(module, data, indices, batch_size, device, dist)
+
+
+def _evaluate(
+    module: VAE, data: CellData, indices: np.ndarray | None, batch_size: int, device: torch.device,
+    dist: DistContext | None,
+) -> dict[str, float]:
     if dist is not None:
         dist.sync_buffers(module)  # score with rank 0's BatchNorm statistics everywhere
         indices = dist.my_slice(np.arange(data.n_obs) if indices is None else indices)
@@ -374,7 +384,7 @@ def train_module(
             f"Training needs at least 2 cells in the training split, got {len(train_idx)}; "
             "use more cells (with very few cells, also train_size=1.0)."
         )
-    torch.manual_seed(cfg.seed)
+    seed_generators(cfg.seed, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     module.to(device).train()
     optim = _adam(module, cfg, device)

@@ -112,9 +112,75 @@ def test_iwae_never_below_elbo_and_grows_with_k(trained, factors):
     assert abs(means[50] - trained.get_marginal_ll(n_samples=50)) < 1.0
 
 
-def test_variational_gap_needs_adata(trained):
+def test_variational_gap_needs_adata(trained, factors, tmp_path):
     with pytest.raises(ValueError, match="adata"):
         svt.tl.variational_gap(trained, None)
+    path = tmp_path / "f.h5ad"
+    factors.write_h5ad(path)
+    for fn in (svt.tl.variational_gap, svt.tl.amortization_gap):  # crashed after the work
+        with pytest.raises(ValueError, match="needs an AnnData"):
+            fn(trained, path)
+    with pytest.raises(ValueError, match="key_added must be a non-empty string"):
+        svt.tl.variational_gap(trained, factors.copy(), key_added="")
+    with pytest.raises(ValueError, match="pass key_added=None"):
+        svt.tl.aggregated_posterior(trained, path)
+    assert np.isfinite(svt.tl.aggregated_posterior(trained, path, key_added=None,
+                                                   n_samples=50)["kl_aggregated_prior"])
+
+
+def test_estimates_are_seeded_and_leave_the_callers_random_state(trained, factors):
+    """get_marginal_ll drew from the global generator (two calls, two values); train()
+    (and so the β sweep) reseeded the caller's generator for good."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    first = trained.get_marginal_ll(n_samples=10)
+    assert trained.get_marginal_ll(n_samples=10) == first
+    assert trained.get_marginal_ll(n_samples=10, seed=1) != first
+    trained_copy = copy.deepcopy(trained)
+    trained_copy.train(max_epochs=1, progress_bar=False, seed=0)
+    torch.testing.assert_close(torch.rand(4), expected)
+    after = []
+    for seed in (1, 2):  # building a model draws its initial weights, as in torch; no reseed
+        torch.manual_seed(seed)
+        svt.tl.rate_distortion_sweep(factors, betas=(1.0,), max_epochs=1, **SMALL)
+        after.append(torch.rand(4))
+    assert not torch.equal(*after)
+    for seed in (None, 0):  # seed=None crashed both
+        assert trained.sample(5, seed=seed).n_obs == 5
+        svt.tl.aggregated_posterior(trained, n_samples=20, seed=seed)
+
+
+def test_sample_blocks_stay_bounded(trained, factors, monkeypatch):
+    """Posterior samples are decoded a few at a time, however many genes: the IWAE bound,
+    the variational gap and the amortization gap held 25 or 16 samples × cells × genes
+    (5–8 GB at 512 cells × 32,738 genes), and the results do not depend on the blocks."""
+    import scvae_tools.module as module_mod
+
+    cells = 64
+    full = (trained.get_marginal_ll(n_samples=12, batch_size=cells),
+            svt.tl.variational_gap(trained, factors.copy(), n_samples=12, batch_size=cells),
+            svt.tl.amortization_gap(trained, factors.copy(), n_steps=4, eval_every=2,
+                                    batch_size=cells))
+    seen = []
+    real = VAE.decode
+
+    def decode(self, z, *args, **kwargs):
+        seen.append(z.shape[0] * z.shape[1] if z.dim() == 3 else z.shape[0])  # samples × cells
+        return real(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "decode", decode)
+    monkeypatch.setattr(module_mod, "BLOCK_VALUES", 3 * cells * factors.n_vars)
+    blocked = (trained.get_marginal_ll(n_samples=12, batch_size=cells),
+               svt.tl.variational_gap(trained, factors.copy(), n_samples=12, batch_size=cells),
+               svt.tl.amortization_gap(trained, factors.copy(), n_steps=4, eval_every=2,
+                                       batch_size=cells))
+    assert 0 < max(seen) <= 3 * cells
+    # The same draws in other blocks: equal up to float32 sums (the refinement amplifies
+    # round-off a little over its steps).
+    assert abs(blocked[0] - full[0]) < 1e-3 * abs(full[0])
+    np.testing.assert_allclose(blocked[1].to_numpy(), full[1].to_numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(blocked[2].to_numpy(), full[2].to_numpy(), rtol=1e-3, atol=0.05)
 
 
 # ---------------------------------------------------------------------- 4. amortization gap
@@ -384,3 +450,14 @@ def test_figures_render(trained, factors, tmp_path):
         svt.pl.variational_gap(factors.copy())
     with pytest.raises(KeyError, match="rate_distortion_sweep"):
         svt.pl.rate_distortion(sweep.drop(columns="rate"))
+
+
+def test_jacobian_coupling_in_blocks_equals_the_whole_jacobian(trained, factors):
+    """The coupling is accumulated block by block (the whole Jacobian took 1.2 GB at 500
+    cells × 32,738 genes); it must equal the mean |cosine| over the whole Jacobian."""
+    jac = svt.tl.decoder_jacobian(trained, factors, n_cells=300, seed=2).astype(np.float64)
+    jac -= jac.mean(1, keepdims=True)
+    unit = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+    expected = np.abs(np.einsum("cgi,cgj->cij", unit, unit)).mean(0)
+    res = svt.tl.jacobian_coupling(trained, factors, n_cells=300, seed=2, active_only=False)
+    np.testing.assert_allclose(res["matrix"].to_numpy(), expected, rtol=1e-6, atol=1e-9)

@@ -91,10 +91,12 @@ def _torchrun(args: list[str], timeout: int = 240, ok: bool = True) -> subproces
 
 def test_two_gloo_ranks_match_single_process(synthetic, tmp_path):
     """torchrun, 2 CPU processes, Gloo: held-out ELBO within 1% of one process; each epoch
-    every training cell is seen exactly once (across the two ranks)."""
+    every training cell is seen exactly once (across the two ranks). The ranks draw other
+    noise than one process, so the runs match in quality only: trained 30 epochs, not 15,
+    where the noise alone moved the held-out ELBO by about 1%."""
     path = tmp_path / "s.h5ad"
     synthetic.write_h5ad(path)
-    epochs, per_rank_bs = 15, 32
+    epochs, per_rank_bs = 30, 32
     _torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(path), str(tmp_path),
                "--epochs", str(epochs), "--batch-size", str(per_rank_bs), "--backed"])
     res = json.loads((tmp_path / "result.json").read_text())

@@ -525,3 +525,21 @@ def test_weights_broken_by_an_epochs_last_step_are_not_kept_as_good():
         model.train(max_epochs=5, lr=1e39, lr_schedule="constant", batch_size=1000,
                     train_size=1.0, progress_bar=False)
     assert not model.is_trained
+
+
+def test_scoring_validation_cells_does_not_change_training():
+    """evaluate() draws z; it drew them from the global generator that training samples
+    with, so validation_every=1 and =4 trained different models from the same seed."""
+    adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=30, seed=1)
+    latents = []
+    for every in (1, 4):
+        model = svt.SCVAE(adata, n_latent=3)
+        model.train(max_epochs=4, validation_every=every, early_stopping=False, seed=0,
+                    progress_bar=False)
+        latents.append(model.get_latent_representation())
+    np.testing.assert_array_equal(latents[0], latents[1])
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model.get_elbo()  # evaluation leaves the caller's random state alone
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())

@@ -228,13 +228,14 @@ def test_graphed_step_logic_trains_like_the_eager_step(synthetic, options):
     eager_mod, eager = _train_module_run(synthetic, False, **options)
     graph_mod, graphed = _train_module_run(synthetic, True, **options)
     # Not bit for bit: the optimiser reads its learning rate from a tensor, and the
-    # likelihood sums over every entry. bf16 rounding amplifies such differences.
+    # likelihood sums over every entry. bf16 rounding (8 bits of mantissa) amplifies such
+    # differences: a few weights of order 1 end ~0.01 apart, as the seed alone moves them.
     bf16 = options.get("precision") == "bf16-mixed"
     cols = ["train_elbo", "train_kl", "validation_elbo", "beta", "lr"]
     np.testing.assert_allclose(graphed[cols].to_numpy(), eager[cols].to_numpy(),
                                rtol=5e-3 if bf16 else 2e-5)
     for a, b in zip(graph_mod.parameters(), eager_mod.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-2 if bf16 else 1e-3, atol=1e-2 if bf16 else 1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-2 if bf16 else 1e-3, atol=2e-2 if bf16 else 1e-4)
 
 
 def test_graphed_step_rolls_back_a_bad_step(synthetic, monkeypatch):
