@@ -33,7 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-key", default=None, help="obs column with batch labels")
     p.add_argument("--categorical-covariate-keys", nargs="+", default=None, metavar="KEY",
                    help="obs columns of categorical covariates (one-hot into both networks); "
-                        "give the input file before this option, or end the list with --")
+                        "give the input file before this option (the keys run up to the "
+                        "next option)")
     p.add_argument("--continuous-covariate-keys", nargs="+", default=None, metavar="KEY",
                    help="obs columns of continuous covariates (input file before, as above)")
     p.add_argument("--size-factor-key", default=None,
@@ -177,14 +178,18 @@ def _check_output(path: str, input_path: str | None = None) -> None:
                               "folder.")
 
 
-def _write(adata, path: str, backed: bool) -> None:
+def _write(adata, path: str | Path, backed: bool) -> None:
+    """Write the results atomically: a failed write (a full disk) keeps the file that was
+    there before, instead of a truncated one."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if backed:  # copy X on disk instead of reading it into memory
+    if backed:  # copy X on disk instead of reading it into memory (atomic too)
         from .backed import write_h5ad_backed
 
         write_h5ad_backed(adata, path)
     else:
-        adata.write_h5ad(path)
+        from .checkpoint import atomic_write
+
+        atomic_write(path, adata.write_h5ad)
 
 
 def _summary(model) -> str:
@@ -224,6 +229,10 @@ def cmd_apply(args) -> int:
                          "drop those flags.")
     _check_output(args.output, args.input)
     _check_save_model(args.save_model, args.output)
+    if args.save_model and Path(args.save_model).resolve() == Path(args.model).resolve():
+        raise ValueError(f"--save-model {args.save_model} is the --model folder: saving there "
+                         "would replace the model applied (and its training history). Save "
+                         "to another folder.")
     if args.pad_missing_genes and args.backed:
         raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
                          "--backed, or write a padded file first.")
@@ -273,7 +282,7 @@ def cmd_demo(args) -> int:
                      show=False)
     fig.savefig(out / "umap.png", dpi=120, bbox_inches="tight")
     training_history(model).savefig(out / "training_history.png", dpi=120)
-    adata.write_h5ad(out / "pbmc68k_scvae.h5ad")
+    _write(adata, out / "pbmc68k_scvae.h5ad", backed=False)
     model.save(out / "model", overwrite=True)
     if args.save_model:
         model.save(args.save_model, overwrite=True)

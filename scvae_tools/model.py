@@ -28,7 +28,7 @@ from .checkpoint import (
     safe_torch_load,
     validate_model_config,
 )
-from .devices import resolve_device, seeded
+from .devices import resolve_device, rng_kept, seeded
 from .module import VAE, ModuleConfig
 from .train import (
     DEFAULT_LR,
@@ -959,6 +959,7 @@ class SCVAE:
         seed: int = 0,
         device: str | torch.device = "auto",
         progress_bar: bool = True,
+        eps: float = 1e-2,
     ) -> SCVAE:
         """Map a query dataset with new batches onto a saved reference model (scArches).
 
@@ -983,8 +984,8 @@ class SCVAE:
             Fine-tuning epochs; default ``min(200, 20000 / n_cells · 400)``. 0 skips
             fine-tuning (the new columns keep their start: the mean of the reference batches).
         batch_size, lr, train_size, early_stopping, early_stopping_patience, seed, device,
-        progress_bar
-            As in :meth:`train` (no KL warm-up, no weight decay).
+        progress_bar, eps
+            As in :meth:`train` (no KL warm-up, no weight decay; ``eps``: Adam's).
 
         Returns
         -------
@@ -1007,7 +1008,7 @@ class SCVAE:
             cls, reference_dir, query_adata, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
             train_size=train_size, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, device=device,
-            progress_bar=progress_bar,
+            progress_bar=progress_bar, eps=eps,
         )
 
     @staticmethod
@@ -1208,7 +1209,10 @@ class SCVAE:
         model.module_config = config["module"]
         model.beta = config["beta"]
         model.free_bits = config["free_bits"]
-        model.module = VAE(model.module_config)
+        # Its initial weights are replaced by the saved ones: drawing them must not move
+        # the caller's random state.
+        with rng_kept(torch.device("cpu")):
+            model.module = VAE(model.module_config)
         state = check_state_dict(safe_torch_load(path / WEIGHTS_FILE, "model weights"),
                                  str(path / WEIGHTS_FILE))
         if model.module.log_theta is None:

@@ -146,9 +146,18 @@ class Encoder(nn.Module):
         else:
             # log(1 + x) for counts x ≥ 0: the same values as log1p, and a faster kernel.
             h = (x + 1.0).log_()
-            if cov.shape[1]:
-                h = torch.cat([h, cov], dim=1)
-            h = self.body(h)
+            if cov.shape[1] and not torch.is_grad_enabled():
+                # Genes and covariates apart, as the sparse path does: the genes' product
+                # then has the same shape whatever columns load_query adds for new batches,
+                # so reference cells keep exactly their latent.
+                first = self.body[0]
+                n_genes = x.shape[1]
+                h = torch.addmm(first.bias, h, self._genes_by_hidden(n_genes))
+                h = self.body[1:](h + cov @ first.weight[:, n_genes:].T)
+            else:
+                if cov.shape[1]:
+                    h = torch.cat([h, cov], dim=1)
+                h = self.body(h)
         # At least float32 out even under bf16 autocast: the KL and z need the precision.
         # A small floor on the variance keeps the KL and sampling safe.
         return _full(self.mean(h)), torch.exp(_full(self.log_var(h))) + 1e-4
@@ -185,7 +194,9 @@ class Encoder(nn.Module):
 
         Transposing costs about as much as the product itself, so without gradients the
         table is kept until the weight changes (a new tensor, or an in-place update such as
-        an optimiser step or ``load_state_dict``, bumps the key).
+        ``load_state_dict``, bumps the key). Fused Adam steps do not bump the version
+        counter: the trainer calls :meth:`VAE.forget_cached_weights` before it scores
+        cells and when it ends.
         """
         w = self.body[0].weight
         # With gradients the table must stay differentiable; weights created under
@@ -329,6 +340,12 @@ class VAE(nn.Module):
         if not parts:
             return batch_index.new_zeros((batch_index.shape[0], 0), dtype=torch.float32)
         return torch.cat(parts, dim=1)
+
+    def forget_cached_weights(self) -> None:
+        """Drop tables derived from the weights (the encoder's genes × hidden copy): for
+        callers that change weights in place without bumping their version counter, as
+        ``torch.optim.Adam(fused=True)`` does."""
+        self.encoder._gene_table_key = None
 
     # ------------------------------------------------------------------ pieces
     def encode(self, x: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 import warnings
@@ -163,6 +164,19 @@ def load_query(
     progress_bar: bool = True,
 ) -> SCVAE:
     """Map query cells onto a saved reference; see :meth:`SCVAE.load_query`."""
+    from .model import _whole
+
+    # As train() checks them: a fractional or negative epoch count, a zero batch or lr
+    # were truncated, taken as they were or failed deep in the loop.
+    max_epochs = None if max_epochs is None else _whole(max_epochs, "max_epochs", minimum=0)
+    batch_size = _whole(batch_size, "batch_size", minimum=2)
+    early_stopping_patience = _whole(early_stopping_patience, "early_stopping_patience",
+                                     minimum=0)
+    seed = _whole(seed, "seed", minimum=0)
+    for name, value in (("lr", lr), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     if isinstance(query_adata, (str, os.PathLike)):
         query_adata = ad.read_h5ad(query_adata)
     elif getattr(query_adata, "isbacked", False):
@@ -194,8 +208,10 @@ def load_query(
     model._data = data
     model.device = _resolve(device)
     n_epochs = min(200, field_max_epochs(data.n_obs)) if max_epochs is None else int(max_epochs)
+    if not new_labels:
+        n_epochs = 0  # nothing to fine-tune: the record says so
     model.query_info = {
-        "reference_dir": str(reference_dir),
+        "reference_dir": os.path.abspath(reference_dir),
         "new_categories": {k: v for k, v in added.items() if v},
         "settings": {"max_epochs": n_epochs, "batch_size": batch_size, "lr": lr, "eps": eps,
                      "train_size": train_size, "early_stopping": early_stopping,
@@ -397,6 +413,7 @@ def _fine_tune(
     for p in module.parameters():
         p.requires_grad_(True)
     module.eval()
+    module.forget_cached_weights()
     history = pd.DataFrame(rows)
     # As train_module: the epoch whose weights are kept (None: the last one's).
     history.attrs["restored_epoch"] = (best_epoch if early_stopping and best_state is not None

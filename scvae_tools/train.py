@@ -208,6 +208,7 @@ def evaluate(
     random state as it was: how often training scores its validation cells does not change
     what it learns.
     """
+    module.forget_cached_weights()  # optimiser steps since the last call (fused Adam: unseen)
     with rng_kept(device):
         return _evaluate(module, data, indices, batch_size, device, dist)
 
@@ -505,6 +506,7 @@ def train_module(
     if loop.best_state is not None:
         module.load_state_dict(loop.best_state)
     module.eval()
+    module.forget_cached_weights()
     history = pd.DataFrame(loop.rows)
     # Which epoch's weights the module holds (None: the last one's). Not simply the row of
     # the best validation ELBO: only epochs after the KL warm-up can be restored.

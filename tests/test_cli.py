@@ -229,6 +229,12 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     # fine-tuning flags without --query would be ignored: refused instead
     assert main([*args, "--epochs", "5"]) == 2
     assert "--epochs and --seed set the fine-tuning of --query" in capsys.readouterr().err
+    # saving the mapped model over the reference would lose it (and its history)
+    assert main([*args, "--query", "--epochs", "5", "--quiet",
+                 "--save-model", str(tmp_path / "ref_model")]) == 2
+    assert "is the --model folder" in capsys.readouterr().err
+    assert main([*args, "--query", "--epochs", "-5"]) == 2  # ran nothing, exit 0, before
+    assert "max_epochs must be an integer >= 0" in capsys.readouterr().err
     assert main([*args, "--query", "--epochs", "5", "--quiet",
                  "--save-model", str(tmp_path / "query_model")]) == 0
     assert "trained 5 epochs" in capsys.readouterr().out  # the query's training, as fit says
@@ -330,3 +336,26 @@ def test_every_model_and_training_setting_has_a_flag():
     missing = {w for w in wanted if renamed.get(w, w) not in dests} - {
         "strategy", "checkpoint_dir", "checkpoint_every", "resume"}
     assert not missing, missing
+
+
+def test_a_failed_write_keeps_the_previous_output(tmp_path, capsys, monkeypatch):
+    """The in-memory output was written in place: a full disk left a truncated, unreadable
+    file where the previous results had been. It is now written to a temporary sibling and
+    renamed."""
+    a = svt.datasets.synthetic_counts(n_cells=60, n_genes=20, seed=0)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    argv = ["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--epochs", "1",
+            "--quiet"]
+    assert main(argv) == 0
+    before = (tmp_path / "o.h5ad").read_bytes()
+
+    def full_disk(self, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"\x89HDF\r\n")  # a few bytes, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full_disk)
+    assert main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "o.h5ad").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "o.h5ad"]

@@ -543,3 +543,26 @@ def test_scoring_validation_cells_does_not_change_training():
     torch.manual_seed(5)
     model.get_elbo()  # evaluation leaves the caller's random state alone
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+
+
+def test_cached_encoder_weights_follow_fused_adam_steps(synthetic):
+    """Inference keeps a genes × hidden copy of the first layer, keyed on the weight's
+    version counter, which fused Adam does not bump: scoring the validation cells with
+    that copy froze the validation ELBO at its first value (early stopping then kept
+    epoch ~11 of 100). Evaluation now drops the copy first."""
+    model = svt.SCVAE(synthetic, n_latent=3, batch_key="batch")
+    model.train(max_epochs=2, progress_bar=False, seed=0)
+    module = model.module
+    model.get_latent_representation()  # fills the copy
+    optim = torch.optim.Adam(module.parameters(), lr=0.05, fused=True)
+    x = torch.as_tensor(synthetic.X[:64].toarray())
+    cov = module.covariates(torch.zeros(64, dtype=torch.long), None, None)
+    module.train()
+    module.encode(x, cov)[0].pow(2).sum().backward()
+    optim.step()
+    module.eval()
+    model.get_elbo()  # an evaluation, as training's validation
+    with torch.no_grad():
+        cached = module.encode(x, cov)[0]
+    fresh = module.encode(x, cov)[0].detach()  # with gradients: no copy used
+    torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)

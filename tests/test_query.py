@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -59,9 +61,16 @@ def test_surgery_adds_the_new_batch_and_keeps_reference_cells_fixed(split, refer
             assert torch.equal(new[:, :2], old.cpu())
         else:
             assert torch.equal(new, old.cpu()), name
-    # Hence reference cells keep exactly their latent coordinates in the query model.
-    np.testing.assert_allclose(query_model.get_latent_representation(ref_adata),
-                               ref_model.get_latent_representation(ref_adata), atol=1e-5)
+    # Hence reference cells keep exactly their latent coordinates in the query model, with
+    # sparse or dense counts (the dense path summed genes and covariates in one product,
+    # whose rounding changed with the number of columns: up to 5e-7 apart).
+    dense = ref_adata.copy()
+    dense.X = dense.X.toarray()
+    for cells in (ref_adata, dense):
+        for bs in (None, 7):
+            np.testing.assert_array_equal(
+                query_model.get_latent_representation(cells, batch_size=bs),
+                ref_model.get_latent_representation(cells, batch_size=bs))
 
 
 def test_query_cells_map_next_to_their_type(split, reference, query_model):
@@ -107,6 +116,8 @@ def test_known_batches_only_need_no_fine_tuning(split, reference):
     same = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
     model = svt.SCVAE.load_query(path, same, progress_bar=False)
     assert model.history.empty and model.query_info["new_categories"] == {}
+    assert model.query_info["settings"]["max_epochs"] == 0  # nothing ran; it said 200
+    assert model.query_info["reference_dir"] == os.path.abspath(path)
     np.testing.assert_allclose(model.get_latent_representation(),
                                ref_model.get_latent_representation(same), atol=1e-5)
 
@@ -153,6 +164,25 @@ def test_bad_input_is_explained(split, tmp_path):
         svt.SCVAE.load_query(tmp_path / "batched", no_col)
     with pytest.raises(ValueError, match="genes"):
         svt.SCVAE.load_query(tmp_path / "batched", query_adata[:, :50].copy())
+    # Settings as train() checks them: these ran 0 epochs, truncated, or failed deep inside.
+    for bad, err, msg in (({"max_epochs": -1}, ValueError, "max_epochs must be an integer >= 0"),
+                          ({"max_epochs": 2.7}, TypeError, "max_epochs must be a whole number"),
+                          ({"max_epochs": True}, TypeError, "whole number"),
+                          ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 2"),
+                          ({"lr": 0.0}, ValueError, "lr must be a positive finite"),
+                          ({"eps": float("nan")}, ValueError, "eps must be a positive finite"),
+                          ({"early_stopping_patience": 2.5}, TypeError, "whole number"),
+                          ({"seed": 1.5}, TypeError, "seed must be a whole number")):
+        with pytest.raises(err, match=msg):
+            svt.SCVAE.load_query(tmp_path / "batched", query_adata, **bad)
+    # Loading draws no random numbers the caller would see (its weights are replaced).
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    svt.SCVAE.load(tmp_path / "batched")
+    svt.SCVAE.load_query(tmp_path / "batched", query_adata, max_epochs=1, progress_bar=False,
+                         eps=1e-8)
+    torch.testing.assert_close(torch.rand(3), expected)
 
 
 def test_transform_batch_encodes_with_the_observed_batch(split, reference):
@@ -267,3 +297,22 @@ def test_new_batch_dispersion_is_fitted(tmp_path):
     theta = np.median(np.exp(mapped.module.log_theta.detach().numpy()), axis=0)
     assert theta[0] > 3 and theta[1] > 3  # the reference columns, frozen
     assert 0.3 < theta[2] < 0.8, theta
+
+
+def test_reference_cells_exact_with_dense_counts_and_many_genes(tmp_path):
+    """With 2,000 genes the dense path's single genes-and-covariates product rounded
+    differently once load_query had added columns (reference latents up to 5e-7 apart)."""
+    adata = svt.datasets.synthetic_counts(n_cells=300, n_genes=2000, n_batches=3, seed=4)
+    is_query = (adata.obs["batch"] == "batch2").to_numpy()
+    ref_cells, query_cells = adata[~is_query].copy(), adata[is_query].copy()
+    ref = svt.SCVAE(ref_cells, batch_key="batch")
+    ref.train(max_epochs=2, progress_bar=False, seed=0)
+    ref.save(tmp_path / "ref")
+    query = svt.SCVAE.load_query(tmp_path / "ref", query_cells, max_epochs=2,
+                                 progress_bar=False, device="cpu")
+    ref_cells.X = ref_cells.X.toarray()
+    for bs in (None, 7):
+        np.testing.assert_array_equal(query.get_latent_representation(ref_cells, batch_size=bs),
+                                      ref.get_latent_representation(ref_cells, batch_size=bs))
+        np.testing.assert_array_equal(query.get_normalized_expression(ref_cells, batch_size=bs),
+                                      ref.get_normalized_expression(ref_cells, batch_size=bs))
