@@ -7,6 +7,7 @@ extracted with ``git archive`` into a temporary folder under another name
 
     python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --rounds 15
     python benchmarks/ab_step.py --base 399efc8 --dataset synthetic --n-cells 81000 --rounds 8
+    python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --likelihood zinb --rounds 5
 
 Both run the same loop as ``SCVAE.train`` (the module's ELBO, fused Adam, 128 cells per
 batch, shuffled with their own generator); it prints the median time per step of each and
@@ -46,11 +47,11 @@ def _extract_base(ref: str, into: Path) -> None:
             t.extract(m, into, filter="data")
 
 
-def _setup(pkg: str, adata, batch_size: int):
+def _setup(pkg: str, adata, batch_size: int, likelihood: str = "nb"):
     svt = importlib.import_module(pkg)
     T = importlib.import_module(pkg + ".train")
     torch.manual_seed(0)
-    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1)
+    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1, likelihood=likelihood)
     mod, data = model.module, model._data
     opt = T._adam(mod, T.TrainConfig(lr=1e-3), torch.device("cpu"))
     mod.train()
@@ -73,9 +74,9 @@ def _setup(pkg: str, adata, batch_size: int):
     return epoch
 
 
-def _setup_inference(pkg: str, adata, batch_size: int):
+def _setup_inference(pkg: str, adata, batch_size: int, likelihood: str = "nb"):
     svt = importlib.import_module(pkg)
-    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1)
+    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1, likelihood=likelihood)
     model.train(max_epochs=1, batch_size=batch_size, seed=0, progress_bar=False, device="cpu")
 
     def calls() -> tuple[float, float]:
@@ -110,6 +111,7 @@ def main(argv=None) -> None:
                    help="pbmc3k folder (default: $SCVAE_TOOLS_DATA_DIR, else ../shared/data)")
     p.add_argument("--inference", action="store_true",
                    help="time latent and denoised expression of all cells instead of steps")
+    p.add_argument("--likelihood", choices=["nb", "zinb", "poisson"], default="nb")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -122,8 +124,8 @@ def main(argv=None) -> None:
         _extract_base(args.base, Path(tmp))
         sys.path.insert(0, tmp)
         setup = _setup_inference if args.inference else _setup
-        epochs = {"base": setup("scvae_base", adata, args.batch_size),
-                  "new": setup("scvae_tools", adata, args.batch_size)}
+        epochs = {"base": setup("scvae_base", adata, args.batch_size, args.likelihood),
+                  "new": setup("scvae_tools", adata, args.batch_size, args.likelihood)}
         for run in epochs.values():  # warm-up: first-touch allocations, caches
             run()
         times: dict[str, list[float]] = {k: [] for k in epochs}
@@ -133,7 +135,8 @@ def main(argv=None) -> None:
     if args.inference:
         return _report_inference(args, adata.n_obs, times)
     base, new = np.array(times["base"]), np.array(times["new"])
-    print(f"{args.dataset}, {adata.n_obs} cells, {args.rounds} rounds: base {args.base} "
+    print(f"{args.dataset} ({args.likelihood}), {adata.n_obs} cells, {args.rounds} rounds: "
+          f"base {args.base} "
           f"{np.median(base):.2f} ms/step, working tree {np.median(new):.2f} ms/step, "
           f"new/base (median of rounds) {np.median(new / base):.3f}")
 

@@ -81,8 +81,8 @@ def _per_cell_target(adata, what: str, key_added) -> None:
 
 
 def _decode_for_likelihood(module, z, b: Batch, cov: torch.Tensor) -> dict:
-    # The fused NB scores from the logits: no cells × genes means (μ, ρ) needed.
-    return module.decode(z, b.library, cov, b.batch_index, means=module.cfg.likelihood != "nb")
+    # The fused NB / ZINB score from the logits: no cells × genes means (μ, ρ) needed.
+    return module.decode(z, b.library, cov, b.batch_index, means=not module.fused_likelihood)
 
 
 def _log_weights(module, b: Batch, cov: torch.Tensor, m: torch.Tensor, v: torch.Tensor,

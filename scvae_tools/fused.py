@@ -312,6 +312,60 @@ def _nb_core_torch(
     return ll, g_logits, g_lt
 
 
+def _zinb_core_torch(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor,
+    pi_logits: torch.Tensor,
+    x: torch.Tensor,
+    want_grads: bool,
+    nonzero: NonZeros | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_nb_core_torch` for the zero-inflated NB, with dropout logits ``pi_logits``
+    (rows × genes): every entry adds log(1 − π) = −softplus(l_π), and at x = 0 the NB's
+    zero term −θ·b becomes log(π/(1−π) + NB(0)) = logaddexp(l_π, −θ·b).
+
+    With r the posterior probability that a zero came from the NB (r = 1 at non-zeros), the
+    NB's gradients are weighted by r, and ∂ll/∂l_π = [x = 0](1 − r) − π. With
+    ``want_grads`` it returns ``(ll, −∂ll/∂logits, G, −∂ll/∂l_π)`` with −∂ll/∂log θ = θ·G.
+    """
+    log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
+    per_gene_theta = log_theta.dim() == 1
+    n_rows, n_genes = logits.shape
+    nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
+    log_rho = torch.log_softmax(logits, dim=-1)
+    rho = log_rho.exp()
+    theta = log_theta.exp()
+    mu = torch.mul(rho, log_library.exp())
+    b = torch.div(mu, theta).log1p_()  # log(θ+μ) − log θ, as in the NB
+    nb_zero = torch.mul(b, theta).neg_()  # log NB(0 | μ, θ)
+    zero = x == 0  # only an exact zero takes the zero-inflated branch, as in log_zinb
+    both = torch.logaddexp(pi_logits, nb_zero)
+    ll = torch.where(zero, both, nb_zero).sum(-1)
+    ll -= torch.nn.functional.softplus(pi_logits).sum(-1)
+    ll += torch.add(b, log_theta).neg_().add_(log_rho).mul_(x).sum(-1)
+    ll += log_library.reshape(-1) * x.sum(-1)
+    if per_gene_theta:
+        lg_diff, dig = _gamma_differences(theta, nz.cols, nz.values, want_grads,
+                                          tables=theta.device.type == "cpu",
+                                          slots=None if nz.slot is None else (nz.slot, nz.outside))
+    else:
+        lg_diff, dig = _direct_differences(theta.reshape(-1).take(nz.flat), nz.values,
+                                           want_grads)
+    ll += _row_sums(lg_diff, nz, n_rows)
+    if not want_grads:
+        return ll, None, None, None
+    r = nb_zero.sub_(both).exp_().masked_fill_(~zero, 1.0)  # nb_zero is not needed past here
+    g_pi = torch.sigmoid(pi_logits).sub_(both.copy_(r).neg_().add_(1.0).mul_(zero))
+    tm = torch.add(mu, theta)
+    p = mu.sub_(x).div_(tm).mul_(r)  # −q·r (μ is not needed past here)
+    s = p.mv(theta) if per_gene_theta else torch.mul(p, theta).sum(-1)
+    g_lt = b.mul_(r).sub_(p)  # −(a − q)·r
+    g_lt.reshape(-1).scatter_add_(0, nz.flat, dig.neg_())  # ψ terms: non-zeros, where r = 1
+    g_logits = p.mul_(theta).addcmul_(rho, s.unsqueeze(-1), value=-1.0)
+    return ll, g_logits, g_lt, g_pi
+
+
 _native_checked = False
 
 
@@ -477,3 +531,81 @@ def nb_log_likelihood_from_logits(
     return NBFromLogits.apply(
         logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero
     )
+
+
+class ZINBFromLogits(torch.autograd.Function):
+    """Autograd function: per-cell zero-inflated NB log-likelihood from decoder logits and
+    dropout logits, with the gradients of :func:`_zinb_core_torch` (one pass, no autograd
+    graph over the cells × genes block)."""
+
+    @staticmethod
+    def forward(ctx, logits, log_library, log_theta, pi_logits, x, nonzero=None):  # noqa: D102
+        shape = logits.shape
+        n_genes = shape[-1]
+        lead = shape[:-1]
+        logits2 = logits.reshape(-1, n_genes)
+        pi2 = pi_logits.expand(shape).reshape(-1, n_genes)
+        x2 = x.expand(shape).reshape(-1, n_genes)
+        lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
+        lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
+        want = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
+        if nonzero is not None and logits.dim() > 2:
+            nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
+                       if x.dim() == 2 else None)
+        with torch.autocast(logits.device.type, enabled=False):  # float32 sums (see NB)
+            ll, neg_g_logits, g_lt, neg_g_pi = _zinb_core_torch(
+                logits2, lib2, lt2, pi2, x2, want, nonzero)
+        if want:
+            ctx.save_for_backward(neg_g_logits, g_lt, lt2, neg_g_pi)
+        ctx.shape, ctx.lt_shape, ctx.pi_shape = shape, log_theta.shape, pi_logits.shape
+        return ll.reshape(lead)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        neg_g_logits, g_lt, lt2, neg_g_pi = ctx.saved_tensors
+        grad_logits = grad_lt = grad_pi = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()
+            if ctx.needs_input_grad[0]:
+                grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
+            if ctx.needs_input_grad[2]:
+                if len(ctx.lt_shape) == 1:
+                    grad_lt = (neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)
+                               .mul_(lt2.exp()))
+                else:
+                    grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape),
+                                      ctx.lt_shape)
+            if ctx.needs_input_grad[3]:
+                grad_pi = _sum_to((neg_g_pi * neg_g).reshape(ctx.shape), ctx.pi_shape)
+        return grad_logits, None, grad_lt, grad_pi, None, None
+
+
+def zinb_log_likelihood_from_logits(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor,
+    pi_logits: torch.Tensor,
+    x: torch.Tensor,
+    nonzero: NonZeros | tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-cell zero-inflated NB log-likelihood under softmax-decoded means.
+
+    As :func:`nb_log_likelihood_from_logits`, plus ``pi_logits`` (the logits of the extra
+    zeros' probability π, shaped like ``logits``): p(0) = π + (1−π)·NB(0),
+    p(x > 0) = (1−π)·NB(x). Equals ``distributions.log_zinb(x, μ, θ, pi_logits).sum(-1)``
+    up to rounding; differentiable in ``logits``, ``log_theta`` and ``pi_logits`` with a
+    fused, hand-written gradient (about half the time of autograd through that formula).
+    """
+    if logits.shape[-1] != x.shape[-1] or pi_logits.shape[-1] != x.shape[-1]:
+        raise ValueError(f"logits ({logits.shape[-1]}), pi_logits ({pi_logits.shape[-1]}) "
+                         f"and x ({x.shape[-1]}) must have the same number of genes.")
+    if log_library.shape[-1] != 1:
+        raise ValueError(
+            f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
+        )
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if nonzero is not None:
+        nonzero = NonZeros(*nonzero)
+        nonzero = nonzero._replace(values=nonzero.values.to(dtype))
+    return ZINBFromLogits.apply(logits.to(dtype), log_library.to(dtype), log_theta.to(dtype),
+                                pi_logits.to(dtype), x.to(dtype), nonzero)

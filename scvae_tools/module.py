@@ -26,7 +26,12 @@ from torch import nn
 
 from . import native
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
-from .fused import NonZeros, native_ready, nb_log_likelihood_from_logits
+from .fused import (
+    NonZeros,
+    native_ready,
+    nb_log_likelihood_from_logits,
+    zinb_log_likelihood_from_logits,
+)
 
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 # "normal": N(0, I), KL in closed form. "mog": a learned mixture of diagonal Gaussians
@@ -341,6 +346,12 @@ class VAE(nn.Module):
             return batch_index.new_zeros((batch_index.shape[0], 0), dtype=torch.float32)
         return torch.cat(parts, dim=1)
 
+    @property
+    def fused_likelihood(self) -> bool:
+        """Whether :meth:`log_px` scores from the decoder logits alone (NB, ZINB), so that
+        the ELBO can decode without the means (``decode(..., means=False)``)."""
+        return self.cfg.likelihood in ("nb", "zinb")
+
     def forget_cached_weights(self) -> None:
         """Drop tables derived from the weights (the encoder's genes × hidden copy): for
         callers that change weights in place without bumping their version counter, as
@@ -360,8 +371,9 @@ class VAE(nn.Module):
         ``theta`` (inverse dispersion, NB/ZINB) and ``pi_logits`` (ZINB), plus ``logits``,
         ``log_library`` and ``log_theta`` for the fused NB likelihood.
 
-        ``means=False`` skips ``mu``/``scale`` (and ``theta`` for NB): the ELBO of the NB
-        model needs only the logits, and skipping them saves passes over cells × genes.
+        ``means=False`` skips ``mu``/``scale``/``theta`` where the likelihood does not need
+        them (NB, ZINB): their ELBO needs only the logits, and skipping them saves passes
+        over cells × genes.
         """
         out = self.decoder(z, cov)
         logits = out["logits"]
@@ -372,7 +384,7 @@ class VAE(nn.Module):
             params.update(scale=log_scale.exp(), mu=(log_scale + log_library).exp())
         if self.cfg.likelihood != "poisson":
             params["log_theta"] = self._log_theta(out, batch_index)
-            if means or self.cfg.likelihood != "nb":
+            if means:
                 params["theta"] = params["log_theta"].exp()
         if "pi_logits" in out:
             params["pi_logits"] = out["pi_logits"]
@@ -431,15 +443,21 @@ class VAE(nn.Module):
                nonzero: NonZeros | None = None) -> torch.Tensor:
         """log p(x | z) summed over genes, one value per cell (and sample).
 
-        For the NB likelihood with decoder ``logits`` in ``params`` this is the fused,
-        sparsity-aware :func:`~scvae_tools.fused.nb_log_likelihood_from_logits` (one pass,
-        hand-written gradient; ``nonzero``: the non-zeros of ``x`` when known); otherwise the
+        For the NB and ZINB likelihoods with decoder ``logits`` in ``params`` this is the
+        fused, sparsity-aware :func:`~scvae_tools.fused.nb_log_likelihood_from_logits` or
+        :func:`~scvae_tools.fused.zinb_log_likelihood_from_logits` (one pass, hand-written
+        gradient; ``nonzero``: the non-zeros of ``x`` when known); otherwise (Poisson) the
         element-wise formula of ``distributions``.
         """
-        if self.cfg.likelihood == "nb" and "logits" in params and "log_theta" in params:
+        fused = "logits" in params and "log_theta" in params
+        if self.cfg.likelihood == "nb" and fused:
             return nb_log_likelihood_from_logits(
                 params["logits"], params["log_library"], params["log_theta"], x, nonzero
             )
+        if self.cfg.likelihood == "zinb" and fused and "pi_logits" in params:
+            return zinb_log_likelihood_from_logits(
+                params["logits"], params["log_library"], params["log_theta"],
+                params["pi_logits"], x, nonzero)
         ll = log_likelihood(
             self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
         )
@@ -469,7 +487,7 @@ class VAE(nn.Module):
         z_sample = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if draw else None
         z = z_sample if sample else qz_m
         # The NB ELBO needs only the logits (fused likelihood): skip the means.
-        params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
+        params = self.decode(z, library, cov, batch_index, means=not self.fused_likelihood)
         kl, kl_per_dim = self.kl_per_dim(qz_m, qz_v, z_sample)
         return {
             "log_px": self.log_px(x, params, nonzero),
@@ -524,7 +542,7 @@ class VAE(nn.Module):
             k = min(chunk, n_samples - start)
             eps = torch.randn((k, *qz_m.shape), device=x.device, dtype=qz_m.dtype)
             z = qz_m + std * eps  # (k, cells, latent)
-            params = self.decode(z, library, cov, batch_index, means=self.cfg.likelihood != "nb")
+            params = self.decode(z, library, cov, batch_index, means=not self.fused_likelihood)
             log_pz = self.prior_log_prob(z)
             log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
             log_w.append(self.log_px(x, params, nonzero) + log_pz - log_qz)

@@ -241,11 +241,11 @@ def _evaluate(
 
 
 def nonzero_option(module: VAE, data) -> dict:
-    """Ask the data for each batch's non-zeros when the fused NB likelihood uses them: read
-    off the host CSR rows (in memory or out of core), they spare the device a search (and
-    the host a wait) every step. Dense counts have none to give; the likelihood then
-    searches."""
-    return {"nonzero": True} if module.cfg.likelihood == "nb" else {}
+    """Ask the data for each batch's non-zeros when the fused NB or ZINB likelihood uses
+    them: read off the host CSR rows (in memory or out of core), they spare the device a
+    search (and the host a wait) every step. Dense counts have none to give; the
+    likelihood then searches."""
+    return {"nonzero": True} if module.fused_likelihood else {}
 
 
 class _GraphedStep:
