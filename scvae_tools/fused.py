@@ -1,4 +1,5 @@
-"""A fused, sparsity-aware NB log-likelihood from decoder logits, with a hand-written gradient.
+"""Fused, sparsity-aware NB and ZINB log-likelihoods from decoder logits, with hand-written
+gradients.
 
 Most of a training step on a CPU is element-wise work over the cells × genes block: the
 softmax, the logs, three ``lgamma`` calls per entry and, in the backward pass, their
@@ -28,6 +29,10 @@ non-zeros), identical to ``distributions.log_nb(x, μ, θ).sum(-1)`` up to float
 rounding; unlike that dense formula no ``eps`` is added inside the logs (μ comes from a
 log-softmax, so it is exact). The non-zeros come as a :class:`NonZeros`, read off CSR rows
 on the host by the data path, or are searched for in the dense counts.
+
+:class:`ZINBFromLogits` does the same for the zero-inflated NB (:func:`_zinb_core_torch`),
+in torch operations: the NB's terms, each zero's weight between the NB and the extra-zero
+component, and the gradient in the dropout logits as well.
 """
 
 from __future__ import annotations
@@ -292,13 +297,7 @@ def _nb_core_torch(
     ll += log_tm.neg_().add_(log_rho).mul_(x).sum(-1)  # log_tm is not needed past here
     ll += log_library.reshape(-1) * x.sum(-1)
     # lgamma(x+θ) − lgamma(θ) − lgamma(x+1) vanishes where x = 0: non-zeros only.
-    if per_gene_theta:
-        lg_diff, dig = _gamma_differences(theta, nz.cols, nz.values, want_grads,
-                                          tables=theta.device.type == "cpu",
-                                          slots=None if nz.slot is None else (nz.slot, nz.outside))
-    else:
-        lg_diff, dig = _direct_differences(theta.reshape(-1).take(nz.flat), nz.values,
-                                           want_grads)
+    lg_diff, dig = _gamma_terms(theta, nz, want_grads)
     ll += _row_sums(lg_diff, nz, n_rows)
     if not want_grads:
         return ll, None, None
@@ -345,13 +344,7 @@ def _zinb_core_torch(
     ll -= torch.nn.functional.softplus(pi_logits).sum(-1)
     ll += torch.add(b, log_theta).neg_().add_(log_rho).mul_(x).sum(-1)
     ll += log_library.reshape(-1) * x.sum(-1)
-    if per_gene_theta:
-        lg_diff, dig = _gamma_differences(theta, nz.cols, nz.values, want_grads,
-                                          tables=theta.device.type == "cpu",
-                                          slots=None if nz.slot is None else (nz.slot, nz.outside))
-    else:
-        lg_diff, dig = _direct_differences(theta.reshape(-1).take(nz.flat), nz.values,
-                                           want_grads)
+    lg_diff, dig = _gamma_terms(theta, nz, want_grads)
     ll += _row_sums(lg_diff, nz, n_rows)
     if not want_grads:
         return ll, None, None, None
@@ -364,6 +357,17 @@ def _zinb_core_torch(
     g_lt.reshape(-1).scatter_add_(0, nz.flat, dig.neg_())  # ψ terms: non-zeros, where r = 1
     g_logits = p.mul_(theta).addcmul_(rho, s.unsqueeze(-1), value=-1.0)
     return ll, g_logits, g_lt, g_pi
+
+
+def _gamma_terms(theta: torch.Tensor, nz: NonZeros, want_digamma: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lgamma(x+θ) − lgamma(θ) − lgamma(x+1) and ψ(x+θ) − ψ(θ) at the non-zeros ``nz``, for
+    θ per gene (``(genes,)``: tables on the CPU) or per entry (rows × genes)."""
+    if theta.dim() == 1:
+        return _gamma_differences(theta, nz.cols, nz.values, want_digamma,
+                                  tables=theta.device.type == "cpu",
+                                  slots=None if nz.slot is None else (nz.slot, nz.outside))
+    return _direct_differences(theta.reshape(-1).take(nz.flat), nz.values, want_digamma)
 
 
 _native_checked = False
@@ -432,49 +436,60 @@ def _self_check() -> str | None:
     return None
 
 
+def _flat_inputs(logits, log_library, log_theta, x, nonzero):
+    """2-D views of the likelihood's inputs: any leading sample dimension of ``logits``
+    flattened into the rows, with x, ℓ and a per-cell θ broadcast over it, and known
+    non-zeros of a 2-D x repeated once per sample."""
+    shape = logits.shape
+    n_genes = shape[-1]
+    lead = shape[:-1]
+    logits2 = logits.reshape(-1, n_genes)
+    x2 = x.expand(shape).reshape(-1, n_genes)
+    lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
+    lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
+    if nonzero is not None and logits.dim() > 2:
+        nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
+                   if x.dim() == 2 else None)
+    return logits2, lib2, lt2, x2, nonzero
+
+
+def _logit_and_theta_grads(ctx, neg_g: torch.Tensor, neg_g_logits: torch.Tensor,
+                           g_lt: torch.Tensor, lt2: torch.Tensor):
+    """The gradients in the logits and log θ from the core's negated pieces and the
+    upstream gradient (``neg_g``: its negation, one per row)."""
+    grad_logits = grad_lt = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
+    if ctx.needs_input_grad[2]:
+        if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
+            grad_lt = neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape).mul_(lt2.exp())
+        else:
+            grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape), ctx.lt_shape)
+    return grad_logits, grad_lt
+
+
 class NBFromLogits(torch.autograd.Function):
     """Autograd function: per-cell NB log-likelihood from decoder logits (see module doc)."""
 
     @staticmethod
     def forward(ctx, logits, log_library, log_theta, x, nonzero=None):  # noqa: D102
-        shape = logits.shape
-        n_genes = shape[-1]
-        lead = shape[:-1]
-        # Flatten any leading sample dimension; x, ℓ and a per-cell θ broadcast over it.
-        logits2 = logits.reshape(-1, n_genes)
-        x2 = x.expand(shape).reshape(-1, n_genes)
-        lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
-        lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
+        logits2, lib2, lt2, x2, nonzero = _flat_inputs(logits, log_library, log_theta, x, nonzero)
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        # Known non-zeros index the (cells × genes) block; over a sample dimension that x
-        # is broadcast across, they repeat once per sample.
-        if nonzero is not None and logits.dim() > 2:
-            nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
-                       if x.dim() == 2 else None)
         # Under bf16 autocast (train(precision="bf16-mixed")) CUDA would run the core's
         # mat-vecs in bfloat16: sums over thousands of genes need float32.
         with torch.autocast(logits.device.type, enabled=False):
             ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
         if want:
             ctx.save_for_backward(neg_g_logits, g_lt, lt2)
-        ctx.lead, ctx.shape, ctx.lt_shape = lead, shape, log_theta.shape
-        return ll.reshape(lead)
+        ctx.shape, ctx.lt_shape = logits.shape, log_theta.shape
+        return ll.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         neg_g_logits, g_lt, lt2 = ctx.saved_tensors
-        grad_logits = grad_lt = None
         with torch.autocast(grad_out.device.type, enabled=False):  # float32, as forward
             neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()  # the core's pieces are negated
-            if ctx.needs_input_grad[0]:
-                grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
-            if ctx.needs_input_grad[2]:
-                if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
-                    grad_lt = (neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)
-                               .mul_(lt2.exp()))
-                else:
-                    grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape),
-                                      ctx.lt_shape)
+            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2)
         return grad_logits, None, grad_lt, None, None
 
 
@@ -540,41 +555,24 @@ class ZINBFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, log_library, log_theta, pi_logits, x, nonzero=None):  # noqa: D102
-        shape = logits.shape
-        n_genes = shape[-1]
-        lead = shape[:-1]
-        logits2 = logits.reshape(-1, n_genes)
-        pi2 = pi_logits.expand(shape).reshape(-1, n_genes)
-        x2 = x.expand(shape).reshape(-1, n_genes)
-        lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
-        lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
+        logits2, lib2, lt2, x2, nonzero = _flat_inputs(logits, log_library, log_theta, x, nonzero)
+        pi2 = pi_logits.expand(logits.shape).reshape(logits2.shape)
         want = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
-        if nonzero is not None and logits.dim() > 2:
-            nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
-                       if x.dim() == 2 else None)
         with torch.autocast(logits.device.type, enabled=False):  # float32 sums (see NB)
             ll, neg_g_logits, g_lt, neg_g_pi = _zinb_core_torch(
                 logits2, lib2, lt2, pi2, x2, want, nonzero)
         if want:
             ctx.save_for_backward(neg_g_logits, g_lt, lt2, neg_g_pi)
-        ctx.shape, ctx.lt_shape, ctx.pi_shape = shape, log_theta.shape, pi_logits.shape
-        return ll.reshape(lead)
+        ctx.shape, ctx.lt_shape, ctx.pi_shape = logits.shape, log_theta.shape, pi_logits.shape
+        return ll.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         neg_g_logits, g_lt, lt2, neg_g_pi = ctx.saved_tensors
-        grad_logits = grad_lt = grad_pi = None
+        grad_pi = None
         with torch.autocast(grad_out.device.type, enabled=False):
             neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()
-            if ctx.needs_input_grad[0]:
-                grad_logits = (neg_g_logits * neg_g).reshape(ctx.shape)
-            if ctx.needs_input_grad[2]:
-                if len(ctx.lt_shape) == 1:
-                    grad_lt = (neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape)
-                               .mul_(lt2.exp()))
-                else:
-                    grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape),
-                                      ctx.lt_shape)
+            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2)
             if ctx.needs_input_grad[3]:
                 grad_pi = _sum_to((neg_g_pi * neg_g).reshape(ctx.shape), ctx.pi_shape)
         return grad_logits, None, grad_lt, grad_pi, None, None
