@@ -269,6 +269,22 @@ def _nb_core_native(
                           nz.values, want_grads)
 
 
+def _nb_pieces(logits, log_library, log_theta, x, nonzero):
+    """What the NB and ZINB cores share: the non-zeros, log ρ, ρ, θ, μ = ℓ·ρ and
+    b = log(θ+μ) − log θ = −a.
+
+    b is computed as log1p(μ/θ): the difference of the two logs cancels in float32 once
+    θ ≫ μ (near-Poisson genes), and θ·(b − p), the dispersion's gradient, would be left
+    with nothing."""
+    n_rows, n_genes = logits.shape
+    nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
+    log_rho = torch.log_softmax(logits, dim=-1)
+    rho = log_rho.exp()
+    theta = log_theta.exp()
+    mu = torch.mul(rho, log_library.exp())
+    return nz, log_rho, rho, theta, mu, torch.div(mu, theta).log1p_()
+
+
 def _nb_core_torch(
     logits: torch.Tensor,
     log_library: torch.Tensor,
@@ -279,19 +295,11 @@ def _nb_core_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`_nb_core` in torch operations (any device, dtype and dispersion shape)."""
     per_gene_theta = log_theta.dim() == 1
-    n_rows, n_genes = logits.shape
-    nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
-    log_rho = torch.log_softmax(logits, dim=-1)
-    rho = log_rho.exp()
-    lib = log_library.exp()
-    theta = log_theta.exp()
-    mu = torch.mul(rho, lib)
+    n_rows = logits.shape[0]
+    nz, log_rho, rho, theta, mu, b = _nb_pieces(logits, log_library, log_theta, x, nonzero)
     tm = torch.add(theta, mu)
-    # b = log(θ+μ) − log θ = −a, as log1p(μ/θ): the difference of the two logs cancels in
-    # float32 once θ ≫ μ (near-Poisson genes), and θ·(b − p) below, the dispersion's
-    # gradient, would be left with nothing. Dense part: Σ_g −θ·b + x·(log ρ − log(θ+μ))
-    # + x·log ℓ, the last being log ℓ · Σ_g x. With one θ per gene, Σ_g θ·b is a mat-vec.
-    b = torch.div(mu, theta).log1p_()
+    # Dense part: Σ_g −θ·b + x·(log ρ − log(θ+μ)) + x·log ℓ, the last being log ℓ · Σ_g x.
+    # With one θ per gene, Σ_g θ·b is a mat-vec.
     ll = (b.mv(theta) if per_gene_theta else torch.mul(b, theta).sum(-1)).neg_()
     log_tm = torch.add(b, log_theta)
     ll += log_tm.neg_().add_(log_rho).mul_(x).sum(-1)  # log_tm is not needed past here
@@ -330,13 +338,8 @@ def _zinb_core_torch(
     """
     log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
     per_gene_theta = log_theta.dim() == 1
-    n_rows, n_genes = logits.shape
-    nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(n_rows, n_genes)
-    log_rho = torch.log_softmax(logits, dim=-1)
-    rho = log_rho.exp()
-    theta = log_theta.exp()
-    mu = torch.mul(rho, log_library.exp())
-    b = torch.div(mu, theta).log1p_()  # log(θ+μ) − log θ, as in the NB
+    n_rows = logits.shape[0]
+    nz, log_rho, rho, theta, mu, b = _nb_pieces(logits, log_library, log_theta, x, nonzero)
     nb_zero = torch.mul(b, theta).neg_()  # log NB(0 | μ, θ)
     zero = x == 0  # only an exact zero takes the zero-inflated branch, as in log_zinb
     both = torch.logaddexp(pi_logits, nb_zero)
