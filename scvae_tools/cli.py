@@ -142,7 +142,12 @@ def _read(path: str, backed: bool):
         return read_backed(path)
     import anndata as ad
 
-    return ad.read_h5ad(path)
+    try:
+        return ad.read_h5ad(path)
+    except OSError as err:  # h5py's text does not name the file
+        if not Path(path).is_file():
+            raise
+        raise OSError(f"{path} cannot be read as an .h5ad file ({err}).") from None
 
 
 def _check_save_model(save_model: str | None, *written: str | Path | None) -> None:
@@ -238,7 +243,8 @@ def cmd_apply(args) -> int:
                          "--backed, or write a padded file first.")
     adata = _read(args.input, args.backed)
     if args.pad_missing_genes:
-        adata = SCVAE.prepare_query_anndata(adata, args.model)
+        adata = SCVAE.prepare_query_anndata(adata, args.model,
+                                            max_missing_fraction=args.max_missing_fraction)
     if args.query:  # new batches: fit their weights only, the reference stays as it was
         model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed or 0,
                                  device=args.device, progress_bar=not args.quiet)
@@ -266,6 +272,9 @@ def cmd_demo(args) -> int:
     from .plotting import training_history
 
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"-o {args.output} is a file; demo writes a folder of results: "
+                              "pass a new or existing folder.")
     check_save_target(out / "model", overwrite=True)  # before training, not after
     _check_save_model(args.save_model, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="add the model's genes that the input lacks as zero counts (a "
                             "warning gives how many) and drop the others; the output then "
                             "has exactly the model's genes (SCVAE.prepare_query_anndata)")
+    apply.add_argument("--max-missing-fraction", type=float, default=0.25,
+                       help="--pad-missing-genes: refuse inputs lacking more than this share "
+                            "of the model's genes (default 0.25)")
     apply.add_argument("--quiet", action="store_true", help="no progress bar")
     apply.set_defaults(func=cmd_apply)
     demo = sub.add_parser("demo", help="train on the embedded PBMC data; write .h5ad + UMAP PNG")

@@ -67,9 +67,12 @@ def _extended_spec(ref: DataSpec, query_adata) -> tuple[DataSpec, dict[str, list
     keys = ([ref.batch_key] if ref.batch_key else []) + list(ref.categorical_covariate_keys)
     for key in [*keys, *ref.continuous_covariate_keys, *([ref.size_factor_key] if ref.size_factor_key else [])]:
         if key not in query_adata.obs.columns:
+            what = ("the cells' size factors" if key == ref.size_factor_key else
+                    "the cells' covariate values" if key in ref.continuous_covariate_keys
+                    else "the cells' batch / covariate labels")
             raise KeyError(
                 f"The query AnnData lacks obs[{key!r}], which the reference model was set up "
-                f"with. Add the column (query cells' batch / covariate labels) first."
+                f"with. Add the column ({what}) first."
             )
     spec = copy.deepcopy(ref)
     added: dict[str, list[str]] = {}
@@ -188,7 +191,8 @@ def load_query(
         raise ValueError(
             "The reference model was trained without batch_key (or categorical covariates), "
             "so there are no batch inputs to extend. Embed the query with the reference as it is "
-            "(`SCVAE.load(reference_dir, query_adata)`), or retrain the reference with batch_key=."
+            "(`SCVAE.load(reference_dir, query_adata)`; on the command line, `apply` without "
+            "--query), or retrain the reference with batch_key=."
         )
     new_spec, added = _extended_spec(ref_spec, query_adata)
     new_cfg = ModuleConfig(**{**ref_cfg.to_dict(), "n_batch": new_spec.n_batch,
@@ -284,7 +288,8 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
             f"{have[:5].tolist()}): more than max_missing_fraction={max_missing_fraction}. "
             "Check that both use the same gene identifiers (symbols or Ensembl IDs) and "
             "species; if that many genes are truly missing, the latent of these cells would "
-            "shift a lot (pass a larger max_missing_fraction to go on anyway).")
+            "shift a lot (pass a larger max_missing_fraction, on the command line "
+            "--max-missing-fraction, to go on anyway).")
     if missing:
         warnings.warn(
             f"{missing} of the model's {len(genes)} genes ({missing / len(genes):.0%}) are "

@@ -120,6 +120,10 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
     with pytest.warns(UserWarning, match="1 of the model's 60 genes"):
         assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
                      "-o", str(tmp_path / "m.h5ad"), "--pad-missing-genes"]) == 0
+    assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
+                 "-o", str(tmp_path / "m2.h5ad"), "--pad-missing-genes",
+                 "--max-missing-fraction", "0.01"]) == 2  # 1 of 60 is more than 1%
+    assert "--max-missing-fraction" in capsys.readouterr().err
     padded = ad.read_h5ad(tmp_path / "m.h5ad")
     assert list(padded.var_names) == list(a.var_names)  # the model's genes, the first as zeros
     assert padded.var["scvae_padded"].tolist() == [True] + [False] * 59
@@ -235,6 +239,9 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     assert "is the --model folder" in capsys.readouterr().err
     assert main([*args, "--query", "--epochs", "-5"]) == 2  # ran nothing, exit 0, before
     assert "max_epochs must be an integer >= 0" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["demo", "-o", str(tmp_path / "a_file"), "--epochs", "1", "--quiet"]) == 2
+    assert "demo writes a folder" in capsys.readouterr().err
     assert main([*args, "--query", "--epochs", "5", "--quiet",
                  "--save-model", str(tmp_path / "query_model")]) == 0
     assert "trained 5 epochs" in capsys.readouterr().out  # the query's training, as fit says
@@ -286,7 +293,7 @@ def test_output_problems_are_one_line_errors_before_training(tmp_path, capsys, m
     trained = []
     monkeypatch.setattr(svt.SCVAE, "train", lambda self, **k: trained.append(1))
     for argv, message in (
-            (["notes.h5ad", "-o", "o.h5ad"], "error: Unable to"),
+            (["notes.h5ad", "-o", "o.h5ad"], "error: notes.h5ad cannot be read as an .h5ad"),
             (["in.h5ad", "-o", "outdir"], "-o outdir is a folder"),
             (["in.h5ad", "-o", "in.h5ad", "--backed"], "-o in.h5ad is the input file")):
         monkeypatch.chdir(tmp_path)
