@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import Batch
+from .devices import seed_generators  # (not torch.manual_seed, which seeds every GPU)
 
 _ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -144,7 +145,7 @@ class DistContext:
         noise and dropout masks differ between ranks (the weights, initialised before,
         are identical everywhere and DDP broadcasts rank 0's anyway).
         """
-        torch.manual_seed(torch.initial_seed() + self.rank)
+        seed_generators(torch.initial_seed() + self.rank, self.device)
         poisson = getattr(getattr(module, "cfg", None), "likelihood", None) == "poisson"
         return nn.parallel.DistributedDataParallel(
             _ElboForward(module),

@@ -30,9 +30,10 @@ rounding; unlike that dense formula no ``eps`` is added inside the logs (μ come
 log-softmax, so it is exact). The non-zeros come as a :class:`NonZeros`, read off CSR rows
 on the host by the data path, or are searched for in the dense counts.
 
-:class:`ZINBFromLogits` does the same for the zero-inflated NB (:func:`_zinb_core_torch`),
-in torch operations: the NB's terms, each zero's weight between the NB and the extra-zero
-component, and the gradient in the dropout logits as well.
+:class:`ZINBFromLogits` does the same for the zero-inflated NB (:func:`_zinb_core`): the
+NB's terms, each zero's weight between the NB and the extra-zero component, and the
+gradient in the dropout logits as well; in the compiled kernel where the NB's runs, else in
+torch operations (:func:`_zinb_core_torch`).
 """
 
 from __future__ import annotations
@@ -258,15 +259,17 @@ def _nb_core_native(
     x: torch.Tensor,
     want_grads: bool,
     nonzero: NonZeros | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`_nb_core` in the compiled kernel (one θ per gene, float32, CPU)."""
+    pi_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_nb_core` in the compiled kernel (one θ per gene, float32, CPU); with
+    ``pi_logits``, :func:`_zinb_core`'s."""
     n_rows, n_genes = logits.shape
     nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(
         n_rows, n_genes, slots=False)  # the kernel reads counts, not table slots
     starts = torch.zeros(n_rows + 1, dtype=torch.int64)
     torch.cumsum(nz.lengths, 0, out=starts[1:])
     return native.nb_rows(logits, log_library, log_theta, x, starts, nz.cols.long(),
-                          nz.values, want_grads)
+                          nz.values, want_grads, pi_logits)
 
 
 def _nb_pieces(logits, log_library, log_theta, x, nonzero):
@@ -319,6 +322,24 @@ def _nb_core_torch(
     return ll, g_logits, g_lt
 
 
+def _zinb_core(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    log_theta: torch.Tensor,
+    pi_logits: torch.Tensor,
+    x: torch.Tensor,
+    want_grads: bool,
+    nonzero: NonZeros | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The zero-inflated NB's :func:`_nb_core`: the compiled kernel for one θ per gene in
+    float32 on the CPU, else :func:`_zinb_core_torch` (the same values to float32 rounding)."""
+    log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
+    if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, pi_logits, x):
+        out = _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero, pi_logits)
+        return out if want_grads else (out[0], None, None, None)
+    return _zinb_core_torch(logits, log_library, log_theta, pi_logits, x, want_grads, nonzero)
+
+
 def _zinb_core_torch(
     logits: torch.Tensor,
     log_library: torch.Tensor,
@@ -351,8 +372,10 @@ def _zinb_core_torch(
     ll += _row_sums(lg_diff, nz, n_rows)
     if not want_grads:
         return ll, None, None, None
+    # At a zero, 1 − r = π'/(π' + NB(0)) = exp(l_π − both), taken so rather than as 1 − r,
+    # which float32 rounds to 0 once π' is far below NB(0) (π' = π/(1−π)).
+    g_pi = torch.sigmoid(pi_logits).sub_(torch.sub(pi_logits, both).exp_().mul_(zero))
     r = nb_zero.sub_(both).exp_().masked_fill_(~zero, 1.0)  # nb_zero is not needed past here
-    g_pi = torch.sigmoid(pi_logits).sub_(both.copy_(r).neg_().add_(1.0).mul_(zero))
     tm = torch.add(mu, theta)
     p = mu.sub_(x).div_(tm).mul_(r)  # −q·r (μ is not needed past here)
     s = p.mv(theta) if per_gene_theta else torch.mul(p, theta).sum(-1)
@@ -418,8 +441,14 @@ def _self_check() -> str | None:
     with torch.no_grad():
         want = _nb_core_torch(logits, log_library, log_theta, x, True, nz)
         got = _nb_core_native(logits, log_library, log_theta, x, True, nz)
-    for name, a, b in zip(("log-likelihood", "logit gradient", "dispersion gradient"), got, want,
-                          strict=True):
+        pi_logits = torch.randn(n_rows, n_genes, generator=gen) * 3
+        pi_logits[1, :3] = torch.tensor([40.0, -40.0, 0.0])  # the extra zeros near-sure, absent
+        want_zi = _zinb_core_torch(logits, log_library, log_theta, pi_logits, x, True, nz)
+        got_zi = _nb_core_native(logits, log_library, log_theta, x, True, nz, pi_logits)
+    names = ("log-likelihood", "logit gradient", "dispersion gradient")
+    for name, a, b in [*zip(names, got, want, strict=True),
+                       *zip([f"ZINB {n}" for n in (*names, "dropout gradient")], got_zi, want_zi,
+                            strict=True)]:
         scale = float(b.abs().max()) or 1.0
         err = float((a - b).abs().max()) / scale
         if not err <= 1e-4:  # also catches NaN
@@ -562,7 +591,7 @@ class ZINBFromLogits(torch.autograd.Function):
         pi2 = pi_logits.expand(logits.shape).reshape(logits2.shape)
         want = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
         with torch.autocast(logits.device.type, enabled=False):  # float32 sums (see NB)
-            ll, neg_g_logits, g_lt, neg_g_pi = _zinb_core_torch(
+            ll, neg_g_logits, g_lt, neg_g_pi = _zinb_core(
                 logits2, lib2, lt2, pi2, x2, want, nonzero)
         if want:
             ctx.save_for_backward(neg_g_logits, g_lt, lt2, neg_g_pi)

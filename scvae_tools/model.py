@@ -534,7 +534,7 @@ class SCVAE:
         means, variances = self._posterior(data, batch_size, indices)
         if give_mean:
             return means
-        noise = torch.randn(means.shape).numpy()  # torch's global generator: torch.manual_seed
+        noise = torch.randn(means.shape).numpy()  # the caller's generator (torch.manual_seed)
         return means + np.sqrt(variances) * noise
 
     @torch.inference_mode()
@@ -692,7 +692,8 @@ class SCVAE:
         indices = _check_indices(indices, data.n_obs)
         batch_size = check_positive_int(batch_size, "batch_size")
         with seeded(seed, self.device):
-            return evaluate(self._module_on_device(), data, indices, batch_size, self.device)["elbo"]
+            return evaluate(self._module_on_device(), data, indices, batch_size, self.device,
+                            keep_rng=seed is not None)["elbo"]
 
     @torch.inference_mode()
     def get_marginal_ll(

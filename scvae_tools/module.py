@@ -158,7 +158,7 @@ class Encoder(nn.Module):
                 first = self.body[0]
                 n_genes = x.shape[1]
                 h = torch.addmm(first.bias, h, self._genes_by_hidden(n_genes))
-                h = self.body[1:](h + cov @ first.weight[:, n_genes:].T)
+                h = self.body[1:](h + cov.to(h.dtype) @ first.weight[:, n_genes:].T)
             else:
                 if cov.shape[1]:
                     h = torch.cat([h, cov], dim=1)

@@ -21,7 +21,8 @@ and the CPU, so a cache shared by different machines never loads code built for 
 CPU. Later processes load the cached library.
 
 It is optional. It is used on Linux x86-64 with glibc and ``gcc``, for float32 on the CPU:
-the likelihood for one dispersion per gene (the default model), the rest for any model.
+the likelihood for one dispersion per gene (NB, the default model, and ZINB), the rest for
+any model.
 Everywhere else, or when compilation fails, or with ``SCVAE_TOOLS_NATIVE=0``, the torch
 (or numpy) code runs instead. The two agree to float32 rounding: a check at first use, and
 the tests, compare them.
@@ -142,7 +143,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nb_tables.restype = None
     lib.nb_tables.argtypes = [i64, ptr, ptr, ptr]
     lib.nb_block.restype = None
-    lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 14
+    lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 16
     lib.softmax_scale_rows.restype = None
     lib.softmax_scale_rows.argtypes = [i64, i64, ctypes.c_int, ptr, ptr, i64]
     lib.count_check_rows.restype = ctypes.c_int
@@ -198,14 +199,17 @@ def nb_rows(
     cols: torch.Tensor,
     values: torch.Tensor,
     want_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    pi_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """:func:`~scvae_tools.fused._nb_core` for one θ per gene, in the compiled kernel.
 
     ``logits``, ``x``: (rows × genes) float32; ``log_library``: (rows, ) or (rows, 1);
     ``log_theta``: (genes, ); the non-zeros of row r are entries ``starts[r]`` to
     ``starts[r+1] − 1`` of ``cols`` (int64) and ``values`` (float32). All on the CPU.
     Returns the per-row log-likelihood and, with ``want_grads``, −∂ll/∂logits and G with
-    −∂ll/∂log θ = θ·G (as ``_nb_core``). Call only when :func:`library` is not None.
+    −∂ll/∂log θ = θ·G (as ``_nb_core``). With ``pi_logits`` (rows × genes), the
+    zero-inflated NB, and a fourth result, −∂ll/∂pi_logits (as ``_zinb_core_torch``).
+    Call only when :func:`library` is not None.
     """
     lib = library()
     n_rows, n_genes = logits.shape
@@ -221,12 +225,15 @@ def nb_rows(
     ll = torch.empty(n_rows)
     g_logits = torch.empty(n_rows, n_genes) if want_grads else None
     g_lt = torch.empty(n_rows, n_genes) if want_grads else None
+    if pi_logits is not None:
+        pi_logits = pi_logits.contiguous()
+    g_pi = torch.empty(n_rows, n_genes) if want_grads and pi_logits is not None else None
     n_threads = torch.get_num_threads()
     scratch = torch.empty(n_threads, n_genes)
     lib.nb_block(n_rows, n_genes, n_threads, *(None if t is None else t.data_ptr() for t in (
         logits, log_library, theta, log_theta, x, starts, cols, values, lg_tab, dg_tab, ll,
-        g_logits, g_lt, scratch)))
-    return ll, g_logits, g_lt
+        g_logits, g_lt, scratch, pi_logits, g_pi)))
+    return (ll, g_logits, g_lt) if pi_logits is None else (ll, g_logits, g_lt, g_pi)
 
 
 @torch.compiler.disable

@@ -12,6 +12,12 @@
  *   g_logits[r, g] = theta p - rho sum_h theta_h p_h                  (= -d ll / d l)
  *   g_lt[r, g]     = b - p - (digamma(x + theta) - digamma(theta))   (theta g_lt = -d ll / d log theta)
  *
+ * Under the zero-inflated NB (pi_logits given), with zi = log pi/(1 - pi) per entry, each
+ * entry adds -softplus(zi), and at x = 0 the term -theta b becomes both = logaddexp(zi,
+ * -theta b); with r = exp(-theta b - both) at x = 0 (1 elsewhere), p and b - p are weighted
+ * by r, and g_pi = sigmoid(zi) - [x = 0](1 - r) = -d ll / d zi (fused.py, _zinb_core_torch),
+ * with 1 - r = exp(zi - both).
+ *
  * The gamma-function terms vanish where x = 0, so they are evaluated at the non-zeros only:
  * read from per-gene tables for whole counts up to NB_TABLE_COUNTS, computed otherwise.
  * Rows are independent: the caller splits them across threads, and the result does not
@@ -88,23 +94,77 @@ static inline float log1p_ratio(float r)
     return r < 0.1f ? series : logf(1.0f + r);
 }
 
+/* log(1 + exp(-|d|)), the correction term of softplus and logaddexp */
+static inline float log1p_exp_neg(float d)
+{
+    return logf(1.0f + expf(-fabsf(d)));
+}
+
 static double lgam(double x)
 {
     int sign;
     return lgamma_r(x, &sign);  /* reentrant: rows run on several threads */
 }
 
+/* The zero-inflated NB's dense terms of one row (x log rho and the gamma terms apart):
+ * returns sum_g [x = 0] both + [x > 0] (-theta b) - softplus(zi) - x log tm, and, with gl
+ * not NULL, writes the row's gradient pieces (gl, gt, gp). e: exp(l - max), s its sum.
+ * Every expf / logf is called unconditionally, with 0/1 weights instead of branches: the
+ * vector variants declared above are "notinbranch", and a call under a condition would
+ * keep the loop scalar. */
+static float zinb_terms(int64_t G, const float *restrict e, float lib_s, float s,
+                        const float *restrict theta, const float *restrict log_theta,
+                        const float *restrict xr, const float *restrict zi,
+                        float *restrict gl, float *restrict gt, float *restrict gp)
+{
+    float acc = 0.0f;
+    if (!gl) {
+        for (int64_t g = 0; g < G; ++g) {
+            const float b = log1p_ratio(lib_s * e[g] / theta[g]), nb0 = -theta[g] * b;
+            const float z = zi[g], zero = xr[g] == 0.0f ? 1.0f : 0.0f;
+            const float soft = (z > 0.0f ? z : 0.0f) + log1p_exp_neg(z);
+            const float both = (z > nb0 ? z : nb0) + log1p_exp_neg(z - nb0);
+            acc += nb0 + zero * (both - nb0) - soft - xr[g] * (log_theta[g] + b);
+        }
+        return acc;
+    }
+    float sp = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+        const float mu = lib_s * e[g], tm = theta[g] + mu;
+        const float b = log1p_ratio(mu / theta[g]), nb0 = -theta[g] * b;
+        const float z = zi[g], zero = xr[g] == 0.0f ? 1.0f : 0.0f;
+        const float soft = (z > 0.0f ? z : 0.0f) + log1p_exp_neg(z);
+        const float both = (z > nb0 ? z : nb0) + log1p_exp_neg(z - nb0);
+        /* at a zero, r = w_zero and 1 - r = exp(z - both): not as 1 - w_zero, which rounds
+         * to 0 once z is far below nb0 */
+        const float w_zero = expf(nb0 - both), not_r = expf(z - both);
+        const float sig = 1.0f / (1.0f + expf(-z));
+        const float w = 1.0f + zero * (w_zero - 1.0f);  /* r: w_zero at a zero, else 1 */
+        acc += nb0 + zero * (both - nb0) - soft - xr[g] * (log_theta[g] + b);
+        const float p = (mu - xr[g]) / tm * w;
+        sp += theta[g] * p;
+        gt[g] = b * w - p;
+        gl[g] = theta[g] * p;
+        gp[g] = sig - zero * not_r;
+    }
+    const float sp_s = sp / s;  /* rho = e / s */
+    for (int64_t g = 0; g < G; ++g) gl[g] -= e[g] * sp_s;
+    return acc;
+}
+
 /* Rows [r0, r1) of a block of G genes. logits, x: row-major (rows x G); log_lib: one per
  * row; theta, log_theta: one per gene. The non-zeros of row r are entries
  * starts[r] .. starts[r + 1] - 1 of (cols, values). Writes ll[r] and, when g_logits is not
- * NULL, rows of g_logits and g_lt; rho_row is G floats of scratch. */
+ * NULL, rows of g_logits and g_lt; rho_row is G floats of scratch. With pi_logits (rows x G)
+ * not NULL, the zero-inflated NB, and rows of g_pi when g_logits is not NULL. */
 static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict logits,
                     const float *restrict log_lib, const float *restrict theta,
                     const float *restrict log_theta, const float *restrict x,
                     const int64_t *restrict starts, const int64_t *restrict cols,
                     const float *restrict values, const float *restrict lg_tab,
                     const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
-                    float *restrict g_lt, float *restrict rho_row)
+                    float *restrict g_lt, float *restrict rho_row,
+                    const float *restrict pi_logits, float *restrict g_pi)
 {
     for (int64_t r = r0; r < r1; ++r) {
         const float *restrict l = logits + r * G;
@@ -124,7 +184,11 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
         const float llib = log_lib[r], lib = expf(llib);
         const float lib_s = lib / s;
         float *restrict gt = g_lt ? g_lt + r * G : NULL;
-        if (g_logits) {
+        if (pi_logits) {  /* the zero-inflated NB */
+            acc += zinb_terms(G, e, lib_s, s, theta, log_theta, xr, pi_logits + r * G,
+                              g_logits ? g_logits + r * G : NULL, gt,
+                              g_pi ? g_pi + r * G : NULL);
+        } else if (g_logits) {
             float *restrict gl = g_logits + r * G;
             float sp = 0.0f;
             for (int64_t g = 0; g < G; ++g) {
@@ -200,14 +264,15 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
               const int64_t *restrict starts, const int64_t *restrict cols,
               const float *restrict values, const float *restrict lg_tab,
               const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
-              float *restrict g_lt, float *restrict scratch)
+              float *restrict g_lt, float *restrict scratch, const float *restrict pi_logits,
+              float *restrict g_pi)
 {
 #pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
         int64_t r0, r1;
         const int t = thread_rows(n_rows, &r0, &r1);
         nb_rows(r0, r1, G, logits, log_lib, theta, log_theta, x, starts, cols, values, lg_tab,
-                dg_tab, ll, g_logits, g_lt, scratch + t * G);
+                dg_tab, ll, g_logits, g_lt, scratch + t * G, pi_logits, g_pi);
     }
 }
 

@@ -199,16 +199,18 @@ def split_indices(n: int, train_size: float, seed: int) -> tuple[np.ndarray, np.
 @torch.inference_mode()
 def evaluate(
     module: VAE, data: CellData, indices: np.ndarray | None, batch_size: int, device: torch.device,
-    dist: DistContext | None = None,
+    dist: DistContext | None = None, keep_rng: bool = True,
 ) -> dict[str, float]:
     """Mean per-cell ELBO, reconstruction log-likelihood and KL over ``indices``.
 
     Under DDP (``dist``) each rank scores its slice of ``indices`` and the sums are
     all-reduced, so every rank returns the same global means. The z it draws leave torch's
-    random state as it was: how often training scores its validation cells does not change
-    what it learns.
+    random state as it was (``keep_rng``): how often training scores its validation cells
+    does not change what it learns.
     """
     module.forget_cached_weights()  # optimiser steps since the last call (fused Adam: unseen)
+    if not keep_rng:
+        return _evaluate(module, data, indices, batch_size, device, dist)
     with rng_kept(device):
         return _evaluate(module, data, indices, batch_size, device, dist)
 
@@ -915,7 +917,7 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         if device.type == "cuda" and ranks[rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
     elif rank:  # a checkpoint from before ranks were saved: at least keep the streams apart
-        torch.manual_seed(torch.initial_seed() + rank)
+        seed_generators(torch.initial_seed() + rank, device)
     loop.rows = list(state["rows"])
     loop.epoch = int(state["epoch"])
     loop.best = float(state["best"])

@@ -140,6 +140,9 @@ def test_estimates_are_seeded_and_leave_the_callers_random_state(trained, factor
     trained_copy = copy.deepcopy(trained)
     trained_copy.train(max_epochs=1, progress_bar=False, seed=0)
     torch.testing.assert_close(torch.rand(4), expected)
+    # seed=None: drawn from the caller's generator, which then moves on
+    assert trained.get_elbo(seed=None) != trained.get_elbo(seed=None)
+    assert trained.get_elbo() == trained.get_elbo()
     after = []
     for seed in (1, 2):  # building a model draws its initial weights, as in torch; no reseed
         torch.manual_seed(seed)

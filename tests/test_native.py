@@ -12,7 +12,11 @@ import torch
 
 import scvae_tools as svt
 from scvae_tools import fused, native
-from scvae_tools.fused import NonZeros, nb_log_likelihood_from_logits
+from scvae_tools.fused import (
+    NonZeros,
+    nb_log_likelihood_from_logits,
+    zinb_log_likelihood_from_logits,
+)
 
 needs_kernel = pytest.mark.skipif(
     native._unsupported() is not None, reason=f"no compiled kernel here: {native._unsupported()}")
@@ -79,6 +83,36 @@ def test_kernel_equals_the_torch_code(kind, use_native):
     # (The no-gradient branch rounds differently: ~3 float32 ulps of |ll| ≈ 2,600.)
     torch.testing.assert_close(nb_log_likelihood_from_logits(*inputs[:4]), got[0],
                                rtol=3e-6, atol=1e-3)
+
+
+def _zinb_value_and_grads(logits, log_library, log_theta, x, nz, pi_logits):
+    inputs = [t.clone().requires_grad_() for t in (logits, log_theta, pi_logits)]
+    ll = zinb_log_likelihood_from_logits(inputs[0], log_library, inputs[1], inputs[2], x, nz)
+    (ll * torch.linspace(-1.0, 2.0, len(ll))).sum().backward()
+    return (ll.detach(), *(t.grad for t in inputs))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["counts", "fractional", "extreme", "stored-zeros"])
+def test_zinb_kernel_equals_the_torch_code(kind, use_native):
+    """The ZINB in the kernel: value and its three gradients, to float32 rounding, with
+    dropout logits from near-certain extra zeros to none."""
+    inputs = _batch(kind)
+    gen = torch.Generator().manual_seed(7)
+    pi_logits = torch.randn(inputs[3].shape, generator=gen) * 3
+    pi_logits[3, :4] = torch.tensor([40.0, -40.0, 0.0, 15.0])
+    use_native(False)
+    ref = _zinb_value_and_grads(*inputs, pi_logits)
+    use_native(True)
+    assert fused.native_ready(*inputs[:4], pi_logits)
+    got = _zinb_value_and_grads(*inputs, pi_logits)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+    with torch.no_grad():  # the values-only branch
+        torch.testing.assert_close(
+            zinb_log_likelihood_from_logits(inputs[0], inputs[1], inputs[2], pi_logits,
+                                            inputs[3], inputs[4]), got[0], rtol=3e-6, atol=1e-3)
 
 
 @needs_kernel
@@ -238,8 +272,8 @@ def test_a_kernel_that_disagrees_is_disabled_with_a_warning(monkeypatch, use_nat
     real = native.nb_rows
 
     def wrong(*args, **kwargs):
-        ll, g1, g2 = real(*args, **kwargs)
-        return ll + 1.0, g1, g2
+        ll, *grads = real(*args, **kwargs)
+        return (ll + 1.0, *grads)
 
     monkeypatch.setattr(native, "nb_rows", wrong)
     inputs = _batch("counts")

@@ -226,12 +226,34 @@ def test_fused_zinb_keeps_float32_accuracy_for_near_poisson_genes():
     ref = [t.double().requires_grad_() for t in (logits, log_theta, pi_logits)]
     ll64 = _dense_zinb(ref[0], log_library.double().exp(), ref[1], ref[2], x.double())
     (ll64 * weights.double()).sum().backward()
-    assert float((ll.detach().double() - ll64).abs().max() / ll64.abs().max()) < 1e-5
+    assert float((ll.detach().double() - ll64.detach()).abs().max() / ll64.detach().abs().max()) < 1e-5
     for a, b in zip(got, ref, strict=True):
         err = (a.grad.double() - b.grad).abs()
         assert float(err.max() / b.grad.abs().max()) < 1e-4
     err = (got[1].grad.double() - ref[1].grad).abs()  # gene by gene: small gradients kept
     assert bool((err < 0.05 * ref[1].grad.abs() + 2e-4 * ref[1].grad.abs().max()).all())
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_fused_zinb_dropout_gradient_where_the_extra_zeros_are_rare(kernel, use_native):
+    """At a zero, ∂ll/∂l_π = (1 − r) − π with r the NB's share of the zero. Taken as 1 − r
+    in float32 it rounded to 0 once π/(1−π) was far below NB(0), and the gradient came out
+    as −π, of the wrong sign (autograd through log_zinb got it right)."""
+    use_native(kernel)
+    g = 6
+    logits = torch.zeros(1, g)
+    log_library = torch.full((1, 1), np.log(6 * 8.1))  # μ = 8.1 per gene
+    log_theta = torch.zeros(g)  # θ = 1: log NB(0) = −log(1 + μ) ≈ −2.2
+    pi_logits = torch.tensor([[-10.0, -14.0, -18.0, -22.0, -26.0, -30.0]])
+    x = torch.zeros(1, g)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        pl = pi_logits.to(dtype).clone().requires_grad_()
+        zinb_log_likelihood_from_logits(logits.to(dtype), log_library.to(dtype),
+                                        log_theta.to(dtype), pl, x.to(dtype)).sum().backward()
+        grads.append(pl.grad.double())
+    assert bool((grads[1] > 0).all())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=0.0)
 
 
 @pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-cell"])
@@ -253,6 +275,10 @@ def test_module_zinb_path_equals_dense_likelihood(dispersion):
     fast = vae.decode(z, library, cov, batch, means=False)
     assert "mu" not in fast and "theta" not in fast
     torch.testing.assert_close(vae.log_px(x, fast), dense, rtol=1e-7, atol=1e-5)
+    # A float64 module with covariates encodes without gradients too (float32 covariates).
+    with torch.no_grad():
+        no_grad = vae.encode(x, cov)[0]
+    torch.testing.assert_close(no_grad, vae.encode(x, cov)[0].detach())
 
 
 @pytest.mark.parametrize("likelihood", ["poisson"])
