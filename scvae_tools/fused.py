@@ -334,6 +334,7 @@ def _zinb_core(
     """The zero-inflated NB's :func:`_nb_core`: the compiled kernel for one θ per gene in
     float32 on the CPU, else :func:`_zinb_core_torch` (the same values to float32 rounding)."""
     log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
+    pi_logits = pi_logits.expand(logits.shape)  # the kernel reads rows × genes of it
     if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, pi_logits, x):
         out = _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero, pi_logits)
         return out if want_grads else (out[0], None, None, None)
@@ -445,10 +446,14 @@ def _self_check() -> str | None:
         pi_logits[1, :3] = torch.tensor([40.0, -40.0, 0.0])  # the extra zeros near-sure, absent
         want_zi = _zinb_core_torch(logits, log_library, log_theta, pi_logits, x, True, nz)
         got_zi = _nb_core_native(logits, log_library, log_theta, x, True, nz, pi_logits)
+        values_only = _nb_core_native(logits, log_library, log_theta, x, False, nz, pi_logits)
+        got_zi = (*got_zi, values_only[0])  # the kernel's loop without gradients, too
+        want_zi = (*want_zi, want_zi[0])
     names = ("log-likelihood", "logit gradient", "dispersion gradient")
     for name, a, b in [*zip(names, got, want, strict=True),
-                       *zip([f"ZINB {n}" for n in (*names, "dropout gradient")], got_zi, want_zi,
-                            strict=True)]:
+                       *zip([f"ZINB {n}" for n in (*names, "dropout gradient",
+                                                   "log-likelihood without gradients")],
+                            got_zi, want_zi, strict=True)]:
         scale = float(b.abs().max()) or 1.0
         err = float((a - b).abs().max()) / scale
         if not err <= 1e-4:  # also catches NaN

@@ -121,10 +121,10 @@ static float zinb_terms(int64_t G, const float *restrict e, float lib_s, float s
     if (!gl) {
         for (int64_t g = 0; g < G; ++g) {
             const float b = log1p_ratio(lib_s * e[g] / theta[g]), nb0 = -theta[g] * b;
-            const float z = zi[g], zero = xr[g] == 0.0f ? 1.0f : 0.0f;
+            const float z = zi[g];
             const float soft = (z > 0.0f ? z : 0.0f) + log1p_exp_neg(z);
             const float both = (z > nb0 ? z : nb0) + log1p_exp_neg(z - nb0);
-            acc += nb0 + zero * (both - nb0) - soft - xr[g] * (log_theta[g] + b);
+            acc += (xr[g] == 0.0f ? both : nb0) - soft - xr[g] * (log_theta[g] + b);
         }
         return acc;
     }
@@ -132,20 +132,23 @@ static float zinb_terms(int64_t G, const float *restrict e, float lib_s, float s
     for (int64_t g = 0; g < G; ++g) {
         const float mu = lib_s * e[g], tm = theta[g] + mu;
         const float b = log1p_ratio(mu / theta[g]), nb0 = -theta[g] * b;
-        const float z = zi[g], zero = xr[g] == 0.0f ? 1.0f : 0.0f;
+        const float z = zi[g];
+        const int zero = xr[g] == 0.0f;
         const float soft = (z > 0.0f ? z : 0.0f) + log1p_exp_neg(z);
         const float both = (z > nb0 ? z : nb0) + log1p_exp_neg(z - nb0);
         /* at a zero, r = w_zero and 1 - r = exp(z - both): not as 1 - w_zero, which rounds
          * to 0 once z is far below nb0 */
         const float w_zero = expf(nb0 - both), not_r = expf(z - both);
         const float sig = 1.0f / (1.0f + expf(-z));
-        const float w = 1.0f + zero * (w_zero - 1.0f);  /* r: w_zero at a zero, else 1 */
-        acc += nb0 + zero * (both - nb0) - soft - xr[g] * (log_theta[g] + b);
+        const float w = zero ? w_zero : 1.0f;  /* r: w_zero at a zero, else 1 */
+        /* selects, not 0/1 weights: nb0 + zero (both - nb0) cancels in float32 when nb0
+         * is far below both */
+        acc += (zero ? both : nb0) - soft - xr[g] * (log_theta[g] + b);
         const float p = (mu - xr[g]) / tm * w;
         sp += theta[g] * p;
         gt[g] = b * w - p;
         gl[g] = theta[g] * p;
-        gp[g] = sig - zero * not_r;
+        gp[g] = sig - (zero ? not_r : 0.0f);
     }
     const float sp_s = sp / s;  /* rho = e / s */
     for (int64_t g = 0; g < G; ++g) gl[g] -= e[g] * sp_s;
