@@ -193,7 +193,8 @@ def run_ours(ds: Dataset, settings: dict, marginal_samples: int = 100, seed: int
     reset_peak_rss()
     train = ds.adata[ds.train_idx].copy()
     test = ds.adata[ds.test_idx].copy()
-    arch = {k: settings.pop(k) for k in ("n_hidden", "n_latent", "n_layers") if k in settings}
+    arch = {k: settings.pop(k) for k in ("n_hidden", "n_latent", "n_layers", "likelihood")
+            if k in settings}
     model = svt.SCVAE(train, **arch)
     t, c = time.perf_counter(), time.process_time()
     model.train(progress_bar=False, device="cpu", seed=seed, **settings)
