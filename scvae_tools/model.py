@@ -725,14 +725,16 @@ class SCVAE:
         return per_cell if return_per_cell else float(per_cell.mean())
 
     @torch.inference_mode()
-    def get_kl_per_dimension(self, adata=None) -> pd.Series:
+    def get_kl_per_dimension(self, adata=None, indices: np.ndarray | None = None) -> pd.Series:
         """Mean KL(q(z_d|x) ‖ p(z_d)) per latent dimension in nats; near 0 means collapsed.
 
         Closed form for the standard normal prior; a Monte-Carlo estimate against each
-        dimension's marginal for a learned (``"mog"``) prior.
+        dimension's marginal for a learned (``"mog"``) prior. ``indices``: only these
+        cells (row numbers or a boolean mask), e.g. ``model.validation_indices``.
         """
         self._check_trained()
-        kl = self._kl_per_dim_mean(self._data_for(adata))
+        data = self._data_for(adata)
+        kl = self._kl_per_dim_mean(data, _check_indices(indices, data.n_obs))
         return pd.Series(kl, index=[f"z{d}" for d in range(len(kl))], name="kl")
 
     def _kl_per_dim_mean(self, data: CellData, indices: np.ndarray | None = None) -> np.ndarray:

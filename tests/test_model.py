@@ -328,6 +328,9 @@ def test_posterior_distribution_and_samples(trained):
     # They are the posterior the model's KL is computed from: KL(N(m, v) ‖ N(0, 1)).
     kl = 0.5 * (means.astype(np.float64) ** 2 + variances - 1 - np.log(variances))
     np.testing.assert_allclose(kl.mean(0), model.get_kl_per_dimension().to_numpy(), rtol=1e-4)
+    few = np.array([2, 7, 11, 40])  # over some cells only, as posterior_collapse allows
+    np.testing.assert_allclose(kl[few].mean(0),
+                               model.get_kl_per_dimension(indices=few).to_numpy(), rtol=1e-4)
     # Samples: mean and variance of 400 draws match the distribution.
     torch.manual_seed(0)
     draws = np.stack([model.get_latent_representation(indices=rows, give_mean=False)
