@@ -80,11 +80,6 @@ def _per_cell_target(adata, what: str, key_added) -> None:
     check_key_added(key_added)
 
 
-def _decode_for_likelihood(module, z, b: Batch, cov: torch.Tensor) -> dict:
-    # The fused NB / ZINB score from the logits: no cells × genes means (μ, ρ) needed.
-    return module.decode(z, b.library, cov, b.batch_index, means=not module.fused_likelihood)
-
-
 def _log_weights(module, b: Batch, cov: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                  n_samples: int) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) − log q(z_k|x) for K samples z_k ~ q(z|x): (K, cells)."""
@@ -93,7 +88,7 @@ def _log_weights(module, b: Batch, cov: torch.Tensor, m: torch.Tensor, v: torch.
     for start in range(0, n_samples, chunk):
         k = min(chunk, n_samples - start)
         z = m + v.sqrt() * torch.randn((k, *m.shape), device=m.device, dtype=m.dtype)
-        params = _decode_for_likelihood(module, z, b, cov)
+        params = module.decode_for_likelihood(z, b.library, cov, b.batch_index)
         log_q = _gauss_log_prob(z, m, v).sum(-1)
         out.append(module.log_px(b.x, params) + module.prior_log_prob(z) - log_q)
     return torch.cat(out, 0)
@@ -398,7 +393,7 @@ def _refine_batch(module, b: Batch, n_steps: int, lr: float, n_mc: int, n_eval: 
         """The ELBO's Monte Carlo sum over these draws (divide by all draws for the mean)."""
         var = log_var.exp()
         z = mean + var.sqrt() * eps
-        log_px = module.log_px(b.x, _decode_for_likelihood(module, z, b, cov)).sum(0)
+        log_px = module.log_px(b.x, module.decode_for_likelihood(z, b.library, cov, b.batch_index)).sum(0)
         if module.cfg.prior == "normal":
             return log_px - len(eps) * module.kl_per_dim(mean, var, None)[0]
         return log_px - (_gauss_log_prob(z, mean, var).sum(-1) - module.prior_log_prob(z)).sum(0)

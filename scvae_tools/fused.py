@@ -358,7 +358,6 @@ def _zinb_core_torch(
     NB's gradients are weighted by r, and ∂ll/∂l_π = [x = 0](1 − r) − π. With
     ``want_grads`` it returns ``(ll, −∂ll/∂logits, G, −∂ll/∂l_π)`` with −∂ll/∂log θ = θ·G.
     """
-    log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
     per_gene_theta = log_theta.dim() == 1
     n_rows = logits.shape[0]
     nz, log_rho, rho, theta, mu, b = _nb_pieces(logits, log_library, log_theta, x, nonzero)
@@ -568,21 +567,31 @@ def nb_log_likelihood_from_logits(
     >>> ll = nb_log_likelihood_from_logits(logits, torch.log(library), log_theta, x)
     >>> (-ll.mean()).backward()
     """
+    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero)
+    return NBFromLogits.apply(
+        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero
+    )
+
+
+def _checked_inputs(logits, log_library, x, nonzero, pi_logits=None):
+    """The public functions' shape checks; their working dtype (never below float32: bf16
+    MLPs) and the non-zeros as a :class:`NonZeros` of that dtype."""
     if logits.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"logits have {logits.shape[-1]} genes but x has {x.shape[-1]}; they must match."
         )
+    if pi_logits is not None and pi_logits.shape[-1] != x.shape[-1]:
+        raise ValueError(f"pi_logits have {pi_logits.shape[-1]} genes but x has "
+                         f"{x.shape[-1]}; they must match.")
     if log_library.shape[-1] != 1:
         raise ValueError(
             f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
         )
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # never below float32 (bf16 MLPs)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     if nonzero is not None:
         nonzero = NonZeros(*nonzero)
         nonzero = nonzero._replace(values=nonzero.values.to(dtype))
-    return NBFromLogits.apply(
-        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero
-    )
+    return dtype, nonzero
 
 
 class ZINBFromLogits(torch.autograd.Function):
@@ -631,16 +640,6 @@ def zinb_log_likelihood_from_logits(
     up to rounding; differentiable in ``logits``, ``log_theta`` and ``pi_logits`` with a
     fused, hand-written gradient (about half the time of autograd through that formula).
     """
-    if logits.shape[-1] != x.shape[-1] or pi_logits.shape[-1] != x.shape[-1]:
-        raise ValueError(f"logits ({logits.shape[-1]}), pi_logits ({pi_logits.shape[-1]}) "
-                         f"and x ({x.shape[-1]}) must have the same number of genes.")
-    if log_library.shape[-1] != 1:
-        raise ValueError(
-            f"log_library must have shape (cells, 1), got {tuple(log_library.shape)}."
-        )
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    if nonzero is not None:
-        nonzero = NonZeros(*nonzero)
-        nonzero = nonzero._replace(values=nonzero.values.to(dtype))
+    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, pi_logits)
     return ZINBFromLogits.apply(logits.to(dtype), log_library.to(dtype), log_theta.to(dtype),
                                 pi_logits.to(dtype), x.to(dtype), nonzero)

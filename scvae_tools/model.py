@@ -691,9 +691,9 @@ class SCVAE:
         data = self._data_for(adata)
         indices = _check_indices(indices, data.n_obs)
         batch_size = check_positive_int(batch_size, "batch_size")
-        with seeded(seed, self.device):
+        with seeded(seed, self.device):  # (with a seed, the caller's state is given back)
             return evaluate(self._module_on_device(), data, indices, batch_size, self.device,
-                            keep_rng=seed is not None)["elbo"]
+                            keep_rng=False)["elbo"]
 
     @torch.inference_mode()
     def get_marginal_ll(

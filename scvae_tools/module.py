@@ -155,10 +155,8 @@ class Encoder(nn.Module):
                 # Genes and covariates apart, as the sparse path does: the genes' product
                 # then has the same shape whatever columns load_query adds for new batches,
                 # so reference cells keep exactly their latent.
-                first = self.body[0]
-                n_genes = x.shape[1]
-                h = torch.addmm(first.bias, h, self._genes_by_hidden(n_genes))
-                h = self.body[1:](h + cov.to(h.dtype) @ first.weight[:, n_genes:].T)
+                h = torch.addmm(self.body[0].bias, h, self._genes_by_hidden(x.shape[1]))
+                h = self.body[1:](self._plus_covariates(h, cov))
             else:
                 if cov.shape[1]:
                     h = torch.cat([h, cov], dim=1)
@@ -190,9 +188,15 @@ class Encoder(nn.Module):
                                 per_sample_weights=torch.log1p(x.values()).to(weight.dtype),
                                 include_last_offset=True)
             h = h.add_(first.bias)
-        if cov.shape[1]:
-            h = h + cov @ first.weight[:, n_genes:].T
-        return h
+        return self._plus_covariates(h, cov)
+
+    def _plus_covariates(self, h: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """``h`` (the first layer's bias plus its genes' product) plus the covariates'
+        product: the covariate columns are the first layer's last ones."""
+        if not cov.shape[1]:
+            return h
+        first = self.body[0]
+        return h + cov.to(h.dtype) @ first.weight[:, first.weight.shape[1] - cov.shape[1]:].T
 
     def _genes_by_hidden(self, n_genes: int) -> torch.Tensor:
         """The first layer's gene weights as a contiguous (genes × hidden) table.
@@ -352,6 +356,12 @@ class VAE(nn.Module):
         the ELBO can decode without the means (``decode(..., means=False)``)."""
         return self.cfg.likelihood in ("nb", "zinb")
 
+    def decode_for_likelihood(self, z: torch.Tensor, library: torch.Tensor, cov: torch.Tensor,
+                              batch_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`decode` with only what :meth:`log_px` reads: the fused NB / ZINB score
+        from the logits, so no cells × genes means are built for them."""
+        return self.decode(z, library, cov, batch_index, means=not self.fused_likelihood)
+
     def forget_cached_weights(self) -> None:
         """Drop tables derived from the weights (the encoder's genes × hidden copy): for
         callers that change weights in place without bumping their version counter, as
@@ -486,8 +496,7 @@ class VAE(nn.Module):
         draw = sample or self.cfg.prior != "normal"
         z_sample = qz_m + qz_v.sqrt() * torch.randn_like(qz_m) if draw else None
         z = z_sample if sample else qz_m
-        # The NB ELBO needs only the logits (fused likelihood): skip the means.
-        params = self.decode(z, library, cov, batch_index, means=not self.fused_likelihood)
+        params = self.decode_for_likelihood(z, library, cov, batch_index)
         kl, kl_per_dim = self.kl_per_dim(qz_m, qz_v, z_sample)
         return {
             "log_px": self.log_px(x, params, nonzero),
@@ -542,7 +551,7 @@ class VAE(nn.Module):
             k = min(chunk, n_samples - start)
             eps = torch.randn((k, *qz_m.shape), device=x.device, dtype=qz_m.dtype)
             z = qz_m + std * eps  # (k, cells, latent)
-            params = self.decode(z, library, cov, batch_index, means=not self.fused_likelihood)
+            params = self.decode_for_likelihood(z, library, cov, batch_index)
             log_pz = self.prior_log_prob(z)
             log_qz = (_std_normal_log_prob(eps) - torch.log(std)).sum(-1)
             log_w.append(self.log_px(x, params, nonzero) + log_pz - log_qz)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 import time
 import warnings
@@ -39,6 +38,7 @@ from .module import VAE, ModuleConfig
 from .train import (
     DISPERSION_LR_FACTOR,
     check_patience,
+    check_positive_finite,
     evaluate,
     field_max_epochs,
     nonzero_option,
@@ -176,10 +176,8 @@ def load_query(
     early_stopping_patience = _whole(early_stopping_patience, "early_stopping_patience",
                                      minimum=0)
     seed = _whole(seed, "seed", minimum=0)
-    for name, value in (("lr", lr), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    check_positive_finite(lr, "lr")
+    check_positive_finite(eps, "eps")
     if isinstance(query_adata, (str, os.PathLike)):
         query_adata = ad.read_h5ad(query_adata)
     elif getattr(query_adata, "isbacked", False):

@@ -8,8 +8,10 @@ loop never forces a host–device sync inside a step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -87,8 +89,7 @@ class TrainConfig:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
+        check_positive_finite(self.lr, "lr")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}.")
         if self.kl_warmup_epochs < 0:
@@ -135,6 +136,13 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
+def check_positive_finite(value, name: str) -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a positive finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
 PRECISIONS = ("32", "bf16-mixed")
 
 
@@ -209,9 +217,7 @@ def evaluate(
     does not change what it learns.
     """
     module.forget_cached_weights()  # optimiser steps since the last call (fused Adam: unseen)
-    if not keep_rng:
-        return _evaluate(module, data, indices, batch_size, device, dist)
-    with rng_kept(device):
+    with rng_kept(device) if keep_rng else contextlib.nullcontext():
         return _evaluate(module, data, indices, batch_size, device, dist)
 
 
