@@ -171,7 +171,10 @@ class SCVAE:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         self.beta = float(beta)
         self.free_bits = float(free_bits)
-        self.module = VAE(self.module_config)
+        # train() draws its own initial weights from its seed; these only serve an untrained
+        # model, so they come from a fixed seed and leave the caller's random state alone.
+        with seeded(0, torch.device("cpu")):
+            self.module = VAE(self.module_config)
         self.device = torch.device("cpu")
         self.history = pd.DataFrame()
         self.train_config: TrainConfig | None = None

@@ -569,3 +569,16 @@ def test_cached_encoder_weights_follow_fused_adam_steps(synthetic):
         cached = module.encode(x, cov)[0]
     fresh = module.encode(x, cov)[0].detach()  # with gradients: no copy used
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_building_a_model_leaves_the_callers_random_state_alone(synthetic):
+    """SCVAE() drew its (untrained) initial weights from the caller's generator, so merely
+    constructing a model changed what the user's next torch.rand gave."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = svt.SCVAE(synthetic, n_latent=3)
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+    second = svt.SCVAE(synthetic, n_latent=3)  # and untrained models do not depend on it
+    for a, b in zip(first.module.parameters(), second.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
