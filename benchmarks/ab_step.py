@@ -8,6 +8,7 @@ extracted with ``git archive`` into a temporary folder under another name
     python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --rounds 15
     python benchmarks/ab_step.py --base 399efc8 --dataset synthetic --n-cells 81000 --rounds 8
     python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --likelihood zinb --rounds 5
+    python benchmarks/ab_step.py --base 399efc8 --dataset pbmc3k --batches 4 --dispersion gene-batch
 
 Both run the same loop as ``SCVAE.train`` (the module's ELBO, fused Adam, 128 cells per
 batch, shuffled with their own generator); it prints the median time per step of each and
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +49,17 @@ def _extract_base(ref: str, into: Path) -> None:
             t.extract(m, into, filter="data")
 
 
-def _setup(pkg: str, adata, batch_size: int, likelihood: str = "nb"):
+def _model(svt, adata, likelihood: str, dispersion: str):
+    batch_key = "ab_batch" if "ab_batch" in adata.obs else None
+    return svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1, likelihood=likelihood,
+                     dispersion=dispersion, batch_key=batch_key)
+
+
+def _setup(pkg: str, adata, batch_size: int, likelihood: str = "nb", dispersion: str = "gene"):
     svt = importlib.import_module(pkg)
     T = importlib.import_module(pkg + ".train")
     torch.manual_seed(0)
-    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1, likelihood=likelihood)
+    model = _model(svt, adata, likelihood, dispersion)
     mod, data = model.module, model._data
     opt = T._adam(mod, T.TrainConfig(lr=1e-3), torch.device("cpu"))
     mod.train()
@@ -74,9 +82,10 @@ def _setup(pkg: str, adata, batch_size: int, likelihood: str = "nb"):
     return epoch
 
 
-def _setup_inference(pkg: str, adata, batch_size: int, likelihood: str = "nb"):
+def _setup_inference(pkg: str, adata, batch_size: int, likelihood: str = "nb",
+                     dispersion: str = "gene"):
     svt = importlib.import_module(pkg)
-    model = svt.SCVAE(adata, n_hidden=128, n_latent=10, n_layers=1, likelihood=likelihood)
+    model = _model(svt, adata, likelihood, dispersion)
     model.train(max_epochs=1, batch_size=batch_size, seed=0, progress_bar=False, device="cpu")
 
     def calls() -> tuple[float, float]:
@@ -112,6 +121,9 @@ def main(argv=None) -> None:
     p.add_argument("--inference", action="store_true",
                    help="time latent and denoised expression of all cells instead of steps")
     p.add_argument("--likelihood", choices=["nb", "zinb", "poisson"], default="nb")
+    p.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-cell"], default="gene")
+    p.add_argument("--batches", type=int, default=1,
+                   help="with more than 1, cells get this many random batch labels (batch_key)")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -120,12 +132,15 @@ def main(argv=None) -> None:
     import _common  # next to this script; the same data sets as compare_scvi.py
 
     adata = _common.load(args.dataset, n_cells=args.n_cells).adata
+    if args.batches > 1:  # labels for timing only: random, so no batch effect to learn
+        labels = np.random.default_rng(0).integers(0, args.batches, adata.n_obs)
+        adata.obs["ab_batch"] = pd.Categorical([f"b{i}" for i in labels])
     with tempfile.TemporaryDirectory() as tmp:
         _extract_base(args.base, Path(tmp))
         sys.path.insert(0, tmp)
         setup = _setup_inference if args.inference else _setup
-        epochs = {"base": setup("scvae_base", adata, args.batch_size, args.likelihood),
-                  "new": setup("scvae_tools", adata, args.batch_size, args.likelihood)}
+        epochs = {name: setup(pkg, adata, args.batch_size, args.likelihood, args.dispersion)
+                  for name, pkg in (("base", "scvae_base"), ("new", "scvae_tools"))}
         for run in epochs.values():  # warm-up: first-touch allocations, caches
             run()
         times: dict[str, list[float]] = {k: [] for k in epochs}
@@ -135,7 +150,8 @@ def main(argv=None) -> None:
     if args.inference:
         return _report_inference(args, adata.n_obs, times)
     base, new = np.array(times["base"]), np.array(times["new"])
-    print(f"{args.dataset} ({args.likelihood}), {adata.n_obs} cells, {args.rounds} rounds: "
+    print(f"{args.dataset} ({args.likelihood}, {args.dispersion}, {args.batches} batches), "
+          f"{adata.n_obs} cells, {args.rounds} rounds: "
           f"base {args.base} "
           f"{np.median(base):.2f} ms/step, working tree {np.median(new):.2f} ms/step, "
           f"new/base (median of rounds) {np.median(new / base):.3f}")

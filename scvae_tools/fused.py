@@ -224,11 +224,13 @@ def _nb_core(
     x: torch.Tensor,
     want_grads: bool,
     nonzero: NonZeros | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row log-likelihood (rows, ) and, optionally, two *negated* gradient pieces.
 
     All inputs are 2-D (rows × genes; ``log_library`` rows × 1; ``log_theta`` genes or
-    rows × genes). Runs without autograd.
+    rows × genes, or T × genes with ``theta_index`` giving each row's row of it: one θ per
+    batch). Runs without autograd.
 
     The terms linear in x, x·(log μ − log(θ+μ)), are dense products with the dense block
     ``x``: one streaming pass over the block costs less than gathering at the non-zeros
@@ -240,16 +242,23 @@ def _nb_core(
     signs and the factor θ are applied in the backward pass, where they cost nothing
     (the upstream gradient is one number per row), instead of a pass over the block here.
 
-    With one θ per gene, float32 on the CPU, this runs in :mod:`~scvae_tools.native`'s
-    compiled kernel when it is available (one pass per cell instead of ~30 torch kernels);
-    otherwise in :func:`_nb_core_torch`. Both give the same values to float32 rounding.
+    In float32 on the CPU this runs in :mod:`~scvae_tools.native`'s compiled kernel when it
+    is available (one pass per cell instead of ~30 torch kernels); otherwise in
+    :func:`_nb_core_torch`. Both give the same values to float32 rounding.
     """
     # μ/θ must stay finite (b = log1p(μ/θ)); θ below e^-60 (a dispersion of 1e26) is
     # meaningless anyway, and at e^-88 μ/θ would overflow float32 and make θ·b = 0·inf.
     log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
-    if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, x):
-        return _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero)
-    return _nb_core_torch(logits, log_library, log_theta, x, want_grads, nonzero)
+    if native_ready(logits, log_library, log_theta, x):
+        return _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero,
+                               theta_index=theta_index)
+    return _nb_core_torch(logits, log_library, _theta_rows(log_theta, theta_index), x,
+                          want_grads, nonzero)
+
+
+def _theta_rows(log_theta: torch.Tensor, theta_index: torch.Tensor | None) -> torch.Tensor:
+    """log θ as the torch cores take it: per gene, or one row per block row."""
+    return log_theta if theta_index is None else log_theta[theta_index]
 
 
 def _nb_core_native(
@@ -260,16 +269,19 @@ def _nb_core_native(
     want_grads: bool,
     nonzero: NonZeros | None = None,
     pi_logits: torch.Tensor | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """:func:`_nb_core` in the compiled kernel (one θ per gene, float32, CPU); with
-    ``pi_logits``, :func:`_zinb_core`'s."""
+    """:func:`_nb_core` in the compiled kernel (float32, CPU); with ``pi_logits``,
+    :func:`_zinb_core`'s. A θ per entry (rows × genes) is passed as one row per block row."""
     n_rows, n_genes = logits.shape
+    if log_theta.dim() == 2 and theta_index is None:
+        theta_index = torch.arange(n_rows)
     nz = (NonZeros.of_dense(x) if nonzero is None else nonzero).complete(
         n_rows, n_genes, slots=False)  # the kernel reads counts, not table slots
     starts = torch.zeros(n_rows + 1, dtype=torch.int64)
     torch.cumsum(nz.lengths, 0, out=starts[1:])
     return native.nb_rows(logits, log_library, log_theta, x, starts, nz.cols.long(),
-                          nz.values, want_grads, pi_logits)
+                          nz.values, want_grads, pi_logits, theta_index)
 
 
 def _nb_pieces(logits, log_library, log_theta, x, nonzero):
@@ -330,15 +342,18 @@ def _zinb_core(
     x: torch.Tensor,
     want_grads: bool,
     nonzero: NonZeros | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The zero-inflated NB's :func:`_nb_core`: the compiled kernel for one θ per gene in
-    float32 on the CPU, else :func:`_zinb_core_torch` (the same values to float32 rounding)."""
+    """The zero-inflated NB's :func:`_nb_core`: the compiled kernel in float32 on the CPU,
+    else :func:`_zinb_core_torch` (the same values to float32 rounding)."""
     log_theta = log_theta.clamp(min=_MIN_LOG_THETA)
     pi_logits = pi_logits.expand(logits.shape)  # the kernel reads rows × genes of it
-    if log_theta.dim() == 1 and native_ready(logits, log_library, log_theta, pi_logits, x):
-        out = _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero, pi_logits)
+    if native_ready(logits, log_library, log_theta, pi_logits, x):
+        out = _nb_core_native(logits, log_library, log_theta, x, want_grads, nonzero, pi_logits,
+                              theta_index)
         return out if want_grads else (out[0], None, None, None)
-    return _zinb_core_torch(logits, log_library, log_theta, pi_logits, x, want_grads, nonzero)
+    return _zinb_core_torch(logits, log_library, _theta_rows(log_theta, theta_index), pi_logits,
+                            x, want_grads, nonzero)
 
 
 def _zinb_core_torch(
@@ -448,11 +463,24 @@ def _self_check() -> str | None:
         values_only = _nb_core_native(logits, log_library, log_theta, x, False, nz, pi_logits)
         got_zi = (*got_zi, values_only[0])  # the kernel's loop without gradients, too
         want_zi = (*want_zi, want_zi[0])
+        # A dispersion per batch (a table of θ rows, tabulated log Γ terms) and per entry
+        # (one θ row per block row, log Γ terms computed at every non-zero).
+        table = torch.randn(3, n_genes, generator=gen)
+        index = torch.randint(0, 3, (n_rows,), generator=gen)
+        want_b = _nb_core_torch(logits, log_library, table[index], x, True, nz)
+        got_b = _nb_core_native(logits, log_library, table, x, True, nz, theta_index=index)
+        per_entry = torch.randn(n_rows, n_genes, generator=gen)
+        want_e = _zinb_core_torch(logits, log_library, per_entry, pi_logits, x, True, nz)
+        got_e = _nb_core_native(logits, log_library, per_entry, x, True, nz, pi_logits)
     names = ("log-likelihood", "logit gradient", "dispersion gradient")
+    zinb_names = (*names, "dropout gradient")
     for name, a, b in [*zip(names, got, want, strict=True),
-                       *zip([f"ZINB {n}" for n in (*names, "dropout gradient",
+                       *zip([f"ZINB {n}" for n in (*zinb_names,
                                                    "log-likelihood without gradients")],
-                            got_zi, want_zi, strict=True)]:
+                            got_zi, want_zi, strict=True),
+                       *zip([f"per-batch {n}" for n in names], got_b, want_b, strict=True),
+                       *zip([f"per-entry ZINB {n}" for n in zinb_names], got_e, want_e,
+                            strict=True)]:
         scale = float(b.abs().max()) or 1.0
         err = float((a - b).abs().max()) / scale
         if not err <= 1e-4:  # also catches NaN
@@ -472,25 +500,29 @@ def _self_check() -> str | None:
     return None
 
 
-def _flat_inputs(logits, log_library, log_theta, x, nonzero):
+def _flat_inputs(logits, log_library, log_theta, x, nonzero, theta_index=None):
     """2-D views of the likelihood's inputs: any leading sample dimension of ``logits``
-    flattened into the rows, with x, ℓ and a per-cell θ broadcast over it, and known
-    non-zeros of a 2-D x repeated once per sample."""
+    flattened into the rows, with x, ℓ and a per-cell θ (or θ row index) broadcast over
+    it, and known non-zeros of a 2-D x repeated once per sample."""
     shape = logits.shape
     n_genes = shape[-1]
     lead = shape[:-1]
     logits2 = logits.reshape(-1, n_genes)
     x2 = x.expand(shape).reshape(-1, n_genes)
     lib2 = log_library.expand(*lead, 1).reshape(-1, 1)
-    lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
+    if theta_index is not None:  # a table of θ rows: kept whole, its index broadcast
+        lt2, theta_index = log_theta, theta_index.expand(lead).reshape(-1)
+    else:
+        lt2 = log_theta if log_theta.dim() == 1 else log_theta.expand(shape).reshape(-1, n_genes)
     if nonzero is not None and logits.dim() > 2:
         nonzero = (nonzero.tile(logits2.shape[0] // x.shape[0], x.shape[0], n_genes)
                    if x.dim() == 2 else None)
-    return logits2, lib2, lt2, x2, nonzero
+    return logits2, lib2, lt2, x2, nonzero, theta_index
 
 
 def _logit_and_theta_grads(ctx, neg_g: torch.Tensor, neg_g_logits: torch.Tensor,
-                           g_lt: torch.Tensor, lt2: torch.Tensor):
+                           g_lt: torch.Tensor, lt2: torch.Tensor,
+                           theta_index: torch.Tensor | None):
     """The gradients in the logits and log θ from the core's negated pieces and the
     upstream gradient (``neg_g``: its negation, one per row)."""
     grad_logits = grad_lt = None
@@ -499,6 +531,9 @@ def _logit_and_theta_grads(ctx, neg_g: torch.Tensor, neg_g_logits: torch.Tensor,
     if ctx.needs_input_grad[2]:
         if len(ctx.lt_shape) == 1:  # Σ over rows, then the factor θ
             grad_lt = neg_g.reshape(1, -1).matmul(g_lt).reshape(ctx.lt_shape).mul_(lt2.exp())
+        elif theta_index is not None:  # Σ over the rows of each θ row, then the factor θ
+            grad_lt = torch.zeros_like(lt2).index_add_(0, theta_index, g_lt * neg_g)
+            grad_lt.mul_(lt2.exp())
         else:
             grad_lt = _sum_to((g_lt * neg_g).mul_(lt2.exp()).reshape(ctx.shape), ctx.lt_shape)
     return grad_logits, grad_lt
@@ -508,25 +543,28 @@ class NBFromLogits(torch.autograd.Function):
     """Autograd function: per-cell NB log-likelihood from decoder logits (see module doc)."""
 
     @staticmethod
-    def forward(ctx, logits, log_library, log_theta, x, nonzero=None):  # noqa: D102
-        logits2, lib2, lt2, x2, nonzero = _flat_inputs(logits, log_library, log_theta, x, nonzero)
+    def forward(ctx, logits, log_library, log_theta, x, nonzero=None,  # noqa: D102
+                theta_index=None):
+        logits2, lib2, lt2, x2, nonzero, idx2 = _flat_inputs(
+            logits, log_library, log_theta, x, nonzero, theta_index)
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         # Under bf16 autocast (train(precision="bf16-mixed")) CUDA would run the core's
         # mat-vecs in bfloat16: sums over thousands of genes need float32.
         with torch.autocast(logits.device.type, enabled=False):
-            ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero)
+            ll, neg_g_logits, g_lt = _nb_core(logits2, lib2, lt2, x2, want, nonzero, idx2)
         if want:
-            ctx.save_for_backward(neg_g_logits, g_lt, lt2)
+            ctx.save_for_backward(neg_g_logits, g_lt, lt2, idx2)
         ctx.shape, ctx.lt_shape = logits.shape, log_theta.shape
         return ll.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        neg_g_logits, g_lt, lt2 = ctx.saved_tensors
+        neg_g_logits, g_lt, lt2, idx2 = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):  # float32, as forward
             neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()  # the core's pieces are negated
-            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2)
-        return grad_logits, None, grad_lt, None, None
+            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2,
+                                                          idx2)
+        return grad_logits, None, grad_lt, None, None, None
 
 
 def nb_log_likelihood_from_logits(
@@ -535,6 +573,7 @@ def nb_log_likelihood_from_logits(
     log_theta: torch.Tensor,
     x: torch.Tensor,
     nonzero: NonZeros | tuple[torch.Tensor, torch.Tensor] | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell Negative Binomial log-likelihood of counts under softmax-decoded means.
 
@@ -546,7 +585,9 @@ def nb_log_likelihood_from_logits(
     log_library
         Log library size per cell, ``(cells, 1)`` (broadcast over leading dimensions).
     log_theta
-        Log inverse dispersion: ``(genes,)`` or broadcastable to ``logits``.
+        Log inverse dispersion: ``(genes,)`` or broadcastable to ``logits``; or, with
+        ``theta_index``, a table ``(T, genes)`` of which cell c uses row ``theta_index[c]``
+        (one dispersion per batch).
     x
         Counts, ``(cells, genes)``, broadcast over leading dimensions of ``logits``.
     nonzero
@@ -555,6 +596,10 @@ def nb_log_likelihood_from_logits(
         order). Without it they are found with ``torch.nonzero``, which on an accelerator
         makes the host wait for the device. With leading sample dimensions on ``logits``
         and a 2-D ``x``, they are repeated per sample.
+    theta_index
+        Optional ``(cells,)`` integer rows of a ``(T, genes)`` ``log_theta``. Cheaper than
+        passing ``log_theta[theta_index]``: the compiled CPU kernel reads the table (and
+        tabulates its log Γ terms) instead of a cells × genes copy.
 
     Returns
     -------
@@ -567,15 +612,26 @@ def nb_log_likelihood_from_logits(
     >>> ll = nb_log_likelihood_from_logits(logits, torch.log(library), log_theta, x)
     >>> (-ll.mean()).backward()
     """
-    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero)
+    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, log_theta=log_theta,
+                                     theta_index=theta_index)
     return NBFromLogits.apply(
-        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero
+        logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero,
+        theta_index,
     )
 
 
-def _checked_inputs(logits, log_library, x, nonzero, pi_logits=None):
+def _checked_inputs(logits, log_library, x, nonzero, pi_logits=None, log_theta=None,
+                    theta_index=None):
     """The public functions' shape checks; their working dtype (never below float32: bf16
     MLPs) and the non-zeros as a :class:`NonZeros` of that dtype."""
+    if theta_index is not None and (
+            log_theta.dim() != 2 or theta_index.dim() != 1
+            or theta_index.shape[0] != logits.shape[-2] or theta_index.is_floating_point()):
+        raise ValueError(
+            "theta_index must be an integer vector with one row of log_theta per cell "
+            f"(log_theta (T, genes)); got theta_index {tuple(theta_index.shape)} "
+            f"({theta_index.dtype}) for log_theta {tuple(log_theta.shape)} and logits "
+            f"{tuple(logits.shape)}.")
     if logits.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"logits have {logits.shape[-1]} genes but x has {x.shape[-1]}; they must match."
@@ -600,28 +656,31 @@ class ZINBFromLogits(torch.autograd.Function):
     graph over the cells × genes block)."""
 
     @staticmethod
-    def forward(ctx, logits, log_library, log_theta, pi_logits, x, nonzero=None):  # noqa: D102
-        logits2, lib2, lt2, x2, nonzero = _flat_inputs(logits, log_library, log_theta, x, nonzero)
+    def forward(ctx, logits, log_library, log_theta, pi_logits, x, nonzero=None,  # noqa: D102
+                theta_index=None):
+        logits2, lib2, lt2, x2, nonzero, idx2 = _flat_inputs(
+            logits, log_library, log_theta, x, nonzero, theta_index)
         pi2 = pi_logits.expand(logits.shape).reshape(logits2.shape)
         want = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
         with torch.autocast(logits.device.type, enabled=False):  # float32 sums (see NB)
             ll, neg_g_logits, g_lt, neg_g_pi = _zinb_core(
-                logits2, lib2, lt2, pi2, x2, want, nonzero)
+                logits2, lib2, lt2, pi2, x2, want, nonzero, idx2)
         if want:
-            ctx.save_for_backward(neg_g_logits, g_lt, lt2, neg_g_pi)
+            ctx.save_for_backward(neg_g_logits, g_lt, lt2, neg_g_pi, idx2)
         ctx.shape, ctx.lt_shape, ctx.pi_shape = logits.shape, log_theta.shape, pi_logits.shape
         return ll.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        neg_g_logits, g_lt, lt2, neg_g_pi = ctx.saved_tensors
+        neg_g_logits, g_lt, lt2, neg_g_pi, idx2 = ctx.saved_tensors
         grad_pi = None
         with torch.autocast(grad_out.device.type, enabled=False):
             neg_g = grad_out.to(g_lt.dtype).reshape(-1, 1).neg()
-            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2)
+            grad_logits, grad_lt = _logit_and_theta_grads(ctx, neg_g, neg_g_logits, g_lt, lt2,
+                                                          idx2)
             if ctx.needs_input_grad[3]:
                 grad_pi = _sum_to((neg_g_pi * neg_g).reshape(ctx.shape), ctx.pi_shape)
-        return grad_logits, None, grad_lt, grad_pi, None, None
+        return grad_logits, None, grad_lt, grad_pi, None, None, None
 
 
 def zinb_log_likelihood_from_logits(
@@ -631,15 +690,17 @@ def zinb_log_likelihood_from_logits(
     pi_logits: torch.Tensor,
     x: torch.Tensor,
     nonzero: NonZeros | tuple[torch.Tensor, torch.Tensor] | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell zero-inflated NB log-likelihood under softmax-decoded means.
 
-    As :func:`nb_log_likelihood_from_logits`, plus ``pi_logits`` (the logits of the extra
+    As :func:`nb_log_likelihood_from_logits` (``theta_index`` included), plus ``pi_logits`` (the logits of the extra
     zeros' probability π, shaped like ``logits``): p(0) = π + (1−π)·NB(0),
     p(x > 0) = (1−π)·NB(x). Equals ``distributions.log_zinb(x, μ, θ, pi_logits).sum(-1)``
     up to rounding; differentiable in ``logits``, ``log_theta`` and ``pi_logits`` with a
     fused, hand-written gradient (about half the time of autograd through that formula).
     """
-    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, pi_logits)
+    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, pi_logits, log_theta,
+                                     theta_index)
     return ZINBFromLogits.apply(logits.to(dtype), log_library.to(dtype), log_theta.to(dtype),
-                                pi_logits.to(dtype), x.to(dtype), nonzero)
+                                pi_logits.to(dtype), x.to(dtype), nonzero, theta_index)

@@ -379,7 +379,9 @@ class VAE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Likelihood parameters of p(x | z): ``mu`` (mean counts), ``scale`` (proportions),
         ``theta`` (inverse dispersion, NB/ZINB) and ``pi_logits`` (ZINB), plus ``logits``,
-        ``log_library`` and ``log_theta`` for the fused NB likelihood.
+        ``log_library`` and ``log_theta`` for the fused NB likelihood (with
+        ``dispersion="gene-batch"``: the batches × genes table and each cell's row of it,
+        ``theta_index``, which the fused likelihood reads without a cells × genes copy).
 
         ``means=False`` skips ``mu``/``scale``/``theta`` where the likelihood does not need
         them (NB, ZINB): their ELBO needs only the logits, and skipping them saves passes
@@ -393,9 +395,12 @@ class VAE(nn.Module):
             log_scale = torch.log_softmax(logits, dim=-1)
             params.update(scale=log_scale.exp(), mu=(log_scale + log_library).exp())
         if self.cfg.likelihood != "poisson":
-            params["log_theta"] = self._log_theta(out, batch_index)
+            if self.cfg.dispersion == "gene-batch":
+                params["log_theta"], params["theta_index"] = self.log_theta.T, batch_index
+            else:
+                params["log_theta"] = self._log_theta(out, batch_index)
             if means:
-                params["theta"] = params["log_theta"].exp()
+                params["theta"] = self._theta(out, batch_index)
         if "pi_logits" in out:
             params["pi_logits"] = out["pi_logits"]
         return params
@@ -462,12 +467,12 @@ class VAE(nn.Module):
         fused = "logits" in params and "log_theta" in params
         if self.cfg.likelihood == "nb" and fused:
             return nb_log_likelihood_from_logits(
-                params["logits"], params["log_library"], params["log_theta"], x, nonzero
-            )
+                params["logits"], params["log_library"], params["log_theta"], x, nonzero,
+                params.get("theta_index"))
         if self.cfg.likelihood == "zinb" and fused and "pi_logits" in params:
             return zinb_log_likelihood_from_logits(
                 params["logits"], params["log_library"], params["log_theta"],
-                params["pi_logits"], x, nonzero)
+                params["pi_logits"], x, nonzero, params.get("theta_index"))
         ll = log_likelihood(
             self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
         )

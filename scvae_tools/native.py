@@ -143,7 +143,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nb_tables.restype = None
     lib.nb_tables.argtypes = [i64, ptr, ptr, ptr]
     lib.nb_block.restype = None
-    lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 16
+    lib.nb_block.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 5 + [i64] + [ptr] * 12
     lib.softmax_scale_rows.restype = None
     lib.softmax_scale_rows.argtypes = [i64, i64, ctypes.c_int, ptr, ptr, i64]
     lib.count_check_rows.restype = ctypes.c_int
@@ -200,28 +200,44 @@ def nb_rows(
     values: torch.Tensor,
     want_grads: bool,
     pi_logits: torch.Tensor | None = None,
+    theta_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """:func:`~scvae_tools.fused._nb_core` for one θ per gene, in the compiled kernel.
+    """:func:`~scvae_tools.fused._nb_core` in the compiled kernel.
 
     ``logits``, ``x``: (rows × genes) float32; ``log_library``: (rows, ) or (rows, 1);
-    ``log_theta``: (genes, ); the non-zeros of row r are entries ``starts[r]`` to
-    ``starts[r+1] − 1`` of ``cols`` (int64) and ``values`` (float32). All on the CPU.
+    ``log_theta``: (genes, ), or (T × genes) with ``theta_index`` (rows, int64) giving the
+    row of it each row uses (a dispersion per batch, or per cell with T = rows); the
+    non-zeros of row r are entries ``starts[r]`` to ``starts[r+1] − 1`` of ``cols`` (int64)
+    and ``values`` (float32). All on the CPU.
     Returns the per-row log-likelihood and, with ``want_grads``, −∂ll/∂logits and G with
-    −∂ll/∂log θ = θ·G (as ``_nb_core``). With ``pi_logits`` (rows × genes), the
-    zero-inflated NB, and a fourth result, −∂ll/∂pi_logits (as ``_zinb_core_torch``).
+    −∂ll/∂log θ = θ·G (rows × genes, as ``_nb_core``). With ``pi_logits`` (rows × genes),
+    the zero-inflated NB, and a fourth result, −∂ll/∂pi_logits (as ``_zinb_core_torch``).
     Call only when :func:`library` is not None.
     """
     lib = library()
     n_rows, n_genes = logits.shape
     logits, x = logits.contiguous(), x.contiguous()
     log_library = log_library.reshape(-1).contiguous()
-    log_theta = log_theta.contiguous()
+    log_theta = log_theta.reshape(-1, n_genes).contiguous()
     theta = log_theta.exp()
     starts, cols, values = starts.contiguous(), cols.contiguous(), values.contiguous()
+    if theta_index is not None:
+        theta_index = theta_index.to(torch.int64).contiguous()
+        # The kernel reads theta at these rows unchecked: an index past them would read
+        # other memory, so it is checked here (one pass over a vector per call).
+        if len(theta_index) != n_rows or (n_rows and not (
+                0 <= int(theta_index.min()) and int(theta_index.max()) < len(log_theta))):
+            raise IndexError(f"theta_index must give each of the {n_rows} rows a row of "
+                             f"log_theta (0 to {len(log_theta) - 1}).")
+    n_tab = theta.numel()
     k = lib.nb_table_counts()
-    lg_tab = torch.empty(k + 1, n_genes)
-    dg_tab = torch.empty(k + 1, n_genes)
-    lib.nb_tables(n_genes, theta.data_ptr(), lg_tab.data_ptr(), dg_tab.data_ptr())
+    # Tables of log Γ / ψ differences for small counts: (k + 1) values per θ, worth making
+    # when each θ serves several rows (per gene, per batch), not for one θ per cell.
+    lg_tab = dg_tab = None
+    if len(log_theta) * 4 <= max(n_rows, 4):
+        lg_tab = torch.empty(k + 1, n_tab)
+        dg_tab = torch.empty(k + 1, n_tab)
+        lib.nb_tables(n_tab, theta.data_ptr(), lg_tab.data_ptr(), dg_tab.data_ptr())
     ll = torch.empty(n_rows)
     g_logits = torch.empty(n_rows, n_genes) if want_grads else None
     g_lt = torch.empty(n_rows, n_genes) if want_grads else None
@@ -230,9 +246,13 @@ def nb_rows(
     g_pi = torch.empty(n_rows, n_genes) if want_grads and pi_logits is not None else None
     n_threads = torch.get_num_threads()
     scratch = torch.empty(n_threads, n_genes)
-    lib.nb_block(n_rows, n_genes, n_threads, *(None if t is None else t.data_ptr() for t in (
-        logits, log_library, theta, log_theta, x, starts, cols, values, lg_tab, dg_tab, ll,
-        g_logits, g_lt, scratch, pi_logits, g_pi)))
+    def ptrs(*tensors):
+        return [None if t is None else t.data_ptr() for t in tensors]
+
+    lib.nb_block(n_rows, n_genes, n_threads,
+                 *ptrs(logits, log_library, theta, log_theta, theta_index), n_tab,
+                 *ptrs(x, starts, cols, values, lg_tab, dg_tab, ll, g_logits, g_lt, scratch,
+                       pi_logits, g_pi))
     return (ll, g_logits, g_lt) if pi_logits is None else (ll, g_logits, g_lt, g_pi)
 
 

@@ -18,8 +18,10 @@
  * by r, and g_pi = sigmoid(zi) - [x = 0](1 - r) = -d ll / d zi (fused.py, _zinb_core_torch),
  * with 1 - r = exp(zi - both).
  *
- * The gamma-function terms vanish where x = 0, so they are evaluated at the non-zeros only:
- * read from per-gene tables for whole counts up to NB_TABLE_COUNTS, computed otherwise.
+ * theta is one row of G per gene, or one row per batch (or per cell) that theta_row picks
+ * for each cell. The gamma-function terms vanish where x = 0, so they are evaluated at the
+ * non-zeros only: read from tables of theta's rows for whole counts up to NB_TABLE_COUNTS
+ * (when the caller made them), computed otherwise.
  * Rows are independent: the caller splits them across threads, and the result does not
  * depend on the split.
  */
@@ -156,13 +158,17 @@ static float zinb_terms(int64_t G, const float *restrict e, float lib_s, float s
 }
 
 /* Rows [r0, r1) of a block of G genes. logits, x: row-major (rows x G); log_lib: one per
- * row; theta, log_theta: one per gene. The non-zeros of row r are entries
- * starts[r] .. starts[r + 1] - 1 of (cols, values). Writes ll[r] and, when g_logits is not
- * NULL, rows of g_logits and g_lt; rho_row is G floats of scratch. With pi_logits (rows x G)
- * not NULL, the zero-inflated NB, and rows of g_pi when g_logits is not NULL. */
+ * row; theta, log_theta: rows of G, row r of the block using row theta_row[r] of them (row
+ * 0 when theta_row is NULL: one theta per gene). The non-zeros of row r are entries
+ * starts[r] .. starts[r + 1] - 1 of (cols, values). lg_tab, dg_tab: nb_tables of all
+ * theta's rows (tab_stride = their number times G), or NULL to compute every gamma term.
+ * Writes ll[r] and, when g_logits is not NULL, rows of g_logits and g_lt; rho_row is G
+ * floats of scratch. With pi_logits (rows x G) not NULL, the zero-inflated NB, and rows of
+ * g_pi when g_logits is not NULL. */
 static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict logits,
-                    const float *restrict log_lib, const float *restrict theta,
-                    const float *restrict log_theta, const float *restrict x,
+                    const float *restrict log_lib, const float *restrict theta_rows,
+                    const float *restrict log_theta_rows, const int64_t *restrict theta_row,
+                    int64_t tab_stride, const float *restrict x,
                     const int64_t *restrict starts, const int64_t *restrict cols,
                     const float *restrict values, const float *restrict lg_tab,
                     const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
@@ -170,6 +176,8 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
                     const float *restrict pi_logits, float *restrict g_pi)
 {
     for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t0 = theta_row ? theta_row[r] * G : 0;
+        const float *restrict theta = theta_rows + t0, *restrict log_theta = log_theta_rows + t0;
         const float *restrict l = logits + r * G;
         const float *restrict xr = x + r * G;
         const float m = row_max(l, G);
@@ -218,9 +226,9 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
             if (v == 0.0f) continue;  /* a stored zero: the terms vanish */
             const int64_t k = (int64_t)v;
             double lg, dg = 0.0;
-            if ((float)k == v && k <= NB_TABLE_COUNTS) {
-                lg = lg_tab[k * G + c];
-                if (gt) dg = dg_tab[k * G + c];
+            if (lg_tab && (float)k == v && k <= NB_TABLE_COUNTS) {
+                lg = lg_tab[k * tab_stride + t0 + c];
+                if (gt) dg = dg_tab[k * tab_stride + t0 + c];
             } else {
                 const double t = theta[c], xv = v;
                 lg = lgam(xv + t) - lgam(t) - lgam(xv + 1.0);
@@ -263,7 +271,8 @@ static int thread_rows(int64_t n_rows, int64_t *r0, int64_t *r1)
  * of G floats). */
 void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict logits,
               const float *restrict log_lib, const float *restrict theta,
-              const float *restrict log_theta, const float *restrict x,
+              const float *restrict log_theta, const int64_t *restrict theta_row,
+              int64_t tab_stride, const float *restrict x,
               const int64_t *restrict starts, const int64_t *restrict cols,
               const float *restrict values, const float *restrict lg_tab,
               const float *restrict dg_tab, float *restrict ll, float *restrict g_logits,
@@ -274,7 +283,8 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
     {
         int64_t r0, r1;
         const int t = thread_rows(n_rows, &r0, &r1);
-        nb_rows(r0, r1, G, logits, log_lib, theta, log_theta, x, starts, cols, values, lg_tab,
+        nb_rows(r0, r1, G, logits, log_lib, theta, log_theta, theta_row, tab_stride, x, starts,
+                cols, values, lg_tab,
                 dg_tab, ll, g_logits, g_lt, scratch + t * G, pi_logits, g_pi);
     }
 }

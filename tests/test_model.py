@@ -580,5 +580,5 @@ def test_building_a_model_leaves_the_callers_random_state_alone(synthetic):
     first = svt.SCVAE(synthetic, n_latent=3)
     np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
     second = svt.SCVAE(synthetic, n_latent=3)  # and untrained models do not depend on it
-    for a, b in zip(first.module.parameters(), second.module.parameters()):
+    for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -319,13 +319,15 @@ def test_softmax_scale_equals_torch(rows, use_native):
         native.softmax_scale_(torch.zeros(4, 6)[:, ::2], 1.0)
 
 
-def test_training_with_and_without_the_kernel_agree(synthetic, use_native):
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch", "gene-cell"])
+def test_training_with_and_without_the_kernel_agree(dispersion, synthetic, use_native):
     """Two epochs from the same seed: the two paths differ by float32 rounding only, in
-    training, in the ELBO and in denoised expression."""
+    training, in the ELBO and in denoised expression, for each kind of dispersion."""
     out = {}
     for on in (True, False):
         use_native(on)
-        model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32)
+        model = svt.SCVAE(synthetic, n_latent=4, n_hidden=32, dispersion=dispersion,
+                          batch_key="batch")
         model.train(max_epochs=2, batch_size=64, seed=0, progress_bar=False)
         out[on] = (model.history["train_elbo"].to_numpy(), model.get_elbo(),
                    model.get_normalized_expression())
@@ -491,3 +493,81 @@ def test_zinb_kernel_keeps_zeros_with_a_small_nb_probability(use_native):
                                                   log_theta, pi_logits, x)
         err = float((got.detach().double() - ref).abs().max() / ref.abs().max())
         assert err < 2e-6, (grads, err)
+
+
+def _per_batch_value_and_grads(logits, log_library, table, x, nz, index, pi_logits=None,
+                               gathered=False):
+    """Value and gradients with a table of θ rows, passed as the table and each cell's row
+    (``theta_index``) or, ``gathered``, as the cells × genes copy ``table[index]``."""
+    logits = logits.clone().requires_grad_()
+    table = table.clone().requires_grad_()
+    lt, idx = (table[index], None) if gathered else (table, index)
+    if pi_logits is None:
+        ll = nb_log_likelihood_from_logits(logits, log_library, lt, x, nz, theta_index=idx)
+    else:
+        ll = zinb_log_likelihood_from_logits(logits, log_library, lt, pi_logits, x, nz,
+                                             theta_index=idx)
+    (ll * torch.linspace(-1.0, 2.0, ll.shape[-1])).sum().backward()
+    return ll.detach(), logits.grad, table.grad
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_dispersion_per_batch_read_from_its_table(likelihood, kernel, use_native):
+    """dispersion="gene-batch" passes the batches × genes table and each cell's row of it
+    (the compiled kernel tabulates the log Γ terms per batch): the same value and gradients
+    as the cells × genes copy, including the gradient summed into each batch's row and a
+    batch no cell uses (gradient 0)."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(native._unsupported())
+    logits, log_library, _, x, nz = _batch("counts")
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(4, x.shape[1], generator=gen)
+    index = torch.randint(0, 3, (x.shape[0],), generator=gen)  # batch 3: no cells
+    pi = torch.randn(x.shape, generator=gen) * 2 if likelihood == "zinb" else None
+    use_native(False)
+    ref = _per_batch_value_and_grads(logits, log_library, table, x, nz, index, pi, gathered=True)
+    use_native(kernel)
+    got = _per_batch_value_and_grads(logits, log_library, table, x, nz, index, pi)
+    assert (got[2][3] == 0).all() and (got[2][:3] != 0).any()
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+    # Posterior samples in a leading dimension: the index is broadcast over them.
+    stacked = torch.stack([logits, logits + 0.1])
+    with torch.no_grad():
+        both = nb_log_likelihood_from_logits(stacked, log_library, table, x, nz,
+                                             theta_index=index)
+        torch.testing.assert_close(
+            both, nb_log_likelihood_from_logits(stacked, log_library, table[index], x, nz))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_dispersion_per_cell_in_the_kernel(kernel, use_native):
+    """A θ per entry (dispersion="gene-cell") also runs in the kernel, without tables (every
+    log Γ term computed): the torch code's value and gradients."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(native._unsupported())
+    logits, log_library, _, x, nz = _batch("fractional")
+    per_entry = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    use_native(False)
+    ref = _value_and_grads(logits, log_library, per_entry, x, nz)
+    use_native(kernel)
+    got = _value_and_grads(logits, log_library, per_entry, x, nz)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+
+
+def test_theta_index_is_checked(use_native):
+    logits, log_library, _, x, nz = _batch("counts", n=8, g=20)
+    table = torch.zeros(2, 20)
+    for bad in (torch.zeros(8), torch.zeros(7, dtype=torch.long), torch.zeros(8, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match="theta_index"):
+            nb_log_likelihood_from_logits(logits, log_library, table, x, theta_index=bad)
+    with pytest.raises(ValueError, match="theta_index"):  # a table, not one θ per gene
+        nb_log_likelihood_from_logits(logits, log_library, table[0], x,
+                                      theta_index=torch.zeros(8, dtype=torch.long))
+    for on in (True, False):  # a row past the table: an error, never a read past it
+        use_native(on)
+        with pytest.raises(IndexError):
+            nb_log_likelihood_from_logits(logits, log_library, table, x,
+                                          theta_index=torch.full((8,), 2))
