@@ -302,7 +302,8 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scvae-tools", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(  # the docstring's first line, without its reST quotes
+        prog="scvae-tools", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train on an .h5ad of counts and write the results")
     fit.add_argument("input", help="input .h5ad with raw counts")
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         # str() of a KeyError is the repr of its message: take the message itself
         keyerror_text = isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)
         message = err.args[0] if keyerror_text else str(err)
-        flags = _flags_for(message, args.command)
+        flags = _flags_for(message, args.command, args)
         if flags:
             message += f" (on the command line: {', '.join(flags)})"
         print(f"error: {message}", file=sys.stderr)
@@ -371,18 +372,31 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = python_format
 
 
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def _flags_for(message: str, command: str) -> list[str]:
+def _flags_for(message: str, command: str, args: argparse.Namespace | None = None) -> list[str]:
     """The flags for the Python fixes an error message names (``layer='counts'`` …), where
-    ``command`` has them (``apply`` reads the layer the model was trained on)."""
+    ``command`` has them (``apply`` reads the layer the model was trained on); for an obs
+    column that does not exist, the flag in ``args`` that named it."""
     flags = []
     if command in ("fit", "demo"):
         flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
         if "Pass layer= naming" in message:
             flags.append("--layer LAYER")
+        if "Pass layer=None" in message:
+            flags.append("leave out --layer to use adata.X")
+    missing = re.match(r"'([^']+)' is not a column of adata.obs", message)
+    if missing and args is not None:
+        flags += [f"--{name.replace('_', '-')} naming an existing column"
+                  for name in ("batch_key", "categorical_covariate_keys",
+                               "continuous_covariate_keys", "size_factor_key")
+                  if missing.group(1) in _as_list(getattr(args, name, None))]
         if "allow_non_integer=True" in message:
             flags.append("--allow-non-integer")
     flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]

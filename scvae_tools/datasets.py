@@ -1,7 +1,7 @@
 """Datasets: real PBMC counts through a loader with a local cache, plus synthetic counts.
 
 Files are looked up in ``data_dir``, else ``$SCVAE_TOOLS_DATA_DIR``, else
-``~/.cache/scvae_tools``. Only when a file is absent there is it built from its public
+``$XDG_CACHE_HOME/scvae_tools`` (by default ``~/.cache/scvae_tools``). Only when a file is absent there is it built from its public
 source (and cached); pass ``download=False`` (or set ``SCVAE_TOOLS_NO_DOWNLOAD=1``) to get
 an error instead — the tests do.
 """
@@ -47,6 +47,11 @@ def pbmc68k(labels_key: str = "bulk_labels") -> ad.AnnData:
     recovered exactly as ``round(expm1(raw.X) · n_counts / 1e4)``. Cell labels are in
     ``obs[labels_key]`` (copied from ``bulk_labels``); ``obs["n_counts"]`` is the library size
     of the original, all-gene data.
+
+    Parameters
+    ----------
+    labels_key
+        ``obs`` column that receives the cell labels (``bulk_labels`` is always kept).
     """
     import scanpy as sc
 
@@ -151,6 +156,14 @@ def cellbench(data_dir: str | os.PathLike | None = None, singlets_only: bool = T
     ``obs["technology"]`` the effects to remove. With ``singlets_only`` the demuxlet
     doublets are dropped. This file has no automatic download; put
     ``cellbench_5_cell_lines.h5ad`` into the data directory.
+
+    Parameters
+    ----------
+    data_dir
+        Folder holding the file; default ``$SCVAE_TOOLS_DATA_DIR``, else the user cache
+        (see the module docstring).
+    singlets_only
+        Drop the cells demuxlet called doublets or ambiguous (keep ``demuxlet_cls == "SNG"``).
     """
     path = get_data_dir(data_dir) / "cellbench_5_cell_lines.h5ad"
     if not path.exists():
@@ -206,6 +219,28 @@ def synthetic_counts(
     The defaults give dense counts (42% non-zeros for 2,000 genes). For counts shaped like
     pbmc3k's 2,000 variable genes (9.8% non-zeros, median library 484), pass
     ``**svt.datasets.PBMC_LIKE``: about 11% non-zeros, median library ~476.
+
+    Parameters
+    ----------
+    n_cells, n_genes
+        Shape of the counts.
+    n_types
+        Cell types (``obs["cell_type"]``, drawn uniformly per cell).
+    n_batches
+        Batches (``obs["batch"]``, drawn uniformly per cell).
+    batch_effect
+        Standard deviation of each batch's log-factor per gene.
+    theta
+        The NB's inverse dispersion, the same for every gene.
+    mean_library
+        Median library size.
+    seed
+        Seeds everything drawn.
+    gene_sd
+        Standard deviation of the shared base log-proportions (larger: a wider spread of
+        gene means, sparser counts).
+    library_sd
+        Log standard deviation of the library sizes.
     """
     rng = np.random.default_rng(seed)
     base = rng.normal(0, gene_sd, n_genes)
@@ -241,6 +276,23 @@ def synthetic_factors(
     per gene); the remaining genes follow a shared baseline. ``obs["factor0"], …`` hold the
     factor values, ``var["factor"]`` the factor that drives each gene (``"none"`` for
     background genes); ``X`` is CSR float32 integer counts.
+
+    Parameters
+    ----------
+    n_cells, n_genes
+        Shape of the counts.
+    n_factors
+        Independent continuous factors.
+    genes_per_factor
+        Genes in each factor's block (``n_factors × genes_per_factor ≤ n_genes``).
+    effect
+        Size of a factor's effect on the log-proportions of its genes.
+    theta
+        The NB's inverse dispersion, the same for every gene.
+    mean_library
+        Median library size.
+    seed
+        Seeds everything drawn.
     """
     if n_factors * genes_per_factor > n_genes:
         raise ValueError(

@@ -228,6 +228,17 @@ def active_units(
     """Number of active latent dimensions (variance over cells of the posterior mean > threshold).
 
     See :func:`posterior_collapse` for the per-dimension table.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scvae_tools.SCVAE`.
+    adata
+        Cells to look at (default: the training AnnData).
+    threshold
+        Smallest variance of a dimension's posterior means that makes it active.
+    indices
+        Restrict to these rows (e.g. ``model.validation_indices``).
     """
     return int(posterior_collapse(model, adata, threshold, indices)["active"].sum())
 
@@ -475,6 +486,9 @@ def aggregated_posterior(
         Cap on the mixture size (cost grows as n_samples × cells).
     seed
         Seeds the draws (the global torch RNG is left as it was).
+    key_added
+        ``adata.uns`` key for the summary numbers (when ``adata`` is given); ``None``: store
+        nothing.
 
     Returns
     -------

@@ -282,6 +282,9 @@ class SCVAE:
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``
             epochs (30), and restore the best weights.
+        early_stopping_patience
+            Scored epochs without improvement before stopping (default 30; with
+            ``validation_every > 1`` it counts validation checks, not epochs).
         validation_every
             Score the validation cells every this many epochs and after the last one (like
             scvi-tools' ``check_val_every_n_epoch``); the ``validation_*`` columns of
@@ -490,12 +493,22 @@ class SCVAE:
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent coordinates of each cell: posterior means (or one sample), cells × n_latent.
 
-        ``batch_size``: cells per batch; by default as many as keep a cells × genes block
-        near 32 MB (4,194 cells for 2,000 genes; between 1,024 and 8,192).
-        ``indices``: only these cells (row numbers, in this order, or a boolean mask).
-        ``return_dist``: return the posterior q(z|x) = N(mean, variance) itself, as the
-        tuple ``(means, variances)`` (each cells × n_latent), as scvi-tools does: how
-        uncertain each cell's position is, per dimension, as far as the encoder can tell.
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (reordered by name when needed); ``None``: the
+            training data.
+        give_mean
+            The posterior means (default); ``False``: one sample of q(z|x) per cell.
+        batch_size
+            Cells per batch; by default as many as keep a cells × genes block near 32 MB
+            (4,194 cells for 2,000 genes; between 1,024 and 8,192).
+        indices
+            Only these cells (row numbers, in this order, or a boolean mask).
+        return_dist
+            Return the posterior q(z|x) = N(mean, variance) itself, as the tuple
+            ``(means, variances)`` (each cells × n_latent), as scvi-tools does: how
+            uncertain each cell's position is, per dimension, as far as the encoder can tell.
         """
         self._check_trained()
         data = self._data_for(adata)
@@ -573,6 +586,9 @@ class SCVAE:
 
         Parameters
         ----------
+        adata
+            AnnData with the model's genes (reordered by name when needed); ``None``: the
+            training data.
         library_size
             A number: expression per ``library_size`` counts (default 1e4, like
             ``sc.pp.normalize_total``). ``"observed"``: ℓ·ρ at each cell's own library size,
@@ -685,10 +701,20 @@ class SCVAE:
                  seed: int | None = 0) -> float:
         """Mean per-cell ELBO in nats (higher is better; full normalised likelihood).
 
-        Uses one posterior sample per cell, like scvi-tools' ``get_elbo``, drawn with
-        ``seed`` (the caller's torch random state is left as it was; ``None``: drawn from
-        it), so the same model and cells give the same value at every call. ``indices``
-        restricts to some cells (e.g. ``model.validation_indices``).
+        Uses one posterior sample per cell, like scvi-tools' ``get_elbo``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None``: the training data.
+        indices
+            Only these cells (e.g. ``model.validation_indices``).
+        batch_size
+            Cells scored at a time.
+        seed
+            Seeds the draws of z (the caller's torch random state is left as it was), so
+            the same model and cells give the same value at every call; ``None``: drawn
+            from the caller's state.
         """
         self._check_trained()
         data = self._data_for(adata)
@@ -707,11 +733,24 @@ class SCVAE:
 
         IWAE (Burda et al. 2016) with ``n_samples`` draws from each cell's q(z|x): a lower
         bound on log p(x) that tightens as ``n_samples`` grows, and equals the ELBO in
-        expectation with one. The draws are seeded by ``seed`` (the caller's torch random
-        state is left as it was; ``None``: drawn from it), so a call gives the same value
-        each time. Cells are scored ``batch_size`` at a time, their samples decoded in
-        blocks of at most ~2²⁴ samples × cells × genes values.
-        With ``return_per_cell`` the per-cell values are returned instead of their mean.
+        expectation with one.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None``: the training data.
+        n_samples
+            Draws of z per cell.
+        indices
+            Only these cells (e.g. ``model.validation_indices``).
+        batch_size
+            Cells scored at a time; their samples are decoded in blocks of at most ~2²⁴
+            samples × cells × genes values.
+        return_per_cell
+            Return the per-cell values instead of their mean.
+        seed
+            Seeds the draws (the caller's torch random state is left as it was), so a call
+            gives the same value each time; ``None``: drawn from the caller's state.
         """
         self._check_trained()
         n_samples = check_positive_int(n_samples, "n_samples")
@@ -818,6 +857,8 @@ class SCVAE:
             Larger groups are subsampled to this many cells (conservative, and bounds memory).
         seed
             Seeds the subsampling, bootstrap and posterior draws.
+        batch_size
+            Cells decoded at a time.
         key_added
             Also store the results in ``adata.uns[key_added]`` in ``sc.tl.rank_genes_groups``'
             format, so ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` work
@@ -989,9 +1030,10 @@ class SCVAE:
         max_epochs
             Fine-tuning epochs; default ``min(200, 20000 / n_cells · 400)``. 0 skips
             fine-tuning (the new columns keep their start: the mean of the reference batches).
-        batch_size, lr, train_size, early_stopping, early_stopping_patience, seed, device,
-        progress_bar, eps
-            As in :meth:`train` (no KL warm-up, no weight decay; ``eps``: Adam's).
+        batch_size, lr, train_size, early_stopping, early_stopping_patience
+            As in :meth:`train` (no KL warm-up, no weight decay).
+        seed, device, progress_bar, eps
+            As in :meth:`train` (``eps``: Adam's).
 
         Returns
         -------
@@ -1063,6 +1105,19 @@ class SCVAE:
         its in-memory ``obsm``/``uns`` (save with ``svt.backed.write_h5ad_backed(adata,
         new_path)``, which copies X on disk instead of reading it), and the
         dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
+
+        Parameters
+        ----------
+        adata
+            The AnnData to write into, with the model's genes.
+        key_added
+            Prefix of the keys written (``X_<key>``, ``<key>_denoised``, ``<key>_expected``,
+            ``uns[<key>]``).
+        layers
+            Write the two dense layers (default); ``False``: the latent and ``uns`` only.
+        batch_size
+            Cells per batch for the latent and the layers (default as in
+            :meth:`get_latent_representation`).
         """
         self._check_trained()
         check_key_added(key_added)
@@ -1194,6 +1249,17 @@ class SCVAE:
         and a file that would need to run code is refused with a ``ValueError``.
         ``config.json`` is validated field by field (types, ranges, consistency) and the
         weights must match it and be finite; any problem raises a ``ValueError`` naming it.
+
+        Parameters
+        ----------
+        path
+            The folder :meth:`save` wrote.
+        adata
+            AnnData to attach (its genes are checked against the saved ones, and reordered by
+            name when needed); ``None``: attach one later through the methods' ``adata=``.
+        device
+            Where the model runs: ``"auto"`` (CUDA, else MPS, else the CPU), or a torch
+            device.
         """
         path = Path(path)
         if path.is_file():

@@ -7,7 +7,7 @@ decoder inputs.
 
 Generative model::
 
-    z ~ N(0, I)
+    z ~ N(0, I)                             (or a learned mixture: prior="mog")
     ρ = softmax(f_θ(z, s))                  # gene proportions
     x_g ~ NB(mean = ℓ·ρ_g, inv. dispersion θ_g)   (or ZINB / Poisson)
 

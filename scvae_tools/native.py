@@ -21,8 +21,8 @@ and the CPU, so a cache shared by different machines never loads code built for 
 CPU. Later processes load the cached library.
 
 It is optional. It is used on Linux x86-64 with glibc and ``gcc``, for float32 on the CPU:
-the likelihood for one dispersion per gene (NB, the default model, and ZINB), the rest for
-any model.
+the NB and ZINB likelihoods with any dispersion (per gene, per gene and batch, per cell),
+the rest for any model.
 Everywhere else, or when compilation fails, or with ``SCVAE_TOOLS_NATIVE=0``, the torch
 (or numpy) code runs instead. The two agree to float32 rounding: a check at first use, and
 the tests, compare them.

@@ -138,6 +138,15 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     # The key keeps both its quotes (a KeyError's str() is the repr of its message).
     assert rc == 2 and "error: 'nope' is not a column of adata.obs" in err, err
+    assert "(on the command line: --batch-key naming an existing column)" in err, err
+    for flags, named in ((["--continuous-covariate-keys", "cell_type", "c2"],
+                          "--continuous-covariate-keys naming an existing column"),
+                         (["--size-factor-key", "sf"], "--size-factor-key naming an existing "
+                          "column"),
+                         (["--layer", "counts"], "leave out --layer to use adata.X")):
+        assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+                     "--quiet", *flags]) == 2
+        assert f"(on the command line: {named})" in capsys.readouterr().err
     # An obsm-style key is refused before training, with the flag that fixes it.
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--key-added", "X_vae", "--quiet"])
