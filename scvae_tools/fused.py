@@ -469,6 +469,11 @@ def _self_check() -> str | None:
         index = torch.randint(0, 3, (n_rows,), generator=gen)
         want_b = _nb_core_torch(logits, log_library, table[index], x, True, nz)
         got_b = _nb_core_native(logits, log_library, table, x, True, nz, theta_index=index)
+        # The NB's loop without gradients (every evaluation runs it), per gene and per batch.
+        want_b = (*want_b, want[0], want_b[0])
+        got_b = (*got_b, _nb_core_native(logits, log_library, log_theta, x, False, nz)[0],
+                 _nb_core_native(logits, log_library, table, x, False, nz,
+                                 theta_index=index)[0])
         per_entry = torch.randn(n_rows, n_genes, generator=gen)
         want_e = _zinb_core_torch(logits, log_library, per_entry, pi_logits, x, True, nz)
         got_e = _nb_core_native(logits, log_library, per_entry, x, True, nz, pi_logits)
@@ -478,7 +483,10 @@ def _self_check() -> str | None:
                        *zip([f"ZINB {n}" for n in (*zinb_names,
                                                    "log-likelihood without gradients")],
                             got_zi, want_zi, strict=True),
-                       *zip([f"per-batch {n}" for n in names], got_b, want_b, strict=True),
+                       *zip([f"per-batch {n}" for n in names]
+                            + ["log-likelihood without gradients",
+                               "per-batch log-likelihood without gradients"],
+                            got_b, want_b, strict=True),
                        *zip([f"per-entry ZINB {n}" for n in zinb_names], got_e, want_e,
                             strict=True)]:
         scale = float(b.abs().max()) or 1.0
@@ -585,7 +593,8 @@ def nb_log_likelihood_from_logits(
     log_library
         Log library size per cell, ``(cells, 1)`` (broadcast over leading dimensions).
     log_theta
-        Log inverse dispersion: ``(genes,)`` or broadcastable to ``logits``; or, with
+        Log inverse dispersion: one value for all genes, ``(genes,)`` or broadcastable to
+        ``logits`` (its last axis the genes); or, with
         ``theta_index``, a table ``(T, genes)`` of which cell c uses row ``theta_index[c]``
         (one dispersion per batch).
     x
@@ -597,7 +606,8 @@ def nb_log_likelihood_from_logits(
         makes the host wait for the device. With leading sample dimensions on ``logits``
         and a 2-D ``x``, they are repeated per sample.
     theta_index
-        Optional ``(cells,)`` integer rows of a ``(T, genes)`` ``log_theta``. Cheaper than
+        Optional ``(cells,)`` int64 (or int32) rows of a ``(T, genes)`` ``log_theta``, each
+        in ``0 … T − 1`` (checked on the CPU; no negative indexing). Cheaper than
         passing ``log_theta[theta_index]``: the compiled CPU kernel reads the table (and
         tabulates its log Γ terms) instead of a cells × genes copy.
 
@@ -612,26 +622,42 @@ def nb_log_likelihood_from_logits(
     >>> ll = nb_log_likelihood_from_logits(logits, torch.log(library), log_theta, x)
     >>> (-ll.mean()).backward()
     """
-    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, log_theta=log_theta,
-                                     theta_index=theta_index)
+    dtype, nonzero, log_theta = _checked_inputs(logits, log_library, log_theta, x, nonzero,
+                                                theta_index=theta_index)
     return NBFromLogits.apply(
         logits.to(dtype), log_library.to(dtype), log_theta.to(dtype), x.to(dtype), nonzero,
         theta_index,
     )
 
 
-def _checked_inputs(logits, log_library, x, nonzero, pi_logits=None, log_theta=None,
+def _checked_inputs(logits, log_library, log_theta, x, nonzero, pi_logits=None,
                     theta_index=None):
     """The public functions' shape checks; their working dtype (never below float32: bf16
-    MLPs) and the non-zeros as a :class:`NonZeros` of that dtype."""
-    if theta_index is not None and (
-            log_theta.dim() != 2 or theta_index.dim() != 1
-            or theta_index.shape[0] != logits.shape[-2] or theta_index.is_floating_point()):
-        raise ValueError(
-            "theta_index must be an integer vector with one row of log_theta per cell "
-            f"(log_theta (T, genes)); got theta_index {tuple(theta_index.shape)} "
-            f"({theta_index.dtype}) for log_theta {tuple(log_theta.shape)} and logits "
-            f"{tuple(logits.shape)}.")
+    MLPs), the non-zeros as a :class:`NonZeros` of that dtype, and log θ with a genes axis
+    (one value for all genes repeated per gene: the kernel reads one per gene)."""
+    n_genes = logits.shape[-1]
+    if log_theta.dim() == 0 or (log_theta.dim() == 1 and log_theta.shape[0] == 1):
+        log_theta = log_theta.reshape(1).expand(n_genes)
+    if log_theta.shape[-1] not in (n_genes, 1) or (
+            log_theta.dim() == 1 and log_theta.shape[0] != n_genes):
+        raise ValueError(f"log_theta has {log_theta.shape[-1]} genes but logits have "
+                         f"{n_genes}; its last axis must be the genes.")
+    if theta_index is not None:
+        if (log_theta.dim() != 2 or log_theta.shape[-1] != n_genes or theta_index.dim() != 1
+                or theta_index.shape[0] != logits.shape[-2]
+                or theta_index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(
+                "theta_index must be an int64 (or int32) vector with one row of log_theta "
+                f"(T, genes) per cell; got theta_index {tuple(theta_index.shape)} "
+                f"({theta_index.dtype}) for log_theta {tuple(log_theta.shape)} and logits "
+                f"{tuple(logits.shape)}.")
+        # Rows past the table, or negative ones (which torch indexing would wrap), are
+        # refused wherever it costs no device sync: on the CPU.
+        if theta_index.device.type == "cpu" and len(theta_index) and not (
+                0 <= int(theta_index.min()) and int(theta_index.max()) < len(log_theta)):
+            raise IndexError(f"theta_index must give each cell a row of log_theta, 0 to "
+                             f"{len(log_theta) - 1}; got rows {int(theta_index.min())} to "
+                             f"{int(theta_index.max())}.")
     if logits.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"logits have {logits.shape[-1]} genes but x has {x.shape[-1]}; they must match."
@@ -647,7 +673,7 @@ def _checked_inputs(logits, log_library, x, nonzero, pi_logits=None, log_theta=N
     if nonzero is not None:
         nonzero = NonZeros(*nonzero)
         nonzero = nonzero._replace(values=nonzero.values.to(dtype))
-    return dtype, nonzero
+    return dtype, nonzero, log_theta
 
 
 class ZINBFromLogits(torch.autograd.Function):
@@ -700,7 +726,7 @@ def zinb_log_likelihood_from_logits(
     up to rounding; differentiable in ``logits``, ``log_theta`` and ``pi_logits`` with a
     fused, hand-written gradient (about half the time of autograd through that formula).
     """
-    dtype, nonzero = _checked_inputs(logits, log_library, x, nonzero, pi_logits, log_theta,
-                                     theta_index)
+    dtype, nonzero, log_theta = _checked_inputs(logits, log_library, log_theta, x, nonzero,
+                                                pi_logits, theta_index)
     return ZINBFromLogits.apply(logits.to(dtype), log_library.to(dtype), log_theta.to(dtype),
                                 pi_logits.to(dtype), x.to(dtype), nonzero, theta_index)

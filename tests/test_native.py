@@ -558,16 +558,46 @@ def test_a_dispersion_per_cell_in_the_kernel(kernel, use_native):
 
 
 def test_theta_index_is_checked(use_native):
+    """Both paths refuse the same inputs: the kernel reads raw memory, and torch indexing
+    would wrap negative rows and read a bool index as a mask."""
     logits, log_library, _, x, nz = _batch("counts", n=8, g=20)
     table = torch.zeros(2, 20)
-    for bad in (torch.zeros(8), torch.zeros(7, dtype=torch.long), torch.zeros(8, 1, dtype=torch.long)):
-        with pytest.raises(ValueError, match="theta_index"):
-            nb_log_likelihood_from_logits(logits, log_library, table, x, theta_index=bad)
-    with pytest.raises(ValueError, match="theta_index"):  # a table, not one θ per gene
-        nb_log_likelihood_from_logits(logits, log_library, table[0], x,
-                                      theta_index=torch.zeros(8, dtype=torch.long))
-    for on in (True, False):  # a row past the table: an error, never a read past it
+    for on in (True, False):
         use_native(on)
-        with pytest.raises(IndexError):
-            nb_log_likelihood_from_logits(logits, log_library, table, x,
-                                          theta_index=torch.full((8,), 2))
+        for bad in (torch.zeros(8), torch.zeros(7, dtype=torch.long),
+                    torch.zeros(8, 1, dtype=torch.long), torch.ones(8, dtype=torch.bool),
+                    torch.zeros(8, dtype=torch.uint8)):
+            with pytest.raises(ValueError, match="theta_index"):
+                nb_log_likelihood_from_logits(logits, log_library, table, x, theta_index=bad)
+        with pytest.raises(ValueError, match="theta_index"):  # a table, not one θ per gene
+            nb_log_likelihood_from_logits(logits, log_library, table[0], x,
+                                          theta_index=torch.zeros(8, dtype=torch.long))
+        # A table whose width is not the genes: its size may be a multiple of theirs, and
+        # the kernel would have read it as more rows.
+        for wrong in (torch.zeros(4, 10), torch.zeros(2, 40)):
+            with pytest.raises(ValueError, match="log_theta has"):
+                nb_log_likelihood_from_logits(logits, log_library, wrong, x,
+                                              theta_index=torch.zeros(8, dtype=torch.long))
+        with pytest.raises(ValueError, match="log_theta has"):
+            zinb_log_likelihood_from_logits(logits, log_library, torch.zeros(40), logits, x)
+        for rows in (2, -1):  # past the table, or negative: an error on both paths
+            with pytest.raises(IndexError, match="theta_index"):
+                nb_log_likelihood_from_logits(logits, log_library, table, x,
+                                              theta_index=torch.full((8,), rows))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_one_dispersion_for_all_genes_is_repeated_per_gene(kernel, use_native):
+    """A single log θ (shape () or (1,)) broadcasts over the genes, as the docstring says;
+    the kernel, which reads one per gene, used to read past it."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(native._unsupported())
+    logits, log_library, _, x, nz = _batch("counts", n=8, g=20)
+    use_native(kernel)
+    want = nb_log_likelihood_from_logits(logits, log_library, torch.full((20,), 0.3), x)
+    for scalar in (torch.tensor(0.3), torch.tensor([0.3])):
+        lt = scalar.clone().requires_grad_()
+        got = nb_log_likelihood_from_logits(logits, log_library, lt, x)
+        torch.testing.assert_close(got.detach(), want, rtol=3e-5, atol=1e-3)  # grad loop rounds apart
+        got.sum().backward()
+        assert lt.grad.shape == lt.shape and torch.isfinite(lt.grad).all()
