@@ -20,8 +20,8 @@
  *
  * theta is one row of G per gene, or one row per batch (or per cell) that theta_row picks
  * for each cell. The gamma-function terms vanish where x = 0, so they are evaluated at the
- * non-zeros only: read from tables of theta's rows for whole counts up to NB_TABLE_COUNTS
- * (when the caller made them), computed otherwise.
+ * non-zeros only: for whole counts up to NB_TABLE_COUNTS as sums of logs, read from tables
+ * of theta's rows when the caller made them; from lgamma / digamma otherwise.
  * Rows are independent: the caller splits them across threads, and the result does not
  * depend on the split.
  */
@@ -229,6 +229,15 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
             if (lg_tab && (float)k == v && k <= NB_TABLE_COUNTS) {
                 lg = lg_tab[k * tab_stride + t0 + c];
                 if (gt) dg = dg_tab[k * tab_stride + t0 + c];
+            } else if ((float)k == v && k <= NB_TABLE_COUNTS) {
+                /* no tables (a theta per entry): the same sums as nb_tables, for this entry
+                 * alone; k logs cost less than three lgamma and two digamma calls */
+                const double t = theta[c];
+                lg = 0.0;
+                for (int64_t i = 0; i < k; ++i) {
+                    lg += log(t + (double)i) - log((double)(i + 1));
+                    if (gt) dg += 1.0 / (t + (double)i);
+                }
             } else {
                 const double t = theta[c], xv = v;
                 lg = lgam(xv + t) - lgam(t) - lgam(xv + 1.0);

@@ -541,13 +541,15 @@ def test_a_dispersion_per_batch_read_from_its_table(likelihood, kernel, use_nati
             both, nb_log_likelihood_from_logits(stacked, log_library, table[index], x, nz))
 
 
+@pytest.mark.parametrize("kind", ["counts", "fractional", "extreme"])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_a_dispersion_per_cell_in_the_kernel(kernel, use_native):
-    """A θ per entry (dispersion="gene-cell") also runs in the kernel, without tables (every
-    log Γ term computed): the torch code's value and gradients."""
+def test_a_dispersion_per_cell_in_the_kernel(kernel, kind, use_native):
+    """A θ per entry (dispersion="gene-cell") also runs in the kernel, without tables (log Γ
+    terms as sums of logs for small whole counts, lgamma otherwise): the torch code's value
+    and gradients."""
     if kernel and native._unsupported() is not None:
         pytest.skip(native._unsupported())
-    logits, log_library, _, x, nz = _batch("fractional")
+    logits, log_library, _, x, nz = _batch(kind)
     per_entry = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     use_native(False)
     ref = _value_and_grads(logits, log_library, per_entry, x, nz)
