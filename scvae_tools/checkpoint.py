@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -345,6 +346,9 @@ class CheckpointConfig:
         The cells' library sizes (float32): the same names over other counts (another
         layer, other data) are not the run that was interrupted. Compared with a relative
         tolerance, since in-memory and backed reads sum in different orders.
+    covariates
+        A digest of the cells' batch codes and covariate values (:func:`covariates_digest`):
+        relabelled batches or changed covariates under the same cell names are another run.
     """
 
     directory: Path
@@ -353,6 +357,7 @@ class CheckpointConfig:
     identity: dict[str, Any] = dataclasses.field(default_factory=dict)
     cells: str = ""
     library: Any = None
+    covariates: str = ""
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).expanduser()
@@ -379,6 +384,17 @@ class CheckpointConfig:
 def cells_digest(names) -> str:
     """SHA-1 of cell names in their order (for :class:`CheckpointConfig`)."""
     return hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()
+
+
+def covariates_digest(*arrays) -> str:
+    """SHA-1 of the cells' batch codes and covariate arrays (for :class:`CheckpointConfig`);
+    in-memory and backed data encode them alike (both from ``obs``)."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

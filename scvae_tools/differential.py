@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,12 @@ def differential_expression(
     if group2 is not None and str(group2) in groups1:
         raise ValueError(f"group1 and group2 must differ; both contain {group2!r}.")
 
+    if batch_correction and model.module.cfg.n_batch <= 1:
+        warnings.warn(
+            "batch_correction=True has no effect: the model was trained without batch_key= "
+            "(or on one batch), so there are no batches to average over. A batch given as a "
+            "categorical covariate is not averaged over; train with batch_key= for that.",
+            UserWarning, stacklevel=3)
     data = CellData(adata, model.spec, copy=False, trained=True)  # read-only, for this call only
     counts = data.X
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -22,6 +22,7 @@ from .checkpoint import (
     CheckpointConfig,
     cells_digest,
     check_state_dict,
+    covariates_digest,
     load_checkpoint,
     package_versions,
     replace_dir,
@@ -181,6 +182,7 @@ class SCVAE:
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
         self.is_trained = False
+        self.loaded_from: str | None = None  # the folder of SCVAE.load, if it came from one
         self.train_threads: int | None = None  # torch's CPU threads in the last train()
         self.query_info: dict[str, Any] | None = None  # set by load_query
         # Backed AnnData (or a path) streams from disk; see scvae_tools.backed.
@@ -233,6 +235,12 @@ class SCVAE:
         strategy: str | None = None,
     ) -> SCVAE:
         """Fit the model by maximising the ELBO with Adam.
+
+        Training always starts from new initial weights drawn from ``seed``. On a model from
+        :meth:`load` it does not continue training the saved weights (an interrupted run
+        continues with ``checkpoint_dir=`` and ``resume=True``), and on a query model from
+        :meth:`load_query` it fits a new model to the query cells alone (fine-tune the
+        mapping with ``load_query(..., max_epochs=)`` instead); both warn.
 
         Parameters
         ----------
@@ -332,7 +340,7 @@ class SCVAE:
             good epoch, each with a 4× lower learning rate. The model is left as it was
             before this call (an earlier fit is kept; nothing diverged is ever used).
         """
-        data = self._require_data()
+        data = self._require_data("to train it, load it with SCVAE.load(path, adata)")
         if cuda_graphs and resolve_device(device).type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
@@ -376,6 +384,7 @@ class SCVAE:
         )
         dist_ctx = _dist_context(strategy, device)
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
+        self._warn_if_discarding_weights()
         finished = False
         try:
             # The seed fully determines the result, whatever came before, and the caller's
@@ -392,12 +401,30 @@ class SCVAE:
         # Only a run that finished replaces the model: a diverged one raised above.
         self.module, self.device, self.history = module, device, history
         self.query_info = None  # trained from scratch: no longer a query mapped onto a reference
+        self.loaded_from = None
         self.train_config, self.train_indices, self.validation_indices = cfg, train_idx, val_idx
         self.train_threads = torch.get_num_threads()  # with the seed, it fixes the CPU result
         self.is_trained = True
         if dist_ctx is None or dist_ctx.is_main:  # one warning, not one per rank
             self._warn_if_collapsed()
         return self
+
+    def _warn_if_discarding_weights(self) -> None:
+        """scvi-tools' ``train()`` continues from a loaded or mapped model's weights; ours
+        starts afresh (seeded), which must not pass unnoticed."""
+        if self.query_info is not None:
+            warnings.warn(
+                "train() fits a new model, from new initial weights, to this query's cells "
+                "alone: the reference weights that load_query mapped them onto are "
+                "discarded, and the query no longer shares the reference's latent space. To "
+                "fine-tune the mapping for longer, call SCVAE.load_query(reference_dir, "
+                "adata, max_epochs=N) instead.", UserWarning, stacklevel=3)
+        elif getattr(self, "loaded_from", None) is not None:
+            warnings.warn(
+                f"train() starts from new initial weights: the weights loaded from "
+                f"{self.loaded_from} are discarded, not trained further. An interrupted run "
+                "continues with train(checkpoint_dir=..., resume=True).",
+                UserWarning, stacklevel=3)
 
     def _checkpoint_config(self, checkpoint_dir, every: int, resume: bool) -> CheckpointConfig | None:
         if checkpoint_dir is None:
@@ -410,7 +437,9 @@ class SCVAE:
         data = self._require_data()
         return CheckpointConfig(Path(checkpoint_dir), every=every, resume=resume,
                                 identity=identity, cells=cells_digest(data.obs_names),
-                                library=np.asarray(data.library, dtype=np.float32))
+                                library=np.asarray(data.library, dtype=np.float32),
+                                covariates=covariates_digest(data.batch_index, data.cat_covs,
+                                                             data.cont_covs))
 
     def _warn_if_collapsed(self) -> None:
         if self.history.empty or self.validation_indices is None:
@@ -448,9 +477,9 @@ class SCVAE:
         return self
 
     # ------------------------------------------------------------------ evaluation
-    def _require_data(self) -> CellData | BackedCellData:
+    def _require_data(self, fix: str = "pass adata= to this method") -> CellData | BackedCellData:
         if self._data is None:
-            raise ValueError("This model has no AnnData attached; pass adata= to this method.")
+            raise ValueError(f"This model has no AnnData attached; {fix}.")
         return self._data
 
     def _data_for(self, adata) -> CellData | BackedCellData:
@@ -690,6 +719,11 @@ class SCVAE:
         if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)):
             raise TypeError(f"transform_batch takes one batch, got {transform_batch!r}; call "
                             "once per batch (and average the results for a mean over batches).")
+        if self.spec.batch_key is None:
+            raise ValueError(
+                f"transform_batch={transform_batch!r} needs a model trained with batch_key=; "
+                "this one has none (a batch given as a categorical covariate is encoded, but "
+                "not swapped by transform_batch). Train with batch_key= naming that column.")
         # written as the obs labels are (1.0 is batch "1"; "1.0" for a model saved so)
         name = _label_text(pd.Series([transform_batch]), cats)(transform_batch)
         if name not in cats:
@@ -1121,7 +1155,7 @@ class SCVAE:
         """
         self._check_trained()
         check_key_added(key_added)
-        _check_writable(adata, layers, self.spec.n_genes)
+        check_writable(adata, layers, self.spec.n_genes)
         data = self._data_for(adata)
         out_obsm = {f"X_{key_added}": self._latent(data, batch_size=batch_size)}
         out_layers = {}
@@ -1307,6 +1341,7 @@ class SCVAE:
         model.train_indices = model.validation_indices = None
         query = raw.get("query")
         model.query_info = query if isinstance(query, dict) else None
+        model.loaded_from = str(path)
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec, trained=True)
         return model
@@ -1333,12 +1368,14 @@ def check_key_added(key_added) -> None:
             f"key_added={key_added[2:]!r} for obsm[{key_added!r}].")
 
 
-def _check_writable(adata, layers: bool, n_genes: int) -> None:
-    """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data."""
+def check_writable(adata, layers: bool, n_genes: int) -> None:
+    """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data
+    (also checked by ``svt.tl.scvae`` before it trains)."""
     if isinstance(adata, (str, os.PathLike)):
         raise ValueError(
             "write_to_adata writes into an AnnData object, not a path; open the file with "
-            "`anndata.read_h5ad(path, backed='r')`, write, then `adata.write_h5ad(out_path)`."
+            "`adata = anndata.read_h5ad(path, backed='r')`, pass that, then save it with "
+            "`svt.backed.write_h5ad_backed(adata, out_path)` (which copies X on disk)."
         )
     if layers and is_backed(adata) and 2 * adata.n_obs * n_genes * 4 > DENSE_LIMIT_BYTES:
         gb = 2 * adata.n_obs * n_genes * 4 / 1e9
@@ -1442,7 +1479,9 @@ def _gene_order(have: pd.Index, want: list[str]) -> np.ndarray | None:
     if len(have) != len(want):
         raise ValueError(
             f"write_to_adata with layers=True needs exactly the model's {len(want)} genes, "
-            f"the AnnData has {len(have)}. Subset it with `adata[:, model.var_names]` or pass layers=False."
+            f"the AnnData has {len(have)}. Subset it with `adata[:, model.var_names]` (for a "
+            "backed AnnData: `adata[:, model.var_names].to_memory()`, or keep the file and "
+            "pass layers=False) or pass layers=False."
         )
     return pd.Index(want).get_indexer([str(v) for v in have])
 

@@ -83,7 +83,11 @@ def training_history(model_or_history, show: bool = False, *, axes=None, save=No
     """
     hist = _history_of(model_or_history)
     if hist.empty:
-        raise ValueError("The model has no training history; train it first.")
+        query = getattr(model_or_history, "query_info", None)
+        raise ValueError(
+            "The model ran no training epoch: a query mapped by load_query without new "
+            "categories, or with max_epochs=0, is not fine-tuned." if query else
+            "The model has no training history; train it first.")
     fig, axes = _panels(axes, 3, (12, 3.4))
     for a, (col, title) in zip(
         axes,

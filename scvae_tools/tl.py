@@ -18,7 +18,7 @@ from .diagnostics import (  # noqa: F401  (re-exported as svt.tl.*)
     rate_distortion_sweep,
     variational_gap,
 )
-from .model import SCVAE, check_key_added
+from .model import SCVAE, check_key_added, check_writable
 
 _INIT_ARGS = set(inspect.signature(SCVAE.__init__).parameters) - {"self", "adata"}
 _TRAIN_ARGS = set(inspect.signature(SCVAE.train).parameters) - {"self"}
@@ -57,6 +57,9 @@ def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCV
         )
     check_key_added(key_added)  # before training, not after
     model = SCVAE(adata, **{k: v for k, v in kwargs.items() if k in _INIT_ARGS})
+    # What write_to_adata would refuse (a path, dense layers too large for backed data) is
+    # refused now, not after a fit that the error would then throw away.
+    check_writable(adata, layers, model.spec.n_genes)
     model.train(**{k: v for k, v in kwargs.items() if k in _TRAIN_ARGS})
     model.write_to_adata(adata, key_added=key_added, layers=layers)
     return model

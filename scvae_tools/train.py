@@ -862,6 +862,7 @@ def _write_checkpoint(ck: CheckpointConfig, module: VAE, optim: torch.optim.Opti
         "identity": ck.identity,
         "cells": ck.cells,
         "library": None if ck.library is None else torch.from_numpy(ck.library),
+        "covariates": ck.covariates,
         "train_idx": torch.from_numpy(np.asarray(train_idx, dtype=np.int64)),
         "val_idx": torch.from_numpy(np.asarray(val_idx, dtype=np.int64)),
     })
@@ -906,6 +907,10 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         raise ValueError(f"The checkpoint {ck.path} was written for other counts: the cells' "
                          "library sizes differ (another layer, or other data under the same "
                          f"cell names). {fix}")
+    if state.get("covariates") and ck.covariates and state["covariates"] != ck.covariates:
+        raise ValueError(f"The checkpoint {ck.path} was written for other batch labels or "
+                         "covariate values under the same cell names (relabelled batches, a "
+                         f"changed obs column). {fix}")
     if module.log_theta is None and "log_theta" in state["module"]:
         raise ValueError(f"The checkpoint {ck.path} was written by an older scvae_tools, whose "
                          "Poisson models carried an unused dispersion parameter, and cannot be "

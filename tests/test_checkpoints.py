@@ -141,6 +141,25 @@ def test_resume_refuses_other_counts_under_the_same_names(small, tmp_path):
                                                           resume=True)
 
 
+def test_resume_refuses_relabelled_batches_or_changed_covariates(tmp_path):
+    """Batch labels and covariates re-assigned under the same cell names were resumed,
+    training on a mix of the two labellings; a backed read of the same file is the same."""
+    a = svt.datasets.synthetic_counts(n_cells=150, n_genes=30, n_types=3, n_batches=2, seed=1)
+    a.obs["dose"] = np.linspace(-1.0, 1.0, a.n_obs)
+    kw = dict(**MODEL, batch_key="batch", continuous_covariate_keys=["dose"])
+    svt.SCVAE(a, **kw).train(**{**TRAIN, "max_epochs": 2}, checkpoint_dir=tmp_path)
+    relabelled, changed = a.copy(), a.copy()
+    relabelled.obs["batch"] = relabelled.obs["batch"].to_numpy()[::-1]
+    changed.obs["dose"] = changed.obs["dose"] * 2
+    for other in (relabelled, changed):
+        with pytest.raises(ValueError, match="other batch labels or covariate values"):
+            svt.SCVAE(other, **kw).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    resumed = svt.SCVAE(str(tmp_path / "a.h5ad"), **kw).train(**TRAIN, checkpoint_dir=tmp_path,
+                                                             resume=True)
+    assert len(resumed.history) == TRAIN["max_epochs"]
+
+
 def test_checkpoint_every_n_epochs(small, tmp_path, monkeypatch):
     saved: list[int] = []
     real = ck.save_checkpoint

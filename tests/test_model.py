@@ -582,3 +582,33 @@ def test_building_a_model_leaves_the_callers_random_state_alone(synthetic):
     second = svt.SCVAE(synthetic, n_latent=3)  # and untrained models do not depend on it
     for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tl_scvae_refuses_what_it_could_not_write_before_training(tmp_path, monkeypatch):
+    """tl.scvae trained fully, then failed in write_to_adata (a path; dense layers too large
+    for a backed file), throwing the fit away."""
+    import scvae_tools.model as model_mod
+
+    a = svt.datasets.synthetic_counts(n_cells=120, n_genes=20, seed=0)
+    a.write_h5ad(tmp_path / "a.h5ad")
+    monkeypatch.setattr(svt.SCVAE, "train", lambda *args, **kw: pytest.fail("trained"))
+    with pytest.raises(ValueError, match="not a path.*write_h5ad_backed"):
+        svt.tl.scvae(str(tmp_path / "a.h5ad"), max_epochs=1)
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    monkeypatch.setattr(model_mod, "DENSE_LIMIT_BYTES", 1000)
+    with pytest.raises(ValueError, match="pass layers=False"):
+        svt.tl.scvae(backed, max_epochs=1)
+    backed.file.close()
+
+
+def test_batch_options_without_a_batch_key_say_so():
+    """A batch given as a categorical covariate: transform_batch said "choose from []", and
+    DE's batch_correction=True silently did nothing."""
+    a = svt.datasets.synthetic_counts(n_cells=200, n_genes=30, n_batches=2, seed=0)
+    model = svt.SCVAE(a, n_latent=3, n_hidden=16, categorical_covariate_keys=["batch"])
+    model.train(max_epochs=2, progress_bar=False)
+    with pytest.raises(ValueError, match="needs a model trained with batch_key="):
+        model.get_normalized_expression(transform_batch="batch0")
+    with pytest.warns(UserWarning, match="batch_correction=True has no effect"):
+        model.differential_expression(a, "cell_type", "type0", n_samples=20,
+                                      batch_correction=True)

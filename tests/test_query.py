@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -316,3 +317,31 @@ def test_reference_cells_exact_with_dense_counts_and_many_genes(tmp_path):
                                       ref.get_latent_representation(ref_cells, batch_size=bs))
         np.testing.assert_array_equal(query.get_normalized_expression(ref_cells, batch_size=bs),
                                       ref.get_normalized_expression(ref_cells, batch_size=bs))
+
+
+def test_training_a_query_model_warns_that_the_mapping_is_discarded(split, reference):
+    """scvi-tools' habit, query_model.train(), continues the mapping there; ours fits a new
+    model to the query cells alone (reference cells moved by up to 3 latent units), which
+    must not pass silently."""
+    _, query_adata = split
+    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=0, progress_bar=False)
+    with pytest.raises(ValueError, match="ran no training epoch.*not fine-tuned"):
+        svt.pl.training_history(model)
+    with pytest.warns(UserWarning, match="load_query.*max_epochs=N"):
+        model.train(max_epochs=1, progress_bar=False)
+    assert model.query_info is None
+
+
+def test_training_a_loaded_model_warns_that_its_weights_are_discarded(reference, split,
+                                                                      tmp_path):
+    ref_model, path = reference
+    loaded = svt.SCVAE.load(path, split[0])
+    assert loaded.loaded_from == str(path)
+    with pytest.warns(UserWarning, match="weights loaded from .* are discarded"):
+        loaded.train(max_epochs=1, progress_bar=False)
+    assert loaded.loaded_from is None
+    with warnings.catch_warnings():  # trained here: training again is no surprise
+        warnings.simplefilter("error")
+        loaded.train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match=r"SCVAE.load\(path, adata\)"):
+        svt.SCVAE.load(path).train(max_epochs=1, progress_bar=False)
