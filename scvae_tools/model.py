@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -233,14 +234,16 @@ class SCVAE:
         checkpoint_every: int = 10,
         resume: bool = False,
         strategy: str | None = None,
+        warm_start: bool = False,
     ) -> SCVAE:
         """Fit the model by maximising the ELBO with Adam.
 
-        Training always starts from new initial weights drawn from ``seed``. On a model from
-        :meth:`load` it does not continue training the saved weights (an interrupted run
-        continues with ``checkpoint_dir=`` and ``resume=True``), and on a query model from
-        :meth:`load_query` it fits a new model to the query cells alone (fine-tune the
-        mapping with ``load_query(..., max_epochs=)`` instead); both warn.
+        Training starts from new initial weights drawn from ``seed``, unless
+        ``warm_start=True``: on a model from :meth:`load` it therefore does not continue
+        training the saved weights by default (scvi-tools' ``train()`` does), and says so
+        in a warning. On a query model from :meth:`load_query` it would fit a new model to
+        the query cells alone (it warns; fine-tune the mapping with
+        ``load_query(..., max_epochs=)`` instead).
 
         Parameters
         ----------
@@ -328,6 +331,13 @@ class SCVAE:
             trains on its shard of every epoch (``batch_size`` is per rank), gradients are
             all-reduced (NCCL on GPUs, Gloo on CPUs) and only rank 0 shows progress and
             writes checkpoints. ``device="auto"`` then means ``cuda:LOCAL_RANK`` or the CPU.
+        warm_start
+            Continue from the current weights (a loaded model's, or an earlier ``train()``'s)
+            instead of new ones: more epochs, or fine-tuning on other cells with the same
+            genes and covariates. A fresh optimiser and learning-rate schedule, no KL warm-up
+            by default, and a new train/validation split from ``seed`` (validation cells
+            may then include cells the weights were trained on; ``history`` holds this run
+            only). Not for query models (use :meth:`load_query`).
 
         Returns
         -------
@@ -341,6 +351,14 @@ class SCVAE:
             before this call (an earlier fit is kept; nothing diverged is ever used).
         """
         data = self._require_data("to train it, load it with SCVAE.load(path, adata)")
+        if warm_start and not self.is_trained:
+            raise ValueError("warm_start=True continues from trained weights, and this model "
+                             "has none yet; leave warm_start=False.")
+        if warm_start and self.query_info is not None:
+            raise ValueError("warm_start=True would train every weight of this query model on "
+                             "the query cells, moving the reference's latent space; fine-tune "
+                             "the mapping with SCVAE.load_query(reference_dir, adata, "
+                             "max_epochs=N) instead.")
         if cuda_graphs and resolve_device(device).type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
@@ -361,8 +379,8 @@ class SCVAE:
             # The default follows max_epochs: resuming with more epochs keeps the run's own.
             saved = load_checkpoint(checkpoint.path) or {}
             kl_warmup_epochs = saved.get("train_config", {}).get("kl_warmup_epochs")
-        if kl_warmup_epochs is None:
-            kl_warmup_epochs = min(10, max_epochs // 4)
+        if kl_warmup_epochs is None:  # trained weights need no warm-up of β
+            kl_warmup_epochs = 0 if warm_start else min(10, max_epochs // 4)
         train_idx, val_idx = split_indices(n, train_size, seed)
         if train_size < 1 and not len(val_idx):
             warnings.warn(
@@ -381,16 +399,23 @@ class SCVAE:
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             validation_every=validation_every, lr_schedule=lr_schedule, precision=precision,
             compile=compile, cuda_graphs=cuda_graphs, seed=seed, train_size=train_size,
+            warm_start=bool(warm_start),
         )
         dist_ctx = _dist_context(strategy, device)
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
-        self._warn_if_discarding_weights()
+        if not warm_start:
+            self._warn_if_discarding_weights()
         finished = False
         try:
             # The seed fully determines the result, whatever came before, and the caller's
             # own random state is given back afterwards.
             with seeded(seed, device):
-                module = VAE(self.module_config)  # re-initialised
+                # A copy: should training fail, the model keeps the weights it had.
+                if warm_start:
+                    module = copy.deepcopy(self.module).cpu()
+                    module.forget_cached_weights()
+                else:
+                    module = VAE(self.module_config)  # re-initialised
                 history = train_module(module, data, train_idx, val_idx, cfg, device,
                                        progress_bar=progress_bar, checkpoint=checkpoint,
                                        dist=dist_ctx)
@@ -422,8 +447,9 @@ class SCVAE:
         elif getattr(self, "loaded_from", None) is not None:
             warnings.warn(
                 f"train() starts from new initial weights: the weights loaded from "
-                f"{self.loaded_from} are discarded, not trained further. An interrupted run "
-                "continues with train(checkpoint_dir=..., resume=True).",
+                f"{self.loaded_from} are discarded. To train them further, pass "
+                "warm_start=True; an interrupted run continues with "
+                "train(checkpoint_dir=..., resume=True).",
                 UserWarning, stacklevel=3)
 
     def _checkpoint_config(self, checkpoint_dir, every: int, resume: bool) -> CheckpointConfig | None:

@@ -83,6 +83,8 @@ class TrainConfig:
     # better (ELBO +3 nats per cell; pbmc68k +4 to +6) and recovers a simulated θ = 5
     # (4.7 against 2.8). See benchmarks/README.md, stop 22.
     dispersion_lr_factor: float = DISPERSION_LR_FACTOR
+    # Started from the model's current weights (train(warm_start=True)), not new ones.
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1:

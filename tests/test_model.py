@@ -612,3 +612,33 @@ def test_batch_options_without_a_batch_key_say_so():
     with pytest.warns(UserWarning, match="batch_correction=True has no effect"):
         model.differential_expression(a, "cell_type", "type0", n_samples=20,
                                       batch_correction=True)
+
+
+def test_warm_start_continues_from_the_current_weights(tmp_path):
+    """train(warm_start=True) trains a loaded model further, as scvi-tools' train() does:
+    its first epoch starts where the saved model was (a fresh start is far worse), with no
+    KL warm-up, reproducibly; a failed run leaves the weights as they were."""
+    a = svt.datasets.synthetic_counts(n_cells=400, n_genes=60, seed=0)
+    svt.SCVAE(a, n_latent=4).train(max_epochs=8, progress_bar=False, seed=0).save(tmp_path / "m")
+    saved_elbo = svt.SCVAE.load(tmp_path / "m", a).get_elbo()
+    runs = []
+    for _ in range(2):
+        model = svt.SCVAE.load(tmp_path / "m", a)
+        model.train(max_epochs=3, progress_bar=False, seed=1, warm_start=True)
+        runs.append(model)
+    fresh = svt.SCVAE(a, n_latent=4).train(max_epochs=3, progress_bar=False, seed=1)
+    warm = runs[0].history
+    assert (warm["beta"] == 1.0).all() and runs[0].train_config.warm_start
+    assert abs(warm["train_elbo"].iloc[0] - saved_elbo) < 0.02 * abs(saved_elbo)
+    assert warm["train_elbo"].iloc[0] > fresh.history["train_elbo"].iloc[0] + 20
+    assert runs[0].get_elbo() > saved_elbo - 1.0
+    np.testing.assert_array_equal(runs[0].get_latent_representation(),
+                                  runs[1].get_latent_representation())
+    before = {k: v.clone() for k, v in runs[0].module.state_dict().items()}
+    with pytest.raises(FloatingPointError):
+        runs[0].train(max_epochs=2, lr=1e39, lr_schedule="constant", batch_size=1000,
+                      train_size=1.0, progress_bar=False, warm_start=True)
+    for k, v in runs[0].module.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has none yet"):
+        svt.SCVAE(a, n_latent=4).train(max_epochs=1, warm_start=True, progress_bar=False)

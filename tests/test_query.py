@@ -345,3 +345,10 @@ def test_training_a_loaded_model_warns_that_its_weights_are_discarded(reference,
         loaded.train(max_epochs=1, progress_bar=False)
     with pytest.raises(ValueError, match=r"SCVAE.load\(path, adata\)"):
         svt.SCVAE.load(path).train(max_epochs=1, progress_bar=False)
+
+
+def test_warm_start_is_refused_for_a_query_model(split, reference):
+    _, query_adata = split
+    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=0, progress_bar=False)
+    with pytest.raises(ValueError, match="load_query.*max_epochs=N"):
+        model.train(max_epochs=1, progress_bar=False, warm_start=True)
