@@ -391,14 +391,14 @@ def _flags_for(message: str, command: str, args: argparse.Namespace | None = Non
             flags.append("--layer LAYER")
         if "Pass layer=None" in message:
             flags.append("leave out --layer to use adata.X")
+        if "allow_non_integer=True" in message:
+            flags.append("--allow-non-integer")
     missing = re.match(r"'([^']+)' is not a column of adata.obs", message)
     if missing and args is not None:
         flags += [f"--{name.replace('_', '-')} naming an existing column"
                   for name in ("batch_key", "categorical_covariate_keys",
                                "continuous_covariate_keys", "size_factor_key")
                   if missing.group(1) in _as_list(getattr(args, name, None))]
-        if "allow_non_integer=True" in message:
-            flags.append("--allow-non-integer")
     flags += [f"--key-added {m}" for m in re.findall(r"key_added='([^']+)'", message)]
     if command in ("fit", "demo"):  # training settings named by their Python argument
         for python, flag in (("early_stopping=False", "--no-early-stopping"),

@@ -403,7 +403,8 @@ class SCVAE:
         )
         dist_ctx = _dist_context(strategy, device)
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
-        if not warm_start:
+        resuming = checkpoint is not None and checkpoint.resume and checkpoint.path.exists()
+        if not (warm_start or resuming):  # (a resumed run starts from its checkpoint)
             self._warn_if_discarding_weights()
         finished = False
         try:
@@ -1394,12 +1395,12 @@ def check_key_added(key_added) -> None:
             f"key_added={key_added[2:]!r} for obsm[{key_added!r}].")
 
 
-def check_writable(adata, layers: bool, n_genes: int) -> None:
+def check_writable(adata, layers: bool, n_genes: int, caller: str = "write_to_adata") -> None:
     """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data
-    (also checked by ``svt.tl.scvae`` before it trains)."""
+    (also checked by ``svt.tl.scvae``, the ``caller`` then, before it trains)."""
     if isinstance(adata, (str, os.PathLike)):
         raise ValueError(
-            "write_to_adata writes into an AnnData object, not a path; open the file with "
+            f"{caller} writes its results into an AnnData object, not a path; open the file with "
             "`adata = anndata.read_h5ad(path, backed='r')`, pass that, then save it with "
             "`svt.backed.write_h5ad_backed(adata, out_path)` (which copies X on disk)."
         )

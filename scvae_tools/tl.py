@@ -59,7 +59,7 @@ def scvae(adata, key_added: str = "scvae", layers: bool = True, **kwargs) -> SCV
     model = SCVAE(adata, **{k: v for k, v in kwargs.items() if k in _INIT_ARGS})
     # What write_to_adata would refuse (a path, dense layers too large for backed data) is
     # refused now, not after a fit that the error would then throw away.
-    check_writable(adata, layers, model.spec.n_genes)
+    check_writable(adata, layers, model.spec.n_genes, caller="svt.tl.scvae")
     model.train(**{k: v for k, v in kwargs.items() if k in _TRAIN_ARGS})
     model.write_to_adata(adata, key_added=key_added, layers=layers)
     return model

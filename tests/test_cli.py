@@ -147,6 +147,13 @@ def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):
         assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                      "--quiet", *flags]) == 2
         assert f"(on the command line: {named})" in capsys.readouterr().err
+    # Fractional counts: the flag that allows them (lost once when the obs check was added)
+    frac = a.copy()
+    frac.X = frac.X.astype(np.float32) * 0.5
+    frac.write_h5ad(tmp_path / "frac.h5ad")
+    assert main(["fit", str(tmp_path / "frac.h5ad"), "-o", str(tmp_path / "o.h5ad"),
+                 "--quiet"]) == 2
+    assert "--allow-non-integer" in capsys.readouterr().err
     # An obsm-style key is refused before training, with the flag that fixes it.
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--key-added", "X_vae", "--quiet"])
@@ -348,9 +355,10 @@ def test_every_model_and_training_setting_has_a_flag():
                "progress_bar": "quiet", "use_batch_norm": "batch_norm"}
     wanted = (set(inspect.signature(svt.SCVAE.__init__).parameters)
               | set(inspect.signature(svt.SCVAE.train).parameters)) - {"self", "adata"}
-    # strategy and checkpoints are flags of `fit` itself (torchrun and resume options)
+    # strategy and checkpoints are flags of `fit` itself (torchrun and resume options);
+    # warm_start continues a trained model, and `fit` trains a new one
     missing = {w for w in wanted if renamed.get(w, w) not in dests} - {
-        "strategy", "checkpoint_dir", "checkpoint_every", "resume"}
+        "strategy", "checkpoint_dir", "checkpoint_every", "resume", "warm_start"}
     assert not missing, missing
 
 

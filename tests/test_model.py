@@ -592,7 +592,7 @@ def test_tl_scvae_refuses_what_it_could_not_write_before_training(tmp_path, monk
     a = svt.datasets.synthetic_counts(n_cells=120, n_genes=20, seed=0)
     a.write_h5ad(tmp_path / "a.h5ad")
     monkeypatch.setattr(svt.SCVAE, "train", lambda *args, **kw: pytest.fail("trained"))
-    with pytest.raises(ValueError, match="not a path.*write_h5ad_backed"):
+    with pytest.raises(ValueError, match="svt.tl.scvae writes .*not a path.*write_h5ad_backed"):
         svt.tl.scvae(str(tmp_path / "a.h5ad"), max_epochs=1)
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
     monkeypatch.setattr(model_mod, "DENSE_LIMIT_BYTES", 1000)

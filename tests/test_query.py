@@ -345,6 +345,13 @@ def test_training_a_loaded_model_warns_that_its_weights_are_discarded(reference,
         loaded.train(max_epochs=1, progress_bar=False)
     with pytest.raises(ValueError, match=r"SCVAE.load\(path, adata\)"):
         svt.SCVAE.load(path).train(max_epochs=1, progress_bar=False)
+    # Resuming an interrupted run of a loaded model starts from its checkpoint: no warning.
+    svt.SCVAE.load(path, split[0]).train(max_epochs=2, progress_bar=False,
+                                         checkpoint_dir=tmp_path / "ck")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svt.SCVAE.load(path, split[0]).train(max_epochs=3, progress_bar=False,
+                                             checkpoint_dir=tmp_path / "ck", resume=True)
 
 
 def test_warm_start_is_refused_for_a_query_model(split, reference):
