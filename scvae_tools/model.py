@@ -408,8 +408,8 @@ class SCVAE:
             self._warn_if_discarding_weights()
         finished = False
         try:
-            # The seed fully determines the result, whatever came before, and the caller's
-            # own random state is given back afterwards.
+            # The seed (and, with warm_start, the starting weights) fully determines the
+            # result, whatever came before; the caller's own random state is given back.
             with seeded(seed, device):
                 # A copy: should training fail, the model keeps the weights it had.
                 if warm_start:
