@@ -206,7 +206,8 @@ def nb_rows(
 
     ``logits``, ``x``: (rows × genes) float32; ``log_library``: (rows, ) or (rows, 1);
     ``log_theta``: (genes, ), or (T × genes) with ``theta_index`` (rows, int64) giving the
-    row of it each row uses (a dispersion per batch, or per cell with T = rows); the
+    row of it each row uses (a dispersion per batch, or per cell with T = rows; each in
+    ``0 … T − 1``, which the kernel does not check); the
     non-zeros of row r are entries ``starts[r]`` to ``starts[r+1] − 1`` of ``cols`` (int64)
     and ``values`` (float32). All on the CPU.
     Returns the per-row log-likelihood and, with ``want_grads``, −∂ll/∂logits and G with
@@ -221,14 +222,8 @@ def nb_rows(
     log_theta = log_theta.reshape(-1, n_genes).contiguous()
     theta = log_theta.exp()
     starts, cols, values = starts.contiguous(), cols.contiguous(), values.contiguous()
-    if theta_index is not None:
+    if theta_index is not None:  # read unchecked: the public functions of fused check it
         theta_index = theta_index.to(torch.int64).contiguous()
-        # The kernel reads theta at these rows unchecked: an index past them would read
-        # other memory, so it is checked here (one pass over a vector per call).
-        if len(theta_index) != n_rows or (n_rows and not (
-                0 <= int(theta_index.min()) and int(theta_index.max()) < len(log_theta))):
-            raise IndexError(f"theta_index must give each of the {n_rows} rows a row of "
-                             f"log_theta (0 to {len(log_theta) - 1}).")
     n_tab = theta.numel()
     k = lib.nb_table_counts()
     # Tables of log Γ / ψ differences for small counts: (k + 1) values per θ, worth making
