@@ -36,9 +36,11 @@ from .train import (
     DEFAULT_LR,
     TrainConfig,
     check_patience,
+    check_positive_finite,
     default_batch_size_and_lr,
     default_max_epochs,
     evaluate,
+    field_max_epochs,
     split_indices,
     train_module,
 )
@@ -242,8 +244,7 @@ class SCVAE:
         ``warm_start=True``: on a model from :meth:`load` it therefore does not continue
         training the saved weights by default (scvi-tools' ``train()`` does), and says so
         in a warning. On a query model from :meth:`load_query` it would fit a new model to
-        the query cells alone (it warns; fine-tune the mapping with
-        ``load_query(..., max_epochs=)`` instead).
+        the query cells alone (it warns); ``warm_start=True`` fine-tunes the mapping further.
 
         Parameters
         ----------
@@ -337,7 +338,10 @@ class SCVAE:
             genes and covariates. A fresh optimiser and learning-rate schedule, no KL warm-up
             by default, and a new train/validation split from ``seed`` (validation cells
             may then include cells the weights were trained on; ``history`` holds this run
-            only). Not for query models (use :meth:`load_query`).
+            only). On a query model from :meth:`load_query`: more fine-tuning of its new
+            columns alone, the reference's weights frozen (reference cells keep their
+            latent), with load_query's defaults (constant lr 1e-3, batch 128, at most 200
+            epochs); recorded in ``query_info["continued"]``.
 
         Returns
         -------
@@ -355,10 +359,7 @@ class SCVAE:
             raise ValueError("warm_start=True continues from trained weights, and this model "
                              "has none yet; leave warm_start=False.")
         if warm_start and self.query_info is not None:
-            raise ValueError("warm_start=True would train every weight of this query model on "
-                             "the query cells, moving the reference's latent space; fine-tune "
-                             "the mapping with SCVAE.load_query(reference_dir, adata, "
-                             "max_epochs=N) instead.")
+            return self._continue_query(locals())
         if cuda_graphs and resolve_device(device).type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
@@ -435,6 +436,38 @@ class SCVAE:
             self._warn_if_collapsed()
         return self
 
+    def _continue_query(self, args: dict[str, Any]) -> SCVAE:
+        """``train(warm_start=True)`` on a query model: more fine-tuning of its new columns,
+        the reference's weights frozen, as :meth:`load_query` does (scvi-tools' query
+        models train so)."""
+        from .query import continue_query
+
+        defaults = {"kl_warmup_epochs": None, "weight_decay": 1e-6, "validation_every": 1,
+                    "lr_schedule": "cosine", "precision": "32", "compile": False,
+                    "cuda_graphs": False, "checkpoint_dir": None, "resume": False,
+                    "strategy": None}
+        given = sorted(k for k, v in defaults.items() if args[k] != v)
+        if given:
+            raise ValueError(
+                f"Settings that do not apply to a query model's fine-tuning: {', '.join(given)}"
+                " (warm_start on a model from load_query trains only its new columns, as "
+                "load_query does); leave them at their defaults.")
+        n = self._require_data().n_obs
+        # load_query's defaults: a constant lr of 1e-3, the field's epoch rule, at most 200
+        max_epochs = (min(200, field_max_epochs(n)) if args["max_epochs"] is None
+                      else _whole(args["max_epochs"], "max_epochs"))
+        batch_size = 128 if args["batch_size"] is None else _whole(args["batch_size"],
+                                                                     "batch_size", minimum=2)
+        lr = 1e-3 if args["lr"] is None else args["lr"]
+        check_positive_finite(lr, "lr")
+        check_positive_finite(args["eps"], "eps")
+        check_patience(args["early_stopping"], args["early_stopping_patience"])
+        continue_query(self, max_epochs, batch_size, lr, args["eps"], args["train_size"],
+                       args["early_stopping"], args["early_stopping_patience"],
+                       _whole(args["seed"], "seed", minimum=0), resolve_device(args["device"]),
+                       args["progress_bar"])
+        return self
+
     def _warn_if_discarding_weights(self) -> None:
         """scvi-tools' ``train()`` continues from a loaded or mapped model's weights; ours
         starts afresh (seeded), which must not pass unnoticed."""
@@ -443,8 +476,8 @@ class SCVAE:
                 "train() fits a new model, from new initial weights, to this query's cells "
                 "alone: the reference weights that load_query mapped them onto are "
                 "discarded, and the query no longer shares the reference's latent space. To "
-                "fine-tune the mapping for longer, call SCVAE.load_query(reference_dir, "
-                "adata, max_epochs=N) instead.", UserWarning, stacklevel=3)
+                "fine-tune the mapping for longer, pass warm_start=True.",
+                UserWarning, stacklevel=3)
         elif getattr(self, "loaded_from", None) is not None:
             warnings.warn(
                 f"train() starts from new initial weights: the weights loaded from "

@@ -329,6 +329,60 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     return out
 
 
+def query_masks(module: VAE, spec: DataSpec, new_categories: dict[str, list[str]]
+                ) -> dict[str, torch.Tensor]:
+    """The gradient masks of a query model (1 = trainable): the first layers' columns of its
+    new categories, and their dispersions under ``dispersion="gene-batch"``, as
+    :func:`_transplant` made them, rebuilt from ``query_info["new_categories"]``."""
+    cfg = module.cfg
+    new = {(k, c) for k, cats in new_categories.items() for c in cats}
+    labels = _cov_labels(spec, cfg)
+    params = dict(module.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for name in _FIRST_LAYERS:
+        n_front = cfg.n_genes if name.startswith("encoder") else cfg.n_latent
+        mask = torch.zeros_like(params[name], device="cpu")
+        for j, lab in enumerate(labels):
+            if lab in new:
+                mask[:, n_front + j] = 1.0
+        masks[name] = mask
+    if module.log_theta is not None and cfg.dispersion == "gene-batch":
+        mask = torch.zeros_like(module.log_theta, device="cpu")
+        for j, c in enumerate(spec.batch_categories):
+            if ("batch", c) in new:
+                mask[:, j] = 1.0
+        masks["log_theta"] = mask
+    return masks
+
+
+def continue_query(model: SCVAE, max_epochs: int, batch_size: int, lr: float, eps: float,
+                   train_size: float, early_stopping: bool, patience: int, seed: int,
+                   device: torch.device, progress_bar: bool) -> None:
+    """Fine-tune a query model's new columns further (``train(warm_start=True)`` on a model
+    from :meth:`SCVAE.load_query`): reference weights stay frozen, as in ``load_query``."""
+    data = model._require_data()
+    masks = query_masks(model.module, model.spec, model.query_info["new_categories"])
+    if not any(bool(m.any()) for m in masks.values()):
+        raise ValueError("This query model has no new categories to fine-tune (the reference "
+                         "maps it as it is); there is nothing for warm_start to train.")
+    module = copy.deepcopy(model.module).cpu()  # should it fail, the model keeps its weights
+    train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
+    with seeded(seed, device):
+        history = _fine_tune(module, data, masks, train_idx, val_idx, max_epochs, batch_size,
+                             lr, eps, model.beta, model.free_bits, early_stopping, patience,
+                             seed, device, progress_bar)
+    model.module, model.device, model.history = module, device, history
+    model.train_indices, model.validation_indices = train_idx, val_idx
+    model.train_threads = torch.get_num_threads()
+    # A dict, not a list of runs: uns (and .h5ad) take nested dicts, not lists of them.
+    runs = model.query_info.get("continued", {}).get("runs", 0) + 1
+    model.query_info = {**model.query_info, "continued": {
+        "runs": runs,
+        "last": {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "eps": eps,
+                 "train_size": train_size, "early_stopping": early_stopping,
+                 "early_stopping_patience": patience, "seed": seed}}}
+
+
 def _resolve(device):
     from .devices import resolve_device
 

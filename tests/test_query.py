@@ -327,7 +327,7 @@ def test_training_a_query_model_warns_that_the_mapping_is_discarded(split, refer
     model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=0, progress_bar=False)
     with pytest.raises(ValueError, match="ran no training epoch.*not fine-tuned"):
         svt.pl.training_history(model)
-    with pytest.warns(UserWarning, match="load_query.*max_epochs=N"):
+    with pytest.warns(UserWarning, match="mapping for longer, pass warm_start=True"):
         model.train(max_epochs=1, progress_bar=False)
     assert model.query_info is None
 
@@ -354,8 +354,44 @@ def test_training_a_loaded_model_warns_that_its_weights_are_discarded(reference,
                                              checkpoint_dir=tmp_path / "ck", resume=True)
 
 
-def test_warm_start_is_refused_for_a_query_model(split, reference):
-    _, query_adata = split
-    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=0, progress_bar=False)
-    with pytest.raises(ValueError, match="load_query.*max_epochs=N"):
-        model.train(max_epochs=1, progress_bar=False, warm_start=True)
+def test_warm_start_fine_tunes_a_query_model_further(split, reference, tmp_path):
+    """query_model.train(warm_start=True), scvi-tools' habit after load_query_data: only the
+    new columns train (the masks rebuilt from query_info are load_query's), reference cells
+    keep exactly their latent, the query's fit improves; it survives save/load, and the
+    settings that load_query's fine-tuning has no use for are refused."""
+    from scvae_tools import query as q
+
+    ref_adata, query_adata = split
+    ref_model, path = reference
+    model = svt.SCVAE.load_query(path, query_adata, max_epochs=2, progress_bar=False)
+    # The masks load_query made, from a fresh surgery, equal the ones rebuilt here.
+    new_spec, added = q._extended_spec(ref_model.spec, query_adata)
+    fresh = svt.module.VAE(model.module_config)
+    made = q._transplant(ref_model.module, ref_model.spec, fresh, new_spec,
+                         {(k, c) for k, cats in added.items() for c in cats})
+    rebuilt = q.query_masks(model.module, model.spec, model.query_info["new_categories"])
+    assert made.keys() == rebuilt.keys() and "log_theta" in made
+    for name in made:
+        torch.testing.assert_close(made[name], rebuilt[name], rtol=0, atol=0)
+    z_ref, elbo = model.get_latent_representation(ref_adata), model.get_elbo()
+    frozen = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    model.train(max_epochs=15, progress_bar=False, warm_start=True)
+    np.testing.assert_array_equal(model.get_latent_representation(ref_adata), z_ref)
+    assert model.get_elbo() > elbo + 1.0
+    for n, p in model.module.named_parameters():  # only the masked-in entries moved
+        moved = (p.detach() != frozen[n])
+        assert not (moved & ~rebuilt.get(n, torch.zeros_like(p)).bool()).any(), n
+    assert model.query_info["continued"]["runs"] == 1
+    model.save(tmp_path / "q")
+    again = svt.SCVAE.load(tmp_path / "q", query_adata)
+    again.train(max_epochs=1, progress_bar=False, warm_start=True)
+    assert again.query_info["continued"]["runs"] == 2
+    np.testing.assert_array_equal(again.get_latent_representation(ref_adata), z_ref)
+    with pytest.raises(ValueError, match="do not apply to a query model's fine-tuning: "
+                                         "checkpoint_dir, lr_schedule"):
+        model.train(max_epochs=1, warm_start=True, lr_schedule="constant",
+                    checkpoint_dir=tmp_path / "ck")
+    same = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
+    known = svt.SCVAE.load_query(path, same, progress_bar=False)
+    with pytest.raises(ValueError, match="no new categories to fine-tune"):
+        known.train(max_epochs=1, warm_start=True, progress_bar=False)
