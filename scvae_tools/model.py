@@ -351,8 +351,9 @@ class SCVAE:
         ------
         FloatingPointError
             Training kept producing NaN/inf after ``max_rollbacks`` (3) rollbacks to the last
-            good epoch, each with a 4× lower learning rate. The model is left as it was
-            before this call (an earlier fit is kept; nothing diverged is ever used).
+            good epoch, each with a 4× lower learning rate (a query model's fine-tuning:
+            at its first NaN/inf, without rollbacks). The model is left as it was before
+            this call (an earlier fit is kept; nothing diverged is ever used).
         """
         data = self._require_data("to train it, load it with SCVAE.load(path, adata)")
         if warm_start and not self.is_trained:
@@ -442,11 +443,14 @@ class SCVAE:
         models train so)."""
         from .query import continue_query
 
-        defaults = {"kl_warmup_epochs": None, "weight_decay": 1e-6, "validation_every": 1,
-                    "lr_schedule": "cosine", "precision": "32", "compile": False,
-                    "cuda_graphs": False, "checkpoint_dir": None, "resume": False,
-                    "strategy": None}
-        given = sorted(k for k, v in defaults.items() if args[k] != v)
+        # What the query's fine-tuning does, or train()'s defaults (not given): anything else
+        # is refused rather than ignored.
+        allowed = {"kl_warmup_epochs": (None, 0), "weight_decay": (1e-6, 0.0),
+                   "validation_every": (1,), "lr_schedule": ("cosine", "constant"),
+                   "precision": ("32",), "compile": (False,), "cuda_graphs": (False,),
+                   "checkpoint_dir": (None,), "checkpoint_every": (10,), "resume": (False,),
+                   "strategy": (None,)}
+        given = sorted(k for k, ok in allowed.items() if args[k] not in ok)
         if given:
             raise ValueError(
                 f"Settings that do not apply to a query model's fine-tuning: {', '.join(given)}"
@@ -1135,8 +1139,10 @@ class SCVAE:
         ``model.query_info`` the reference, the new categories and the fine-tuning's
         settings (saved with the model and written to ``uns[key]["query"]``, next to the
         reference's own training settings in ``"train"``). Use it like any model (latent,
-        ``write_to_adata``, ``save``); it also embeds reference cells, as before. Calling
-        :meth:`train` on it would retrain from scratch.
+        ``write_to_adata``, ``save``); it also embeds reference cells, as before.
+        ``model.train(max_epochs=N, warm_start=True)`` fine-tunes the new columns further;
+        :meth:`train` without ``warm_start`` would fit a new model to the query alone (it
+        warns).
 
         Examples
         --------

@@ -367,6 +367,10 @@ def continue_query(model: SCVAE, max_epochs: int, batch_size: int, lr: float, ep
                          "maps it as it is); there is nothing for warm_start to train.")
     module = copy.deepcopy(model.module).cpu()  # should it fail, the model keeps its weights
     train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
+    if train_size < 1 and not len(val_idx):
+        warnings.warn(f"train_size={train_size} of {data.n_obs} cells leaves no validation "
+                      "cell; early stopping watches the training ELBO instead.", UserWarning,
+                      stacklevel=4)
     with seeded(seed, device):
         history = _fine_tune(module, data, masks, train_idx, val_idx, max_epochs, batch_size,
                              lr, eps, model.beta, model.free_bits, early_stopping, patience,
@@ -374,13 +378,15 @@ def continue_query(model: SCVAE, max_epochs: int, batch_size: int, lr: float, ep
     model.module, model.device, model.history = module, device, history
     model.train_indices, model.validation_indices = train_idx, val_idx
     model.train_threads = torch.get_num_threads()
+    model.loaded_from = None  # the weights no longer match a saved folder
     # A dict, not a list of runs: uns (and .h5ad) take nested dicts, not lists of them.
     runs = model.query_info.get("continued", {}).get("runs", 0) + 1
     model.query_info = {**model.query_info, "continued": {
         "runs": runs,
-        "last": {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "eps": eps,
-                 "train_size": train_size, "early_stopping": early_stopping,
-                 "early_stopping_patience": patience, "seed": seed}}}
+        "last": {"max_epochs": int(max_epochs), "batch_size": int(batch_size),
+                 "lr": float(lr), "eps": float(eps), "train_size": float(train_size),
+                 "early_stopping": bool(early_stopping),
+                 "early_stopping_patience": int(patience), "seed": int(seed)}}}
 
 
 def _resolve(device):
@@ -445,7 +451,10 @@ def _fine_tune(
                            validation_kl=math.nan)
             row["lr"], row["seconds"] = lr, time.perf_counter() - t0
             rows.append(row)
-            if not math.isfinite(row["train_elbo"]):
+            # The validation ELBO too: it scores the weights after the epoch's last step,
+            # which the training ELBO (summed before each step) never sees.
+            if not (math.isfinite(row["train_elbo"]) and (
+                    not len(val_idx) or math.isfinite(row["validation_elbo"]))):
                 raise FloatingPointError(
                     f"Query fine-tuning diverged at epoch {epoch + 1}; try a lower lr.")
             if bar is not None:

@@ -87,6 +87,10 @@ class TrainConfig:
     warm_start: bool = False
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # NumPy scalars (np.float32 lr, np.bool_) as Python's: JSON
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:

@@ -389,9 +389,51 @@ def test_warm_start_fine_tunes_a_query_model_further(split, reference, tmp_path)
     np.testing.assert_array_equal(again.get_latent_representation(ref_adata), z_ref)
     with pytest.raises(ValueError, match="do not apply to a query model's fine-tuning: "
                                          "checkpoint_dir, lr_schedule"):
-        model.train(max_epochs=1, warm_start=True, lr_schedule="constant",
+        model.train(max_epochs=1, warm_start=True, lr_schedule="plateau",
                     checkpoint_dir=tmp_path / "ck")
     same = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
     known = svt.SCVAE.load_query(path, same, progress_bar=False)
     with pytest.raises(ValueError, match="no new categories to fine-tune"):
         known.train(max_epochs=1, warm_start=True, progress_bar=False)
+
+
+def test_query_fine_tuning_that_breaks_the_weights_on_its_last_step_raises(split, reference):
+    """Only the training ELBO (summed before each step) was checked: weights made NaN by an
+    epoch's last step were kept, without an error, when no epoch scored better."""
+    _, query_adata = split
+    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=1, progress_bar=False)
+    before = model.get_elbo()
+    for early_stopping in (False, True):
+        with pytest.raises(FloatingPointError, match="diverged"):
+            model.train(max_epochs=1, warm_start=True, lr=1e8, batch_size=1000,
+                        early_stopping=early_stopping, progress_bar=False)
+        assert model.get_elbo() == before  # the model kept its weights
+
+
+def test_query_warm_start_takes_what_its_fine_tuning_does(split, reference, tmp_path):
+    """lr_schedule="constant", weight_decay=0 and kl_warmup_epochs=0 describe the query's
+    fine-tuning and are accepted; checkpoint_every was silently ignored and is refused; a
+    split without validation cells warns; NumPy numbers save; loaded_from is cleared."""
+    _, query_adata = split
+    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "q")
+    model = svt.SCVAE.load(tmp_path / "q", query_adata)
+    model.train(max_epochs=1, warm_start=True, lr_schedule="constant", weight_decay=0.0,
+                kl_warmup_epochs=0, lr=np.float32(1e-3), early_stopping=np.bool_(True),
+                progress_bar=False)
+    assert model.loaded_from is None
+    model.save(tmp_path / "q2")  # NumPy scalars recorded as Python numbers (JSON)
+    with pytest.raises(ValueError, match="fine-tuning: checkpoint_every"):
+        model.train(max_epochs=1, warm_start=True, checkpoint_every=3, progress_bar=False)
+    with pytest.warns(UserWarning, match="leaves no validation cell"):
+        model.train(max_epochs=1, warm_start=True, train_size=0.999, progress_bar=False)
+
+
+def test_numpy_settings_save(tmp_path):
+    """train(lr=np.float32(...)) then save() failed: the config held a NumPy scalar."""
+    a = svt.datasets.synthetic_counts(n_cells=100, n_genes=20, seed=0)
+    m = svt.SCVAE(a, n_latent=2, n_hidden=8)
+    m.train(max_epochs=1, lr=np.float32(1e-3), eps=np.float64(1e-2),
+            early_stopping=np.bool_(False), progress_bar=False)
+    m.save(tmp_path / "m")
+    assert isinstance(m.train_config.lr, float) and m.train_config.early_stopping is False
