@@ -43,6 +43,7 @@ from .train import (
     field_max_epochs,
     split_indices,
     train_module,
+    warn_if_no_validation,
 )
 
 CONFIG_FILE = "config.json"
@@ -384,11 +385,7 @@ class SCVAE:
         if kl_warmup_epochs is None:  # trained weights need no warm-up of β
             kl_warmup_epochs = 0 if warm_start else min(10, max_epochs // 4)
         train_idx, val_idx = split_indices(n, train_size, seed)
-        if train_size < 1 and not len(val_idx):
-            warnings.warn(
-                f"train_size={train_size} of {n} cells leaves no validation cell; early "
-                "stopping watches the training ELBO instead. Pass a smaller train_size to hold "
-                "cells out, or train_size=1.0 to say so.", UserWarning, stacklevel=2)
+        warn_if_no_validation(train_size, n, val_idx, stacklevel=2)
         if batch_size is None or lr is None:
             auto_device = None if strategy is not None else resolve_device(device)
             auto_batch, auto_lr = default_batch_size_and_lr(len(train_idx), auto_device)

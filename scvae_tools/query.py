@@ -43,6 +43,7 @@ from .train import (
     field_max_epochs,
     nonzero_option,
     split_indices,
+    warn_if_no_validation,
 )
 
 if TYPE_CHECKING:
@@ -93,7 +94,8 @@ def _extended_spec(ref: DataSpec, query_adata) -> tuple[DataSpec, dict[str, list
 
 def _transplant(ref_module: VAE, ref_spec: DataSpec, new_module: VAE, new_spec: DataSpec,
                 new_labels: set[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Copy reference weights into the grown module; return gradient masks (1 = trainable).
+    """Copy reference weights into the grown module; return gradient masks (1 = trainable,
+    :func:`_masks`).
 
     New covariate columns start at the mean of the reference's columns for the same
     covariate (an 'average batch'), or at zero when the reference had none.
@@ -103,13 +105,11 @@ def _transplant(ref_module: VAE, ref_spec: DataSpec, new_module: VAE, new_spec: 
     old_pos = {lab: i for i, lab in enumerate(old_labels)}
     ref_state = ref_module.state_dict()
     state = new_module.state_dict()
-    masks: dict[str, torch.Tensor] = {}
     for name, new_t in state.items():
         old_t = ref_state[name]
         if name in _FIRST_LAYERS:
             n_front = ref_cfg.n_genes if name.startswith("encoder") else ref_cfg.n_latent
             w = torch.zeros_like(new_t)
-            mask = torch.zeros_like(new_t)
             w[:, :n_front] = old_t[:, :n_front]
             for j, lab in enumerate(labels):
                 col = n_front + j
@@ -119,28 +119,20 @@ def _transplant(ref_module: VAE, ref_spec: DataSpec, new_module: VAE, new_spec: 
                     siblings = [n_front + i for l2, i in old_pos.items() if l2[0] == lab[0]]
                     if siblings:
                         w[:, col] = old_t[:, siblings].mean(1)
-                    # Columns of reference categories that had no column before (a reference
-                    # with a single batch) stay zero and frozen: reference cells are unchanged.
-                    if lab in new_labels:
-                        mask[:, col] = 1.0
             state[name] = w
-            masks[name] = mask
         elif name == "log_theta" and new_cfg.dispersion == "gene-batch":
             w = new_t.clone()
-            mask = torch.zeros_like(new_t)
             n_old = old_t.shape[1]
             w[:, :n_old] = old_t
             for j in range(n_old, w.shape[1]):
                 w[:, j] = old_t.mean(1)
-                mask[:, j] = 1.0
             state[name] = w
-            masks[name] = mask
         else:
             if old_t.shape != new_t.shape:
                 raise RuntimeError(f"Unexpected shape change in {name}: {tuple(old_t.shape)} → {tuple(new_t.shape)}.")
             state[name] = old_t.clone()
     new_module.load_state_dict(state)
-    return masks
+    return _masks(new_module, new_spec, new_labels)
 
 
 def _query_train_mode(module: nn.Module) -> None:
@@ -331,11 +323,17 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
 
 def query_masks(module: VAE, spec: DataSpec, new_categories: dict[str, list[str]]
                 ) -> dict[str, torch.Tensor]:
-    """The gradient masks of a query model (1 = trainable): the first layers' columns of its
-    new categories, and their dispersions under ``dispersion="gene-batch"``, as
-    :func:`_transplant` made them, rebuilt from ``query_info["new_categories"]``."""
+    """The gradient masks of a query model, rebuilt from ``query_info["new_categories"]``:
+    those :func:`_transplant` gave ``load_query`` (:func:`_masks`)."""
+    return _masks(module, spec, {(k, c) for k, cats in new_categories.items() for c in cats})
+
+
+def _masks(module: VAE, spec: DataSpec, new: set[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Gradient masks (1 = trainable) of a grown module: the first layers' columns of the
+    ``new`` (covariate, category) labels, and those batches' dispersions under
+    ``dispersion="gene-batch"``. Columns of reference categories that had none before (a
+    reference with a single batch) stay frozen: reference cells are unchanged."""
     cfg = module.cfg
-    new = {(k, c) for k, cats in new_categories.items() for c in cats}
     labels = _cov_labels(spec, cfg)
     params = dict(module.named_parameters())
     masks: dict[str, torch.Tensor] = {}
@@ -367,10 +365,7 @@ def continue_query(model: SCVAE, max_epochs: int, batch_size: int, lr: float, ep
                          "maps it as it is); there is nothing for warm_start to train.")
     module = copy.deepcopy(model.module).cpu()  # should it fail, the model keeps its weights
     train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
-    if train_size < 1 and not len(val_idx):
-        warnings.warn(f"train_size={train_size} of {data.n_obs} cells leaves no validation "
-                      "cell; early stopping watches the training ELBO instead.", UserWarning,
-                      stacklevel=4)
+    warn_if_no_validation(train_size, data.n_obs, val_idx, stacklevel=4)
     with seeded(seed, device):
         history = _fine_tune(module, data, masks, train_idx, val_idx, max_epochs, batch_size,
                              lr, eps, model.beta, model.free_bits, early_stopping, patience,

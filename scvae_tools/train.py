@@ -210,6 +210,17 @@ def split_indices(n: int, train_size: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
+def warn_if_no_validation(train_size: float, n: int, val_idx: np.ndarray,
+                          stacklevel: int) -> None:
+    """A train_size below 1 that still leaves no validation cell (few cells) changes what
+    early stopping watches: say so."""
+    if train_size < 1 and not len(val_idx):
+        warnings.warn(
+            f"train_size={train_size} of {n} cells leaves no validation cell; early stopping "
+            "watches the training ELBO instead. Pass a smaller train_size to hold cells out, "
+            "or train_size=1.0 to say so.", UserWarning, stacklevel=stacklevel + 1)
+
+
 @torch.inference_mode()
 def evaluate(
     module: VAE, data: CellData, indices: np.ndarray | None, batch_size: int, device: torch.device,
