@@ -352,8 +352,8 @@ class SCVAE:
         ------
         FloatingPointError
             Training kept producing NaN/inf after ``max_rollbacks`` (3) rollbacks to the last
-            good epoch, each with a 4× lower learning rate (a query model's fine-tuning:
-            at its first NaN/inf, without rollbacks). The model is left as it was before
+            good epoch, each with a 4× lower learning rate (a query model's fine-tuning
+            too). The model is left as it was before
             this call (an earlier fit is kept; nothing diverged is ever used).
         """
         data = self._require_data("to train it, load it with SCVAE.load(path, adata)")

@@ -37,6 +37,14 @@ from .devices import accumulator_dtype, seeded
 from .module import VAE, ModuleConfig
 from .train import (
     DISPERSION_LR_FACTOR,
+    TrainConfig,
+    _LoopState,
+    _roll_back,
+    _row_finite,
+    _set_lr,
+    _snapshot,
+    _StepGuard,
+    _weights_finite,
     check_patience,
     check_positive_finite,
     evaluate,
@@ -396,72 +404,93 @@ def _fine_tune(
     free_bits: float, early_stopping: bool, patience: int, seed: int, device: torch.device,
     progress_bar: bool,
 ) -> pd.DataFrame:
-    """Train only the masked-in entries of the new parameters; return the history."""
+    """Train only the masked-in entries of the new parameters; return the history.
+
+    A NaN/inf loss, gradient or validation ELBO is handled as ``train()`` handles it: back to
+    the last good epoch with the learning rate times ``TrainConfig.rollback_lr_factor``, at
+    most ``TrainConfig.max_rollbacks`` times, then a ``FloatingPointError``.
+    """
     module.to(device)
     params = dict(module.named_parameters())
     for p in module.parameters():
         p.requires_grad_(False)
+    # The networks' entries first: _roll_back reports group 0's learning rate.
+    names = sorted(masks, key=lambda n: n == "log_theta")
     groups, hooks = [], []
-    for name, mask in masks.items():
+    for name in names:
         p = params[name]
         p.requires_grad_(True)
-        m = mask.to(device)
+        m = masks[name].to(device)
         hooks.append(p.register_hook(lambda g, m=m: g * m))
         # The new batches' θ learn faster, as in training (TrainConfig.dispersion_lr_factor).
-        groups.append({"params": [p],
-                       "lr": lr * (DISPERSION_LR_FACTOR if name == "log_theta" else 1.0)})
+        scale = DISPERSION_LR_FACTOR if name == "log_theta" else 1.0
+        groups.append({"params": [p], "lr": lr * scale, "lr_scale": scale})
     # No weight decay: it would shrink the frozen reference entries despite the zero gradient.
     optim = torch.optim.Adam(groups, lr=lr, eps=eps, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)  # (the global ones: seeded by the caller)
-    rows, best, best_state, since_best, best_epoch = [], -math.inf, None, 0, None
-    epochs = range(max_epochs)
+    rollbacks = TrainConfig()  # its max_rollbacks and rollback_lr_factor, as train()'s
+    loop, best_state = _LoopState(), None
+    guard = _StepGuard(device, [params[n] for n in names])
+    good = _snapshot(module, optim)  # the state a divergence rolls back to
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(epochs, desc="Query", unit="epoch")
-        epochs = bar
+        bar = tqdm(total=max_epochs, desc="Query", unit="epoch")
+    sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
     try:
-        for epoch in epochs:
+        while not loop.stopped and loop.epoch < max_epochs:
+            epoch = loop.epoch
             t0 = time.perf_counter()
             _query_train_mode(module)
-            sums = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
-            for b in data.batches(train_idx, batch_size, shuffle=True, generator=gen,
-                                  device=device, **nonzero_option(module, data)):
+            sums.zero_()
+            guard.reset()
+            _set_lr(optim, lr * loop.lr_scale)
+            for step, b in enumerate(data.batches(
+                    train_idx, batch_size, shuffle=True, generator=gen, device=device,
+                    **nonzero_option(module, data))):
                 terms = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
                                           nonzero=b.nonzero)
                 loss = module.loss(terms, beta=beta, free_bits=free_bits)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
+                if guard.bad_step(step, loss):  # CPU: checked now; accelerators: flagged
+                    break
                 optim.step()
                 sums += torch.stack([terms["log_px"].detach().sum(), terms["kl"].detach().sum()]).to(sums.dtype)
-            log_px, kl = (sums / len(train_idx)).tolist()
-            row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
-                   "train_reconstruction": -log_px, "train_kl": kl}
-            if len(val_idx):
-                row.update({f"validation_{k}": v for k, v in
-                            evaluate(module, data, val_idx, batch_size, device).items()})
-            else:
-                row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
-                           validation_kl=math.nan)
-            row["lr"], row["seconds"] = lr, time.perf_counter() - t0
-            rows.append(row)
-            # The validation ELBO too: it scores the weights after the epoch's last step,
-            # which the training ELBO (summed before each step) never sees.
-            if not (math.isfinite(row["train_elbo"]) and (
-                    not len(val_idx) or math.isfinite(row["validation_elbo"]))):
-                raise FloatingPointError(
-                    f"Query fine-tuning diverged at epoch {epoch + 1}; try a lower lr.")
+            bad_step = guard.first_bad_step()
+            row: dict = {}
+            if bad_step is None:
+                log_px, kl = (sums / len(train_idx)).tolist()
+                row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
+                       "train_reconstruction": -log_px, "train_kl": kl}
+                if len(val_idx):
+                    row.update({f"validation_{k}": v for k, v in
+                                evaluate(module, data, val_idx, batch_size, device).items()})
+                else:
+                    row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
+                               validation_kl=math.nan)
+                row["lr"] = float(optim.param_groups[0]["lr"])
+                row["seconds"] = time.perf_counter() - t0
+            # The validation ELBO and the weights too: the epoch's last step can break them
+            # after the training ELBO (summed before each step) was scored.
+            if (bad_step is not None or not _row_finite(row, has_validation=len(val_idx) > 0)
+                    or not _weights_finite(module)):
+                _roll_back(module, optim, good, loop, rollbacks, epoch, bad_step)
+                continue
+            loop.rows.append(row)
+            loop.epoch = epoch + 1
+            good = _snapshot(module, optim)
             if bar is not None:
+                bar.update(1)
                 bar.set_postfix(elbo=f"{row['train_elbo']:.1f}", val=f"{row['validation_elbo']:.1f}")
             monitor = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
-            if monitor > best:
-                best, since_best, best_epoch = monitor, 0, epoch + 1
-                best_state = {n: params[n].detach().clone() for n in masks}
+            if monitor > loop.best:
+                loop.best, loop.since_best, loop.best_epoch = monitor, 0, epoch + 1
+                best_state = {n: params[n].detach().clone() for n in names}
             else:
-                since_best += 1
-            if early_stopping and since_best >= patience:
-                break
+                loop.since_best += 1
+            loop.stopped = early_stopping and loop.since_best >= patience
     finally:
         for h in hooks:
             h.remove()
@@ -475,8 +504,8 @@ def _fine_tune(
         p.requires_grad_(True)
     module.eval()
     module.forget_cached_weights()
-    history = pd.DataFrame(rows)
+    history = pd.DataFrame(loop.rows)
     # As train_module: the epoch whose weights are kept (None: the last one's).
-    history.attrs["restored_epoch"] = (best_epoch if early_stopping and best_state is not None
+    history.attrs["restored_epoch"] = (loop.best_epoch if early_stopping and best_state is not None
                                        else None)
     return history

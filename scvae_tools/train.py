@@ -822,7 +822,10 @@ def _snapshot(module: VAE, optim: torch.optim.Optimizer) -> dict:
 
 def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _LoopState,
                cfg: TrainConfig, epoch: int, bad_step: int | None) -> None:
-    """Restore the last good state and lower the lr, or raise after too many rollbacks."""
+    """Restore the last good state and lower the lr, or raise after too many rollbacks.
+
+    ``cfg`` needs only ``max_rollbacks`` and ``rollback_lr_factor`` (query fine-tuning
+    passes the defaults). ``optim.param_groups[0]`` must be the networks' group."""
     where = f"epoch {epoch + 1}" + (f", step {bad_step + 1}" if bad_step is not None else "")
     good_point = f"the end of epoch {epoch}" if epoch else "the initial weights"
     lr = float(optim.param_groups[0]["lr"])  # the snapshot's lr may be higher

@@ -399,15 +399,55 @@ def test_warm_start_fine_tunes_a_query_model_further(split, reference, tmp_path)
 
 def test_query_fine_tuning_that_breaks_the_weights_on_its_last_step_raises(split, reference):
     """Only the training ELBO (summed before each step) was checked: weights made NaN by an
-    epoch's last step were kept, without an error, when no epoch scored better."""
+    epoch's last step were kept, without an error, when no epoch scored better. Now each
+    such epoch is rolled back (as train() does), and after three a clear error."""
     _, query_adata = split
     model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=1, progress_bar=False)
     before = model.get_elbo()
     for early_stopping in (False, True):
-        with pytest.raises(FloatingPointError, match="diverged"):
-            model.train(max_epochs=1, warm_start=True, lr=1e8, batch_size=1000,
-                        early_stopping=early_stopping, progress_bar=False)
+        with pytest.warns(RuntimeWarning, match="rolled back to the initial weights") as rec:
+            with pytest.raises(FloatingPointError, match=r"diverged.*after 3 rollback\(s\)"):
+                model.train(max_epochs=1, warm_start=True, lr=1e8, batch_size=1000,
+                            early_stopping=early_stopping, progress_bar=False)
+        assert sum("rolled back" in str(w.message) for w in rec) == 3
         assert model.get_elbo() == before  # the model kept its weights
+
+
+@pytest.mark.parametrize("warm_start", [False, True], ids=["load_query", "warm_start"])
+def test_query_fine_tuning_rolls_back_a_transient_nan(split, reference, monkeypatch, warm_start):
+    """A NaN at one step of the query's fine-tuning raised at once (the run was lost), where
+    train() rolls back to the last good epoch with a lower learning rate and goes on."""
+    from scvae_tools.module import VAE
+
+    ref_adata, query_adata = split
+    ref_model, path = reference
+    kw = dict(batch_size=64, progress_bar=False, early_stopping=False)
+    model = (svt.SCVAE.load_query(path, query_adata, max_epochs=1, **kw) if warm_start
+             else None)
+    real, calls = VAE.loss, {"n": 0}
+
+    def loss(self, *args, **kwargs):  # NaN at the 5th training step: epoch 2 of 3 steps each
+        value = real(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return value * torch.tensor(float("nan"))
+        return value
+
+    monkeypatch.setattr(VAE, "loss", loss)
+    with pytest.warns(RuntimeWarning, match=r"epoch 2, step 2; rolled back to the end of "
+                                            r"epoch 1 and lowered the learning rate to 0.00025"):
+        if warm_start:
+            model.train(max_epochs=4, warm_start=True, **kw)
+        else:
+            model = svt.SCVAE.load_query(path, query_adata, max_epochs=4, **kw)
+    h = model.history
+    assert h["epoch"].tolist() == [1, 2, 3, 4]
+    assert h["lr"].tolist() == [1e-3] + [2.5e-4] * 3
+    assert np.isfinite(h[["train_elbo", "validation_elbo"]].to_numpy()).all()
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+    np.testing.assert_array_equal(model.get_latent_representation(ref_adata),
+                                  ref_model.get_latent_representation(ref_adata))
 
 
 def test_query_warm_start_takes_what_its_fine_tuning_does(split, reference, tmp_path):
