@@ -228,9 +228,14 @@ def cmd_apply(args) -> int:
     from .model import SCVAE, check_key_added
 
     check_key_added(args.key_added)
-    if not args.query and (args.epochs is not None or args.seed is not None):
-        raise ValueError("--epochs and --seed set the fine-tuning of --query; without it the "
-                         "model is applied as it is. Add --query for cells of new batches, or "
+    if args.query and args.warm_start:
+        raise ValueError("--query already fine-tunes the mapped model on these cells; leave "
+                         "out --warm-start (--epochs sets how long).")
+    if not (args.query or args.warm_start) and (args.epochs is not None
+                                                or args.seed is not None):
+        raise ValueError("--epochs and --seed set the training of --query or --warm-start; "
+                         "without either the model is applied as it is. Add --query for "
+                         "cells of new batches, --warm-start to train the model further, or "
                          "drop those flags.")
     _check_output(args.output, args.input)
     _check_save_model(args.save_model, args.output)
@@ -250,13 +255,17 @@ def cmd_apply(args) -> int:
                                  device=args.device, progress_bar=not args.quiet)
     else:
         model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
+        if args.warm_start:  # from the saved weights, on these cells
+            model.train(max_epochs=args.epochs, seed=args.seed or 0, warm_start=True,
+                        device=args.device, progress_bar=not args.quiet)
     model.write_to_adata(adata, key_added=args.key_added, layers=not args.no_layers)
     _write(adata, args.output, args.backed)
     if args.save_model:
         model.save(args.save_model, overwrite=True)
-    what = "mapped onto" if args.query else "applied"
+    what = ("mapped onto" if args.query else "trained further" if args.warm_start
+            else "applied")
     print(f"{what} the model in {args.model}: {adata.n_obs} cells; wrote {args.output}")
-    if args.query and not model.history.empty:  # the query's own training, as fit reports it
+    if (args.query or args.warm_start) and not model.history.empty:  # as fit reports it
         print(_summary(model))
     return 0
 
@@ -322,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --checkpoint-dir (same arguments)")
     fit.set_defaults(func=cmd_fit)
-    apply = sub.add_parser("apply", help="write a saved model's results for an .h5ad (no training)")
+    apply = sub.add_parser("apply", help="write a saved model's results for an .h5ad (no "
+                           "training, unless --query or --warm-start)")
     apply.add_argument("input", help="input .h5ad with raw counts of the model's genes")
     apply.add_argument("--model", required=True, help="folder of a model saved by fit --save-model "
                                                        "or SCVAE.save")
@@ -333,10 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_argument("--query", action="store_true",
                        help="cells from new batches: fine-tune the new batches' weights of the "
                             "reference model first (scArches-style reference mapping)")
+    apply.add_argument("--warm-start", action="store_true",
+                       help="train the saved model further on these cells first, from its "
+                            "weights (SCVAE.train(warm_start=True)); with --save-model, keep it")
     apply.add_argument("--epochs", type=int, default=None,
-                       help="--query: max fine-tuning epochs (default: by data size)")
+                       help="--query, --warm-start: max epochs of that training (default: "
+                            "by data size)")
     apply.add_argument("--seed", type=int, default=None,
-                       help="--query: seed of the fine-tuning (default 0)")
+                       help="--query, --warm-start: seed of that training (default 0)")
     apply.add_argument("--save-model", default=None,
                        help="save the model here (with --query, the mapped model)")
     apply.add_argument("--pad-missing-genes", action="store_true",

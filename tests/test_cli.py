@@ -97,6 +97,39 @@ def test_apply_writes_a_saved_models_results(tmp_path, capsys):
                                rtol=1e-4)
 
 
+def test_apply_warm_start_trains_the_saved_model_further(tmp_path, capsys):
+    """`apply --warm-start` continues from the saved weights on the input's cells (there was
+    no way to do it from the command line), and saves the result with --save-model."""
+    a = _covariate_counts()
+    a.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "fit.h5ad"), "--quiet",
+                 "--batch-key", "batch", "--epochs", "2", "--no-early-stopping",
+                 "--save-model", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    fitted = ad.read_h5ad(tmp_path / "fit.h5ad").uns["scvae"]["history"]
+    rc = main(["apply", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "model"),
+               "-o", str(tmp_path / "more.h5ad"), "--warm-start", "--epochs", "10", "--quiet",
+               "--save-model", str(tmp_path / "more_model")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "trained further the model in" in out and "trained 10 epochs" in out
+    more = ad.read_h5ad(tmp_path / "more.h5ad")
+    rec = more.uns["scvae"]
+    assert rec["train"]["warm_start"] and rec["train"]["max_epochs"] == 10
+    hist = rec["history"]
+    # It starts where the saved fit ended (a fresh start's first epoch is far worse), and
+    # goes on improving.
+    assert hist["train_elbo"][0] > fitted["train_elbo"][-1]
+    assert hist["train_elbo"][0] > fitted["train_elbo"][0] + 10  # fresh: ~ the fit's first
+    assert max(hist["validation_elbo"]) > fitted["validation_elbo"][-1]
+    saved = svt.SCVAE.load(tmp_path / "more_model", a)
+    np.testing.assert_allclose(saved.get_latent_representation(), more.obsm["X_scvae"],
+                               rtol=1e-4, atol=1e-5)
+    # The model folder given is only read.
+    original = svt.SCVAE.load(tmp_path / "model", a)
+    assert len(original.history) == 2
+
+
 def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
     a = _covariate_counts()
     a.write_h5ad(tmp_path / "in.h5ad")
@@ -248,7 +281,9 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     assert main(args) == 2 and "apply --query" in capsys.readouterr().err
     # fine-tuning flags without --query would be ignored: refused instead
     assert main([*args, "--epochs", "5"]) == 2
-    assert "--epochs and --seed set the fine-tuning of --query" in capsys.readouterr().err
+    assert "--epochs and --seed set the training of --query or --warm-start" in capsys.readouterr().err
+    assert main([*args, "--query", "--warm-start"]) == 2
+    assert "leave out --warm-start" in capsys.readouterr().err
     # saving the mapped model over the reference would lose it (and its history)
     assert main([*args, "--query", "--epochs", "5", "--quiet",
                  "--save-model", str(tmp_path / "ref_model")]) == 2
