@@ -3,6 +3,7 @@
     python benchmarks/pbmc3k_quality.py [--data-dir ../shared/data] [--all-genes] [--seed 0]
         [--resolutions 0.5 1.0] [--grid] [--probe] [--prior mog --n-prior-components 10]
         [--scvi] [--latent NAME=FILE.npy ...] [--pca-comps 10 50] [--pca-scaled]
+        [--pca-perturbed N]
         [--model-kwargs JSON] [--train-kwargs JSON]
 
 Prints train time, epochs, held-out ELBO and, for each representation and Leiden
@@ -19,6 +20,9 @@ file's order, e.g. the GPU runs of ``gpu_check.py``) under the same protocol.
 ``--pca-scaled`` adds PCA of the scaled data (scanpy's tutorial workflow).
 ``--pca-comps 10 20 50`` scores PCA with each of these numbers of components (default 50
 alone; ``X_pca`` is 50, others ``X_pca10`` …): PCA's lead does not come from its dimension.
+``--pca-perturbed N`` adds N PCAs (50 components) of the log-normalised data on a random 90%
+of the genes (``X_pca_genes90_i``) and N fitted on a random 90% of the cells, all cells
+projected (``X_pca_cells90_i``): how much PCA's own score moves under small perturbations.
 ``--model-kwargs '{"beta": 0.5}'`` and ``--train-kwargs '{"max_epochs": 100}'`` train with
 other settings than the defaults.
 ``--probe`` asks whether the representation *contains* the naive / memory CD4 T distinction,
@@ -100,6 +104,28 @@ def pca_embedding(adata, n_comps: int = 50, scaled: bool = False):
     return b.obsm["X_pca"]
 
 
+def perturbed_pcas(adata, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """PCA (50 components) of the log-normalised counts, ``n`` times on a random 90% of the
+    genes and ``n`` times fitted on a random 90% of the cells (every cell projected)."""
+    b = adata.copy()
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    X = b.X.toarray() if hasattr(b.X, "toarray") else np.asarray(b.X)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        genes = np.sort(rng.choice(b.n_vars, int(0.9 * b.n_vars), replace=False))
+        c = b[:, genes].copy()
+        sc.pp.pca(c, n_comps=50, random_state=0)
+        out[f"X_pca_genes90_{i}"] = c.obsm["X_pca"]
+    for i in range(n):
+        cells = np.sort(rng.choice(b.n_obs, int(0.9 * b.n_obs), replace=False))
+        mean = X[cells].mean(0)
+        _, _, vt = np.linalg.svd(X[cells] - mean, full_matrices=False)
+        out[f"X_pca_cells90_{i}"] = (X - mean) @ vt[:50].T
+    return out
+
+
 def scvi_latent(adata, seed: int) -> np.ndarray:
     """Latent means of scvi-tools' SCVI trained on ``adata`` (a copy) with its defaults."""
     import scvi
@@ -136,6 +162,8 @@ def main() -> None:
                    help="PCA with each of these numbers of components (default: 50)")
     p.add_argument("--pca-scaled", action="store_true",
                    help="also PCA of scaled log-normalised data (X_pca_scaled, 50 components)")
+    p.add_argument("--pca-perturbed", type=int, default=0, metavar="N",
+                   help="also N PCAs on 90%% of the genes and N fitted on 90%% of the cells")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='other SCVAE settings, e.g. \'{"beta": 0.5}\'')
     p.add_argument("--train-kwargs", type=json.loads, default={}, metavar="JSON",
@@ -156,6 +184,9 @@ def main() -> None:
     if args.pca_scaled:
         adata.obsm["X_pca_scaled"] = pca_embedding(adata, scaled=True)
         reps.append("X_pca_scaled")
+    for name, z in perturbed_pcas(adata, args.pca_perturbed).items():
+        adata.obsm[name] = z
+        reps.append(name)
     if args.scvi:
         t1 = time.perf_counter()
         adata.obsm["X_scvi"] = scvi_latent(adata, args.seed)
