@@ -163,6 +163,15 @@ class Batch:
     nonzero: NonZeros | None = None
 
 
+def padded_genes(var: pd.DataFrame, var_names) -> list[str]:
+    """The genes of ``var_names`` that ``var["scvae_padded"]`` flags: added as zero counts by
+    ``SCVAE.prepare_query_anndata``, not measured (training must not learn them as zeros)."""
+    if "scvae_padded" not in var.columns:
+        return []
+    flagged = var.index[var["scvae_padded"].fillna(False).to_numpy(bool)]
+    return [str(g) for g in flagged.intersection(pd.Index(var_names), sort=False)]
+
+
 class CellData:
     """Encoded arrays of one AnnData under a :class:`DataSpec`.
 
@@ -193,6 +202,7 @@ class CellData:
         self.spec = spec
         self.n_obs = adata.n_obs
         self.obs_names = adata.obs_names.copy()
+        self.padded_genes = padded_genes(adata.var, spec.var_names)
         counts = _get_counts(adata, spec.layer, trained)
         counts = _as_float32(_select_genes(counts, adata.var_names, spec.var_names,
                                            adata.obs_names), copy=copy)

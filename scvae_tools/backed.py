@@ -50,6 +50,7 @@ from .adapter import (
     _to_device,
     batch_bounds,
     check_no_empty_cells,
+    padded_genes,
     size_factors,
     validate_values,
 )
@@ -169,7 +170,7 @@ class BackedCellData:
             self.path = Path(adata)
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path} does not exist; pass an .h5ad path.")
-            obs, var_names = _read_obs_var(self.path)
+            obs, var = _read_obs_var(self.path)
         else:
             if not getattr(adata, "isbacked", False) or adata.filename is None:
                 raise ValueError(
@@ -183,7 +184,8 @@ class BackedCellData:
                     "to its own file with adata[idx].to_memory().write_h5ad(path)."
                 )
             self.path = Path(adata.filename)
-            obs, var_names = adata.obs, adata.var_names
+            obs, var = adata.obs, adata.var
+        var_names = var.index
         self.n_obs = len(obs)
         if self.n_obs == 0 or len(var_names) == 0:
             raise ValueError(
@@ -191,6 +193,7 @@ class BackedCellData:
                 "pass an AnnData with at least one cell and one gene."
             )
         self.obs_names = pd.Index(obs.index).copy()
+        self.padded_genes = padded_genes(var, spec.var_names)
         self._key = "X" if spec.layer is None else f"layers/{spec.layer}"
         self._h5: h5py.File | None = None
         self._pid = -1
@@ -459,8 +462,8 @@ def _dense_pieces(run: np.ndarray, max_span: int = 8192) -> list[np.ndarray]:
     return np.split(run, np.flatnonzero(np.diff(bins)) + 1)
 
 
-def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:
-    """``obs`` and ``var_names`` of an .h5ad without touching the matrices."""
+def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``obs`` and ``var`` of an .h5ad without touching the matrices."""
     import anndata as ad
 
     with h5py.File(path, "r") as f:
@@ -475,7 +478,7 @@ def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.Index]:
         old = ad.read_h5ad(path, backed="r")
         obs, var = old.obs.copy(), old.var.copy()
         old.file.close()
-    return obs, var.index
+    return obs, var
 
 
 def _attr_text(node, name: str) -> str:

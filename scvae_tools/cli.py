@@ -239,10 +239,16 @@ def cmd_apply(args) -> int:
                          "drop those flags.")
     _check_output(args.output, args.input)
     _check_save_model(args.save_model, args.output)
-    if args.save_model and Path(args.save_model).resolve() == Path(args.model).resolve():
+    model_dir = Path(args.model).resolve()
+    if args.save_model and Path(args.save_model).resolve() == model_dir:
         raise ValueError(f"--save-model {args.save_model} is the --model folder: saving there "
                          "would replace the model applied (and its training history). Save "
                          "to another folder.")
+    for flag, path in (("-o", args.output), ("--save-model", args.save_model)):
+        if path and model_dir in Path(path).resolve().parents:
+            raise ValueError(f"{flag} {path} is inside the --model folder {args.model}, which "
+                             "holds only the model (it is only read; other files there would "
+                             "block saving it again). Write it elsewhere.")
     if args.pad_missing_genes and args.backed:
         raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
                          "--backed, or write a padded file first.")

@@ -355,13 +355,29 @@ class SCVAE:
             good epoch, each with a 4× lower learning rate (a query model's fine-tuning
             too). The model is left as it was before
             this call (an earlier fit is kept; nothing diverged is ever used).
+        ValueError
+            Among others: the cells have genes padded by :meth:`prepare_query_anndata`
+            (``var["scvae_padded"]``), which training would learn as never expressed (a
+            query model's ``warm_start`` fine-tuning, which trains covariate columns only,
+            is allowed); or ``warm_start`` on a query model whose cells include none of
+            its new categories (nothing would train).
         """
         data = self._require_data("to train it, load it with SCVAE.load(path, adata)")
         if warm_start and not self.is_trained:
             raise ValueError("warm_start=True continues from trained weights, and this model "
                              "has none yet; leave warm_start=False.")
         if warm_start and self.query_info is not None:
-            return self._continue_query(locals())
+            return self._continue_query(locals())  # trains covariate columns only: padding is fine
+        padded = getattr(data, "padded_genes", [])
+        if padded:
+            shown = ", ".join(padded[:5]) + (", …" if len(padded) > 5 else "")
+            raise ValueError(
+                f"var['scvae_padded'] flags {len(padded)} of the model's genes ({shown}) as "
+                "added with zero counts by prepare_query_anndata, not measured: training would "
+                "learn them as never expressed. Use the model as it is, map new batches with "
+                "SCVAE.load_query (command line: apply --query), or train on cells that measure "
+                "every gene (a new model can leave the padded ones out: "
+                "adata[:, ~adata.var['scvae_padded']]).")
         if cuda_graphs and resolve_device(device).type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "

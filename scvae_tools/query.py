@@ -243,7 +243,9 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     ``obs``, ``obsm``, ``obsp`` (e.g. a neighbour graph that ``uns["neighbors"]`` names),
     ``uns``, ``raw`` and the name of the ``var`` index are copied; ``varm`` and ``varp``
     (gene × gene or gene × component matrices that zeros cannot extend) are left out.
-    ``adata`` itself is not changed.
+    ``adata`` itself is not changed. ``SCVAE.train`` refuses cells with padded genes
+    (except a query model's fine-tuning): it would learn the padded genes as never
+    expressed.
 
     The encoder reads a padded gene as "not detected" in every query cell, so the more
     genes are padded, the more the query's latent can shift: a warning gives the count,
@@ -373,6 +375,10 @@ def continue_query(model: SCVAE, max_epochs: int, batch_size: int, lr: float, ep
                          "maps it as it is); there is nothing for warm_start to train.")
     module = copy.deepcopy(model.module).cpu()  # should it fail, the model keeps its weights
     train_idx, val_idx = split_indices(data.n_obs, train_size, seed)
+    if not _has_new_cells(model.spec, data, model.query_info["new_categories"], train_idx):
+        raise ValueError("None of these training cells belongs to the query's new categories "
+                         f"({model.query_info['new_categories']}): only their weights train, so "
+                         "warm_start would change nothing. Pass the query's cells.")
     warn_if_no_validation(train_size, data.n_obs, val_idx, stacklevel=4)
     with seeded(seed, device):
         history = _fine_tune(module, data, masks, train_idx, val_idx, max_epochs, batch_size,
@@ -509,3 +515,17 @@ def _fine_tune(
     history.attrs["restored_epoch"] = (loop.best_epoch if early_stopping and best_state is not None
                                        else None)
     return history
+
+
+def _has_new_cells(spec: DataSpec, data: CellData, new: dict, idx: np.ndarray) -> bool:
+    """Whether a cell of ``idx`` has one of the ``new`` (query_info) categories."""
+    if new.get("batch"):
+        codes = [spec.batch_categories.index(c) for c in new["batch"]]
+        if np.isin(data.batch_index[idx], codes).any():
+            return True
+    for j, key in enumerate(spec.categorical_covariate_keys):
+        cats = spec.categorical_covariate_categories[key]
+        codes = [cats.index(c) for c in new.get(f"cat:{key}", [])]
+        if codes and np.isin(data.cat_covs[idx, j], codes).any():
+            return True
+    return False

@@ -161,6 +161,22 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
     assert list(padded.var_names) == list(a.var_names)  # the model's genes, the first as zeros
     assert padded.var["scvae_padded"].tolist() == [True] + [False] * 59
     assert padded.X[:, 0].nnz == 0 and "scvae_denoised" in padded.layers
+    # Training further on padded cells taught the model that the padded gene is never
+    # expressed (and --save-model kept that model): refused, before anything is written.
+    with pytest.warns(UserWarning, match="1 of the model's 60 genes"):
+        assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
+                     "-o", str(tmp_path / "m3.h5ad"), "--pad-missing-genes", "--warm-start",
+                     "--epochs", "2", "--save-model", str(tmp_path / "m3_model")]) == 2
+    assert "flags 1 of the model's genes" in capsys.readouterr().err
+    assert not (tmp_path / "m3.h5ad").exists() and not (tmp_path / "m3_model").exists()
+    # Nothing is written into the --model folder: it holds only the model.
+    for flag, path in (("-o", tmp_path / "model" / "o.h5ad"),
+                       ("--save-model", tmp_path / "model" / "again")):
+        out = [] if flag == "-o" else ["-o", str(tmp_path / "m4.h5ad")]
+        assert main(["apply", str(tmp_path / "in.h5ad"), "--model", str(tmp_path / "model"),
+                     *out, flag, str(path), "--no-layers"]) == 2
+        assert "is inside the --model folder" in capsys.readouterr().err
+        assert not path.exists()
 
 
 def test_fit_reports_bad_keys_without_a_traceback(tmp_path, capsys):

@@ -477,3 +477,50 @@ def test_numpy_settings_save(tmp_path):
             early_stopping=np.bool_(False), progress_bar=False)
     m.save(tmp_path / "m")
     assert isinstance(m.train_config.lr, float) and m.train_config.early_stopping is False
+
+
+def test_training_on_padded_genes_is_refused_but_query_fine_tuning_is_not(split, reference,
+                                                                          tmp_path):
+    """Genes padded by prepare_query_anndata are zeros, not measurements: training (fresh,
+    or further with warm_start) learnt them as never expressed. A query model's fine-tuning,
+    which trains covariate columns only, still runs on padded cells."""
+    ref_adata, query_adata = split
+    _, path = reference
+    missing = [g for g in ref_adata.var_names[:3]]
+    with pytest.warns(UserWarning, match="3 of the model's 150 genes"):
+        padded_ref = svt.SCVAE.prepare_query_anndata(
+            ref_adata[:, [g for g in ref_adata.var_names if g not in missing]].copy(), path)
+    loaded = svt.SCVAE.load(path, padded_ref)
+    weights = {n: p.detach().clone() for n, p in loaded.module.named_parameters()}
+    for train in (lambda: loaded.train(max_epochs=1, warm_start=True, progress_bar=False),
+                  lambda: svt.SCVAE(padded_ref).train(max_epochs=1, progress_bar=False)):
+        with pytest.raises(ValueError, match=r"flags 3 of the model's genes \(gene0, gene1, "
+                                             r"gene2\).*adata\[:, ~adata.var\['scvae_padded'\]\]"):
+            train()
+    for n, p in loaded.module.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), n
+    padded_ref.write_h5ad(tmp_path / "padded.h5ad")  # out of core: the same check
+    backed = ad.read_h5ad(tmp_path / "padded.h5ad", backed="r")
+    with pytest.raises(ValueError, match="flags 3 of the model's genes"):
+        svt.SCVAE.load(path, backed).train(max_epochs=1, warm_start=True, progress_bar=False)
+    backed.file.close()
+    # A query model: only its new batch's columns train.
+    with pytest.warns(UserWarning, match="3 of the model's 150 genes"):
+        padded_q = svt.SCVAE.prepare_query_anndata(
+            query_adata[:, [g for g in query_adata.var_names if g not in missing]].copy(), path)
+    model = svt.SCVAE.load_query(path, padded_q, max_epochs=2, progress_bar=False)
+    model.train(max_epochs=2, warm_start=True, progress_bar=False)
+    assert model.query_info["continued"]["runs"] == 1
+
+
+def test_query_warm_start_without_cells_of_the_new_categories_is_refused(split, reference,
+                                                                          tmp_path):
+    """Only the new categories' columns train, so on reference cells alone warm_start
+    reported epochs of training and changed nothing."""
+    ref_adata, query_adata = split
+    model = svt.SCVAE.load_query(reference[1], query_adata, max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "q")
+    ref_only = svt.SCVAE.load(tmp_path / "q", ref_adata)
+    with pytest.raises(ValueError, match=r"None of these training cells belongs to the "
+                                         r"query's new categories \(\{'batch': \['batch2'\]\}\)"):
+        ref_only.train(max_epochs=2, warm_start=True, progress_bar=False)
