@@ -310,6 +310,9 @@ def validate_model_config(config: Any, source: str = "config.json") -> dict[str,
             f"module.n_continuous_cov={module.n_continuous_cov}."
         )
     train_cfg = config.get("train")
+    if isinstance(train_cfg, dict):  # the settings of its version, not today's defaults
+        from .train import LEGACY_TRAIN_DEFAULTS
+        train_cfg = LEGACY_TRAIN_DEFAULTS | train_cfg
     train = None if train_cfg is None else build_dataclass(TrainConfig, train_cfg, "train", source)
     versions = config.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):

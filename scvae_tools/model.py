@@ -378,6 +378,8 @@ class SCVAE:
                 "SCVAE.load_query (command line: apply --query), or train on cells that measure "
                 "every gene (a new model can leave the padded ones out: "
                 "adata[:, ~adata.var['scvae_padded']]).")
+        if warm_start:
+            self._warn_if_unmarked_query(data)
         if cuda_graphs and resolve_device(device).type != "cuda":
             raise ValueError(
                 f"cuda_graphs=True needs a CUDA device, got device={device!r} "
@@ -484,6 +486,25 @@ class SCVAE:
                        _whole(args["seed"], "seed", minimum=0), resolve_device(args["device"]),
                        args["progress_bar"])
         return self
+
+    def _warn_if_unmarked_query(self, data) -> None:
+        """A loaded model trained further on cells of only some of its batches: every weight
+        moves, so cells of the other batches move too. (Query models saved before their
+        mapping was recorded in config.json load as such plain models.)"""
+        if getattr(self, "loaded_from", None) is None or self.spec.batch_key is None:
+            return
+        present = set(np.unique(np.asarray(data.batch_index)).tolist())
+        absent = [c for i, c in enumerate(self.spec.batch_categories) if i not in present]
+        if absent:
+            shown = ", ".join(map(repr, absent[:5])) + (", …" if len(absent) > 5 else "")
+            warnings.warn(
+                f"train(warm_start=True) updates every weight of this model on cells of "
+                f"{len(present)} of its {self.spec.n_batch} batches: cells of the others "
+                f"({shown}) will map differently afterwards. To add new batches while the "
+                "rest stays fixed, map them with SCVAE.load_query(reference_dir, adata); "
+                "that also holds for a query model saved by an older scvae_tools, whose "
+                "config.json lacks 'query' (map the query again).",
+                UserWarning, stacklevel=3)
 
     def _warn_if_discarding_weights(self) -> None:
         """scvi-tools' ``train()`` continues from a loaded or mapped model's weights; ours

@@ -31,6 +31,9 @@ from .module import VAE
 
 # How many times the networks' learning rate the free dispersions θ get (see TrainConfig).
 DISPERSION_LR_FACTOR = 10.0
+# Settings a file written before they existed was trained with, where that differs from
+# today's default (configs and checkpoints record only the settings their version had).
+LEGACY_TRAIN_DEFAULTS = {"dispersion_lr_factor": 1.0}
 
 
 @dataclass
@@ -906,9 +909,13 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     now_cfg = cfg.to_dict()
     # A setting added after the checkpoint was written had its default then; train_size was
     # used before it was recorded, and the split check below covers it.
-    defaults = {f.name: f.default for f in fields(TrainConfig)} | {"train_size": cfg.train_size}
+    # dispersion_lr_factor: before e4255ca θ shared the networks' Adam group, i.e. a factor 1.
+    defaults = ({f.name: f.default for f in fields(TrainConfig)}
+                | {"train_size": cfg.train_size} | LEGACY_TRAIN_DEFAULTS)
     saved_cfg = {k: state["train_config"].get(k, defaults.get(k)) for k in now_cfg}
-    diff = sorted(k for k in now_cfg if k != "max_epochs" and saved_cfg[k] != now_cfg[k])
+    # Not a train() argument: the run continues with the factor it was started with.
+    internal = {"max_epochs", "dispersion_lr_factor"}
+    diff = sorted(k for k in now_cfg if k not in internal and saved_cfg[k] != now_cfg[k])
     if diff:
         detail = ", ".join(f"{k}: {saved_cfg[k]!r} → {now_cfg[k]!r}" for k in diff)
         raise ValueError(f"The checkpoint {ck.path} was written with other training settings "
@@ -937,6 +944,9 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
                          "resumed; train again with resume=False (the checkpoint is then "
                          "overwritten).")
     module.load_state_dict(ckpt.check_state_dict(state["module"], f"checkpoint {ck.path}"))
+    cfg.dispersion_lr_factor = float(saved_cfg["dispersion_lr_factor"])
+    for group in optim.param_groups[1:]:  # θ's group (see _param_groups)
+        group["lr_scale"] = cfg.dispersion_lr_factor
     optim.load_state_dict(_regroup_state(state["optimizer"], optim, module))
     torch.set_rng_state(state["rng"]["torch"])
     gen.set_state(state["rng"]["generator"])

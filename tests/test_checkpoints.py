@@ -204,11 +204,20 @@ def test_resume_a_checkpoint_from_before_a_setting_existed(small, reference, tmp
     _same_history(resumed.history, reference.history)
 
 
-def test_resume_a_checkpoint_from_before_dispersion_had_its_own_lr(small, reference, tmp_path):
+def test_resume_a_checkpoint_from_before_dispersion_had_its_own_lr(small, tmp_path, monkeypatch):
     """Before ``dispersion_lr_factor``, the optimiser had one parameter group in the
-    module's order. Such a checkpoint is regrouped on resume, each parameter keeping its
-    own Adam state: the resumed run equals an uninterrupted one."""
-    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3}, checkpoint_dir=tmp_path)
+    module's order and θ moved at the networks' lr (a factor 1). Such a checkpoint is
+    regrouped on resume, each parameter keeping its own Adam state, and continues at the
+    factor it was started with: the resumed run equals an uninterrupted run of that time."""
+    import functools
+
+    import scvae_tools.model as model_mod
+    from scvae_tools.train import TrainConfig
+
+    with monkeypatch.context() as m:  # the old behaviour: θ in the networks' group
+        m.setattr(model_mod, "TrainConfig", functools.partial(TrainConfig, dispersion_lr_factor=1.0))
+        old_run = svt.SCVAE(small, **MODEL).train(**TRAIN)
+        svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3}, checkpoint_dir=tmp_path)
     path = tmp_path / ck.CHECKPOINT_FILE
     state = ck.load_checkpoint(path)
     names = [n for n, _ in VAE(svt.SCVAE(small, **MODEL).module_config).named_parameters()]
@@ -222,7 +231,8 @@ def test_resume_a_checkpoint_from_before_dispersion_had_its_own_lr(small, refere
     del state["train_config"]["dispersion_lr_factor"]
     ck.save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
     resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
-    _same_history(resumed.history, reference.history)
+    assert resumed.train_config.dispersion_lr_factor == 1.0
+    _same_history(resumed.history, old_run.history)
 
 
 def test_old_poisson_checkpoints_and_saves_with_an_unused_dispersion(small, tmp_path):

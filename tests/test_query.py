@@ -524,3 +524,20 @@ def test_query_warm_start_without_cells_of_the_new_categories_is_refused(split, 
     with pytest.raises(ValueError, match=r"None of these training cells belongs to the "
                                          r"query's new categories \(\{'batch': \['batch2'\]\}\)"):
         ref_only.train(max_epochs=2, warm_start=True, progress_bar=False)
+
+
+def test_warm_start_on_some_of_a_loaded_models_batches_warns(split, reference):
+    """Training a loaded model further on cells of only some of its batches moves the
+    others' cells too (every weight trains), with no word said; query models saved before
+    config.json recorded 'query' load exactly like that. The warning names the batches and
+    load_query; on cells of every batch it stays silent."""
+    ref_adata, _ = split
+    _, path = reference
+    some = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
+    loaded = svt.SCVAE.load(path, some)
+    with pytest.warns(UserWarning, match=r"on cells of 1 of its 2 batches: cells of the others "
+                                         r"\('batch1'\) will map differently.*load_query"):
+        loaded.train(max_epochs=1, warm_start=True, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svt.SCVAE.load(path, ref_adata).train(max_epochs=1, warm_start=True, progress_bar=False)
