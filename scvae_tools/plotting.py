@@ -130,7 +130,7 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
     Returns
     -------
     The figure: one panel per statistic, one point per gene, the diagonal y = x marking a
-    perfect fit; legends give each model's error from ``scvae_tools.ppc.ppc_summary``.
+    perfect fit; legends give each model's error from ``svt.tl.ppc_summary``.
     """
     import numpy as np
 

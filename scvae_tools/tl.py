@@ -19,6 +19,7 @@ from .diagnostics import (  # noqa: F401  (re-exported as svt.tl.*)
     variational_gap,
 )
 from .model import SCVAE, check_key_added, check_writable
+from .ppc import ppc_summary  # noqa: F401  (re-exported: svt.tl.ppc_summary)
 
 _INIT_ARGS = set(inspect.signature(SCVAE.__init__).parameters) - {"self", "adata"}
 _TRAIN_ARGS = set(inspect.signature(SCVAE.train).parameters) - {"self"}
@@ -91,7 +92,7 @@ def ppc(model: SCVAE, adata=None, n_samples: int = 10, batch_size: int = 256, se
     DataFrame indexed by gene with, for each statistic ``mean``, ``variance``,
     ``zero_fraction`` (fraction of cells with 0) and ``cv`` (standard deviation / mean):
     ``{stat}_obs``, ``{stat}_rep`` (mean over replicates) and ``{stat}_rep_sd`` (spread over
-    replicates). ``scvae_tools.ppc.ppc_summary(table)`` condenses it to one error per statistic;
+    replicates). ``svt.tl.ppc_summary(table)`` condenses it to one error per statistic;
     ``svt.pl.ppc(table)`` plots it.
 
     Examples

@@ -92,7 +92,7 @@ def test_ppc_of_backed_data_equals_in_memory(models, nb_data, tmp_path):
 
 
 def test_nb_fits_overdispersed_zeros_better_than_poisson(models, nb_data):
-    err = {lik: ppc_summary(svt.tl.ppc(m, nb_data, n_samples=5)) for lik, m in models.items()}
+    err = {lik: svt.tl.ppc_summary(svt.tl.ppc(m, nb_data, n_samples=5)) for lik, m in models.items()}
     assert err["nb"]["zero_fraction"] < 0.8 * err["poisson"]["zero_fraction"], err
     assert err["nb"]["variance"] < err["poisson"]["variance"], err
     # Poisson replicates are under-dispersed: too few zeros for most genes.
