@@ -118,7 +118,7 @@ class SCVAE:
         BatchNorm after each hidden layer of ``"both"`` networks (default), only the
         ``"encoder"`` or the ``"decoder"``, or ``"none"`` (as scvi-tools). On pbmc3k,
         ``"decoder"`` gave Leiden clusters slightly closer to the annotation (ARI +0.025 ±
-        0.014 over 9 seeds; README, "Quality on pbmc3k").
+        0.014 over 9 seeds; benchmarks/README.md, the pbmc3k sweeps).
 
     Examples
     --------
