@@ -18,11 +18,15 @@ import argparse
 import time
 from pathlib import Path
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+try:
+    from anndata.io import write_elem
+except ImportError:  # anndata 0.10
+    from anndata.experimental import write_elem
 
 
 def simulate_chunk(rng: np.random.Generator, n: int, type_profiles: np.ndarray,
@@ -102,10 +106,10 @@ def write_synthetic_h5ad(path: str | Path, n_cells: int = 1_000_000, n_genes: in
             index=pd.Index([f"cell{i}" for i in range(n_cells)]),
         )
         var = pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_genes)]))
-        ad.io.write_elem(f, "obs", obs)
-        ad.io.write_elem(f, "var", var)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", var)
         for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-            ad.io.write_elem(f, key, {})
+            write_elem(f, key, {})
     return {"n_cells": n_cells, "n_genes": n_genes, "nnz": nnz,
             "density": nnz / (n_cells * n_genes), "seconds": time.perf_counter() - t0}
 
