@@ -168,7 +168,9 @@ def padded_genes(var: pd.DataFrame, var_names) -> list[str]:
     ``SCVAE.prepare_query_anndata``, not measured (training must not learn them as zeros)."""
     if "scvae_padded" not in var.columns:
         return []
-    flagged = var.index[var["scvae_padded"].fillna(False).to_numpy(bool)]
+    # Only real True values: not NaN, nor strings such as "False" (truthy as bool).
+    flags = (var["scvae_padded"] == True).to_numpy(dtype=bool, na_value=False)  # noqa: E712
+    flagged = var.index[flags]
     return [str(g) for g in flagged.intersection(pd.Index(var_names), sort=False)]
 
 

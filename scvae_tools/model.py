@@ -367,7 +367,9 @@ class SCVAE:
             raise ValueError("warm_start=True continues from trained weights, and this model "
                              "has none yet; leave warm_start=False.")
         if warm_start and self.query_info is not None:
-            return self._continue_query(locals())  # trains covariate columns only: padding is fine
+            # Only the new covariate columns train (as in load_query, which takes padded
+            # cells too): the reference's view of the padded genes stays as it was.
+            return self._continue_query(locals())
         padded = getattr(data, "padded_genes", [])
         if padded:
             shown = ", ".join(padded[:5]) + (", …" if len(padded) > 5 else "")
@@ -501,7 +503,8 @@ class SCVAE:
                 f"train(warm_start=True) updates every weight of this model on cells of "
                 f"{len(present)} of its {self.spec.n_batch} batches: cells of the others "
                 f"({shown}) will map differently afterwards. To add new batches while the "
-                "rest stays fixed, map them with SCVAE.load_query(reference_dir, adata); "
+                "rest stays fixed, map them with SCVAE.load_query(reference_dir, adata) "
+                "(command line: apply --query); "
                 "that also holds for a query model saved by an older scvae_tools, whose "
                 "config.json lacks 'query' (map the query again).",
                 UserWarning, stacklevel=3)

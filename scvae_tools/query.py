@@ -482,7 +482,8 @@ def _fine_tune(
             # after the training ELBO (summed before each step) was scored.
             if (bad_step is not None or not _row_finite(row, has_validation=len(val_idx) > 0)
                     or not _weights_finite(module)):
-                _roll_back(module, optim, good, loop, rollbacks, epoch, bad_step)
+                _roll_back(module, optim, good, loop, rollbacks, epoch, bad_step,
+                           advice="fine-tune with a lower lr")
                 continue
             loop.rows.append(row)
             loop.epoch = epoch + 1

@@ -824,7 +824,8 @@ def _snapshot(module: VAE, optim: torch.optim.Optimizer) -> dict:
 
 
 def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _LoopState,
-               cfg: TrainConfig, epoch: int, bad_step: int | None) -> None:
+               cfg: TrainConfig, epoch: int, bad_step: int | None,
+               advice: str = "train with a lower lr or beta") -> None:
     """Restore the last good state and lower the lr, or raise after too many rollbacks.
 
     ``cfg`` needs only ``max_rollbacks`` and ``rollback_lr_factor`` (query fine-tuning
@@ -840,7 +841,7 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
             f"Training diverged: NaN/inf loss or gradient at {where}, after {loop.rollbacks} "
             f"rollback(s) with the learning rate lowered to {lr:.3g}. The module was reset to "
             f"the last finite state ({good_point}). Check the input (raw integer "
-            "counts, no extreme values, the right layer) or train with a lower lr or beta."
+            f"counts, no extreme values, the right layer) or {advice}."
         )
     loop.rollbacks += 1
     loop.lr_scale *= cfg.rollback_lr_factor  # the retried epoch sets its lr from this scale
@@ -945,9 +946,13 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
                          "overwritten).")
     module.load_state_dict(ckpt.check_state_dict(state["module"], f"checkpoint {ck.path}"))
     cfg.dispersion_lr_factor = float(saved_cfg["dispersion_lr_factor"])
-    for group in optim.param_groups[1:]:  # θ's group (see _param_groups)
+    # θ's group (see _param_groups): before loading, as _regroup_state copies lr_scale from
+    # a one-group checkpoint's new groups; after, as load_state_dict replaces the groups.
+    for group in optim.param_groups[1:]:
         group["lr_scale"] = cfg.dispersion_lr_factor
     optim.load_state_dict(_regroup_state(state["optimizer"], optim, module))
+    for group in optim.param_groups[1:]:
+        group["lr_scale"] = cfg.dispersion_lr_factor
     torch.set_rng_state(state["rng"]["torch"])
     gen.set_state(state["rng"]["generator"])
     if device.type == "cuda" and state["rng"]["cuda"]:

@@ -259,3 +259,25 @@ def test_pbmc_like_synthetic_counts_are_shaped_like_pbmc3k():
     assert 0.4 < np.log(lib).std() < 0.6
     assert dense.X.nnz / (2000 * 2000) > 0.35
     np.testing.assert_array_equal(like.X.data, np.round(like.X.data))
+
+
+def test_padded_genes_counts_only_real_true_flags():
+    """var["scvae_padded"] in odd dtypes: the strings "False" counted as padded (truthy), a
+    Categorical with NaN made every CellData (inference too) fail in fillna."""
+    from scvae_tools.adapter import padded_genes
+
+    genes = ["g0", "g1", "g2"]
+    cases = {
+        "bool": [True, False, False],
+        "nullable": pd.array([True, None, False], dtype="boolean"),
+        "object": np.array([True, None, False], dtype=object),
+        "strings": ["False", "False", "False"],
+        "categorical": pd.Categorical([True, np.nan, np.nan]),
+        "float": [1.0, np.nan, 0.0],
+    }
+    expected = {"strings": []}
+    for name, values in cases.items():
+        var = pd.DataFrame({"scvae_padded": values}, index=genes)
+        assert padded_genes(var, genes) == expected.get(name, ["g0"]), name
+        assert padded_genes(var, ["g2", "g1"]) == [], name  # only the model's genes count
+    assert padded_genes(pd.DataFrame(index=genes), genes) == []

@@ -235,6 +235,30 @@ def test_resume_a_checkpoint_from_before_dispersion_had_its_own_lr(small, tmp_pa
     _same_history(resumed.history, old_run.history)
 
 
+def test_resumed_dispersion_factor_is_the_one_the_optimiser_uses(small, tmp_path,
+                                                                  monkeypatch):
+    """A two-group checkpoint whose config lacks the factor: the factor was set on θ's group
+    before optimizer.load_state_dict, which replaces the groups, so the run reported 1.0
+    while θ trained at 10×. The reported factor and the group's lr_scale must agree."""
+    import scvae_tools.train as train_mod
+
+    svt.SCVAE(small, **MODEL).train(**{**TRAIN, "max_epochs": 3}, checkpoint_dir=tmp_path)
+    path = tmp_path / ck.CHECKPOINT_FILE
+    state = ck.load_checkpoint(path)
+    del state["train_config"]["dispersion_lr_factor"]
+    ck.save_checkpoint(path, {k: v for k, v in state.items() if k != "format"})
+    scales, real = [], train_mod._set_lr
+
+    def spy(optim, lr):
+        scales.append([g.get("lr_scale", 1.0) for g in optim.param_groups])
+        real(optim, lr)
+
+    monkeypatch.setattr(train_mod, "_set_lr", spy)
+    resumed = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.train_config.dispersion_lr_factor == 1.0
+    assert scales and all(s == [1.0, 1.0] for s in scales)
+
+
 def test_old_poisson_checkpoints_and_saves_with_an_unused_dispersion(small, tmp_path):
     """Earlier versions gave Poisson models an unused θ parameter. Their saved models still
     load (θ is dropped, the latent is unchanged); their checkpoints cannot be resumed (the
