@@ -342,7 +342,10 @@ class SCVAE:
             only). On a query model from :meth:`load_query`: more fine-tuning of its new
             columns alone, the reference's weights frozen (reference cells keep their
             latent), with load_query's defaults (constant lr 1e-3, batch 128, at most 200
-            epochs); recorded in ``query_info["continued"]``.
+            epochs); recorded in ``query_info["continued"]``. Every weight of a plain model
+            trains, so on a loaded model with cells of only some of its batches a warning
+            says that cells of the others will map differently (``load_query`` keeps
+            them fixed).
 
         Returns
         -------
