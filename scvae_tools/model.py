@@ -493,21 +493,27 @@ class SCVAE:
         return self
 
     def _warn_if_unmarked_query(self, data) -> None:
-        """A loaded model trained further on cells of only some of its batches: every weight
-        moves, so cells of the other batches move too. (Query models saved before their
-        mapping was recorded in config.json load as such plain models.)"""
-        if getattr(self, "loaded_from", None) is None or self.spec.batch_key is None:
-            return
-        present = set(np.unique(np.asarray(data.batch_index)).tolist())
-        absent = [c for i, c in enumerate(self.spec.batch_categories) if i not in present]
-        if absent:
-            shown = ", ".join(map(repr, absent[:5])) + (", …" if len(absent) > 5 else "")
+        """A model trained further on cells of only some of its batches (or categories of a
+        categorical covariate): every weight moves, so cells of the others move too. (Query
+        models saved before their mapping was recorded in config.json load as such plain
+        models.) A model's own training cells have every category: no warning then."""
+        spec = self.spec
+        columns = ([("batch", spec.batch_categories, np.asarray(data.batch_index))]
+                   if spec.batch_key is not None else [])
+        columns += [(key, spec.categorical_covariate_categories[key],
+                     np.asarray(data.cat_covs)[:, j])
+                    for j, key in enumerate(spec.categorical_covariate_keys)]
+        missing = []
+        for name, cats, codes in columns:
+            present = set(np.unique(codes).tolist())
+            missing += [f"{name} {c!r}" for i, c in enumerate(cats) if i not in present]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
             warnings.warn(
-                f"train(warm_start=True) updates every weight of this model on cells of "
-                f"{len(present)} of its {self.spec.n_batch} batches: cells of the others "
-                f"({shown}) will map differently afterwards. To add new batches while the "
-                "rest stays fixed, map them with SCVAE.load_query(reference_dir, adata) "
-                "(command line: apply --query); "
+                "train(warm_start=True) updates every weight of this model on these cells, "
+                f"which have none of {shown}: cells of those will map differently "
+                "afterwards. To add new batches while the rest stays fixed, map them with "
+                "SCVAE.load_query(reference_dir, adata) (command line: apply --query); "
                 "that also holds for a query model saved by an older scvae_tools, whose "
                 "config.json lacks 'query' (map the query again).",
                 UserWarning, stacklevel=3)

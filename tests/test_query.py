@@ -536,9 +536,27 @@ def test_warm_start_on_some_of_a_loaded_models_batches_warns(split, reference):
     _, path = reference
     some = ref_adata[ref_adata.obs["batch"] == "batch0"].copy()
     loaded = svt.SCVAE.load(path, some)
-    with pytest.warns(UserWarning, match=r"on cells of 1 of its 2 batches: cells of the others "
-                                         r"\('batch1'\) will map differently.*load_query"):
-        loaded.train(max_epochs=1, warm_start=True, progress_bar=False)
+    for _ in range(2):  # the second warm start too (loaded_from is cleared by the first)
+        with pytest.warns(UserWarning, match=r"which have none of batch 'batch1': cells of "
+                                             r"those will map differently.*load_query"):
+            loaded.train(max_epochs=1, warm_start=True, progress_bar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         svt.SCVAE.load(path, ref_adata).train(max_epochs=1, warm_start=True, progress_bar=False)
+
+
+def test_warm_start_on_some_categories_of_a_covariate_warns(tmp_path):
+    """The same for the categories of a categorical covariate (a model without batch_key):
+    old query models that mapped new donors were not warned about at all."""
+    adata = svt.datasets.synthetic_counts(n_cells=240, n_genes=40, seed=2)
+    adata.obs["donor"] = np.array(["d0", "d1", "d2"])[np.arange(240) % 3]
+    model = svt.SCVAE(adata, categorical_covariate_keys=["donor"], n_latent=4)
+    model.train(max_epochs=2, progress_bar=False)
+    with warnings.catch_warnings():  # its own training cells have every donor
+        warnings.simplefilter("error")
+        model.train(max_epochs=1, warm_start=True, progress_bar=False)
+    model.save(tmp_path / "m")
+    some = adata[adata.obs["donor"] != "d2"].copy()
+    with pytest.warns(UserWarning, match=r"which have none of donor 'd2'"):
+        svt.SCVAE.load(tmp_path / "m", some).train(max_epochs=1, warm_start=True,
+                                                   progress_bar=False)
