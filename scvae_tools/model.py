@@ -343,9 +343,9 @@ class SCVAE:
             columns alone, the reference's weights frozen (reference cells keep their
             latent), with load_query's defaults (constant lr 1e-3, batch 128, at most 200
             epochs); recorded in ``query_info["continued"]``. Every weight of a plain model
-            trains, so on a loaded model with cells of only some of its batches a warning
-            says that cells of the others will map differently (``load_query`` keeps
-            them fixed).
+            trains, so on cells that lack some of its batches (or categories of a
+            categorical covariate) a warning says that cells of those will map differently
+            (``load_query`` keeps them fixed).
 
         Returns
         -------
