@@ -19,7 +19,6 @@ be transferred by nearest neighbours (Lotfollahi et al. 2022, *Nat. Biotechnol.*
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 import warnings
@@ -47,6 +46,7 @@ from .train import (
     _weights_finite,
     check_patience,
     check_positive_finite,
+    epoch_row,
     evaluate,
     field_max_epochs,
     nonzero_option,
@@ -467,17 +467,8 @@ def _fine_tune(
             bad_step = guard.first_bad_step()
             row: dict = {}
             if bad_step is None:
-                log_px, kl = (sums / len(train_idx)).tolist()
-                row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
-                       "train_reconstruction": -log_px, "train_kl": kl}
-                if len(val_idx):
-                    row.update({f"validation_{k}": v for k, v in
-                                evaluate(module, data, val_idx, batch_size, device).items()})
-                else:
-                    row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
-                               validation_kl=math.nan)
-                row["lr"] = float(optim.param_groups[0]["lr"])
-                row["seconds"] = time.perf_counter() - t0
+                val = evaluate(module, data, val_idx, batch_size, device) if len(val_idx) else None
+                row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
             # The validation ELBO and the weights too: the epoch's last step can break them
             # after the training ELBO (summed before each step) was scored.
             if (bad_step is not None or not _row_finite(row, has_validation=len(val_idx) > 0)

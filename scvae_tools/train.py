@@ -476,22 +476,9 @@ def train_module(
             (epoch + 1) % cfg.validation_every == 0 or epoch + 1 >= cfg.max_epochs)
         row: dict = {}
         if bad_step is None:
-            train_log_px, train_kl = (sums / len(train_idx)).tolist()
-            row = {
-                "epoch": epoch + 1,
-                "beta": beta,
-                "train_elbo": train_log_px - train_kl,
-                "train_reconstruction": -train_log_px,
-                "train_kl": train_kl,
-            }
-            if validated:
-                val = evaluate(module, data, val_idx, cfg.batch_size, device, dist)
-                row.update({f"validation_{k}": v for k, v in val.items()})
-            else:
-                row.update(validation_elbo=math.nan, validation_reconstruction=math.nan,
-                           validation_kl=math.nan)
-            row["lr"] = float(optim.param_groups[0]["lr"])
-            row["seconds"] = time.perf_counter() - t0
+            val = (evaluate(module, data, val_idx, cfg.batch_size, device, dist)
+                   if validated else None)
+            row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
         # The weights too: the epoch's last step can break them after its loss was scored,
         # and they are about to become the "last good" state every rollback returns to.
         if (bad_step is not None or not _row_finite(row, has_validation=validated)
@@ -799,6 +786,22 @@ def _set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(group_lr)  # in place: a captured graph reads this tensor
         else:
             group["lr"] = group_lr
+
+
+def epoch_row(epoch: int, beta: float, sums: torch.Tensor, n_train: int,
+              validation: dict | None, optim: torch.optim.Optimizer, t0: float) -> dict:
+    """One row of a training history: the epoch's summed log p(x|z) and KL (``sums``) as
+    means per training cell, the validation scores (NaN when not scored), the networks'
+    learning rate and the seconds since ``t0``. Shared by training and query fine-tuning."""
+    log_px, kl = (sums / n_train).tolist()
+    row = {"epoch": epoch + 1, "beta": beta, "train_elbo": log_px - kl,
+           "train_reconstruction": -log_px, "train_kl": kl}
+    if validation is None:
+        validation = {"elbo": math.nan, "reconstruction": math.nan, "kl": math.nan}
+    row.update({f"validation_{k}": v for k, v in validation.items()})
+    row["lr"] = float(optim.param_groups[0]["lr"])
+    row["seconds"] = time.perf_counter() - t0
+    return row
 
 
 def _row_finite(row: dict, has_validation: bool) -> bool:
