@@ -109,7 +109,7 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
             for key, value in parts.items():
                 if key in f:
                     del f[key]
-                _write_elem(f, key, value)
+                _elem_io("write_elem")(f, key, value)
 
     # A unique temporary name, removed if anything fails (a full copy of an atlas must not
     # be left behind), flushed to disk before the rename.
@@ -460,22 +460,14 @@ def _dense_pieces(run: np.ndarray, max_span: int = 8192) -> list[np.ndarray]:
     return np.split(run, np.flatnonzero(np.diff(bins)) + 1)
 
 
-def _read_elem(elem):
-    """``anndata.io.read_elem`` (anndata >= 0.11; ``anndata.experimental`` before)."""
+def _elem_io(name: str):
+    """``anndata.io.<name>`` (``read_elem``/``write_elem``; anndata >= 0.11), or
+    ``anndata.experimental``'s on anndata 0.10."""
     try:
-        from anndata.io import read_elem
+        import anndata.io as io
     except ImportError:  # anndata 0.10
-        from anndata.experimental import read_elem
-    return read_elem(elem)
-
-
-def _write_elem(store, key: str, value) -> None:
-    """``anndata.io.write_elem`` (anndata >= 0.11; ``anndata.experimental`` before)."""
-    try:
-        from anndata.io import write_elem
-    except ImportError:  # anndata 0.10
-        from anndata.experimental import write_elem
-    write_elem(store, key, value)
+        import anndata.experimental as io
+    return getattr(io, name)
 
 
 def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -488,8 +480,8 @@ def _read_obs_var(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 raise ValueError(f"{path} has no {key!r}; it is not an .h5ad written by anndata.")
         legacy = isinstance(f["obs"], h5py.Dataset)  # anndata < 0.7: a compound array
         if not legacy:
-            obs = _read_elem(f["obs"])
-            var = _read_elem(f["var"])
+            read_elem = _elem_io("read_elem")
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
     if legacy:  # anndata itself still reads those; matrices stay on disk
         old = ad.read_h5ad(path, backed="r")
         obs, var = old.obs.copy(), old.var.copy()

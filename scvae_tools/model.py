@@ -497,15 +497,12 @@ class SCVAE:
         categorical covariate): every weight moves, so cells of the others move too. (Query
         models saved before their mapping was recorded in config.json load as such plain
         models.) A model's own training cells have every category: no warning then."""
-        spec = self.spec
-        columns = ([("batch", spec.batch_categories, np.asarray(data.batch_index))]
-                   if spec.batch_key is not None else [])
-        columns += [(key, spec.categorical_covariate_categories[key],
-                     np.asarray(data.cat_covs)[:, j])
-                    for j, key in enumerate(spec.categorical_covariate_keys)]
+        from .query import category_codes
+
         missing = []
-        for name, cats, codes in columns:
+        for label, cats, codes in category_codes(self.spec, data):
             present = set(np.unique(codes).tolist())
+            name = label.removeprefix("cat:")
             missing += [f"{name} {c!r}" for i, c in enumerate(cats) if i not in present]
         if missing:
             shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")

@@ -509,15 +509,21 @@ def _fine_tune(
     return history
 
 
+def category_codes(spec: DataSpec, data) -> list[tuple[str, list[str], np.ndarray]]:
+    """Each categorical input of ``data``: its label as ``query_info`` names it ("batch",
+    "cat:<key>"), its categories and each cell's code."""
+    columns = ([("batch", spec.batch_categories, np.asarray(data.batch_index))]
+               if spec.batch_key is not None else [])
+    cat_covs = np.asarray(data.cat_covs)
+    columns += [(f"cat:{key}", spec.categorical_covariate_categories[key], cat_covs[:, j])
+                for j, key in enumerate(spec.categorical_covariate_keys)]
+    return columns
+
+
 def _has_new_cells(spec: DataSpec, data: CellData, new: dict, idx: np.ndarray) -> bool:
     """Whether a cell of ``idx`` has one of the ``new`` (query_info) categories."""
-    if new.get("batch"):
-        codes = [spec.batch_categories.index(c) for c in new["batch"]]
-        if np.isin(data.batch_index[idx], codes).any():
-            return True
-    for j, key in enumerate(spec.categorical_covariate_keys):
-        cats = spec.categorical_covariate_categories[key]
-        codes = [cats.index(c) for c in new.get(f"cat:{key}", [])]
-        if codes and np.isin(data.cat_covs[idx, j], codes).any():
+    for label, cats, codes in category_codes(spec, data):
+        new_codes = [cats.index(c) for c in new.get(label, [])]
+        if new_codes and np.isin(codes[idx], new_codes).any():
             return True
     return False
