@@ -207,6 +207,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True  # an annotation this checker does not know: the dataclass checks it
 
 
+def check_field_types(obj: Any) -> None:
+    """A ``TypeError`` naming the field unless every field of the dataclass ``obj`` has the
+    type a saved file must have (what :func:`build_dataclass` checks on load): a setting
+    that trains and saves must load again."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints.get(f.name, Any)
+        if not _type_ok(value, tp):
+            raise TypeError(f"{f.name} must be of type {_type_name(tp)}, got {value!r} "
+                            f"({type(value).__name__}).")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is not None:  # list[str], str | None, ...
         return str(tp).replace("typing.", "")

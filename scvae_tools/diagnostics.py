@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 
 from .adapter import Batch, CellData
 from .devices import seeded
-from .model import SCVAE, _check_indices, check_key_added
+from .model import SCVAE, _check_indices, check_h5ad_key, check_key_added, check_positive_int
 from .module import samples_per_block
 from .train import evaluate
 
@@ -107,6 +108,12 @@ def _split_kwargs(kwargs: dict, where: str) -> tuple[dict, dict]:
             {k: v for k, v in kwargs.items() if k in train_args})
 
 
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
+            math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}.")
+
+
 # ---------------------------------------------------------------------- 1. rate–distortion
 def rate_distortion_sweep(
     adata,
@@ -150,6 +157,9 @@ def rate_distortion_sweep(
     betas = [float(b) for b in betas]
     if not betas or any(not np.isfinite(b) or b < 0 for b in betas):
         raise ValueError(f"betas must be a non-empty list of non-negative numbers, got {betas}.")
+    # Checked before the first model trains, not after it.
+    n_samples = check_positive_int(n_samples, "n_samples")
+    _check_threshold(threshold)
     init_kw, train_kw = _split_kwargs(kwargs, "rate_distortion_sweep")
     train_kw.setdefault("progress_bar", False)
     rows = []
@@ -204,8 +214,7 @@ def posterior_collapse(
     ``mean_variance`` (variance over cells of the posterior mean), ``posterior_variance``
     (mean posterior variance; ≈ 1 for a collapsed dimension under N(0, I)) and ``active``.
     """
-    if threshold < 0:
-        raise ValueError(f"threshold must be non-negative, got {threshold}.")
+    _check_threshold(threshold)
     data = _data(model, adata)
     indices = _check_indices(indices, data.n_obs)
     m, v = model._posterior(data)
@@ -500,6 +509,8 @@ def aggregated_posterior(
     """
     if not 0 < hole_quantile < 1:
         raise ValueError(f"hole_quantile must be in (0, 1), got {hole_quantile}.")
+    if key_added is not None:
+        check_h5ad_key(key_added)
     if isinstance(adata, (str, os.PathLike)) and key_added is not None:
         raise ValueError(f"aggregated_posterior stores its summary in adata.uns[{key_added!r}], "
                          "which a file path does not have: pass key_added=None, or read the "
@@ -849,6 +860,8 @@ def disentanglement(
         raise ValueError("disentanglement reads the factors from adata.obs, so it needs an "
                          f"AnnData, got {type(adata).__name__}; read a file first "
                          "(adata = anndata.read_h5ad(path)).")
+    if key_added is not None:
+        check_h5ad_key(key_added)
     factor_keys = [factor_keys] if isinstance(factor_keys, str) else list(factor_keys)
     missing = [k for k in factor_keys if k not in adata.obs]
     if missing:

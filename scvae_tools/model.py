@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import shutil
 import uuid
@@ -172,7 +173,8 @@ class SCVAE:
             use_batch_norm=use_batch_norm,
         )
         for name, value in (("beta", beta), ("free_bits", free_bits)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not (
+                    isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
         self.beta = float(beta)
         self.free_bits = float(free_bits)
@@ -399,6 +401,13 @@ class SCVAE:
         max_epochs = None if max_epochs is None else _whole(max_epochs, "max_epochs")
         batch_size = None if batch_size is None else _whole(batch_size, "batch_size")
         check_patience(early_stopping, early_stopping_patience)
+        # eps=0 divides 0 by 0 in Adam wherever a gradient is exactly zero: NaN weights,
+        # rolled back as a divergence that blames the data (query fine-tuning refuses it too).
+        check_positive_finite(eps, "eps")
+        if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real)
+                                                  and math.isfinite(weight_decay)
+                                                  and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
         max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:
@@ -1462,14 +1471,19 @@ def default_inference_batch_size(n_genes: int, n_samples: int = 1) -> int:
     return int(min(8192, max(1024, (1 << 23) // (n_genes * max(1, int(n_samples))))))
 
 
-def check_key_added(key_added) -> None:
-    """``key_added`` names the results (``obsm[f"X_{key_added}"]``, …): refuse what would
-    write under an empty or doubled name, before any training is spent."""
+def check_h5ad_key(key_added) -> None:
+    """A ``key_added`` that an .h5ad file can hold: a non-empty string without '/'."""
     if not isinstance(key_added, str) or not key_added.strip():
         raise ValueError(f"key_added must be a non-empty string (e.g. 'scvae'), got {key_added!r}.")
     if "/" in key_added:  # anndata cannot read such keys back from an .h5ad
         raise ValueError(f"key_added must not contain '/' (an .h5ad group separator), got "
                          f"{key_added!r}; e.g. key_added={key_added.replace('/', '_')!r}.")
+
+
+def check_key_added(key_added) -> None:
+    """``key_added`` names the results (``obsm[f"X_{key_added}"]``, …): refuse what would
+    write under an empty or doubled name, before any training is spent."""
+    check_h5ad_key(key_added)
     if key_added.startswith("X_"):  # scanpy's key_added is sometimes the obsm key itself
         raise ValueError(
             f"key_added names the results, not the obsm key: {key_added!r} would write "

@@ -17,7 +17,7 @@ Inference model: q(z | x, s) = N(μ_φ(log1p x, s), diag σ²_φ(log1p x, s)).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .checkpoint import check_field_types
 from .distributions import LIKELIHOODS, log_likelihood, sample_counts
 from .fused import (
     NonZeros,
@@ -65,6 +66,12 @@ class ModuleConfig:
     n_prior_components: int = 10
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # NumPy scalars as Python's: JSON
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
+        self.n_cats_per_cov = [int(n) if isinstance(n, np.integer) else n
+                               for n in self.n_cats_per_cov]
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}.")
         if not isinstance(self.n_prior_components, int) or self.n_prior_components < 1:
@@ -88,6 +95,9 @@ class ModuleConfig:
             raise ValueError("use_batch_norm must be 'both', 'encoder', 'decoder' or 'none', "
                              f"got {self.use_batch_norm!r}.")
         self.use_batch_norm = norm
+        # Checked after the settings above, which say what they accept; the same rule as
+        # on load (checkpoint.build_dataclass): a model that saves must load again.
+        check_field_types(self)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
 

@@ -467,7 +467,7 @@ def _fine_tune(
             bad_step = guard.first_bad_step()
             row: dict = {}
             if bad_step is None:
-                val = evaluate(module, data, val_idx, batch_size, device) if len(val_idx) else None
+                val = evaluate(module, data, val_idx, max(batch_size, 512), device) if len(val_idx) else None
                 row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
             # The validation ELBO and the weights too: the epoch's last step can break them
             # after the training ELBO (summed before each step) was scored.

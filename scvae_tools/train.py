@@ -94,11 +94,12 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, np.generic):
                 setattr(self, f.name, value.item())
+        check_positive_finite(self.lr, "lr")
+        ckpt.check_field_types(self)  # 1.5 warm-up epochs would train, save, then not load
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}.")
-        check_positive_finite(self.lr, "lr")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}.")
         if self.kl_warmup_epochs < 0:
@@ -205,8 +206,9 @@ def field_max_epochs(n_cells: int) -> int:
 
 def split_indices(n: int, train_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled train/validation row indices; the validation set may be empty."""
-    if not 0 < train_size <= 1:
-        raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+    if isinstance(train_size, bool) or not isinstance(train_size, numbers.Real) or not (
+            0 < train_size <= 1):
+        raise ValueError(f"train_size must be a number in (0, 1], got {train_size!r}.")
     perm = np.random.default_rng(seed).permutation(n)
     n_train = n if train_size >= 1 else int(math.ceil(train_size * n))
     n_train = min(max(n_train, 1), n)
@@ -253,7 +255,7 @@ def _evaluate(
     acc = accumulator_dtype(device)
     sums = torch.zeros(3, dtype=acc, device=device)  # Σ log p(x|z), Σ KL, cells
     if indices is None or len(indices):
-        for b in data.batches(indices, batch_size=max(batch_size, 512), device=device,
+        for b in data.batches(indices, batch_size=batch_size, device=device,
                               **nonzero_option(module, data)):
             t = module.elbo_terms(b.x, b.library, b.batch_index, b.cat_covs, b.cont_covs,
                                   nonzero=b.nonzero)
@@ -476,7 +478,8 @@ def train_module(
             (epoch + 1) % cfg.validation_every == 0 or epoch + 1 >= cfg.max_epochs)
         row: dict = {}
         if bad_step is None:
-            val = (evaluate(module, data, val_idx, cfg.batch_size, device, dist)
+            # (scored 512 or more cells at a time: fewer, larger batches score faster)
+            val = (evaluate(module, data, val_idx, max(cfg.batch_size, 512), device, dist)
                    if validated else None)
             row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
         # The weights too: the epoch's last step can break them after its loss was scored,

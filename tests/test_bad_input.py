@@ -733,3 +733,59 @@ def test_a_users_own_layer_of_that_name_is_kept():
         warnings.simplefilter("error", UserWarning)
         svt.SCVAE(adata, **MODEL).train(**TRAIN).write_to_adata(adata, layers=False)
     assert "scvae_denoised" in adata.layers
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    ({"kl_warmup_epochs": 1.5}, TypeError, "kl_warmup_epochs must be of type int, got 1.5"),
+    ({"kl_warmup_epochs": "2"}, TypeError, "kl_warmup_epochs must be of type int"),
+    ({"early_stopping": 1}, TypeError, "early_stopping must be of type bool, got 1"),
+    ({"early_stopping": "no"}, TypeError, "early_stopping must be of type bool"),
+    ({"train_size": True}, ValueError, "train_size must be a number in"),
+    ({"train_size": "0.5"}, ValueError, "train_size must be a number in"),
+    ({"eps": 0}, ValueError, "eps must be a positive finite number"),
+    ({"eps": "1e-2"}, ValueError, "eps must be a positive finite number"),
+    ({"weight_decay": -1}, ValueError, "weight_decay must be a finite number >= 0"),
+])
+def test_training_settings_of_the_wrong_type_are_refused_before_training(X, kwargs, exc,
+                                                                          message):
+    """Settings are checked as a saved model's are on load: before, 1.5 warm-up epochs or
+    early_stopping=1 trained and saved a model that SCVAE.load then refused, and eps=0
+    (0/0 in Adam at any zero gradient) ended in a "divergence" that blamed the data."""
+    model = svt.SCVAE(make(X), **MODEL)
+    with pytest.raises(exc, match=message):
+        model.train(**{**TRAIN, **kwargs})
+    assert not model.is_trained
+
+
+def test_numpy_settings_train_save_and_load(X, tmp_path):
+    """NumPy numbers (a value from np.linspace, a sweep over np.arange) are taken as
+    Python's: the model saves as JSON and loads again."""
+    a = make(X)
+    model = svt.SCVAE(a, **{**MODEL, "n_latent": np.int64(3)}, dropout_rate=np.float32(0.1),
+                      beta=np.float32(0.5))
+    model.train(**{**TRAIN, "kl_warmup_epochs": np.int64(1), "train_size": np.float64(0.8),
+                   "early_stopping": np.bool_(False), "lr": np.float32(1e-3)})
+    model.save(tmp_path / "m")
+    loaded = svt.SCVAE.load(tmp_path / "m", a)
+    assert loaded.n_latent == 3 and loaded.beta == 0.5
+    np.testing.assert_array_equal(loaded.get_latent_representation(),
+                                  model.get_latent_representation())
+    with pytest.raises(TypeError, match="dropout_rate must be of type float, got '0.1'"):
+        svt.SCVAE(a, **MODEL, dropout_rate="0.1")
+
+
+def test_get_elbo_scores_in_the_batches_asked_for(baseline, monkeypatch):
+    """get_elbo's batch_size used to be raised to 512 behind the user's back (a smaller one,
+    asked for to save memory, did nothing); training's validation keeps its 512."""
+    model, _ = baseline
+    sizes = []
+    batches = CellData.batches
+
+    def spy(self, indices=None, batch_size=128, **kw):
+        sizes.append(batch_size)
+        return batches(self, indices, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(CellData, "batches", spy)
+    small, large = model.get_elbo(batch_size=16), model.get_elbo(batch_size=4096)
+    assert sizes == [16, 4096]
+    assert abs(small - large) < 1e-3 * abs(large)  # the same cells; z drawn batch by batch

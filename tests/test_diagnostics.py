@@ -491,3 +491,25 @@ def test_jacobian_coupling_in_blocks_equals_the_whole_jacobian(trained, factors)
     expected = np.abs(np.einsum("cgi,cgj->cij", unit, unit)).mean(0)
     res = svt.tl.jacobian_coupling(trained, factors, n_cells=300, seed=2, active_only=False)
     np.testing.assert_allclose(res["matrix"].to_numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_sweep_and_uns_keys_are_checked_before_any_work(factors, trained, monkeypatch):
+    """A bad threshold or n_samples used to be found after the first model had trained;
+    uns keys with '/' were written, and came back from an .h5ad nested under another key."""
+    calls = []
+    monkeypatch.setattr(svt.SCVAE, "train", lambda self, **kw: calls.append(kw))
+    with pytest.raises(ValueError, match="threshold must be a non-negative number"):
+        svt.tl.rate_distortion_sweep(factors, betas=(1, 2), threshold=-1)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        svt.tl.rate_distortion_sweep(factors, betas=(1, 2), n_samples=0)
+    assert not calls
+    monkeypatch.undo()
+    model = trained
+    a = factors.copy()
+    with pytest.raises(ValueError, match="must not contain '/'"):
+        svt.tl.aggregated_posterior(model, a, n_samples=10, key_added="agg/post")
+    with pytest.raises(ValueError, match="must not contain '/'"):
+        svt.tl.disentanglement(model, a, ["factor0"], key_added="dis/x")
+    with pytest.raises(ValueError, match="non-empty string"):
+        svt.tl.aggregated_posterior(model, a, n_samples=10, key_added="")
+    assert not a.uns
