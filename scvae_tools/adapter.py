@@ -723,8 +723,10 @@ def _select_genes(X, have: pd.Index, want: list[str], obs_names: pd.Index | None
 
 
 def _missing_genes_message(missing: list[str], want: list[str], have_list: list[str],
-                           want_set: set[str], obs_names: pd.Index | None) -> str:
-    """What is wrong when an AnnData lacks some of a model's genes, and the fix that fits."""
+                           want_set: set[str], obs_names: pd.Index | None,
+                           backed: bool = False) -> str:
+    """What is wrong when an AnnData lacks some of a model's genes, and the fix that fits
+    (``backed``: for counts read from a file, a padded file to write)."""
     extra = [g for g in have_list if g not in want_set]
     also = (f"; it also has {len(extra)} gene{'s' * (len(extra) > 1)} the model does not "
             f"know (e.g. {extra[:5]})" if extra else "")
@@ -738,6 +740,10 @@ def _missing_genes_message(missing: list[str], want: list[str], have_list: list[
     if len(missing) > PAD_LIMIT * len(want):
         return (f"{head} That is too many to pad with zero counts (over "
                 f"{PAD_LIMIT:.0%}): pass cells measured on the model's genes. {filtered}")
+    if backed:
+        return (f"{head} Write a file with the model's genes, the missing ones as zero counts: "
+                "`SCVAE.prepare_query_anndata(adata.to_memory(), model).write_h5ad(path)`. "
+                f"{filtered}")
     return (f"{head} To add the missing ones as zero counts (and drop the others): "
             f"`adata = SCVAE.prepare_query_anndata(adata, model)`. {filtered}")
 

@@ -45,6 +45,7 @@ from .adapter import (
     _check_finite_covariates,
     _empty_in_model_genes,
     _encode,
+    _missing_genes_message,
     _nonzeros_on,
     _numeric_obs,
     _to_device,
@@ -74,12 +75,29 @@ def read_backed(path: str | os.PathLike):
     Note that anndata's backed mode reads ``layers`` into memory; keep the counts of a
     large atlas in ``X`` for out-of-core training.
     """
+    return open_h5ad(path, backed=True)
+
+
+def open_h5ad(path: str | os.PathLike, backed: bool = False):
+    """``anndata.read_h5ad`` (``backed="r"`` with ``backed``), with errors that name the
+    file and the fix: anndata's own, for an HDF5 file that is not an .h5ad (a 10x ``.h5``
+    is the common one), is an ``__init__`` TypeError or a missing-object message."""
     import anndata as ad
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass the path of an .h5ad file.")
-    return ad.read_h5ad(path, backed="r")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass the path of an .h5ad file.")
+    try:
+        return ad.read_h5ad(path, backed="r" if backed else None)
+    except (OSError, TypeError, KeyError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(
+            f"{path} cannot be read as an .h5ad file ({type(err).__name__}: {detail}). A 10x "
+            "Genomics .h5 (filtered_feature_bc_matrix.h5) is read with scanpy, "
+            "`adata = sc.read_10x_h5(path)`, and written as one with "
+            "`adata.write_h5ad('counts.h5ad')`.") from None
 
 
 def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
@@ -229,7 +247,7 @@ class BackedCellData:
                 f"{len(var_names)}; the file is inconsistent."
             )
         self._n_file_genes = shape[1]
-        self._col_map = _column_map(pd.Index(var_names), spec.var_names)
+        self._col_map = _column_map(pd.Index(var_names), spec.var_names, self.obs_names)
         totals = self._scan(validate)
         if validate:
             try:
@@ -495,20 +513,17 @@ def _attr_text(node, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _column_map(have: pd.Index, want: list[str]) -> np.ndarray | None:
+def _column_map(have: pd.Index, want: list[str], obs_names: pd.Index | None = None
+                ) -> np.ndarray | None:
     """File columns in the model's gene order (``None`` when they already match)."""
     have_list = [str(v) for v in have]
     if have_list == list(want):
         return None
     have_set = set(have_list)
     missing = [g for g in want if g not in have_set]
-    if missing:
-        raise ValueError(
-            f"The AnnData lacks {len(missing)} of the model's {len(want)} genes "
-            f"(e.g. {missing[:5]}). Write a file with the model's genes, the missing ones "
-            "as zero counts: `SCVAE.prepare_query_anndata(adata.to_memory(), model)"
-            ".write_h5ad(path)`."
-        )
+    if missing:  # the in-memory message: transposed files, the padding limit
+        raise ValueError(_missing_genes_message(missing, list(want), have_list, set(want),
+                                                obs_names, backed=True))
     if pd.Index(have_list).has_duplicates:
         raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
     return pd.Index(have_list).get_indexer(list(want))

@@ -124,7 +124,7 @@ def replace_dir(tmp: Path, path: Path) -> None:
         _fsync_dir(path.parent)
         return
     old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)  # left by a crash between the renames
     path.rename(old)
     try:
         tmp.rename(path)
@@ -132,7 +132,15 @@ def replace_dir(tmp: Path, path: Path) -> None:
         old.rename(path)
         raise
     _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or directory tree if it is there (a link, not what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- safe loading

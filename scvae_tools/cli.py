@@ -136,18 +136,9 @@ def _strategy(choice: str) -> str | None:
 
 def _read(path: str, backed: bool):
     """The input AnnData; ``backed``: out of core, X stays on disk."""
-    if backed:
-        from .backed import read_backed
+    from .backed import open_h5ad
 
-        return read_backed(path)
-    import anndata as ad
-
-    try:
-        return ad.read_h5ad(path)
-    except OSError as err:  # h5py's text does not name the file
-        if not Path(path).is_file():
-            raise
-        raise OSError(f"{path} cannot be read as an .h5ad file ({err}).") from None
+    return open_h5ad(path, backed=backed)
 
 
 def _check_save_model(save_model: str | None, *written: str | Path | None) -> None:
@@ -214,6 +205,7 @@ def cmd_fit(args) -> int:
     _check_output(args.output, args.input)
     _check_save_model(args.save_model, args.output, args.checkpoint_dir)
     adata = _read(args.input, args.backed)
+    args.input_layers = list(adata.layers.keys())  # what an error's --layer hint may name
     model = _fit(adata, args)
     if not is_main_process():
         return 0
@@ -406,7 +398,11 @@ def _flags_for(message: str, command: str, args: argparse.Namespace | None = Non
     column that does not exist, the flag in ``args`` that named it."""
     flags = []
     if command in ("fit", "demo"):
-        flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))]
+        # Only layers the input has: messages also say "e.g. layer='counts'", or how to
+        # make such a layer in Python, which no flag does.
+        layers = getattr(args, "input_layers", None) or []
+        flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))
+                  if m in layers]
         if "Pass layer= naming" in message:
             flags.append("--layer LAYER")
         if "Pass layer=None" in message:
@@ -428,7 +424,8 @@ def _flags_for(message: str, command: str, args: argparse.Namespace | None = Non
                 flags.append(flag)
     if "layers=False" in message:
         flags.append("--no-layers")
-    if "prepare_query_anndata" in message and command == "apply":
+    if ("prepare_query_anndata" in message and command == "apply" and args is not None
+            and not args.pad_missing_genes and not args.backed):  # (not with --backed)
         flags.append("apply --pad-missing-genes")
     if "load_query" in message and command == "apply":
         flags.append("apply --query")

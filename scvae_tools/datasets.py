@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .native import user_cache_dir
+
 PBMC3K_FULL = "pbmc3k_full_counts.h5ad"
 PBMC3K_HVG = "pbmc3k_hvg_counts.h5ad"
 PBMC3K_URL = "https://cf.10xgenomics.com/samples/cell/pbmc3k/pbmc3k_filtered_gene_bc_matrices.tar.gz"
@@ -37,7 +39,7 @@ def get_data_dir(path: str | os.PathLike | None = None) -> Path:
     env = os.environ.get("SCVAE_TOOLS_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scvae_tools"
+    return user_cache_dir()
 
 
 def pbmc68k(labels_key: str = "bulk_labels") -> ad.AnnData:

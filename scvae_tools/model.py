@@ -1358,7 +1358,10 @@ class SCVAE:
         a folder holding anything else is refused (see :func:`check_save_target`).
         """
         self._check_trained()
-        path = Path(os.path.abspath(path))  # "." or "..": a folder with a name and a parent
+        # "." or "..": a folder with a name and a parent. A symlink ("latest" -> "run_3"):
+        # its target is the model replaced (the link was renamed aside before, and replaced
+        # by a folder, leaving the target as it was and later saves failing).
+        path = Path(path).resolve()
         check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         # A private sibling, created with the user's umask (mkdtemp's would give rwx------).

@@ -65,7 +65,15 @@ def cache_dir() -> Path:
     env = os.environ.get("SCVAE_TOOLS_KERNEL_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scvae_tools" / "kernels"
+    return user_cache_dir() / "kernels"
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/scvae_tools``, or ``~/.cache/scvae_tools`` when that is unset, empty
+    or relative (as the XDG spec says: an empty value is not the current directory)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "scvae_tools"
 
 
 def enabled() -> bool:

@@ -157,6 +157,16 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
                  "-o", str(tmp_path / "m2.h5ad"), "--pad-missing-genes",
                  "--max-missing-fraction", "0.01"]) == 2  # 1 of 60 is more than 1%
     assert "--max-missing-fraction" in capsys.readouterr().err
+    # From a file read out of core: the file to write, no flag that --backed refuses, and
+    # the padding limit as in memory (30 of 60 genes are too many to pad).
+    assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
+                 "-o", str(tmp_path / "b.h5ad"), "--backed"]) == 2
+    err = capsys.readouterr().err
+    assert ".to_memory(), model).write_h5ad(path)" in err and "--pad-missing-genes" not in err
+    a[:, 30:].copy().write_h5ad(tmp_path / "half.h5ad")
+    assert main(["apply", str(tmp_path / "half.h5ad"), "--model", str(tmp_path / "model"),
+                 "-o", str(tmp_path / "b.h5ad"), "--backed"]) == 2
+    assert "too many to pad" in capsys.readouterr().err
     padded = ad.read_h5ad(tmp_path / "m.h5ad")
     assert list(padded.var_names) == list(a.var_names)  # the model's genes, the first as zeros
     assert padded.var["scvae_padded"].tolist() == [True] + [False] * 59
@@ -167,7 +177,9 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
         assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
                      "-o", str(tmp_path / "m3.h5ad"), "--pad-missing-genes", "--warm-start",
                      "--epochs", "2", "--save-model", str(tmp_path / "m3_model")]) == 2
-    assert "flags 1 of the model's genes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "flags 1 of the model's genes" in err
+    assert "on the command line: apply --pad-missing-genes" not in err  # (it was given)
     assert not (tmp_path / "m3.h5ad").exists() and not (tmp_path / "m3_model").exists()
     # Nothing is written into the --model folder: it holds only the model.
     for flag, path in (("-o", tmp_path / "model" / "o.h5ad"),
@@ -228,6 +240,34 @@ def test_fit_errors_give_the_flag_that_fixes_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "adata.layers['counts']" in err and "(on the command line: --layer counts" in err
     assert main([*args, "--layer", "counts", "--epochs", "2"]) == 0
+    # The messages' own example ("e.g. layer='counts'") is no flag for a file without that
+    # layer: only the layers the input has are suggested.
+    a.layers["raw_counts"] = a.layers.pop("counts")
+    a.write_h5ad(tmp_path / "lognorm.h5ad")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "(on the command line: --layer raw_counts, --allow-non-integer)" in err, err
+    del a.layers["raw_counts"]
+    a.write_h5ad(tmp_path / "lognorm.h5ad")
+    assert main(args) == 2
+    assert "--layer" not in capsys.readouterr().err.split("on the command line")[-1]
+
+
+def test_an_hdf5_file_that_is_not_an_h5ad_is_one_line(tmp_path, capsys):
+    """A 10x .h5 (groups matrix/…) made anndata raise a TypeError: a 12-frame traceback;
+    with --backed, h5py's text without the file's name or the fix."""
+    import h5py
+
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        f["matrix/data"] = np.arange(3)
+    for extra in ([], ["--backed"]):
+        assert main(["fit", str(tmp_path / "p.h5"), "-o", str(tmp_path / "o.h5ad"),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert "p.h5 cannot be read as an .h5ad file" in err and "sc.read_10x_h5" in err, err
+        assert "Traceback" not in err
+    with pytest.raises(ValueError, match="is a folder"):
+        svt.SCVAE(str(tmp_path))
 
 
 def test_fit_passes_cuda_graphs_on(tmp_path, capsys):

@@ -60,3 +60,19 @@ def test_pbmc3k_built_from_the_download_matches_the_prepared_files(tmp_path, mon
     monkeypatch.setenv("SCVAE_TOOLS_NO_DOWNLOAD", "1")
     with pytest.raises(FileNotFoundError, match="not found in"):
         svt.datasets.pbmc3k(data_dir=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_empty_or_relative_xdg_cache_home_means_the_default(monkeypatch, tmp_path, xdg):
+    """XDG_CACHE_HOME= (empty) made the cache the folder 'scvae_tools' of wherever Python
+    ran: downloads and compiled kernels landed in the user's working directory."""
+    from scvae_tools import native
+
+    monkeypatch.delenv("SCVAE_TOOLS_DATA_DIR", raising=False)
+    monkeypatch.delenv("SCVAE_TOOLS_KERNEL_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert datasets.get_data_dir() == tmp_path / ".cache" / "scvae_tools"
+    assert native.cache_dir() == tmp_path / ".cache" / "scvae_tools" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets.get_data_dir() == tmp_path / "xdg" / "scvae_tools"

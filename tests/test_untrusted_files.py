@@ -225,6 +225,21 @@ def test_crash_mid_save_keeps_previous_model(saved, small, tmp_path, monkeypatch
                                   newer.get_latent_representation())
 
 
+def test_save_through_a_symlink_replaces_its_target(saved, small, tmp_path):
+    """``latest -> run_1``: the link was renamed aside and replaced by a folder, leaving
+    run_1 as it was; the leftover link then made every later save to ``latest`` fail."""
+    model, path = saved
+    target = _copy(path, tmp_path / "run_1")
+    (tmp_path / "latest").symlink_to("run_1")
+    newer = svt.SCVAE(small, batch_key="batch", n_latent=2, n_hidden=8).train(**TRAIN, seed=1)
+    for _ in range(2):
+        newer.save(tmp_path / "latest", overwrite=True)
+        assert (tmp_path / "latest").is_symlink()
+        np.testing.assert_array_equal(svt.SCVAE.load(target, small).get_latent_representation(),
+                                      newer.get_latent_representation())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run_1"]
+
+
 def test_kill_between_the_two_renames_is_recoverable(saved, small, tmp_path):
     """SIGKILL right after the old folder was moved aside: load says where the model is."""
     model, path = saved
