@@ -251,6 +251,26 @@ def test_save_load_roundtrip(trained, tmp_path):
         svt.SCVAE.load(tmp_path / "m", adata[:, 2:].copy())
 
 
+def test_load_gives_back_the_held_out_cells(trained, tmp_path):
+    """A loaded model had validation_indices None, so get_elbo(indices=
+    model.validation_indices) silently scored every cell, training cells included."""
+    adata, model = trained
+    model.save(tmp_path / "m")
+    loaded = svt.SCVAE.load(tmp_path / "m", adata)
+    np.testing.assert_array_equal(loaded.validation_indices, model.validation_indices)
+    np.testing.assert_array_equal(loaded.train_indices, model.train_indices)
+    held_out = model.get_elbo(indices=model.validation_indices)
+    assert loaded.get_elbo(indices=loaded.validation_indices) == held_out
+    assert held_out != model.get_elbo()
+    # Other cells (here the same in another order, or fewer), or none attached: no split.
+    for other in (adata[::-1].copy(), adata[:-1].copy(), None):
+        again = svt.SCVAE.load(tmp_path / "m", other)
+        assert again.validation_indices is None and again.train_indices is None
+    (tmp_path / "m" / "validation_indices.npy").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="validation_indices.npy cannot be read.*delete it"):
+        svt.SCVAE.load(tmp_path / "m", adata)
+
+
 def test_same_seed_same_latent():
     adata = svt.datasets.synthetic_counts(n_cells=200, n_genes=50, seed=1)
     z = []
