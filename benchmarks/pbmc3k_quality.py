@@ -3,7 +3,7 @@
     python benchmarks/pbmc3k_quality.py [--data-dir ../shared/data] [--all-genes] [--seed 0]
         [--resolutions 0.5 1.0] [--grid] [--probe] [--prior mog --n-prior-components 10]
         [--scvi] [--latent NAME=FILE.npy ...] [--pca-comps 10 50] [--pca-scaled]
-        [--pca-perturbed N]
+        [--pca-perturbed N] [--sd-scaled P ...]
         [--model-kwargs JSON] [--train-kwargs JSON]
 
 Prints train time, epochs, held-out ELBO and, for each representation and Leiden
@@ -25,6 +25,8 @@ of the genes (``X_pca_genes90_i``) and N fitted on a random 90% of the cells, al
 projected (``X_pca_cells90_i``): how much PCA's own score moves under small perturbations.
 ``--model-kwargs '{"beta": 0.5}'`` and ``--train-kwargs '{"max_epochs": 100}'`` train with
 other settings than the defaults.
+``--sd-scaled 0.5 1`` also scores the latent means divided by each axis's mean posterior
+standard deviation to these powers (a reading of the same model, not a new one).
 ``--probe`` asks whether the representation *contains* the naive / memory CD4 T distinction,
 which PCA's clusters follow and the latent's do not: 5-fold cross-validated accuracy of a
 logistic regression on the standardised coordinates of those cells.
@@ -164,6 +166,9 @@ def main() -> None:
                    help="also PCA of scaled log-normalised data (X_pca_scaled, 50 components)")
     p.add_argument("--pca-perturbed", type=int, default=0, metavar="N",
                    help="also N PCAs on 90%% of the genes and N fitted on 90%% of the cells")
+    p.add_argument("--sd-scaled", type=float, nargs="+", default=[], metavar="P",
+                   help="also the latent means divided by (mean posterior SD per axis)**P "
+                        "(X_scvae_sdP): axes the encoder is surer of weigh more")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='other SCVAE settings, e.g. \'{"beta": 0.5}\'')
     p.add_argument("--train-kwargs", type=json.loads, default={}, metavar="JSON",
@@ -175,8 +180,13 @@ def main() -> None:
                       **args.model_kwargs)
     model.train(progress_bar=False, seed=args.seed, **args.train_kwargs)
     secs = time.perf_counter() - t0
-    adata.obsm["X_scvae"] = model.get_latent_representation()
+    means, variances = model.get_latent_representation(return_dist=True)
+    adata.obsm["X_scvae"] = means
     reps = ["X_scvae"]
+    for power in args.sd_scaled:
+        name = f"X_scvae_sd{power:g}"
+        adata.obsm[name] = (means / np.sqrt(variances).mean(0) ** power).astype(np.float32)
+        reps.append(name)
     for k in args.pca_comps:
         name = "X_pca" if k == 50 else f"X_pca{k}"
         adata.obsm[name] = pca_embedding(adata, k)

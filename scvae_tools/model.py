@@ -997,7 +997,8 @@ class SCVAE:
             Posterior replicates per group.
         fdr_target
             Genes are called (column ``is_de_fdr_<fdr_target>``) while the posterior expected
-            false discovery rate of the called set stays at or below this.
+            false discovery rate of the called set stays at or below this (``mode="change"``
+            only: vanilla mode makes no calls, as in scvi-tools).
         pseudocounts
             ε in log2(mean + ε), on the proportion scale; ``None`` estimates it from genes
             not detected in a group (as scvi-tools does).
@@ -1024,7 +1025,9 @@ class SCVAE:
         ``std``/``min``/``max`` (log2, positive = higher in group1), ``raw_mean1/2``,
         ``non_zeros_proportion1/2``, ``raw_normalized_mean1/2`` (counts per 1e4),
         ``is_de_fdr_<fdr_target>``, ``comparison``, ``group1``, ``group2``. With
-        ``mode="vanilla"``: ``proba_m1``/``proba_m2`` instead of ``proba_de``/``proba_not_de``.
+        ``mode="vanilla"``: ``proba_m1``/``proba_m2`` instead of ``proba_de``/``proba_not_de``,
+        no ``is_de_fdr_*`` column, and genes tied at the same Bayes factor (it saturates for
+        clear markers) ordered by ``lfc_mean``. ``group1`` given as a list: each group once.
 
         Examples
         --------
@@ -1257,7 +1260,7 @@ class SCVAE:
         A backed AnnData (``backed="r"``) is read in chunks; the latent and ``uns`` go to
         its in-memory ``obsm``/``uns`` (save with ``svt.backed.write_h5ad_backed(adata,
         new_path)``, which copies X on disk instead of reading it), and the
-        dense layers are refused when they would exceed 1 GB (pass ``layers=False``).
+        dense layers are refused when they would exceed 1 GiB (pass ``layers=False``).
 
         Parameters
         ----------

@@ -158,6 +158,10 @@ def test_vanilla_mode(fitted):
     assert {"proba_m1", "proba_m2", "bayes_factor"} <= set(de.columns)
     assert "proba_de" not in de.columns
     assert np.all(np.diff(de["bayes_factor"].to_numpy()) <= 0)
+    # The Bayes factor saturates for clear markers: genes tied on it come largest effect
+    # first (they came in gene order, the strongest markers anywhere among them).
+    top = de[de["bayes_factor"] == de["bayes_factor"].max()]
+    assert len(top) > 1 and np.all(np.diff(top["lfc_mean"].to_numpy()) <= 0)
     up = de["proba_m1"] > 0.99
     assert (de.loc[up, "lfc_mean"] > 0).all()
     # In scanpy's layout, pvals and pvals_adj agree in both directions: a gene far lower in
@@ -249,6 +253,25 @@ def test_bad_input_is_explained(fitted):
         model.differential_expression(adata, "cell_type", "type0", "type0")
     with pytest.raises(ValueError, match="adata"):
         model.differential_expression(None, "cell_type", "type0")
+    a = adata.copy()
+    for key, message in (("a/b", "must not contain '/'"), ("", "non-empty string"),
+                         (5, "non-empty string")):  # '' wrote the fields into uns itself
+        with pytest.raises(ValueError, match=message):
+            model.differential_expression(a, "cell_type", "type0", n_samples=10, key_added=key)
+    assert not a.uns
+
+
+def test_a_group_named_twice_is_tested_once(fitted):
+    """["type0", "type1", "type0"] computed type0 twice: its genes twice in the table, and
+    key_added then failed after all the work ("All arrays must be of the same length")."""
+    model, adata = fitted
+    a = adata.copy()
+    a.obs["type_id"] = a.obs["cell_type"].cat.codes.astype(int)
+    de = model.differential_expression(a, "cell_type", ["type0", "type1", "type0"],
+                                       n_samples=20, key_added="de")
+    assert list(pd.unique(de["group1"])) == ["type0", "type1"] and len(de) == 2 * a.n_vars
+    assert sc.get.rank_genes_groups_df(a, "type0", key="de")["names"].is_unique
+    assert len(model.differential_expression(a, "type_id", [0, "0"], n_samples=20)) == a.n_vars
 
 
 @pytest.mark.slow
