@@ -818,6 +818,13 @@ def _warn_if_unscaled(values: np.ndarray, key: str) -> None:
     finite = values[np.isfinite(values)]
     if not finite.size:
         return
+    if finite.size > 1 and finite.min() == finite.max():  # standardising would divide by 0
+        warnings.warn(
+            f"The continuous covariate obs[{key!r}] is {finite[0]:.6g} in every cell: it "
+            "adds nothing the networks' biases do not, and its weights stay untrained for "
+            "cells (a query) where it varies. Leave it out of continuous_covariate_keys.",
+            UserWarning, stacklevel=4)
+        return
     scale = max(float(np.abs(finite.mean())), float(finite.std()))
     if scale > 10:
         warnings.warn(

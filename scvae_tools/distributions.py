@@ -66,7 +66,10 @@ def _gamma_terms(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     # scatters (advanced indexing's backward sorts the indices: ~8× slower here).
     flat_x = xb.reshape(-1)
     flat = torch.nonzero(flat_x).squeeze(1)
-    if theta.shape[-1] == shape[-1] and all(d == 1 for d in theta.shape[:-1]):  # per gene
+    if not shape:  # all 0-d: nothing to gather
+        return gamma_differences(tb, xb)[0]
+    if (theta.dim() and theta.shape[-1] == shape[-1]
+            and all(d == 1 for d in theta.shape[:-1])):  # per gene
         tv = theta.reshape(-1).index_select(0, flat % shape[-1])
     else:
         tv = tb.reshape(-1).index_select(0, flat)
@@ -117,9 +120,10 @@ def log_nb_sparse(
     ll = dense.sum(-1)
     nz = torch.nonzero(x_b, as_tuple=True)
     xv, tv = x_b[nz], theta_b[nz]
-    sparse = torch.lgamma(xv + tv) - torch.lgamma(tv)
-    if include_constant:
-        sparse = sparse - torch.lgamma(xv + 1.0)
+    # In float64, as log_nb: in float32 the two large lgamma values cancel at large θ.
+    sparse = gamma_differences(tv, xv)[0]
+    if not include_constant:
+        sparse = sparse + torch.lgamma(xv + 1.0)
     # Scatter the non-zero terms back to their cells (all leading indices but the gene).
     flat = ll.reshape(-1)
     row = torch.zeros_like(nz[0])

@@ -87,19 +87,20 @@ def table_slots(cols, values, whole: bool = False):
     if isinstance(values, torch.Tensor):
         whole = values.floor()
         if torch.equal(values, whole):  # whole counts, the usual case: a cheaper test
-            outside = torch.nonzero(values > k).squeeze(1)
-            slot.add_(values.clamp(max=k).long())[outside] -= k  # past it: the zero column
-            return slot, outside
-        inside = (values <= k) & (values == whole)
+            # Past the table (or negative, which no table holds: a slot below g·(k+1) would
+            # be the previous gene's): the zero column, evaluated directly.
+            out_mask = (values > k) | (values < 0)
+            slot.add_(values.masked_fill(out_mask, 0).long())
+            return slot, torch.nonzero(out_mask).squeeze(1)
+        inside = (values <= k) & (values >= 0) & (values == whole)
         return (slot.add_(torch.where(inside, values, 0.0).long()),
                 torch.nonzero(~inside).squeeze(1))
     floor = None if whole else np.floor(values)
     if whole or np.array_equal(values, floor):
-        slot += np.minimum(values, k).astype(np.int8)  # int8: less memory traffic
-        outside = np.flatnonzero(values > k)
-        slot[outside] -= k  # past the table: the zero column
-        return slot, outside
-    inside = (values <= k) & (values == floor)
+        out_mask = (values > k) | (values < 0)  # past the table, or no count: zero column
+        slot += np.where(out_mask, 0, values).astype(np.int8)  # int8: less memory traffic
+        return slot, np.flatnonzero(out_mask)
+    inside = (values <= k) & (values >= 0) & (values == floor)
     slot += np.where(inside, values, 0).astype(slot.dtype)
     return slot, np.flatnonzero(~inside)
 

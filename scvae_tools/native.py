@@ -272,7 +272,7 @@ def softmax_scale_(out: torch.Tensor, scale: float | torch.Tensor) -> torch.Tens
     n_rows, n_genes = out.shape
     if not out.is_contiguous():
         raise ValueError("softmax_scale_ needs a contiguous matrix")
-    per_row = isinstance(scale, torch.Tensor) and scale.numel() > 1
+    per_row = isinstance(scale, torch.Tensor) and scale.numel() != 1  # (0 for 0 rows)
     factors = (scale.reshape(-1).to(torch.float32).contiguous() if per_row
                else torch.tensor([float(scale)], dtype=torch.float32))
     if per_row and len(factors) != n_rows:

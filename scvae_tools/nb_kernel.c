@@ -226,7 +226,9 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
             if (v == 0.0f) continue;  /* a stored zero: the terms vanish */
             const int64_t k = (int64_t)v;
             double lg, dg = 0.0;
-            if (lg_tab && (float)k == v && k <= NB_TABLE_COUNTS) {
+            if (v < 0.0f) {  /* not a count: no table row holds it (k < 0 read outside) */
+                lg = dg = NAN;
+            } else if (lg_tab && (float)k == v && k <= NB_TABLE_COUNTS) {
                 lg = lg_tab[k * tab_stride + t0 + c];
                 if (gt) dg = dg_tab[k * tab_stride + t0 + c];
             } else if ((float)k == v && k <= NB_TABLE_COUNTS) {

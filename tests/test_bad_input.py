@@ -691,6 +691,11 @@ def test_a_continuous_covariate_far_from_unit_scale_warns_with_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         svt.SCVAE(adata, continuous_covariate_keys="total_z", **MODEL)
+    # A constant covariate: standardising it (the advice) divides by a zero sd, so NaN.
+    adata.obs["age"] = 50.0
+    with pytest.warns(UserWarning, match=r"obs\['age'\] is 50 in every cell.*Leave it out") as rec:
+        svt.SCVAE(adata, continuous_covariate_keys="age", **MODEL)
+    assert not any("Standardise" in str(w.message) for w in rec)
 
 
 def test_missing_genes_advice_fits_the_case():

@@ -603,3 +603,29 @@ def test_one_dispersion_for_all_genes_is_repeated_per_gene(kernel, use_native):
         torch.testing.assert_close(got.detach(), want, rtol=3e-5, atol=1e-3)  # grad loop rounds apart
         got.sum().backward()
         assert lt.grad.shape == lt.shape and torch.isfinite(lt.grad).all()
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_negative_value_is_not_read_from_another_genes_table(kernel, use_native):
+    """Counts of 1–8 read per-gene tables at slot g·9 + k. A negative value (not a count;
+    the public likelihood functions do not validate their input) took slot g·9 − 1, the
+    previous gene's table (torch), or read before the tables' memory (compiled kernel):
+    a finite, wrong value. It is now non-finite, as lgamma at a non-count is."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(native._unsupported())
+    use_native(kernel)
+    logits, log_library, log_theta, x, nz = _batch("counts")
+    j = int(torch.nonzero((nz.cols > 0) & (nz.values <= 8))[0])
+    row, col = int(nz.rows[j]), int(nz.cols[j])
+    nz.values[j] = -1.0
+    x[row, col] = -1.0
+    ll = nb_log_likelihood_from_logits(logits, log_library, log_theta, x, nz)
+    assert not torch.isfinite(ll[row])
+    assert torch.isfinite(ll[torch.arange(len(ll)) != row]).all()
+
+
+@needs_kernel
+def test_softmax_scale_of_no_rows_with_per_row_scales(use_native):
+    use_native(True)
+    out = native.softmax_scale_(torch.zeros(0, 5), torch.ones(0))
+    assert out.shape == (0, 5)
