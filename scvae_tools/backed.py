@@ -78,6 +78,29 @@ def read_backed(path: str | os.PathLike):
     return open_h5ad(path, backed=True)
 
 
+def _backing_file(adata) -> Path:
+    """The absolute path of a backed AnnData's file. anndata keeps the name it was given,
+    which may be relative to a working directory that has changed since: then the name is
+    checked against the open file itself, which is never another one."""
+    path = Path(adata.filename).resolve()
+    handle = getattr(adata.file, "_file", None)
+    if handle is not None and getattr(handle, "id", None) is not None and handle.id.valid:
+        opened = os.fstat(handle.id.get_vfd_handle())
+        here = path.stat() if path.exists() else None
+        if here is None or (here.st_dev, here.st_ino) != (opened.st_dev, opened.st_ino):
+            raise ValueError(
+                f"The AnnData's file was opened as {str(adata.filename)!r}, which from the "
+                f"current directory ({os.getcwd()}) is another file or none. Open it again by "
+                "its absolute path: anndata.read_h5ad(path, backed='r').")
+    return path
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is written again or replaced."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def open_h5ad(path: str | os.PathLike, backed: bool = False):
     """``anndata.read_h5ad`` (``backed="r"`` with ``backed``), with errors that name the
     file and the fix: anndata's own, for an HDF5 file that is not an .h5ad (a 10x ``.h5``
@@ -89,8 +112,8 @@ def open_h5ad(path: str | os.PathLike, backed: bool = False):
         raise FileNotFoundError(f"{path} does not exist; pass the path of an .h5ad file.")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass the path of an .h5ad file.")
-    try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+    try:  # an absolute path: the file is reopened later, whatever the working directory
+        return ad.read_h5ad(path.resolve(), backed="r" if backed else None)
     except (OSError, TypeError, KeyError, ValueError) as err:
         detail = " ".join(str(err).split())[:200]
         raise ValueError(
@@ -114,8 +137,12 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
     if not getattr(adata, "isbacked", False) or adata.filename is None:
         raise ValueError("write_h5ad_backed needs an AnnData opened with backed='r'; use "
                          "adata.write_h5ad(path) for in-memory AnnData.")
-    src, dst = Path(adata.filename), Path(path)
-    if dst.exists() and dst.resolve() == src.resolve():
+    if adata.is_view:  # the copy would pair the file's whole X with the view's obs
+        raise ValueError("write_h5ad_backed copies the backing file's X, so it cannot write a "
+                         "view (adata[idx]); write the subset with "
+                         "adata[idx].to_memory().write_h5ad(path).")
+    src, dst = _backing_file(adata), Path(path)
+    if dst.exists() and os.path.samefile(dst, src):
         raise ValueError(f"{dst} is the backing file itself; choose a new output path.")
     parts = {"obs": adata.obs, "var": adata.var, "obsm": dict(adata.obsm),
              "varm": dict(adata.varm), "obsp": dict(adata.obsp), "varp": dict(adata.varp),
@@ -183,7 +210,7 @@ class BackedCellData:
         self.chunk_size = int(chunk_size)
         self.buffer_chunks = int(buffer_chunks)
         if isinstance(adata, (str, os.PathLike)):
-            self.path = Path(adata)
+            self.path = Path(adata).resolve()  # reopened later, wherever the process is
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path} does not exist; pass an .h5ad path.")
             obs, var = _read_obs_var(self.path)
@@ -199,7 +226,7 @@ class BackedCellData:
                     "the file's rows. Load the subset with adata[idx].to_memory(), or write it "
                     "to its own file with adata[idx].to_memory().write_h5ad(path)."
                 )
-            self.path = Path(adata.filename)
+            self.path = _backing_file(adata)
             obs, var = adata.obs, adata.var
         var_names = var.index
         self.n_obs = len(obs)
@@ -213,6 +240,7 @@ class BackedCellData:
         self._key = "X" if spec.layer is None else f"layers/{spec.layer}"
         self._h5: h5py.File | None = None
         self._pid = -1
+        self._stamp = _file_stamp(self.path)  # what is read below holds for this version
         f = self._file()
         if self._key not in f:
             where = "X" if spec.layer is None else f"layers[{spec.layer!r}]"
@@ -288,7 +316,42 @@ class BackedCellData:
             if self._h5 is None or self._pid != os.getpid():
                 self._h5 = h5py.File(self.path, "r")
                 self._pid = os.getpid()
+                self._check_unchanged()
             return self._h5
+
+    def _check_unchanged(self) -> None:
+        """The file is closed between calls, so it can be rewritten: the cells, their order
+        and their library sizes read when it was opened must still be what it holds."""
+        stamp = getattr(self, "_stamp", None)
+        if stamp is None or _file_stamp(self.path) == stamp:
+            return
+        # Written since (obs changed, say): the same cells and counts? Read it again.
+        node = self._h5.get(self._key)
+        problem = None
+        if node is None:
+            problem = f"it has no {self._key}"
+        elif self._sparse and not np.array_equal(node["indptr"][:], self._indptr):
+            problem = f"the non-zeros of {self._key} differ"
+        elif not self._sparse and tuple(node.shape) != (self.n_obs, self._n_file_genes):
+            problem = f"{self._key} has another shape"
+        elif not pd.Index(_read_obs_var(self.path)[0].index).equals(self.obs_names):
+            problem = "its cells are other ones, or in another order"
+        else:  # (the scan reads through the handle just opened: no check again)
+            try:
+                totals = self._scan_rows(validate=True)
+            except ValueError as err:
+                problem = f"its counts no longer pass the checks ({str(err).rstrip('.')})"
+            else:
+                if (self.spec.size_factor_key is None
+                        and not np.array_equal(totals.astype(np.float32), self.library)):
+                    problem = "its counts differ"
+        if problem is not None:
+            self.close()
+            raise ValueError(
+                f"{self.path} was written again after it was opened: {problem}. What was "
+                "read then (the cells, their order, library sizes) no longer holds; pass the "
+                "file anew (adata=path, or SCVAE.load(model_dir, path)).")
+        self._stamp = _file_stamp(self.path)
 
     def release_device(self) -> None:
         """Nothing to drop: streamed counts are moved to the device batch by batch."""

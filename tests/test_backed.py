@@ -234,6 +234,46 @@ def test_nothing_holds_the_file_between_calls(synthetic, h5ad_path):
     np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-5, atol=1e-6)
 
 
+def test_a_file_written_again_with_other_counts_is_an_error(synthetic, h5ad_path):
+    """The cells, their order and library sizes are read when the file is opened; rewritten
+    with normalised counts or cells in another order, it was read on silently (a latent
+    0.78 off, or the old cell names on new rows). A rewrite of obs alone is fine."""
+    model = svt.SCVAE(str(h5ad_path), n_latent=3)
+    model.train(max_epochs=1, batch_size=64, progress_bar=False, seed=0)
+    z = model.get_latent_representation()
+    normalised = synthetic.copy()
+    normalised.X = sp.csr_matrix(normalised.X.multiply(1e4 / normalised.X.sum(1)))
+    for other, message in ((normalised, "its counts no longer pass the checks.*non-integer"),
+                           (synthetic[::-1].copy(), "the non-zeros of X differ")):
+        other.write_h5ad(h5ad_path)
+        with pytest.raises(ValueError, match=f"written again after it was opened: {message}"):
+            model.get_latent_representation()
+    synthetic.write_h5ad(h5ad_path)  # the same cells and counts again: read on
+    np.testing.assert_allclose(model.get_latent_representation(), z, rtol=1e-5, atol=1e-6)
+
+
+def test_paths_do_not_depend_on_the_working_directory(synthetic, tmp_path, monkeypatch):
+    """A relative path was reopened against whatever the working directory had become: the
+    other folder's file was read, and write_h5ad_backed copied its X (even over the source).
+    A view was written as the whole file's X under the view's obs: an unreadable file."""
+    for name, seed in (("a", 0), ("b", 5)):
+        (tmp_path / name).mkdir()
+        svt.datasets.synthetic_counts(n_cells=120, n_genes=30, seed=seed).write_h5ad(
+            tmp_path / name / "data.h5ad")
+    monkeypatch.chdir(tmp_path / "a")
+    model = svt.SCVAE("data.h5ad", n_latent=3).train(max_epochs=1, progress_bar=False)
+    z = model.get_latent_representation()
+    opened = ad.read_h5ad("data.h5ad", backed="r")
+    monkeypatch.chdir(tmp_path / "b")
+    np.testing.assert_array_equal(model.get_latent_representation(), z)
+    with pytest.raises(ValueError, match="opened as 'data.h5ad'.*another file"):
+        write_h5ad_backed(opened, "out.h5ad")
+    with pytest.raises(ValueError, match="cannot write a view"):
+        write_h5ad_backed(read_backed(tmp_path / "a" / "data.h5ad")[:10], "out.h5ad")
+    assert not (tmp_path / "b" / "out.h5ad").exists()
+    opened.file.close()
+
+
 def test_spread_out_rows_are_not_read_as_their_whole_range(synthetic, h5ad_path):
     """Every 10th cell of a window, or a validation tenth, used to be read in one span of the
     whole range between them (160k rows at once for a 16k-cell window); spans are now
