@@ -41,8 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _extract_base(ref: str, into: Path) -> None:
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "scvae_tools"],
-                         check=True, capture_output=True).stdout
+    proc = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "scvae_tools"],
+                          capture_output=True)
+    if proc.returncode:
+        raise SystemExit(f"--base {ref}: {proc.stderr.decode().strip()}")
+    tar = proc.stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         for m in t.getmembers():
             m.name = m.name.replace("scvae_tools", "scvae_base", 1)

@@ -329,6 +329,9 @@ def main(argv=None) -> None:
         args.marginal_samples = 25
     spy = scvi_python(args.scvi_python) if "scvi" in args.tools else None
     if "scvi" in args.tools and spy is None:
+        if "ours" not in args.tools:
+            raise SystemExit("scvi-tools is not importable here or in .venv-bench, and "
+                             "--tools asks for nothing else: pip install -e '.[bench]'.")
         print("scvi-tools not importable here or in .venv-bench: running our side only.\n")
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import traceback
@@ -111,6 +112,25 @@ def make_counts(n_cells: int, n_genes: int, device: torch.device, seed: int = 0,
     return X, np.concatenate(types)
 
 
+class _Tee:
+    """A stream that writes to several (the console and the run's log file)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the console's
+        return getattr(self.streams[0], name)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -134,6 +154,14 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device here; for a dry run on the CPU pass "
+                         "--device cpu --quick.")
+    # Everything printed also goes to out/log.txt: a device call returns only the last
+    # 12,000 characters of its output, the files under $OUT come back whole.
+    log = open(out / "log.txt", "a", buffering=1)  # noqa: SIM115 (open for the whole run)
+    sys.stdout = _Tee(sys.stdout, log)
+    sys.stderr = _Tee(sys.stderr, log)
 
     import anndata as ad
     import pandas as pd

@@ -202,6 +202,11 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # scored for every method: fail now, not after the first has trained
+        import scib_metrics  # noqa: F401
+    except ImportError:
+        raise SystemExit("integration.py scores with scib-metrics, which is not installed: "
+                         "pip install -e '.[bench]'.") from None
     tools = args.tools.split(",")
     if "scvi" in tools:
         try:

@@ -174,6 +174,11 @@ def main() -> None:
     p.add_argument("--train-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='other train() settings, e.g. \'{"max_epochs": 100}\'')
     args = p.parse_args()
+    if args.scvi:  # before our model trains, not after
+        try:
+            import scvi  # noqa: F401
+        except ImportError:
+            raise SystemExit("--scvi needs scvi-tools: pip install -e '.[bench]'.") from None
     adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=not args.all_genes)
     t0 = time.perf_counter()
     model = svt.SCVAE(adata, prior=args.prior, n_prior_components=args.n_prior_components,

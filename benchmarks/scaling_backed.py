@@ -108,14 +108,15 @@ class _Subset:
         return indices[torch.randperm(len(indices), generator=generator).numpy()]
 
     def batches(self, indices=None, batch_size=128, shuffle=False, generator=None,
-                device="cpu", drop_singleton=False):
+                device="cpu", drop_singleton=False, **kwargs):
         import numpy as np
 
         idx = np.arange(self.n_obs) if indices is None else np.asarray(indices)
         if shuffle:
             idx = self.epoch_order(idx, generator)
+        # kwargs: what training asks of every data source (nonzero=, sparse=)
         yield from self._data.batches(self._rows[idx], batch_size, False, None, device,
-                                      drop_singleton)
+                                      drop_singleton, **kwargs)
 
 
 def grid(workdir: str, sizes: list[int], epochs: int, max_cells: int | None,
@@ -151,13 +152,13 @@ def grid(workdir: str, sizes: list[int], epochs: int, max_cells: int | None,
 
 
 def to_markdown(rows: list[dict]) -> str:
-    head = ("| cells | data | ranks | cells / epoch | wall s / epoch | train CPU s (rank 0) | "
-            "peak RSS per rank (GB) | validation ELBO | load avg |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "".join(
+    head = ("| cells | data | ranks | cells / epoch | wall s / epoch | wall s / full epoch | "
+            "train CPU s (rank 0) | peak RSS per rank (GB) | validation ELBO | load avg |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(  # (full epoch: extrapolated linearly from a partial one, --max-cells)
         f"| {r['n_cells']:,} | {r['mode']} | {r['ranks']} | {r['trained_cells']:,} | "
-        f"{r['epoch_s']} | {r['train_cpu_s']} | {r['peak_rss_gb']} | {r['validation_elbo']} | "
-        f"{r['load_avg_1min']} |\n"
+        f"{r['epoch_s']} | {r['epoch_s_full']} | {r['train_cpu_s']} | {r['peak_rss_gb']} | "
+        f"{r['validation_elbo']} | {r['load_avg_1min']} |\n"
         for r in rows)
     return head + body
 

@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("datasets", nargs="+",
                    choices=["pbmc3k", "pbmc68k", "synthetic", "synthetic-sparse"])
     p.add_argument("--synthetic-n", type=int, default=5000)
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per process; 0: torch's default (all cores)")
