@@ -691,7 +691,8 @@ def _as_float32(X, copy: bool = True):
     if not copy and dtype == np.float32:
         if sp.issparse(X) and X.format == "csr" and X.has_canonical_format:
             return X
-        if isinstance(X, np.ndarray):
+        # (rows read in place; a reversed view, adata[::-1], has strides torch cannot take)
+        if isinstance(X, np.ndarray) and (X.flags.c_contiguous or X.flags.f_contiguous):
             return X
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=True)

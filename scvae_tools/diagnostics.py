@@ -406,7 +406,7 @@ def _refine_batch(module, b: Batch, n_steps: int, lr: float, n_mc: int, n_eval: 
     with torch.no_grad():
         cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
         m0, v0 = module.encode(b.x, cov)
-    eval_eps = torch.randn((n_eval, *m0.shape), device=m0.device)
+    eval_eps = torch.randn((n_eval, *m0.shape), dtype=m0.dtype, device=m0.device)
     chunk = samples_per_block(*b.x.shape)
 
     def elbo_part(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -429,7 +429,7 @@ def _refine_batch(module, b: Batch, n_steps: int, lr: float, n_mc: int, n_eval: 
     best_mean, best_log_var = m0.clone(), torch.log(v0)
     optim = torch.optim.Adam([mean, log_var], lr=lr)
     for step in range(1, n_steps + 1):
-        eps = torch.randn((n_mc, *m0.shape), device=m0.device)
+        eps = torch.randn((n_mc, *m0.shape), dtype=m0.dtype, device=m0.device)
         optim.zero_grad(set_to_none=True)
         for e in eps.split(chunk):  # gradients accumulate: one block of draws in memory
             # cells are independent: a sum over cells optimises each
@@ -589,9 +589,7 @@ def sample(model: SCVAE, n: int, source: str = "prior", adata=None, seed: int = 
     """
     if source not in ("prior", "aggregated"):
         raise ValueError(f"source must be 'prior' or 'aggregated', got {source!r}.")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}.")
+    n = check_positive_int(n, "n")  # (2.7 cells were 2, and "3" was 3)
     data = _data(model, adata)
     module = model.module
     rows = np.random.default_rng(seed).integers(0, data.n_obs, n)
@@ -604,7 +602,7 @@ def sample(model: SCVAE, n: int, source: str = "prior", adata=None, seed: int = 
                 z = module.sample_prior(b.x.shape[0], generator=gen)
             else:
                 m, v = module.encode(b.x, cov)
-                z = m + v.sqrt() * torch.randn(m.shape, generator=gen).to(m.device)
+                z = m + v.sqrt() * torch.randn(m.shape, generator=gen, dtype=m.dtype).to(m.device)
             params = module.decode(z, b.library, cov, b.batch_index)
             counts.append(module.sample_counts(params).cpu())
             zs.append(z.cpu())
@@ -1000,7 +998,7 @@ def latent_traversal(
         dtype=torch.long, device=dev)
     cont = torch.as_tensor(np.tile(data.cont_covs.mean(0), (n, 1)).reshape(n, -1),
                            dtype=torch.float32, device=dev)
-    lib = torch.full((n, 1), float(library_size), device=dev)
+    lib = torch.full((n, 1), float(library_size), dtype=torch.float32, device=dev)
     expr = []
     with torch.inference_mode():
         module.eval()

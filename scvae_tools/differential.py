@@ -251,7 +251,7 @@ def _posterior_pool(
     for b in model._eval_batches(data, batch_size, indices=cells, sparse=True):  # encoder only
         cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
         m, v = module.encode(b.x, cov)
-        eps = torch.randn((n_z, *m.shape), generator=gen).to(m.device)
+        eps = torch.randn((n_z, *m.shape), generator=gen, dtype=m.dtype).to(m.device)
         z = m + v.sqrt() * eps
         params = module.decode(z, b.library, cov, b.batch_index)
         mu = params["mu"]
@@ -308,8 +308,8 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
     for start in range(0, n_samples, chunk):
         k = min(chunk, n_samples - start)
         idx = torch.randint(0, n_rows, (k, n_draw), generator=gen)
-        weights = torch.zeros(k, n_rows)
-        weights.scatter_add_(1, idx, torch.full((k, n_draw), 1.0 / n_draw))
+        weights = torch.zeros(k, n_rows, dtype=scale.dtype)
+        weights.scatter_add_(1, idx, torch.full((k, n_draw), 1.0 / n_draw, dtype=scale.dtype))
         mean = (weights @ scale).double()
         cell_var = (weights @ var).double()
         if cap is not None:

@@ -444,12 +444,13 @@ def _self_check() -> str | None:
     """The compiled kernels (likelihood, sparse first layer) against the torch code on a
     small problem: None when they agree."""
     gen = torch.Generator().manual_seed(0)
+    F32 = torch.float32  # whatever torch's default dtype (the kernels take float32)
     n_rows, n_genes = 24, 97
-    x = torch.poisson(torch.rand(n_rows, n_genes, generator=gen) * 3, generator=gen)
+    x = torch.poisson(torch.rand(n_rows, n_genes, generator=gen, dtype=F32) * 3, generator=gen)
     x[0, :5] = torch.tensor([0.5, 9.0, 40.0, 2.5, 130.0])  # fractions and large counts
-    logits = torch.randn(n_rows, n_genes, generator=gen) * 2
+    logits = torch.randn(n_rows, n_genes, generator=gen, dtype=F32) * 2
     log_library = torch.log(x.sum(1, keepdim=True) + 1.0)
-    log_theta = torch.randn(n_genes, generator=gen)
+    log_theta = torch.randn(n_genes, generator=gen, dtype=F32)
     # A CSR matrix may store explicit zeros: list one zero of x among the non-zeros.
     flat = torch.cat([torch.nonzero(x.reshape(-1) == 0)[:1, 0],
                       torch.nonzero(x.reshape(-1))[:, 0]]).sort().values
@@ -457,7 +458,7 @@ def _self_check() -> str | None:
     with torch.no_grad():
         want = _nb_core_torch(logits, log_library, log_theta, x, True, nz)
         got = _nb_core_native(logits, log_library, log_theta, x, True, nz)
-        pi_logits = torch.randn(n_rows, n_genes, generator=gen) * 3
+        pi_logits = torch.randn(n_rows, n_genes, generator=gen, dtype=F32) * 3
         pi_logits[1, :3] = torch.tensor([40.0, -40.0, 0.0])  # the extra zeros near-sure, absent
         want_zi = _zinb_core_torch(logits, log_library, log_theta, pi_logits, x, True, nz)
         got_zi = _nb_core_native(logits, log_library, log_theta, x, True, nz, pi_logits)
@@ -466,7 +467,7 @@ def _self_check() -> str | None:
         want_zi = (*want_zi, want_zi[0])
         # A dispersion per batch (a table of θ rows, tabulated log Γ terms) and per entry
         # (one θ row per block row, log Γ terms computed at every non-zero).
-        table = torch.randn(3, n_genes, generator=gen)
+        table = torch.randn(3, n_genes, generator=gen, dtype=F32)
         index = torch.randint(0, 3, (n_rows,), generator=gen)
         want_b = _nb_core_torch(logits, log_library, table[index], x, True, nz)
         got_b = _nb_core_native(logits, log_library, table, x, True, nz, theta_index=index)
@@ -475,7 +476,7 @@ def _self_check() -> str | None:
         got_b = (*got_b, _nb_core_native(logits, log_library, log_theta, x, False, nz)[0],
                  _nb_core_native(logits, log_library, table, x, False, nz,
                                  theta_index=index)[0])
-        per_entry = torch.randn(n_rows, n_genes, generator=gen)
+        per_entry = torch.randn(n_rows, n_genes, generator=gen, dtype=F32)
         want_e = _zinb_core_torch(logits, log_library, per_entry, pi_logits, x, True, nz)
         got_e = _nb_core_native(logits, log_library, per_entry, x, True, nz, pi_logits)
     names = ("log-likelihood", "logit gradient", "dispersion gradient")
@@ -495,7 +496,7 @@ def _self_check() -> str | None:
         if not err <= 1e-4:  # also catches NaN
             return f"its {name} differs from torch's by {err:.2g} (relative)"
     # The encoder's first layer on sparse counts (a width past one register sweep).
-    table, bias = torch.randn(n_genes, 144, generator=gen), torch.randn(144, generator=gen)
+    table, bias = torch.randn(n_genes, 144, generator=gen, dtype=F32), torch.randn(144, generator=gen, dtype=F32)
     with warnings.catch_warnings():  # torch's one-time "sparse CSR is in beta" notice
         warnings.simplefilter("ignore", UserWarning)
         csr = x.to_sparse_csr()

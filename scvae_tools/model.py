@@ -696,7 +696,7 @@ class SCVAE:
         means, variances = self._posterior(data, batch_size, indices)
         if give_mean:
             return means
-        noise = torch.randn(means.shape).numpy()  # the caller's generator (torch.manual_seed)
+        noise = torch.randn(means.shape, dtype=torch.float32).numpy()  # the caller's generator (torch.manual_seed)
         return means + np.sqrt(variances) * noise
 
     @torch.inference_mode()
@@ -799,7 +799,8 @@ class SCVAE:
             cov_observed = self.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = self.module.encode(b.x, cov_observed)
             if n_samples > 1:
-                z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
+                z = m + v.sqrt() * torch.randn((n_samples, *m.shape), dtype=m.dtype,
+                                                device=m.device)
             else:
                 z = m
             lib = b.library if library_size == "observed" else float(library_size)
@@ -814,7 +815,7 @@ class SCVAE:
                     self.module.scaled_proportions_(z, cov, lib, dest)
                     continue
                 if scratch is None:
-                    scratch = torch.empty((len(m), self.spec.n_genes))
+                    scratch = torch.empty((len(m), self.spec.n_genes), dtype=m.dtype)
                 block = scratch[:len(m)]
                 self.module.scaled_proportions_(z, cov, lib, block)
                 torch.index_select(block, 1, genes_t, out=dest)
@@ -1537,6 +1538,10 @@ def check_key_added(key_added) -> None:
 def check_writable(adata, layers: bool, n_genes: int, caller: str = "write_to_adata") -> None:
     """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data
     (also checked by ``svt.tl.scvae``, the ``caller`` then, before it trains)."""
+    if not isinstance(adata, (str, os.PathLike)) and not all(
+            hasattr(adata, a) for a in ("obsm", "uns", "var_names")):
+        raise TypeError(f"{caller} writes its results into an AnnData (e.g. the one the model "
+                        f"was trained on), got {type(adata).__name__}.")
     if isinstance(adata, (str, os.PathLike)):
         raise ValueError(
             f"{caller} writes its results into an AnnData object, not a path; open the file with "

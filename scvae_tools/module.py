@@ -16,6 +16,7 @@ Inference model: q(z | x, s) = N(μ_φ(log1p x, s), diag σ²_φ(log1p x, s)).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -121,7 +122,7 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1:
             return x * 0.0
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        keep = torch.rand(x.shape, dtype=x.dtype, device=x.device).ge_(self.p).mul_(1.0 / (1.0 - self.p))
         return x * keep.to(x.dtype)
 
 
@@ -263,12 +264,29 @@ class Decoder(nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """torch's default dtype set to ``dtype`` inside, and given back after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 class VAE(nn.Module):
     """Variational autoencoder for counts; see the module docstring for the model."""
 
     def __init__(self, cfg: ModuleConfig):
         super().__init__()
         self.cfg = cfg
+        # float32 whatever torch's default dtype (the counts, the compiled kernels and
+        # saved models are float32; a float64 default made a model its data cannot feed)
+        with _default_dtype(torch.float32):
+            self._build(cfg)
+
+    def _build(self, cfg: ModuleConfig) -> None:
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         # Inverse dispersion: none for a Poisson (a parameter without gradients would also
@@ -314,8 +332,10 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws from p(z) on the module's device, (n, n_latent)."""
-        dev = next(self.parameters()).device
-        eps = torch.randn(n, self.cfg.n_latent, generator=generator).to(dev)
+        param = next(self.parameters())
+        eps = torch.randn(n, self.cfg.n_latent, generator=generator,
+                          dtype=param.dtype).to(param.device)
+        dev = param.device
         if self.cfg.prior == "normal":
             return eps
         means, log_var, log_w = self._mog_parts()

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+F32 = torch.float32  # the kernels' buffers, whatever torch's default dtype
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nb_kernel.c")
@@ -238,17 +240,17 @@ def nb_rows(
     # when each θ serves several rows (per gene, per batch), not for one θ per cell.
     lg_tab = dg_tab = None
     if len(log_theta) * 4 <= max(n_rows, 4):
-        lg_tab = torch.empty(k + 1, n_tab)
-        dg_tab = torch.empty(k + 1, n_tab)
+        lg_tab = torch.empty(k + 1, n_tab, dtype=F32)
+        dg_tab = torch.empty(k + 1, n_tab, dtype=F32)
         lib.nb_tables(n_tab, theta.data_ptr(), lg_tab.data_ptr(), dg_tab.data_ptr())
-    ll = torch.empty(n_rows)
-    g_logits = torch.empty(n_rows, n_genes) if want_grads else None
-    g_lt = torch.empty(n_rows, n_genes) if want_grads else None
+    ll = torch.empty(n_rows, dtype=F32)
+    g_logits = torch.empty(n_rows, n_genes, dtype=F32) if want_grads else None
+    g_lt = torch.empty(n_rows, n_genes, dtype=F32) if want_grads else None
     if pi_logits is not None:
         pi_logits = pi_logits.contiguous()
-    g_pi = torch.empty(n_rows, n_genes) if want_grads and pi_logits is not None else None
+    g_pi = torch.empty(n_rows, n_genes, dtype=F32) if want_grads and pi_logits is not None else None
     n_threads = torch.get_num_threads()
-    scratch = torch.empty(n_threads, n_genes)
+    scratch = torch.empty(n_threads, n_genes, dtype=F32)
     def ptrs(*tensors):
         return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -341,9 +343,9 @@ def log1p_linear_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor
     # Weights buffer: the non-zeros of the largest run of `tile` rows, per thread.
     widest = int((crow[tile:] - crow[:-tile]).max()) if n_rows > tile else int(crow[-1] - crow[0])
     n_threads = torch.get_num_threads()
-    w = torch.empty(n_threads, max(widest, 1))
+    w = torch.empty(n_threads, max(widest, 1), dtype=F32)
     cursor = torch.empty(n_threads, tile, dtype=torch.int64)
-    out = torch.empty(n_rows, n_hidden)
+    out = torch.empty(n_rows, n_hidden, dtype=F32)
     descending = lib.bag_log1p_rows(n_rows, table.shape[0], n_hidden, n_threads, crow.data_ptr(),
                                     col.data_ptr(), values.data_ptr(), table.data_ptr(),
                                     bias.data_ptr(), out.data_ptr(), w.data_ptr(), w.shape[1],

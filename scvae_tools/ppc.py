@@ -35,7 +35,7 @@ def _replicates(model: SCVAE, data, n_samples: int, batch_size: int, seed: int |
         for b in model._eval_batches(data, batch_size, sparse=True):  # encoder only
             cov = module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = module.encode(b.x, cov)
-            z = m + v.sqrt() * torch.randn((n_samples, *m.shape), device=m.device)
+            z = m + v.sqrt() * torch.randn((n_samples, *m.shape), dtype=m.dtype, device=m.device)
             params = module.decode(z, b.library, cov, b.batch_index)
             yield b.index.cpu().numpy(), module.sample_counts(params), b.x
 

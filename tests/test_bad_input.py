@@ -794,3 +794,50 @@ def test_get_elbo_scores_in_the_batches_asked_for(baseline, monkeypatch):
     small, large = model.get_elbo(batch_size=16), model.get_elbo(batch_size=4096)
     assert sizes == [16, 4096]
     assert abs(small - large) < 1e-3 * abs(large)  # the same cells; z drawn batch by batch
+
+
+def test_a_float64_default_dtype_changes_nothing(X, tmp_path):
+    """Under torch.set_default_dtype(torch.float64) the compiled kernels' buffers were
+    float64 and read as float32: get_elbo gave -4.7e15, most calls failed on mixed dtypes,
+    the kernel's first self-check spun, and train() built a float64 model its float32
+    counts could not feed."""
+    a = make(X)
+    model = svt.SCVAE(a, **MODEL).train(**TRAIN)
+
+    def calls():
+        torch.manual_seed(0)
+        return [model.get_elbo(), model.get_marginal_ll(n_samples=3),
+                model.get_latent_representation(give_mean=False),
+                model.get_normalized_expression(n_samples=2),
+                model.get_likelihood_parameters()["mean"],
+                model.posterior_predictive_sample(n_samples=2), model.sample(4).X.toarray()]
+
+    want = calls()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for got, ref in zip(calls(), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        again = svt.SCVAE(a, **MODEL).train(**TRAIN)  # trains, in float32
+        assert next(again.module.parameters()).dtype == torch.float32
+        assert np.isfinite(again.get_elbo())
+        assert torch.get_default_dtype() == torch.float64  # the caller's, given back
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_reversed_views_none_and_fractional_sample_sizes(baseline, X):
+    """A dense AnnData read backwards (adata[::-1]) has negative strides, which torch
+    refused inside every evaluation call; write_to_adata(None) computed the latent, then
+    failed on None.var_names; sample(2.7) drew 2 cells."""
+    model, z = baseline
+    a = ad.AnnData(X=np.asarray(X, dtype=np.float32))
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    a.var_names = model.var_names
+    np.testing.assert_allclose(model.get_latent_representation(a[::-1]), z[::-1],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="writes its results into an AnnData.*got NoneType"):
+        model.write_to_adata(None)
+    for bad in (2.7, "3", True, 0):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            model.sample(bad)
