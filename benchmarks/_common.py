@@ -35,6 +35,27 @@ class Dataset:
         return np.flatnonzero(mask)
 
 
+def measured_code() -> str:
+    """Which scvae_tools a run measures: its folder and commit. A script started from a
+    folder that holds an old clone imports that clone, not the installed package."""
+    import subprocess
+    from pathlib import Path
+
+    import scvae_tools as svt
+
+    where = Path(svt.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--",
+                                str(where)], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return (f"scvae_tools {svt.__version__} from {where}"
+            + (f" at {commit}{' + changes' if dirty else ''}" if commit else ""))
+
+
 def _data_dir():
     import os
     from pathlib import Path

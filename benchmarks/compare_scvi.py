@@ -324,6 +324,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    import _common
+
+    print(_common.measured_code())
     if args.quick:
         args.n_synthetic, args.epochs_pbmc3k, args.epochs_synthetic = 10_000, 20, 5
         args.marginal_samples = 25

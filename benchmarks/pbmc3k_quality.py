@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 import scanpy as sc
+from _common import measured_code
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import scvae_tools as svt
@@ -179,6 +180,7 @@ def main() -> None:
             import scvi  # noqa: F401
         except ImportError:
             raise SystemExit("--scvi needs scvi-tools: pip install -e '.[bench]'.") from None
+    print(measured_code())
     adata = svt.datasets.pbmc3k(args.data_dir, hvg_only=not args.all_genes)
     t0 = time.perf_counter()
     model = svt.SCVAE(adata, prior=args.prior, n_prior_components=args.n_prior_components,
