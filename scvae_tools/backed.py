@@ -88,6 +88,10 @@ def _backing_file(adata) -> Path:
         opened = os.fstat(handle.id.get_vfd_handle())
         here = path.stat() if path.exists() else None
         if here is None or (here.st_dev, here.st_ino) != (opened.st_dev, opened.st_ino):
+            if Path(adata.filename).is_absolute():
+                raise ValueError(
+                    f"The AnnData's file {adata.filename} was replaced (or removed) since it was "
+                    "opened; open it again: anndata.read_h5ad(path, backed='r').")
             raise ValueError(
                 f"The AnnData's file was opened as {str(adata.filename)!r}, which from the "
                 f"current directory ({os.getcwd()}) is another file or none. Open it again by "
@@ -241,6 +245,7 @@ class BackedCellData:
         self._h5: h5py.File | None = None
         self._pid = -1
         self._stamp = _file_stamp(self.path)  # what is read below holds for this version
+        self._validate = validate  # (a re-check after a rewrite checks what this one did)
         f = self._file()
         if self._key not in f:
             where = "X" if spec.layer is None else f"layers[{spec.layer!r}]"
@@ -338,7 +343,7 @@ class BackedCellData:
             problem = "its cells are other ones, or in another order"
         else:  # (the scan reads through the handle just opened: no check again)
             try:
-                totals = self._scan_rows(validate=True)
+                totals = self._scan_rows(getattr(self, "_validate", True))
             except ValueError as err:
                 problem = f"its counts no longer pass the checks ({str(err).rstrip('.')})"
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -50,8 +51,7 @@ from .train import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
-SPLIT_FILE = "validation_indices.npy"  # the last training's held-out cells (row numbers)
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, SPLIT_FILE)
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE)
 
 
 def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -1355,9 +1355,10 @@ class SCVAE:
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Save to a directory: ``config.json``, ``model.pt`` (state dict), ``history.csv``,
-        and ``validation_indices.npy`` (the last training's held-out cells, which
-        :meth:`load` gives back as ``validation_indices`` when it attaches the same cells).
+        """Save to a directory: ``config.json``, ``model.pt`` (state dict), ``history.csv``.
+
+        ``config.json`` also records the last training's held-out cells, which :meth:`load`
+        gives back as ``validation_indices`` when it attaches the same cells.
 
         The directory is written to a temporary sibling and renamed into place, so a crash
         mid-save never leaves a half-written model (and with ``overwrite`` the previous one
@@ -1400,10 +1401,14 @@ class SCVAE:
             config["query"] = self.query_info
         if self.validation_indices is not None and self._data is not None:
             # Which cells were held out, for load() to give back with the same cells: the
-            # held-out ELBO of a loaded model is otherwise easily taken over all cells.
-            config["split"] = {"n_obs": int(self._data.n_obs),
-                               "cells": cells_digest(self._data.obs_names)}
-            np.save(tmp / SPLIT_FILE, np.asarray(self.validation_indices, dtype=np.int64))
+            # held-out ELBO of a loaded model is otherwise easily taken over all cells. A
+            # bit per cell in config.json (no new file: a folder of the previous version's
+            # files stays one that it can overwrite).
+            n = int(self._data.n_obs)
+            mask = np.zeros(n, dtype=bool)
+            mask[self.validation_indices] = True
+            config["split"] = {"n_obs": n, "cells": cells_digest(self._data.obs_names),
+                               "validation": base64.b64encode(np.packbits(mask)).decode()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
@@ -1482,31 +1487,28 @@ class SCVAE:
         model.loaded_from = str(path)
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec, trained=True)
-        model._restore_split(path, raw.get("split"))
+        model._restore_split(raw.get("split"), str(path / CONFIG_FILE))
         return model
 
-    def _restore_split(self, path: Path, split: Any) -> None:
+    def _restore_split(self, split: Any, source: str) -> None:
         """``train_indices`` / ``validation_indices`` as saved, when the attached cells are
         the ones the model was saved with (same names in the same order); else left None."""
         data = self._data
         if (data is None or not isinstance(split, dict) or split.get("n_obs") != data.n_obs
-                or split.get("cells") != cells_digest(data.obs_names)
-                or not (path / SPLIT_FILE).is_file()):
+                or split.get("cells") != cells_digest(data.obs_names)):
             return
-        try:
-            val = np.load(path / SPLIT_FILE, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path / SPLIT_FILE} cannot be read ({err}); delete it (only "
-                             "validation_indices is lost) or re-save the model.") from None
         n = data.n_obs
-        if (val.ndim != 1 or val.dtype.kind not in "iu" or len(val) >= n
-                or (len(val) and (val.min() < 0 or val.max() >= n
-                                  or (np.diff(val) <= 0).any()))):
-            raise ValueError(f"{path / SPLIT_FILE} does not hold sorted row numbers of the "
-                             f"{n} cells; delete it (only validation_indices is lost) or "
-                             "re-save the model.")
-        self.validation_indices = val.astype(np.int64)
-        self.train_indices = np.setdiff1d(np.arange(n), self.validation_indices)
+        try:
+            bits = np.frombuffer(base64.b64decode(split["validation"], validate=True), np.uint8)
+            if len(bits) != (n + 7) // 8:
+                raise ValueError(f"{len(bits) * 8} bits for {n} cells")
+        except (KeyError, TypeError, ValueError) as err:  # binascii.Error is a ValueError
+            raise ValueError(f"{source}: 'split.validation' is not a bit per cell ({err}); "
+                             "delete the 'split' entry (only validation_indices is lost) or "
+                             "re-save the model.") from None
+        mask = np.unpackbits(bits, count=n).astype(bool)
+        self.validation_indices = np.flatnonzero(mask)
+        self.train_indices = np.flatnonzero(~mask)
 
 
 def default_inference_batch_size(n_genes: int, n_samples: int = 1) -> int:

@@ -16,7 +16,6 @@ Inference model: q(z | x, s) = N(μ_φ(log1p x, s), diag σ²_φ(log1p x, s)).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -264,29 +263,12 @@ class Decoder(nn.Module):
         return out
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """torch's default dtype set to ``dtype`` inside, and given back after."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 class VAE(nn.Module):
     """Variational autoencoder for counts; see the module docstring for the model."""
 
     def __init__(self, cfg: ModuleConfig):
         super().__init__()
         self.cfg = cfg
-        # float32 whatever torch's default dtype (the counts, the compiled kernels and
-        # saved models are float32; a float64 default made a model its data cannot feed)
-        with _default_dtype(torch.float32):
-            self._build(cfg)
-
-    def _build(self, cfg: ModuleConfig) -> None:
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         # Inverse dispersion: none for a Poisson (a parameter without gradients would also
@@ -303,6 +285,10 @@ class VAE(nn.Module):
             self.prior_means = nn.Parameter(torch.randn(k, cfg.n_latent) * 0.5 / _PRIOR_PARAM_SCALE)
             self.prior_log_var = nn.Parameter(torch.zeros(k, cfg.n_latent))
             self.prior_logits = nn.Parameter(torch.zeros(k))
+        if torch.get_default_dtype() != torch.float32:
+            # float32 whatever the caller's default (the counts, the compiled kernels and
+            # saved models are; under a float64 default the data could not feed the model)
+            self.float()
 
     # ------------------------------------------------------------------ prior
     def _mog_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

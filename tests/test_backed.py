@@ -324,3 +324,33 @@ def test_files_from_anndata_before_0_7_are_read(synthetic, tmp_path):
     for source in (str(path), ad.read_h5ad(path, backed="r")):
         np.testing.assert_allclose(model.get_latent_representation(source), want,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_rewrite_checks_only_what_opening_checked(synthetic, tmp_path):
+    """Data opened with validate=False (not counts, on purpose) was refused by the re-check
+    after a mere touch of the file: "its counts no longer pass the checks"."""
+    import os
+
+    path = tmp_path / "halves.h5ad"
+    halves = synthetic.copy()
+    halves.X = halves.X * 0.5
+    halves.write_h5ad(path)
+    data = BackedCellData(path, _spec(synthetic), validate=False)
+    first = data.read_rows(np.arange(5)).toarray()
+    os.utime(path, ns=(1, 1))  # written again, the same contents
+    np.testing.assert_array_equal(data.read_rows(np.arange(5)).toarray(), first)
+
+
+def test_a_replaced_file_is_named_as_such(synthetic, tmp_path):
+    """An AnnData opened by its absolute path whose file was then replaced (an atomic
+    rewrite): the error blamed a change of working directory."""
+    import os
+
+    path = tmp_path / "cells.h5ad"
+    synthetic.write_h5ad(path)
+    opened = ad.read_h5ad(path, backed="r")
+    synthetic.write_h5ad(tmp_path / "new.h5ad")
+    os.replace(tmp_path / "new.h5ad", path)
+    with pytest.raises(ValueError, match="was replaced .* since it was opened"):
+        svt.SCVAE(opened, n_latent=2)
+    opened.file.close()

@@ -841,3 +841,21 @@ def test_reversed_views_none_and_fractional_sample_sizes(baseline, X):
     for bad in (2.7, "3", True, 0):
         with pytest.raises(ValueError, match="n must be a positive integer"):
             model.sample(bad)
+
+
+def test_building_a_model_never_sets_the_default_dtype(monkeypatch):
+    """The float32 model was built by setting torch's default dtype and restoring it: two
+    threads building models at once left the process at float32 for good."""
+    from scvae_tools.module import VAE, ModuleConfig
+
+    calls = []
+    monkeypatch.setattr(torch, "set_default_dtype", calls.append)
+    before = torch.get_default_dtype()
+    for dtype in (torch.float32, torch.float64):
+        torch._C._set_default_dtype(dtype)
+        try:
+            module = VAE(ModuleConfig(n_genes=12, n_latent=2, n_hidden=8))
+        finally:
+            torch._C._set_default_dtype(before)
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert not calls

@@ -1,5 +1,7 @@
 """SCVAE end to end on synthetic counts: training, outputs, save/load, reproducibility."""
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -266,8 +268,14 @@ def test_load_gives_back_the_held_out_cells(trained, tmp_path):
     for other in (adata[::-1].copy(), adata[:-1].copy(), None):
         again = svt.SCVAE.load(tmp_path / "m", other)
         assert again.validation_indices is None and again.train_indices is None
-    (tmp_path / "m" / "validation_indices.npy").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="validation_indices.npy cannot be read.*delete it"):
+    # In config.json, not a file of its own: the previous version's save(overwrite=True)
+    # refuses folders with files it does not know.
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json", "history.csv", "model.pt"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["split"]["validation"] = "not base64!"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'split.validation' is not a bit per cell"):
         svt.SCVAE.load(tmp_path / "m", adata)
 
 
