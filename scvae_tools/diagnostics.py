@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .adapter import Batch, CellData
 from .devices import seeded
 from .model import SCVAE, _check_indices, check_h5ad_key, check_key_added, check_positive_int
 from .module import samples_per_block
-from .train import evaluate
+from .train import check_nonnegative_finite, evaluate
 
 __all__ = [
     "LatentTraversal",
@@ -108,12 +107,6 @@ def _split_kwargs(kwargs: dict, where: str) -> tuple[dict, dict]:
             {k: v for k, v in kwargs.items() if k in train_args})
 
 
-def _check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
-            math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}.")
-
-
 # ---------------------------------------------------------------------- 1. rate–distortion
 def rate_distortion_sweep(
     adata,
@@ -159,7 +152,7 @@ def rate_distortion_sweep(
         raise ValueError(f"betas must be a non-empty list of non-negative numbers, got {betas}.")
     # Checked before the first model trains, not after it.
     n_samples = check_positive_int(n_samples, "n_samples")
-    _check_threshold(threshold)
+    check_nonnegative_finite(threshold, "threshold")
     init_kw, train_kw = _split_kwargs(kwargs, "rate_distortion_sweep")
     train_kw.setdefault("progress_bar", False)
     rows = []
@@ -214,7 +207,7 @@ def posterior_collapse(
     ``mean_variance`` (variance over cells of the posterior mean), ``posterior_variance``
     (mean posterior variance; ≈ 1 for a collapsed dimension under N(0, I)) and ``active``.
     """
-    _check_threshold(threshold)
+    check_nonnegative_finite(threshold, "threshold")
     data = _data(model, adata)
     indices = _check_indices(indices, data.n_obs)
     m, v = model._posterior(data)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import math
-import numbers
 import os
 import shutil
 import uuid
@@ -37,6 +35,7 @@ from .module import VAE, ModuleConfig
 from .train import (
     DEFAULT_LR,
     TrainConfig,
+    check_nonnegative_finite,
     check_patience,
     check_positive_finite,
     default_batch_size_and_lr,
@@ -174,9 +173,7 @@ class SCVAE:
             use_batch_norm=use_batch_norm,
         )
         for name, value in (("beta", beta), ("free_bits", free_bits)):
-            if isinstance(value, bool) or not (
-                    isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+            check_nonnegative_finite(value, name)
         self.beta = float(beta)
         self.free_bits = float(free_bits)
         # train() draws its own initial weights from its seed; these only serve an untrained
@@ -405,10 +402,7 @@ class SCVAE:
         # eps=0 divides 0 by 0 in Adam wherever a gradient is exactly zero: NaN weights,
         # rolled back as a divergence that blames the data (query fine-tuning refuses it too).
         check_positive_finite(eps, "eps")
-        if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real)
-                                                  and math.isfinite(weight_decay)
-                                                  and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        check_nonnegative_finite(weight_decay, "weight_decay")
         max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
         checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
         if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:

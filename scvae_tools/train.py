@@ -148,6 +148,13 @@ class TrainConfig:
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
+def check_nonnegative_finite(value, name: str) -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative number (finite, >= 0), got {value!r}.")
+
+
 def check_positive_finite(value, name: str) -> None:
     """A ``ValueError`` naming ``name`` unless ``value`` is a positive finite real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (

@@ -749,7 +749,7 @@ def test_a_users_own_layer_of_that_name_is_kept():
     ({"train_size": "0.5"}, ValueError, "train_size must be a number in"),
     ({"eps": 0}, ValueError, "eps must be a positive finite number"),
     ({"eps": "1e-2"}, ValueError, "eps must be a positive finite number"),
-    ({"weight_decay": -1}, ValueError, "weight_decay must be a finite number >= 0"),
+    ({"weight_decay": -1}, ValueError, "weight_decay must be a non-negative number"),
 ])
 def test_training_settings_of_the_wrong_type_are_refused_before_training(X, kwargs, exc,
                                                                           message):
