@@ -327,8 +327,7 @@ class BackedCellData:
     def _check_unchanged(self) -> None:
         """The file is closed between calls, so it can be rewritten: the cells, their order
         and their library sizes read when it was opened must still be what it holds."""
-        stamp = getattr(self, "_stamp", None)
-        if stamp is None or _file_stamp(self.path) == stamp:
+        if _file_stamp(self.path) == self._stamp:
             return
         # Written since (obs changed, say): the same cells and counts? Read it again.
         node = self._h5.get(self._key)
@@ -343,7 +342,7 @@ class BackedCellData:
             problem = "its cells are other ones, or in another order"
         else:  # (the scan reads through the handle just opened: no check again)
             try:
-                totals = self._scan_rows(getattr(self, "_validate", True))
+                totals = self._scan_rows(self._validate)
             except ValueError as err:
                 problem = f"its counts no longer pass the checks ({str(err).rstrip('.')})"
             else:

@@ -51,6 +51,7 @@ from .train import (
     field_max_epochs,
     nonzero_option,
     split_indices,
+    validation_batch_size,
     warn_if_no_validation,
 )
 
@@ -467,7 +468,8 @@ def _fine_tune(
             bad_step = guard.first_bad_step()
             row: dict = {}
             if bad_step is None:
-                val = evaluate(module, data, val_idx, max(batch_size, 512), device) if len(val_idx) else None
+                val = (evaluate(module, data, val_idx, validation_batch_size(batch_size), device)
+                       if len(val_idx) else None)
                 row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
             # The validation ELBO and the weights too: the epoch's last step can break them
             # after the training ELBO (summed before each step) was scored.

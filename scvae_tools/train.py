@@ -485,8 +485,8 @@ def train_module(
             (epoch + 1) % cfg.validation_every == 0 or epoch + 1 >= cfg.max_epochs)
         row: dict = {}
         if bad_step is None:
-            # (scored 512 or more cells at a time: fewer, larger batches score faster)
-            val = (evaluate(module, data, val_idx, max(cfg.batch_size, 512), device, dist)
+            val = (evaluate(module, data, val_idx, validation_batch_size(cfg.batch_size),
+                            device, dist)
                    if validated else None)
             row = epoch_row(epoch, beta, sums, len(train_idx), val, optim, t0)
         # The weights too: the epoch's last step can break them after its loss was scored,
@@ -796,6 +796,12 @@ def _set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(group_lr)  # in place: a captured graph reads this tensor
         else:
             group["lr"] = group_lr
+
+
+def validation_batch_size(batch_size: int) -> int:
+    """Cells scored at a time when training validates: at least 512 (fewer, larger batches
+    score faster than the training batch size)."""
+    return max(batch_size, 512)
 
 
 def epoch_row(epoch: int, beta: float, sums: torch.Tensor, n_train: int,
