@@ -114,12 +114,12 @@ static double lgam(double x)
  * Every expf / logf is called unconditionally, with 0/1 weights instead of branches: the
  * vector variants declared above are "notinbranch", and a call under a condition would
  * keep the loop scalar. */
-static float zinb_terms(int64_t G, const float *restrict e, float lib_s, float s,
-                        const float *restrict theta, const float *restrict log_theta,
-                        const float *restrict xr, const float *restrict zi,
-                        float *restrict gl, float *restrict gt, float *restrict gp)
+static double zinb_terms(int64_t G, const float *restrict e, float lib_s, float s,
+                         const float *restrict theta, const float *restrict log_theta,
+                         const float *restrict xr, const float *restrict zi,
+                         float *restrict gl, float *restrict gt, float *restrict gp)
 {
-    float acc = 0.0f;
+    double acc = 0.0;
     if (!gl) {
         for (int64_t g = 0; g < G; ++g) {
             const float b = log1p_ratio(lib_s * e[g] / theta[g]), nb0 = -theta[g] * b;
@@ -182,7 +182,8 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
         const float *restrict xr = x + r * G;
         const float m = row_max(l, G);
         /* exp(l - m) once: rho is it over the sum s, and log rho = (l - m) - log s */
-        float *restrict e = rho_row, s = 0.0f, acc = 0.0f, sx = 0.0f;
+        float *restrict e = rho_row, s = 0.0f;
+        double acc = 0.0, sx = 0.0;
         for (int64_t g = 0; g < G; ++g) {
             const float d = l[g] - m;
             s += e[g] = expf(d);
@@ -250,7 +251,7 @@ static void nb_rows(int64_t r0, int64_t r1, int64_t G, const float *restrict log
         }
         /* log rho = (l - m) - log s: relative to the row's maximum, so that logits sharing a
          * large offset do not cancel in float32 (log z itself is about that offset) */
-        ll[r] = acc + (llib - logf(s)) * sx + (float)lg_sum;
+        ll[r] = (float)(acc + ((double)llib - log((double)s)) * sx + lg_sum);
     }
 }
 

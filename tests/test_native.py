@@ -629,3 +629,25 @@ def test_softmax_scale_of_no_rows_with_per_row_scales(use_native):
     use_native(True)
     out = native.softmax_scale_(torch.zeros(0, 5), torch.ones(0))
     assert out.shape == (0, 5)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_deep_cells_keep_their_log_likelihood_digits(kernel, use_native):
+    """Cells of ~1e6 counts: Σ x·log ρ, Σ x·log(θ+μ) and log ℓ·Σ x are each ~1e7 and cancel
+    to far less. Their float32 sums lost ~1 nat per cell (kernel and torch alike); now the
+    kernel sums them in float64 and the torch code adds x·log(μ/(θ+μ)) directly."""
+    if kernel and native._unsupported() is not None:
+        pytest.skip(f"no compiled kernel here: {native._unsupported()}")
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(16, 2000, generator=gen) * 2.0
+    log_theta = torch.randn(2000, generator=gen) - 0.5
+    x = torch.poisson(torch.softmax(logits.double(), -1).float() * 1e6, generator=gen)
+    log_library = x.sum(1, keepdim=True).log()
+    use_native(kernel)
+    got = nb_log_likelihood_from_logits(logits, log_library, log_theta, x).double()
+    lm = torch.log_softmax(logits.double(), -1) + log_library.double()
+    lt, xd = log_theta.double(), x.double()
+    th, lt_m = lt.exp(), torch.logaddexp(lt, lm)
+    ref = (th * (lt - lt_m) + xd * (lm - lt_m) + torch.lgamma(xd + th) - torch.lgamma(th)
+           - torch.lgamma(xd + 1)).sum(-1)
+    assert float((got - ref).abs().max()) < (0.3 if kernel else 0.01)
