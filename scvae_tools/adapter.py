@@ -242,7 +242,8 @@ class CellData:
             axis=1,
         ) if spec.categorical_covariate_keys else np.zeros((self.n_obs, 0), dtype=np.int64)
         self.cont_covs = np.stack(
-            [_numeric_obs(obs, k).astype(np.float32) for k in spec.continuous_covariate_keys],
+            [_numeric_obs(obs, k, "continuous_covariate_keys").astype(np.float32)
+             for k in spec.continuous_covariate_keys],
             axis=1,
         ) if spec.continuous_covariate_keys else np.zeros((self.n_obs, 0), dtype=np.float32)
         _check_finite_covariates(self.cont_covs, spec.continuous_covariate_keys)
@@ -571,7 +572,8 @@ def size_factors(obs: pd.DataFrame, key: str, totals: np.ndarray | None = None) 
     the model takes them as the library size ℓ in μ = ℓ·ρ, in counts, as scvi-tools does,
     where scran- or DESeq-style size factors have mean 1.
     """
-    lib = _numeric_obs(obs, key).astype(np.float32)
+    lib = _numeric_obs(obs, key, None if totals is not None else "size_factor_key"
+                       ).astype(np.float32)
     if np.any(~np.isfinite(lib)) or np.any(lib <= 0):
         raise ValueError(
             f"obs[{key!r}] must be positive and finite for every cell; fix or drop those "
@@ -715,12 +717,32 @@ def _select_genes(X, have: pd.Index, want: list[str], obs_names: pd.Index | None
     missing = [g for g in want if g not in have_set]
     if missing:
         raise ValueError(_missing_genes_message(missing, want, have_list, want_set, obs_names))
-    if have.has_duplicates:
-        raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
-    order = pd.Index(have_list).get_indexer(want)
+    order = gene_positions(have_list, want)
     if sp.issparse(X):
         return sp.csr_matrix(X)[:, order]
     return np.take(np.asarray(X), order, axis=1)  # ~6x faster than X[:, order] row-major
+
+
+def gene_positions(have_list: list[str], want: list[str]) -> np.ndarray:
+    """Where each of a model's genes ``want`` is in ``have_list`` (−1 where it is absent).
+
+    Duplicated names are refused only among the model's genes: one the model does not use
+    (e.g. a symbol twice in a full matrix evaluated with an HVG model) leaves the match
+    unambiguous.
+    """
+    have = pd.Index(have_list)
+    if not have.has_duplicates:
+        return have.get_indexer(want)
+    want_set = set(want)
+    dups = [g for g in have[have.duplicated()].unique() if g in want_set]
+    if dups:
+        raise ValueError(
+            f"{len(dups)} of the model's genes appear more than once in var_names (e.g. "
+            f"{dups[:5]}): which column to read is ambiguous. Keep one of each, e.g. "
+            "`adata = adata[:, ~adata.var_names.duplicated()]`.")
+    mask = have.isin(want_set)
+    sub = have[mask].get_indexer(want)
+    return np.where(sub >= 0, np.flatnonzero(mask)[sub], -1)
 
 
 def _missing_genes_message(missing: list[str], want: list[str], have_list: list[str],
@@ -837,9 +859,18 @@ def _warn_if_unscaled(values: np.ndarray, key: str) -> None:
             UserWarning, stacklevel=4)
 
 
-def _numeric_obs(obs: pd.DataFrame, key: str) -> np.ndarray:
+def _numeric_obs(obs: pd.DataFrame, key: str, set_up_as: str | None = None) -> np.ndarray:
+    """``obs[key]`` as float64 numbers; ``set_up_as``: the argument that named the column
+    when the model was set up (evaluating other cells: the error says the model needs it)."""
     if key not in obs.columns:
-        raise KeyError(f"{key!r} is not a column of adata.obs (available: {list(obs.columns)}).")
+        available = list(obs.columns)
+        if set_up_as is None:
+            raise KeyError(f"{key!r} is not a column of adata.obs (available: {available}).")
+        fix = (f"each cell's library size in counts, e.g. `adata.obs[{key!r}] = "
+               "np.asarray(adata[:, model.var_names].X.sum(axis=1)).ravel()`"
+               if set_up_as == "size_factor_key" else "the same covariate as in training")
+        raise KeyError(f"The model was set up with {set_up_as}={key!r}, and this AnnData's obs "
+                       f"has no such column (available: {available[:10]}); add {fix}.")
     if obs[key].dtype.kind in "mM":  # numbers in nanoseconds: ~1e18, and training diverges
         raise ValueError(
             f"obs[{key!r}] holds dates or durations (dtype {obs[key].dtype}); a continuous "

@@ -51,6 +51,7 @@ from .adapter import (
     _to_device,
     batch_bounds,
     check_no_empty_cells,
+    gene_positions,
     padded_genes,
     size_factors,
     validate_values,
@@ -300,7 +301,8 @@ class BackedCellData:
         self.cat_covs = (np.stack([_encode(obs, k, spec.categorical_covariate_categories[k])
                                    for k in spec.categorical_covariate_keys], axis=1)
                          if spec.categorical_covariate_keys else np.zeros((n, 0), dtype=np.int64))
-        self.cont_covs = (np.stack([_numeric_obs(obs, k).astype(np.float32)
+        self.cont_covs = (np.stack([_numeric_obs(obs, k, "continuous_covariate_keys")
+                                    .astype(np.float32)
                                     for k in spec.continuous_covariate_keys], axis=1)
                           if spec.continuous_covariate_keys else np.zeros((n, 0), dtype=np.float32))
         _check_finite_covariates(self.cont_covs, spec.continuous_covariate_keys)
@@ -591,6 +593,4 @@ def _column_map(have: pd.Index, want: list[str], obs_names: pd.Index | None = No
     if missing:  # the in-memory message: transposed files, the padding limit
         raise ValueError(_missing_genes_message(missing, list(want), have_list, set(want),
                                                 obs_names, backed=True))
-    if pd.Index(have_list).has_duplicates:
-        raise ValueError("Gene names must be unique; call `adata.var_names_make_unique()`.")
-    return pd.Index(have_list).get_indexer(list(want))
+    return gene_positions(have_list, list(want))

@@ -12,6 +12,8 @@ import os
 import tarfile
 import tempfile
 import urllib.request
+import uuid
+import zlib
 from pathlib import Path
 
 import anndata as ad
@@ -24,6 +26,8 @@ from .native import user_cache_dir
 PBMC3K_FULL = "pbmc3k_full_counts.h5ad"
 PBMC3K_HVG = "pbmc3k_hvg_counts.h5ad"
 PBMC3K_URL = "https://cf.10xgenomics.com/samples/cell/pbmc3k/pbmc3k_filtered_gene_bc_matrices.tar.gz"
+# What to do about an unreadable or wrong pbmc3k file at the expected name.
+_PBMC3K_FIX = "Delete it so that it is built again, or replace it with the right file."
 
 # scanpy's pbmc3k_processed labels → the names of the Seurat tutorial's annotation that the
 # prepared files carry (its CD4 T cells are one group there, naive and memory here).
@@ -53,16 +57,23 @@ def pbmc68k(labels_key: str = "bulk_labels") -> ad.AnnData:
     Parameters
     ----------
     labels_key
-        ``obs`` column that receives the cell labels (``bulk_labels`` is always kept).
+        ``obs`` column that receives the cell labels (``bulk_labels`` is always kept). It may
+        not name one of the other columns, ``n_counts``, ``percent_mito`` or ``phase``.
     """
     import scanpy as sc
 
+    columns = ["bulk_labels", "n_counts", "percent_mito", "phase"]
+    if labels_key in columns[1:]:  # copying the labels there would silently replace that column
+        raise ValueError(
+            f"labels_key={labels_key!r} is one of pbmc68k's obs columns {columns[1:]}; pick "
+            "another name for the label column (or keep the default 'bulk_labels')."
+        )
     src = sc.datasets.pbmc68k_reduced()
     raw = src.raw.to_adata()
     lognorm = raw.X.toarray() if sp.issparse(raw.X) else np.asarray(raw.X)
     counts = np.rint(np.expm1(lognorm) * src.obs["n_counts"].to_numpy()[:, None] / 1e4)
     counts = sp.csr_matrix(counts.astype(np.float32))
-    obs = src.obs[["bulk_labels", "n_counts", "percent_mito", "phase"]].copy()
+    obs = src.obs[columns].copy()
     if labels_key != "bulk_labels":
         obs[labels_key] = obs["bulk_labels"]
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=raw.var_names.copy()))
@@ -82,10 +93,21 @@ def pbmc3k(
         Where to look for (and cache) the file; see the module docstring for the default.
     hvg_only
         ``False``: all 32,738 genes (``pbmc3k_full_counts.h5ad``; ``MT-`` genes included for
-        QC). ``True``: 2,000 highly variable genes (``pbmc3k_hvg_counts.h5ad``).
+        QC). ``True``: 2,000 highly variable genes (``pbmc3k_hvg_counts.h5ad``), with
+        ``obs["n_counts_all_genes"]`` and ``obs["percent_mito"]`` computed over all genes.
     download
-        Build the file from the public 10x matrix when it is absent (default: yes, unless
-        ``$SCVAE_TOOLS_NO_DOWNLOAD`` is set to anything but ``0``/``false``/``no``).
+        Build the file when it is absent (default: yes, unless ``$SCVAE_TOOLS_NO_DOWNLOAD``
+        is set to anything but ``0``/``false``/``no``). The full file is built from the
+        public 10x matrix; the HVG file from the full file, which is built first if absent.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file is absent and building it is not allowed.
+    OSError
+        The file is absent and building it failed (offline, not a tar, a full disk).
+    ValueError
+        The file is unreadable (corrupt, truncated) or lacks the ``obs`` columns above.
 
     Notes
     -----
@@ -93,6 +115,8 @@ def pbmc3k(
     types. A file built here from the download takes its labels from scanpy's
     ``pbmc3k_processed`` instead, with the same names but eight types: naive and memory
     CD4 T cells are one group, ``"CD4 T"``. Such an HVG file has no ``X_umap_seurat``.
+    Only the missing file is built, each under a temporary name renamed into place, so an
+    interrupted build leaves no partial file behind.
     """
     folder = get_data_dir(data_dir)
     name = PBMC3K_HVG if hvg_only else PBMC3K_FULL
@@ -107,19 +131,55 @@ def pbmc3k(
                 "folder that holds it, or allow download=True to build it from the 10x source."
             )
         try:
-            _build_pbmc3k(folder)
-        except OSError as err:  # offline, a proxy, a full disk: say where the file should go
+            # Reuse a cached full file for the HVG one: no second download.
+            if not (folder / PBMC3K_FULL).exists():
+                _build_pbmc3k_full(folder)
+            if hvg_only:
+                _build_pbmc3k_hvg(folder)
+        # Offline, a proxy's HTML page instead of the tar, a full disk: say where the file goes.
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
             raise OSError(
                 f"{name} is not in {folder}, and building it from the public 10x matrix failed "
-                f"({err}). Copy the file into that folder, or point data_dir= or "
-                f"$SCVAE_TOOLS_DATA_DIR at a folder that holds it ({PBMC3K_URL})."
+                f"({type(err).__name__}: {err}). Copy the file into that folder, or point "
+                f"data_dir= or $SCVAE_TOOLS_DATA_DIR at a folder that holds it ({PBMC3K_URL})."
             ) from err
-    adata = ad.read_h5ad(path)
+    required = ["cell_type", "n_counts_all_genes", "percent_mito"] if hvg_only else ["cell_type"]
+    adata = _read_h5ad_checked(path, required, _PBMC3K_FIX)
     adata.var_names_make_unique()
     return adata
 
 
-def _build_pbmc3k(folder: Path) -> None:
+def _read_h5ad_checked(path: Path, obs_columns: list[str], fix: str) -> ad.AnnData:
+    """Read a cached h5ad, naming the file and ``fix`` when it is corrupt or not the expected
+    data (h5py's own error names neither)."""
+    try:
+        adata = ad.read_h5ad(path)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path} could not be read as an h5ad file ({type(err).__name__}: {err}); it is "
+            f"probably corrupt or truncated. {fix}"
+        ) from err
+    missing = [c for c in obs_columns if c not in adata.obs]
+    if missing:
+        raise ValueError(
+            f"{path} is not the expected dataset: obs lacks {missing} (it has "
+            f"{list(adata.obs.columns)}). {fix}"
+        )
+    return adata
+
+
+def _write_h5ad_atomic(adata: ad.AnnData, path: Path) -> None:
+    """Write under a temporary name in the same folder, then rename: a failed or interrupted
+    write never leaves a partial file under ``path`` (which would be taken as cached)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _build_pbmc3k_full(folder: Path) -> None:
     """Download the public 10x matrix, keep the tutorial's cells and annotate them."""
     import scanpy as sc
 
@@ -140,15 +200,27 @@ def _build_pbmc3k(folder: Path) -> None:
     full.obs["cell_type"] = pd.Categorical(types.map(lambda t: _PBMC3K_TYPE_NAMES.get(t, t)))
     full.X = sp.csr_matrix(full.X, dtype=np.float32)
     full.var["seurat_min_cells3"] = np.asarray((full.X > 0).sum(0)).ravel() >= 3
-    full.write_h5ad(folder / PBMC3K_FULL)
-    hvg = full[:, full.var["seurat_min_cells3"].to_numpy()].copy()
+    _write_h5ad_atomic(full, folder / PBMC3K_FULL)
+
+
+def _build_pbmc3k_hvg(folder: Path) -> None:
+    """Select 2,000 highly variable genes (Seurat v3) from the cached full file."""
+    import scanpy as sc
+
+    path = folder / PBMC3K_FULL
+    full = _read_h5ad_checked(path, ["cell_type"], _PBMC3K_FIX)
+    full.var_names_make_unique()
+    full.X = sp.csr_matrix(full.X, dtype=np.float32)
+    # Recomputed, not read from var: a full file copied in from elsewhere may lack the column.
+    keep = np.asarray((full.X > 0).sum(0)).ravel() >= 3
+    hvg = full[:, keep].copy()
     sc.pp.highly_variable_genes(hvg, n_top_genes=2000, flavor="seurat_v3")
     hvg = hvg[:, hvg.var["highly_variable"].to_numpy()].copy()
     totals = np.asarray(full.X.sum(1)).ravel()
     mito = np.asarray(full[:, full.var_names.str.startswith("MT-")].X.sum(1)).ravel()
     hvg.obs["n_counts_all_genes"] = totals
     hvg.obs["percent_mito"] = 100 * mito / totals
-    hvg.write_h5ad(folder / PBMC3K_HVG)
+    _write_h5ad_atomic(hvg, folder / PBMC3K_HVG)
 
 
 def cellbench(data_dir: str | os.PathLike | None = None, singlets_only: bool = True) -> ad.AnnData:
@@ -166,14 +238,25 @@ def cellbench(data_dir: str | os.PathLike | None = None, singlets_only: bool = T
         (see the module docstring).
     singlets_only
         Drop the cells demuxlet called doublets or ambiguous (keep ``demuxlet_cls == "SNG"``).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file is not in the data directory.
+    ValueError
+        The file is unreadable (corrupt, truncated) or lacks ``cell_line``, ``batch``,
+        ``technology`` or (with ``singlets_only``) ``demuxlet_cls`` in ``obs``.
     """
     path = get_data_dir(data_dir) / "cellbench_5_cell_lines.h5ad"
     if not path.exists():
         raise FileNotFoundError(
             f"{path.name} not found in {path.parent}; point data_dir= or $SCVAE_TOOLS_DATA_DIR at it."
         )
-    adata = ad.read_h5ad(path)
-    if singlets_only and "demuxlet_cls" in adata.obs:
+    required = ["cell_line", "batch", "technology"] + (["demuxlet_cls"] if singlets_only else [])
+    adata = _read_h5ad_checked(path, required, (
+        "Delete it and put the right file there (it has no automatic download), or point "
+        "data_dir= at a folder that holds it."))
+    if singlets_only:
         adata = adata[adata.obs["demuxlet_cls"].astype(str) == "SNG"].copy()
     return adata
 

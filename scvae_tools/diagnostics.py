@@ -791,6 +791,9 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 10) -> dic
         raise ValueError(f"factors has {len(fac)} rows but latent has {latent.shape[0]} cells.")
     if n_bins < 2:
         raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
+    if fac.shape[1] == 0:  # the mean over no factors would be NaN, silently
+        raise ValueError("factors has no columns: pass at least one known factor (e.g. "
+                         "factor_keys=['cell_type'] with disentanglement).")
     zc = [_discretize(latent[:, d], n_bins) for d in range(latent.shape[1])]
     mi = np.zeros((latent.shape[1], fac.shape[1]))
     gaps = {}
@@ -854,6 +857,9 @@ def disentanglement(
     if key_added is not None:
         check_h5ad_key(key_added)
     factor_keys = [factor_keys] if isinstance(factor_keys, str) else list(factor_keys)
+    if not factor_keys:
+        raise ValueError("factor_keys is empty: name at least one obs column of a known "
+                         "factor (e.g. factor_keys=['cell_type']).")
     missing = [k for k in factor_keys if k not in adata.obs]
     if missing:
         raise KeyError(f"Factor column(s) {missing} not in adata.obs; available: {list(adata.obs.columns)}.")

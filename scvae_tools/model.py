@@ -724,6 +724,11 @@ class SCVAE:
         """Denoised expression, cells × genes (genes in the model's order, ``var_names``,
         or in ``gene_list``'s).
 
+        Coming from scvi-tools: the default scale is per 1e4 counts, like scanpy's
+        ``normalize_total`` (scvi-tools' is ``library_size=1``, proportions), and the result
+        is a numpy array (``pd.DataFrame(x, index=adata.obs_names, columns=model.var_names)``
+        labels it).
+
         Parameters
         ----------
         adata
@@ -995,8 +1000,10 @@ class SCVAE:
             false discovery rate of the called set stays at or below this (``mode="change"``
             only: vanilla mode makes no calls, as in scvi-tools).
         pseudocounts
-            ε in log2(mean + ε), on the proportion scale; ``None`` estimates it from genes
-            not detected in a group (as scvi-tools does).
+            ε in log2(mean + ε), on the proportion scale; ``None`` (the default) estimates
+            it from genes not detected in a group, as scvi-tools does when asked to. Its own
+            default is ``pseudocounts=0.0``: pass that to reproduce its log fold changes
+            (the estimate shrinks those of genes barely expressed in one group).
         batch_correction
             Decode every cell under every batch and average (batch-free expression); default:
             each cell's own batch.
@@ -1534,6 +1541,11 @@ def check_key_added(key_added) -> None:
 def check_writable(adata, layers: bool, n_genes: int, caller: str = "write_to_adata") -> None:
     """``write_to_adata`` needs an AnnData object, and bounded dense layers for backed data
     (also checked by ``svt.tl.scvae``, the ``caller`` then, before it trains)."""
+    if not isinstance(layers, (bool, np.bool_)):  # layers="counts" meant layer="counts"
+        raise TypeError(
+            f"{caller}: layers= is True or False (write the dense denoised/expected layers or "
+            f"not), got {layers!r}. The layer the counts are read from is layer='name' "
+            "(singular), given to SCVAE or svt.tl.scvae.")
     if not isinstance(adata, (str, os.PathLike)) and not all(
             hasattr(adata, a) for a in ("obsm", "uns", "var_names")):
         raise TypeError(f"{caller} writes its results into an AnnData (e.g. the one the model "

@@ -2,7 +2,9 @@
 
 Each returns the matplotlib ``Figure`` it drew on. Each takes ``axes=`` (Axes to draw on,
 one per panel, instead of a new figure), ``save=`` (a file to write the figure to) and
-``show=`` (call ``plt.show()``).
+``show=`` (call ``plt.show()``). In a notebook, a bare call as a cell's last line shows
+the figure twice (the inline backend's copy, then the returned value): assign it,
+``fig = svt.pl.ppc(table)``, or end the line with ``;``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import textwrap
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 
 def _panels(axes, n: int, figsize: tuple[float, float], ncols: int | None = None):
@@ -40,7 +41,9 @@ def _finish(fig, show: bool, save):
 
 _PLOT_PARAMS = """\
 show
-    Call ``plt.show()`` (for scripts; notebooks display the returned figure).
+    Call ``plt.show()`` (for scripts). In a notebook the inline backend shows the figure
+    at the end of the cell; a bare call as the cell's last line shows it a second time as
+    the returned value: assign it (``fig = svt.pl.ppc(table)``) or end the line with ``;``.
 axes
     Matplotlib Axes to draw on, one per panel (e.g. from ``plt.subplots``), instead of a new
     figure (keyword only).
@@ -61,10 +64,36 @@ def _plot_params(fn):
     return fn
 
 
+def _names(items, limit: int = 10) -> str:
+    """A short list of names for an error message: the first ``limit``, then how many more."""
+    items = [str(i) for i in items]
+    more = f" … ({len(items) - limit} more)" if len(items) > limit else ""
+    return (", ".join(items[:limit]) or "none") + more
+
+
+def _check_columns(table: pd.DataFrame, need, what: str) -> None:
+    """Refuse a DataFrame that lacks the columns of the table ``what`` returns."""
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise ValueError(f"The DataFrame lacks column(s) {missing}; pass {what}.")
+
+
+# What training writes each epoch (validation columns are NaN without validation cells).
+_HISTORY_COLUMNS = ("epoch", *(f"{split}_{col}" for split in ("train", "validation")
+                               for col in ("elbo", "reconstruction", "kl")))
+
+
 def _history_of(model_or_history) -> pd.DataFrame:
     if isinstance(model_or_history, pd.DataFrame):
-        return model_or_history
-    return model_or_history.history
+        hist = model_or_history
+    elif isinstance(getattr(model_or_history, "history", None), pd.DataFrame):
+        hist = model_or_history.history
+    else:
+        raise TypeError("Pass a trained svt.SCVAE or its history DataFrame (model.history), "
+                        f"got {type(model_or_history).__name__}.")
+    if not hist.empty:  # an empty history has its own message (no training epoch)
+        _check_columns(hist, _HISTORY_COLUMNS, "a trained svt.SCVAE or its model.history")
+    return hist
 
 
 @_plot_params
@@ -124,7 +153,8 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         A table from :func:`scvae_tools.tl.ppc`, or a dict ``{label: table}`` to overlay
         several models (e.g. NB vs Poisson).
     stats
-        Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show.
+        Which of ``"mean"``, ``"variance"``, ``"zero_fraction"``, ``"cv"`` to show (one
+        name or a sequence of them).
     {plot_params}
 
     Returns
@@ -140,6 +170,10 @@ def ppc(tables, stats=("mean", "variance", "zero_fraction", "cv"), show: bool = 
         tables = {tables.attrs.get("likelihood", "model"): tables}
     if not isinstance(tables, dict) or not tables:
         raise ValueError("tables must be a PPC table from svt.tl.ppc or a non-empty dict of them.")
+    # One name is one statistic (iterating "mean" would give its letters).
+    stats = [stats] if isinstance(stats, str) else list(stats)
+    if not stats:
+        raise ValueError(f"stats is empty; pass one or more of {STATISTICS}.")
     bad = [s for s in stats if s not in STATISTICS]
     if bad:
         raise ValueError(f"Unknown statistic(s) {bad}; choose from {STATISTICS}.")
@@ -249,6 +283,9 @@ def posterior_collapse(model_or_table, adata=None, threshold: float | None = Non
     """
     if isinstance(model_or_table, pd.DataFrame):
         table = model_or_table
+        # "active" is recomputed below when a threshold is given
+        _check_columns(table, ["kl", "mean_variance"] + ["active"] * (threshold is None),
+                       "a trained svt.SCVAE or the table from svt.tl.posterior_collapse")
         if threshold is None:
             threshold = table.attrs.get("threshold", 0.01)
         else:  # colours and the count follow the threshold drawn, not the table's own
@@ -304,6 +341,13 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
     if col not in adata.obs:
         raise KeyError(f"obs[{col!r}] not found; run svt.tl.variational_gap(model, adata, "
                        f"key_added={key!r}) first.")
+    # Checked before drawing: a bad name leaves no half-drawn figure behind.
+    if groupby is not None and groupby not in adata.obs:
+        raise ValueError(f"groupby={groupby!r} is not a column of adata.obs; its columns: "
+                         f"{_names(adata.obs.columns)}.")
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer={layer!r} is not a layer of adata; its layers: "
+                         f"{_names(adata.layers.keys())} (layer=None: adata.X).")
     gap = adata.obs[col].to_numpy()
     fig, (a, b) = _panels(axes, 2, (10, 3.6))
     if groupby is None:
@@ -319,8 +363,7 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         a.set_xticks(np.arange(1, len(cats) + 1), cats, rotation=45, ha="right", fontsize=8)
         a.set_ylabel("variational gap [nats]")
     a.set_title("log p̂(x) (IWAE) − ELBO per cell", fontsize=10)
-    counts = adata.X if layer is None else adata.layers[layer]
-    depth = np.asarray(counts.sum(1)).ravel() if counts is not None else None
+    depth = _total_counts(adata, layer)
     if depth is not None:
         b.scatter(depth, gap, s=4, alpha=0.5, rasterized=True)
         b.set_xscale("log")
@@ -328,6 +371,27 @@ def variational_gap(adata, key: str = "scvae", groupby: str | None = None,
         b.set_ylabel("variational gap [nats]")
         b.set_title("Gap vs sequencing depth", fontsize=10)
     return _finish(fig, show, save)
+
+
+def _total_counts(adata, layer: str | None) -> np.ndarray | None:
+    """Per-cell total counts of ``adata.X`` or ``layers[layer]`` (None without X). Counts
+    left on disk by ``backed="r"`` are summed by BackedCellData's chunked library-size
+    pass, as svt.tl.variational_gap reads them."""
+    counts = adata.X if layer is None else adata.layers[layer]
+    if counts is None:
+        return None
+    if sp.issparse(counts) or isinstance(counts, np.ndarray):  # in memory (or a backed view)
+        return np.asarray(counts.sum(1), dtype=np.float64).ravel()
+    from .adapter import DataSpec
+    from .backed import BackedCellData
+
+    spec = DataSpec(var_names=list(adata.var_names.astype(str)), layer=layer,
+                    allow_non_integer=True)
+    data = BackedCellData(adata, spec, validate=False)  # no size_factor_key: library = totals
+    try:
+        return np.asarray(data.library, dtype=np.float64)
+    finally:
+        data.close()
 
 
 @_plot_params
@@ -396,11 +460,12 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     if not all(k in result for k in need):
         raise KeyError("Pass the dict returned by svt.tl.aggregated_posterior (with its arrays).")
     zp, lq, zq = result["prior_samples"], result["prior_log_q"], result["posterior_samples"]
-    if zp.shape[1] < 2:
+    n_latent = zp.shape[1]
+    if n_latent < 2:
         raise ValueError("aggregated_posterior needs a model with at least 2 latent dimensions.")
     if dims is None:
         dims = tuple(np.argsort(-result["posterior_means"].var(0))[:2])
-    i, j = dims
+    i, j = _two_axes(dims, n_latent)
     holes = lq < result["hole_threshold"]
     fig, (a, b) = _panels(axes, 2, (10.5, 4.2))
     a.scatter(zq[:, i], zq[:, j], s=3, c="lightgrey", label="q(z) draws", rasterized=True)
@@ -427,6 +492,19 @@ def aggregated_posterior(result: dict, dims: tuple[int, int] | None = None, show
     return _finish(fig, show, save)
 
 
+def _two_axes(dims, n_latent: int) -> tuple[int, int]:
+    """``dims`` as two distinct latent axes in ``0 … n_latent - 1``, else a clear error."""
+    fix = f"pass two distinct axes in 0…{n_latent - 1}, e.g. dims=(0, 1)"
+    if isinstance(dims, str) or np.ndim(dims) != 1 or len(dims) != 2:
+        raise ValueError(f"dims={dims!r} is not two latent axes; {fix}.")
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"dims={dims!r}: the axes must be integers; {fix}.")
+    i, j = int(dims[0]), int(dims[1])
+    if not (0 <= i < n_latent and 0 <= j < n_latent) or i == j:
+        raise ValueError(f"dims={dims!r}: the model has {n_latent} latent axes; {fix}.")
+    return i, j
+
+
 @_plot_params
 def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False, *,
                      axes=None, save=None):
@@ -449,8 +527,15 @@ def latent_traversal(traversal, n_genes: int = 5, dims=None, show: bool = False,
     -------
     The figure.
     """
+    if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)):
+        raise TypeError(f"n_genes must be an integer ≥ 1, got {n_genes!r}.")
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be at least 1 (genes per panel), got {n_genes}.")
     all_dims = list(traversal.dims)
     dims = all_dims if dims is None else [int(d) for d in np.atleast_1d(dims)]
+    if not dims:
+        raise ValueError(f"dims is empty; pass some of the traversed axes {all_dims} "
+                         "(or dims=None for all).")
     bad = [d for d in dims if d not in all_dims]
     if bad:
         raise ValueError(f"dims {bad} were not traversed; traversed axes are {all_dims}.")

@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .adapter import CellData, DataSpec, _check_not_empty
+from .adapter import CellData, DataSpec, _check_not_empty, gene_positions
 from .devices import accumulator_dtype, seeded
 from .module import VAE, ModuleConfig
 from .train import (
@@ -276,11 +276,7 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
                          "adata.to_memory().")
     _check_not_empty(adata)
     have = pd.Index([str(v) for v in adata.var_names])
-    if have.has_duplicates:
-        dups = have[have.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"Gene names must be unique; duplicated: {dups}. Fix with "
-                         "`adata.var_names_make_unique()`.")
-    pos = have.get_indexer(genes)  # -1: a gene the query lacks
+    pos = gene_positions(have.tolist(), genes)  # -1: a gene the query lacks
     missing = int((pos < 0).sum())
     if missing > max_missing_fraction * len(genes):
         raise ValueError(
@@ -318,6 +314,7 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
             var[col] = var[col].astype("boolean")
         elif pd.api.types.is_integer_dtype(var[col]):
             var[col] = var[col].astype("Int64")
+    var = var[var.index.isin(genes)]  # unique there (gene_positions checked): reindex works
     var = var.reindex(pd.Index(genes, name=adata.var.index.name))
     var["scvae_padded"] = pos < 0
     out = ad.AnnData(

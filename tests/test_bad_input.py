@@ -444,6 +444,24 @@ def test_size_factors_on_another_scale_warn_and_raw_is_named(X, tmp_path):
         svt.SCVAE(a.raw, **MODEL)
 
 
+def test_evaluating_cells_without_the_models_obs_columns(X, tmp_path):
+    """A model set up with size_factor_key / continuous covariates, given cells whose obs
+    lacks those columns: the error says the model needs them and how to add them (it was a
+    bare list of the available columns). In memory and backed."""
+    totals = X.sum(1)
+    model = fit(make(X, lib=totals, pct=np.linspace(0, 1, N_CELLS)),
+                init={"size_factor_key": "lib", "continuous_covariate_keys": ["pct"]})
+    for drop, fix in [("lib", r"size_factor_key='lib'.*library size in counts"),
+                      ("pct", r"continuous_covariate_keys='pct'.*same covariate")]:
+        a = make(X, lib=totals, pct=np.linspace(0, 1, N_CELLS))
+        del a.obs[drop]
+        with pytest.raises(KeyError, match=f"The model was set up with {fix}"):
+            model.get_latent_representation(a)
+        a.write_h5ad(tmp_path / "a.h5ad")
+        with pytest.raises(KeyError, match=f"The model was set up with {fix}"):
+            model.get_elbo(ad.read_h5ad(tmp_path / "a.h5ad", backed="r"))
+
+
 def test_bad_covariates(X):
     with pytest.raises(ValueError, match="must be positive and finite.*size_factor_key=None"):
         fit(make(X, sf=np.where(np.arange(N_CELLS) == 2, 0.0, 1.0)), init={"size_factor_key": "sf"})
@@ -519,6 +537,21 @@ def test_empty_or_obsm_style_result_key_is_refused(baseline, X):
     assert not a.obsm and not a.layers and not a.uns  # nothing written
 
 
+def test_layers_is_a_flag_not_the_counts_layer(baseline, X):
+    """``layers="counts"`` (meant: ``layer="counts"``) used to count as True, and the model
+    trained on X without a word."""
+    model, _ = baseline
+    a = make(X)
+    a.layers["counts"] = a.X.copy()
+    with pytest.raises(TypeError, match=r"layers= is True or False.*layer='name'"):
+        svt.tl.scvae(a, layers="counts", max_epochs=1, progress_bar=False, **MODEL)
+    with pytest.raises(TypeError, match="layers= is True or False"):
+        model.write_to_adata(a, layers="counts")
+    assert not a.obsm and list(a.layers) == ["counts"] and not a.uns  # nothing written
+    model.write_to_adata(a, layers=np.bool_(False))  # numpy's booleans are flags too
+    assert "X_scvae" in a.obsm
+
+
 def test_unavailable_devices_and_negative_beta(X):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU here.*device='auto' or 'cpu'"):
@@ -572,6 +605,28 @@ def test_duplicate_gene_names(X):
         svt.SCVAE(adata, **MODEL)
 
 
+def test_duplicates_among_genes_the_model_does_not_use_are_fine(X, baseline, tmp_path):
+    """Evaluating on a wider matrix whose extra genes repeat a name (symbols of a full
+    matrix) used to be refused; only a duplicated model gene makes the match ambiguous,
+    and that error names it. In memory, from a backed file and in prepare_query_anndata."""
+    model, z = baseline
+    a = make(X)
+    extra = ad.AnnData(np.ones((a.n_obs, 2), dtype=np.float32), obs=a.obs[[]],
+                       var=pd.DataFrame(index=["dup", "dup"]))
+    wide = ad.concat([a, extra], axis=1)
+    wide.obs = a.obs.copy()
+    np.testing.assert_allclose(model.get_latent_representation(wide), z, atol=1e-6)
+    wide.write_h5ad(tmp_path / "wide.h5ad")
+    backed = ad.read_h5ad(tmp_path / "wide.h5ad", backed="r")
+    np.testing.assert_allclose(model.get_latent_representation(backed), z, atol=1e-6)
+    backed.file.close()
+    assert svt.SCVAE.prepare_query_anndata(wide, model).var_names.tolist() == a.var_names.tolist()
+    twice = ad.concat([a, a[:, :1]], axis=1)
+    twice.obs = a.obs.copy()
+    with pytest.raises(ValueError, match=r"1 of the model's genes appear more than once.*\['gene0'\]"):
+        model.get_latent_representation(twice)
+
+
 # ---------------------------------------------------------------------- files and folders
 def test_missing_files_name_the_fix(baseline, tmp_path, monkeypatch):
     model, _ = baseline
@@ -592,7 +647,7 @@ def test_missing_files_name_the_fix(baseline, tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(OSError, match=r"pbmc3k_full_counts.h5ad is not in .*data.*failed "
-                                      r"\(<urlopen error Name or service.*SCVAE_TOOLS_DATA_DIR"):
+                                      r"\(URLError: <urlopen error Name or service.*SCVAE_TOOLS_DATA_DIR"):
         svt.datasets.pbmc3k(empty, download=True)
 
 

@@ -349,6 +349,8 @@ def test_mig_measures_axis_alignment():
     assert good["mutual_information"].shape == (3, 2)
     with pytest.raises(ValueError, match="rows"):
         svt.tl.mutual_information_gap(aligned[:10], f)
+    with pytest.raises(ValueError, match="factors has no columns"):  # was a NaN MIG
+        svt.tl.mutual_information_gap(aligned, pd.DataFrame(index=range(3000)))
 
 
 def test_mig_keeps_a_discrete_factor_at_its_own_levels():
@@ -391,6 +393,9 @@ def test_disentanglement_and_traversal_recover_factor_genes(factors):
     for beta in (1.0, 4.0):
         model = _train(factors, epochs=40, beta=beta, n_latent=3)
         res = svt.tl.disentanglement(model, factors.copy(), keys)
+        if beta == 1.0:  # no factors named: refused before any work (was a NaN MIG)
+            with pytest.raises(ValueError, match="factor_keys is empty"):
+                svt.tl.disentanglement(model, factors.copy(), [])
         print(f"beta={beta}: MIG={res['mig']:.3f} Jacobian coupling={res['coupling']:.3f}")
         assert 0 <= res["mig"] <= 1 and 0 <= res["coupling"] <= 1
         # Traverse the axis most informative about each factor: its top genes are that

@@ -80,3 +80,82 @@ def test_collapse_plot_follows_the_threshold_it_draws(model):
     fig = svt.pl.posterior_collapse(table, threshold=1e6)  # above every dimension
     assert fig.axes[1].get_title().endswith(f"0/{len(table)} active")
     plt.close("all")
+
+
+def test_variational_gap_plot_sums_backed_counts(model, data, tmp_path):
+    """A backed X is an on-disk dataset without .sum: the depth axis is read in chunks,
+    as svt.tl.variational_gap reads the cells."""
+    import anndata as ad
+
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    svt.tl.variational_gap(model, backed, n_samples=3)
+    fig = svt.pl.variational_gap(backed)
+    depth = fig.axes[1].collections[0].get_offsets()[:, 0]
+    np.testing.assert_allclose(depth, np.asarray(data.X.sum(1)).ravel())
+    backed.file.close()
+    plt.close("all")
+
+
+def test_variational_gap_plot_names_unknown_groupby_and_layer(model, data):
+    adata = data.copy()
+    svt.tl.variational_gap(model, adata, n_samples=3)
+    figures = plt.get_fignums()
+    with pytest.raises(ValueError, match=r"not a column of adata.obs; its columns: cell_type"):
+        svt.pl.variational_gap(adata, groupby="nope")
+    with pytest.raises(ValueError, match="not a layer of adata"):
+        svt.pl.variational_gap(adata, layer="nope")
+    assert plt.get_fignums() == figures  # refused before drawing: no figure left
+    plt.close("all")
+
+
+def test_ppc_plot_takes_one_statistic_by_name(model, data):
+    table = svt.tl.ppc(model, data, n_samples=2)
+    fig = svt.pl.ppc(table, stats="mean")  # one name, not its letters
+    assert [a.get_title() for a in fig.axes] == ["mean count"]
+    with pytest.raises(ValueError, match="stats is empty"):
+        svt.pl.ppc(table, stats=())
+    plt.close("all")
+
+
+def test_latent_traversal_plot_refuses_empty_selections(model, data):
+    traversal = svt.tl.latent_traversal(model, adata=data, n_steps=3)
+    with pytest.raises(ValueError, match="dims is empty"):
+        svt.pl.latent_traversal(traversal, dims=[])
+    with pytest.raises(ValueError, match="n_genes must be at least 1"):
+        svt.pl.latent_traversal(traversal, n_genes=0)
+    with pytest.raises(TypeError, match="n_genes must be an integer"):
+        svt.pl.latent_traversal(traversal, n_genes=2.5)
+    plt.close("all")
+
+
+def test_aggregated_posterior_plot_checks_dims(model, data):
+    result = svt.tl.aggregated_posterior(model, data, n_samples=100, key_added=None)
+    for dims in [(0, 12), (0,), (1, 1), (-1, 0)]:
+        with pytest.raises(ValueError, match="two distinct axes in 0…2"):
+            svt.pl.aggregated_posterior(result, dims=dims)
+    with pytest.raises(TypeError, match="must be integers"):
+        svt.pl.aggregated_posterior(result, dims=(0.0, 1.0))
+    fig = svt.pl.aggregated_posterior(result, dims=(2, 0))
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("z2", "z0")
+    plt.close("all")
+
+
+def test_plots_say_what_to_pass_instead(model):
+    with pytest.raises(TypeError, match="trained svt.SCVAE or its history DataFrame"):
+        svt.pl.training_history("x")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['train_elbo'"):
+        svt.pl.training_history(model.history.drop(columns="train_elbo"))
+    table = svt.tl.posterior_collapse(model)
+    with pytest.raises(ValueError, match="the table from svt.tl.posterior_collapse"):
+        svt.pl.posterior_collapse(table.drop(columns="active"))
+    svt.pl.posterior_collapse(table.drop(columns="active"), threshold=0.01)  # recomputed
+    plt.close("all")
+
+
+def test_show_doc_says_how_to_get_one_figure_in_a_notebook():
+    """A bare call as a cell's last line displays the figure twice (inline backend, then the
+    returned value); the shared doc says how to get one copy."""
+    doc = svt.pl.ppc.__doc__ or ""
+    assert "fig = svt.pl." in doc and "``;``" in doc
+    assert "notebooks display the returned figure" not in doc
