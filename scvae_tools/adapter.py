@@ -275,6 +275,8 @@ class CellData:
         t = self._device_cache[key]
         if counts and not self._counts_placed and (self._resident or not sp.issparse(self.X)):
             n, g = self.X.shape
+            if not sp.issparse(self.X) and _csr_resident(device):
+                self._dense_to_csr(n * g)
             if sp.issparse(self.X) and _csr_resident(device) and (
                 self.X.nnz * 12 <= SPARSE_DEVICE_LIMIT_BYTES
             ):
@@ -289,6 +291,16 @@ class CellData:
                     t["x"] = torch.from_numpy(dense).to(device)
             self._counts_placed = True
         return t
+
+    def _dense_to_csr(self, n_entries: int) -> None:
+        """Keep dense counts as CSR where CSR stays resident (CUDA): a dense block leaves
+        each step to find its non-zeros with ``torch.nonzero``, and the host then waits for
+        the device; from CSR the block and its non-zeros are built on the device, sized
+        from the host's ``indptr``. Only when CSR is the smaller copy (under a third of the
+        entries non-zero). The user's array is not touched: this is a new matrix."""
+        nnz = int(np.count_nonzero(self.X))
+        if nnz * 12 <= min(n_entries * 4, SPARSE_DEVICE_LIMIT_BYTES):
+            self.X = sp.csr_matrix(self.X)
 
     def release_device(self) -> None:
         """Drop the tensors placed on a device (e.g. the counts resident on a GPU); the next
@@ -952,10 +964,14 @@ def _torch_csr_rows(X: sp.csr_matrix, rows: np.ndarray, start: int, end: int,
 
 
 def _to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``: from pinned memory without blocking on CUDA."""
-    if device.type == "cuda":
-        a = a.pin_memory()
-    return a.to(device, non_blocking=True)
+    """A host tensor on ``device``: from pinned memory without blocking on CUDA.
+
+    Elsewhere an ordinary copy: the batch arrays are temporaries, freed at the next
+    iteration, and MPS's non-blocking copy of unpinned memory can read them after that
+    (pytorch/pytorch#189690: silently wrong values)."""
+    if device.type != "cuda":
+        return a.to(device)
+    return a.pin_memory().to(device, non_blocking=True)
 
 
 def _block_entries(X: sp.csr_matrix, rows: np.ndarray, device: torch.device | None = None,

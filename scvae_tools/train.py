@@ -394,6 +394,28 @@ def train_module(
     checkpoint: CheckpointConfig | None = None,
     dist: DistContext | None = None,
 ) -> pd.DataFrame:
+    """Train ``module`` in place; return the per-epoch history (see :func:`_train_module`).
+
+    On CUDA with ``device`` made the current device for the run: CUDA graphs and the
+    side stream of ``cuda_graphs=True`` take the current device's streams, which would
+    otherwise be cuda:0's when training on cuda:1.
+    """
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _train_module(module, data, train_idx, val_idx, cfg, device, progress_bar,
+                             checkpoint, dist)
+
+
+def _train_module(
+    module: VAE,
+    data: CellData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress_bar: bool = True,
+    checkpoint: CheckpointConfig | None = None,
+    dist: DistContext | None = None,
+) -> pd.DataFrame:
     """Train ``module`` in place; return the per-epoch history.
 
     With ``dist`` (a :class:`~scvae_tools.distributed.DistContext`) this process trains

@@ -451,6 +451,32 @@ def test_batches_carry_their_nonzeros(synthetic):
     assert all(b.nonzero is None for b in data.batches(None, 64))  # only when asked for
 
 
+def test_dense_counts_where_csr_stays_resident_carry_their_nonzeros(pbmc68k, monkeypatch):
+    """On CUDA (forced here on the CPU: adapter._csr_resident) dense counts made each step
+    search its block for the non-zeros (torch.nonzero: the host waits for the GPU); they
+    are now kept as CSR there, so no step searches, and training equals that from CSR
+    counts. The user's dense array is unchanged."""
+    from scvae_tools import adapter, fused
+
+    monkeypatch.setattr(adapter, "_csr_resident", lambda device: True)
+    searches = []
+    of_dense = fused.NonZeros.of_dense.__func__
+    monkeypatch.setattr(fused.NonZeros, "of_dense",
+                        classmethod(lambda cls, x: searches.append(1) or of_dense(cls, x)))
+    dense = pbmc68k.copy()  # ~20% non-zeros, as single-cell data
+    dense.X = pbmc68k.X.toarray()
+    before = dense.X.copy()
+    runs = {}
+    for name, a in (("dense", dense), ("csr", pbmc68k.copy())):
+        model = svt.SCVAE(a, n_latent=3, n_hidden=16).train(max_epochs=2, seed=0,
+                                                             progress_bar=False)
+        runs[name] = model.history["validation_elbo"].to_numpy()
+    assert not searches
+    np.testing.assert_array_equal(runs["dense"], runs["csr"])
+    assert isinstance(dense.X, np.ndarray)
+    np.testing.assert_array_equal(dense.X, before)
+
+
 def test_known_nonzeros_give_the_same_elbo_and_gradients(synthetic):
     """The fused likelihood with the data path's non-zeros equals the one that searches x."""
     model = svt.SCVAE(synthetic, batch_key="batch", n_latent=4, n_hidden=32)
