@@ -650,6 +650,9 @@ def _checked_inputs(logits, log_library, log_theta, x, nonzero, pi_logits=None,
     MLPs), the non-zeros as a :class:`NonZeros` of that dtype, and log θ with a genes axis
     (one value for all genes repeated per gene: the kernel reads one per gene)."""
     n_genes = logits.shape[-1]
+    if n_genes == 0:  # reshape(-1, 0) below would fail with torch's own words
+        raise ValueError("logits have no genes (last axis of size 0): a likelihood needs at "
+                         "least one gene.")
     if log_theta.dim() == 0 or (log_theta.dim() == 1 and log_theta.shape[0] == 1):
         log_theta = log_theta.reshape(1).expand(n_genes)
     if log_theta.shape[-1] not in (n_genes, 1) or (

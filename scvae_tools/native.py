@@ -30,6 +30,7 @@ the tests, compare them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -120,30 +121,66 @@ def _torch_openmp() -> bool:
 
 
 def _build() -> Path:
-    """The compiled library's path, compiling it first if the cache lacks it."""
+    """The compiled library's path, compiling it first if the cache lacks an intact copy.
+
+    Cached as ``nb_kernel-<key>-<content hash>.so`` (key: source, compiler, flags and CPU):
+    a file whose bytes do not match its name (truncated by a crash, zero bytes, another
+    build copied over it) is deleted and rebuilt, since loading a truncated library kills
+    the process (SIGBUS) and another source's lacks symbols.
+    """
     gcc = shutil.which("gcc")
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True, timeout=30,
                              check=True).stdout
     flags = FLAGS + (("-fopenmp",) if _torch_openmp() else ())
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), version, " ".join(flags), _cpu_signature()]).encode()).hexdigest()
-    target = cache_dir() / f"nb_kernel-{key[:20]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = cache_dir()
+    prefix = f"nb_kernel-{key[:20]}-"
+    for path in sorted(folder.glob(f"{prefix}*.so")):
+        if _intact(path):
+            return path
+        with contextlib.suppress(OSError):  # another process may have removed it already
+            path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes never see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
         proc = subprocess.run([gcc, *flags, str(SOURCE), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed: {proc.stderr.strip()[-2000:]}")
+        data = Path(tmp).read_bytes()
+        if data[:4] != _ELF:
+            raise RuntimeError(f"gcc wrote no shared library ({len(data)} bytes)")
+        # mkstemp's 0600 would keep the library from other users of a shared cache.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
+        with open(tmp, "rb") as f:  # on disk before the name says it is complete
+            os.fsync(f.fileno())
+        target = folder / f"{prefix}{_content_hash(data)}.so"
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+_ELF = b"\x7fELF"
+
+
+def _content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cached library holds the bytes its name was given for (a shared library)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return data[:4] == _ELF and path.stem.rsplit("-", 1)[-1] == _content_hash(data)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -179,7 +216,8 @@ def library() -> ctypes.CDLL | None:
             if why is None:
                 try:
                     lib = _declare(ctypes.CDLL(str(_build())))
-                except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                # AttributeError: a library without one of the kernel's symbols
+                except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                     why = f"could not build or load {SOURCE.name}: {err}"
             if why is not None:
                 log.info("scvae_tools: compiled NB kernel not used (%s); using torch.", why)

@@ -291,6 +291,10 @@ void nb_block(int64_t n_rows, int64_t G, int n_threads, const float *restrict lo
               float *restrict g_lt, float *restrict scratch, const float *restrict pi_logits,
               float *restrict g_pi)
 {
+    if (G <= 0) {  /* no genes: every row's log-likelihood is the empty sum */
+        for (int64_t r = 0; r < n_rows; ++r) ll[r] = 0.0f;
+        return;
+    }
 #pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
         int64_t r0, r1;
@@ -320,6 +324,7 @@ static void softmax_scale(int64_t r0, int64_t r1, int64_t G, float *restrict out
 void softmax_scale_rows(int64_t n_rows, int64_t G, int n_threads, float *restrict out,
                         const float *restrict scale, int64_t scale_step)
 {
+    if (G <= 0) return;  /* no genes: nothing to scale (and row_max would read l[0]) */
 #pragma omp parallel num_threads(team_size(n_threads, n_rows))
     {
         int64_t r0, r1;

@@ -651,3 +651,41 @@ def test_deep_cells_keep_their_log_likelihood_digits(kernel, use_native):
     ref = (th * (lt - lt_m) + xd * (lm - lt_m) + torch.lgamma(xd + th) - torch.lgamma(th)
            - torch.lgamma(xd + 1)).sum(-1)
     assert float((got - ref).abs().max()) < (0.3 if kernel else 0.01)
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_rebuilt_and_readable_by_others(tmp_path, monkeypatch):
+    """Whatever sat at the cached name was loaded as is: zero bytes left the kernel off
+    for good, a truncated copy killed every later process (SIGBUS in dlopen), another
+    source's library failed on a missing symbol. The cache names each library by its
+    content hash, rebuilds a file that does not match it, and leaves it readable by
+    other users of a shared folder (mkstemp made it 0600)."""
+    monkeypatch.setenv("SCVAE_TOOLS_KERNEL_DIR", str(tmp_path))
+    good = native._build()
+    data = good.read_bytes()
+    assert good.stat().st_mode & 0o044 == 0o044  # group and others may read it
+    for damage in (b"", data[: len(data) // 2], data[:-64] + b"\0" * 64):
+        good.write_bytes(damage)
+        rebuilt = native._build()
+        assert rebuilt.read_bytes() == data or native._intact(rebuilt)
+        assert [p.name for p in tmp_path.iterdir()] == [rebuilt.name]
+        good = rebuilt
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_no_genes_is_a_clear_error_and_the_kernel_reads_nothing(kernel, use_native):
+    """A zero-gene block: the public likelihoods said "cannot reshape tensor of 0
+    elements", and the kernel's softmax read l[0] of an empty row (a segfault)."""
+    use_native(kernel)
+    with pytest.raises(ValueError, match="no genes"):
+        nb_log_likelihood_from_logits(torch.randn(5, 0), torch.zeros(5, 1), torch.randn(0),
+                                      torch.zeros(5, 0))
+    with pytest.raises(ValueError, match="no genes"):
+        zinb_log_likelihood_from_logits(torch.randn(5, 0), torch.zeros(5, 1), torch.randn(0),
+                                        torch.randn(5, 0), torch.zeros(5, 0))
+    if kernel and native._unsupported() is None:
+        fused.native_ready(torch.zeros(1))
+        out = torch.empty(3, 0)
+        assert native.softmax_scale_(out, 1.0) is out
