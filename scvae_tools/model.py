@@ -294,7 +294,9 @@ class SCVAE:
             stopping and ``history["validation_*"]`` use. 1.0 trains on all cells.
         early_stopping
             Stop when the validation ELBO has not improved for ``early_stopping_patience``
-            epochs (30), and restore the best weights.
+            epochs (30), and restore the best weights. With ``train_size=1.0`` (no
+            validation cells) it watches the training ELBO instead, averaged over each
+            epoch while the weights change (with dropout on), a noisier guide.
         early_stopping_patience
             Scored epochs without improvement before stopping (default 30; with
             ``validation_every > 1`` it counts validation checks, not epochs).
@@ -404,13 +406,21 @@ class SCVAE:
         check_positive_finite(eps, "eps")
         check_nonnegative_finite(weight_decay, "weight_decay")
         max_epochs = default_max_epochs(n) if max_epochs is None else max_epochs
-        checkpoint = self._checkpoint_config(checkpoint_dir, checkpoint_every, resume)
+        checkpoint = self._checkpoint_config(checkpoint_dir, _whole(checkpoint_every,
+                                                                    "checkpoint_every"), resume)
         if kl_warmup_epochs is None and checkpoint is not None and checkpoint.resume:
             # The default follows max_epochs: resuming with more epochs keeps the run's own.
             saved = load_checkpoint(checkpoint.path) or {}
             kl_warmup_epochs = saved.get("train_config", {}).get("kl_warmup_epochs")
         if kl_warmup_epochs is None:  # trained weights need no warm-up of β
             kl_warmup_epochs = 0 if warm_start else min(10, max_epochs // 4)
+        elif isinstance(kl_warmup_epochs, (int, np.integer)) and kl_warmup_epochs > max_epochs:
+            # (other types are refused, with their own message, by TrainConfig)
+            warnings.warn(
+                f"kl_warmup_epochs={kl_warmup_epochs} is longer than max_epochs={max_epochs}: "
+                f"β only reaches {self.beta * max_epochs / kl_warmup_epochs:.3g} (not "
+                f"beta={self.beta}) and early stopping, which starts after the warm-up, never "
+                "runs. Pass kl_warmup_epochs ≤ max_epochs.", UserWarning, stacklevel=2)
         train_idx, val_idx = split_indices(n, train_size, seed)
         warn_if_no_validation(train_size, n, val_idx, stacklevel=2)
         if batch_size is None or lr is None:

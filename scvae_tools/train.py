@@ -440,9 +440,13 @@ def _train_module(
     ``FloatingPointError`` is raised; the module then holds the last good weights.
     """
     if len(train_idx) < 2:
+        n = len(train_idx) + len(val_idx)
+        fix = (f"train_size={cfg.train_size} of {n} cells leaves too few; pass train_size of "
+               f"at least {2 / n:.3g} (or 1.0)" if n >= 2 and cfg.train_size < 1 else
+               "use more cells (with very few cells, also train_size=1.0)")
         raise ValueError(
             f"Training needs at least 2 cells in the training split, got {len(train_idx)}; "
-            "use more cells (with very few cells, also train_size=1.0)."
+            f"{fix}."
         )
     seed_generators(cfg.seed, device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -962,6 +966,11 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         detail = ", ".join(f"{k}: {saved_cfg[k]!r} → {now_cfg[k]!r}" for k in diff)
         raise ValueError(f"The checkpoint {ck.path} was written with other training settings "
                          f"({detail}). {fix}")
+    if int(state["epoch"]) > cfg.max_epochs:  # the record would say fewer than it holds
+        raise ValueError(f"The checkpoint {ck.path} already holds {int(state['epoch'])} "
+                         f"epochs, more than max_epochs={cfg.max_epochs}; pass max_epochs="
+                         f"{int(state['epoch'])} or more to resume it, or resume=False to "
+                         "start afresh.")
     if not (np.array_equal(state["train_idx"].numpy(), train_idx)
             and np.array_equal(state["val_idx"].numpy(), val_idx)):
         raise ValueError(f"The checkpoint {ck.path} used another train/validation split (a "

@@ -212,12 +212,23 @@ def test_scvae_trains_out_of_core_like_in_memory(synthetic, h5ad_path):
 
 
 def test_scvae_accepts_path_and_make_cell_data(synthetic, h5ad_path):
+    """A model built from a path streams the file; scoring the path gives the results of
+    the same cells in memory (latent, ELBO with the same draws, expression at the library)."""
     model = svt.SCVAE(h5ad_path, n_latent=3)
     assert isinstance(model._data, BackedCellData)
-    assert isinstance(make_cell_data(synthetic, model.spec), CellData)
+    mem = make_cell_data(synthetic, model.spec)
+    assert isinstance(mem, CellData)
+    np.testing.assert_array_equal(mem.library, np.asarray(synthetic.X.sum(1)).ravel())
     model.train(max_epochs=2, batch_size=128, progress_bar=False, device="cpu")
-    assert model.get_latent_representation(h5ad_path).shape == (synthetic.n_obs, 3)
-    assert np.isfinite(model.get_elbo(h5ad_path))
+    z = model.get_latent_representation(h5ad_path)
+    assert z.shape == (synthetic.n_obs, 3)
+    np.testing.assert_allclose(z, model.get_latent_representation(synthetic), rtol=1e-5,
+                               atol=1e-6)
+    elbo = model.get_elbo(h5ad_path)
+    assert elbo == pytest.approx(model.get_elbo(synthetic), rel=1e-5)
+    np.testing.assert_allclose(
+        model.get_normalized_expression(h5ad_path, library_size="observed").sum(1),
+        np.asarray(synthetic.X.sum(1)).ravel(), rtol=1e-4)
 
 
 def test_nothing_holds_the_file_between_calls(synthetic, h5ad_path):

@@ -189,6 +189,20 @@ def test_resume_refuses_other_settings_or_model(small, tmp_path):
         svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path, checkpoint_every=0)
 
 
+def test_resume_with_fewer_epochs_than_done_is_refused(small, tmp_path):
+    """The checkpoint holds 6 epochs; resuming with max_epochs=3 ran nothing and left a
+    model whose record said 3 epochs beside a history of 6."""
+    model = svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path,
+                                            checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"already holds 6 epochs.*max_epochs=6 or more"):
+        model.train(**(TRAIN | {"max_epochs": 3}), checkpoint_dir=tmp_path, resume=True)
+    assert len(model.history) == 6 and model.train_config.max_epochs == 6
+    # NumPy integers are whole numbers here as for max_epochs and seed
+    svt.SCVAE(small, **MODEL).train(**TRAIN, checkpoint_dir=tmp_path / "np",
+                                    checkpoint_every=np.int64(3))
+    assert (tmp_path / "np").exists()
+
+
 def test_resume_a_checkpoint_from_before_a_setting_existed(small, reference, tmp_path):
     """A checkpoint written before a training setting was added (cuda_graphs; precision
     here too) resumes when that setting keeps its default, and is refused when it does not."""

@@ -135,15 +135,18 @@ def test_apply_explains_extra_and_missing_genes(tmp_path, capsys):
     a.write_h5ad(tmp_path / "in.h5ad")
     assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "fit.h5ad"), "--quiet",
                  "--epochs", "2", "--no-layers", "--save-model", str(tmp_path / "model")]) == 0
-    extra = ad.AnnData(X=sp.hstack([a.X, a.X[:, :1]], format="csr"), obs=a.obs,
-                       var=pd.DataFrame(index=[*a.var_names, "EXTRA"]))  # one more gene
+    extra = ad.AnnData(X=sp.hstack([a.X[:, :1] * 3, a.X], format="csr"), obs=a.obs,
+                       var=pd.DataFrame(index=["EXTRA", *a.var_names]))  # one more, first
     extra.write_h5ad(tmp_path / "extra.h5ad")
     args = ["apply", str(tmp_path / "extra.h5ad"), "--model", str(tmp_path / "model"),
             "-o", str(tmp_path / "o.h5ad")]
     assert main(args) == 2
     assert "--no-layers" in capsys.readouterr().err and not (tmp_path / "o.h5ad").exists()
     assert main([*args, "--no-layers"]) == 0  # the latent ignores the extra gene
-    assert ad.read_h5ad(tmp_path / "o.h5ad").obsm["X_scvae"].shape == (200, 10)
+    # ...exactly: the model's genes are read by name, so the cells get the fit's latent.
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "o.h5ad").obsm["X_scvae"],
+                               ad.read_h5ad(tmp_path / "fit.h5ad").obsm["X_scvae"],
+                               rtol=1e-5, atol=1e-6)
     a[:, 1:].copy().write_h5ad(tmp_path / "missing.h5ad")
     assert main(["apply", str(tmp_path / "missing.h5ad"), "--model", str(tmp_path / "model"),
                  "-o", str(tmp_path / "m.h5ad")]) == 2
@@ -355,6 +358,11 @@ def test_apply_query_maps_new_batches(tmp_path, capsys):
     out = ad.read_h5ad(tmp_path / "query_out.h5ad")
     assert out.obsm["X_scvae"].shape == (query.n_obs, 10) and np.isfinite(out.obsm["X_scvae"]).all()
     mapped = svt.SCVAE.load(tmp_path / "query_model")
+    # What was written is the fine-tuned model's latent (the one saved), with its new batch.
+    assert mapped.query_info["new_categories"] == {"batch": ["batch2"]}
+    assert out.uns["scvae"]["query"]["new_categories"]["batch"] == ["batch2"]
+    np.testing.assert_allclose(out.obsm["X_scvae"], mapped.get_latent_representation(query),
+                               rtol=1e-4, atol=1e-5)
     ref_out = ad.read_h5ad(tmp_path / "ref_out.h5ad")
     np.testing.assert_allclose(mapped.get_latent_representation(ref), ref_out.obsm["X_scvae"],
                                rtol=1e-4, atol=1e-5)

@@ -194,8 +194,20 @@ def test_variational_gap_needs_adata(trained, factors, tmp_path):
         svt.tl.variational_gap(trained, factors.copy(), key_added="")
     with pytest.raises(ValueError, match="pass key_added=None"):
         svt.tl.aggregated_posterior(trained, path)
-    assert np.isfinite(svt.tl.aggregated_posterior(trained, path, key_added=None,
-                                                   n_samples=50)["kl_aggregated_prior"])
+    # A path is read from the file and gives what the same cells in memory give (seeded);
+    # a third of the training cells, so that the training data would not do.
+    part = factors[::3].copy()
+    part.write_h5ad(tmp_path / "part.h5ad")
+    on_disk = svt.tl.aggregated_posterior(trained, tmp_path / "part.h5ad", key_added=None,
+                                          n_samples=50)
+    in_memory = svt.tl.aggregated_posterior(trained, part, key_added=None, n_samples=50)
+    assert len(on_disk["posterior_means"]) == part.n_obs
+    assert np.isfinite(on_disk["kl_aggregated_prior"])
+    assert on_disk["kl_aggregated_prior"] == pytest.approx(in_memory["kl_aggregated_prior"],
+                                                           rel=1e-5)
+    assert on_disk["hole_fraction"] == in_memory["hole_fraction"]
+    np.testing.assert_allclose(on_disk["posterior_means"], in_memory["posterior_means"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_estimates_are_seeded_and_leave_the_callers_random_state(trained, factors):
@@ -551,6 +563,19 @@ def test_figures_render(trained, factors, tmp_path):
         path = tmp_path / f"{name}.png"
         fig.savefig(path, dpi=60)
         assert path.stat().st_size > 5000, name
+    # What they draw is the data: each cell's gap against its total counts, its
+    # amortization gap against its amortized ELBO, one β per point of the sweep's curve.
+    obs = adata.obs
+    np.testing.assert_allclose(
+        figs["variational_gap"].axes[1].collections[0].get_offsets(),
+        np.column_stack([np.asarray(factors.X.sum(1)).ravel(), obs["scvae_variational_gap"]]))
+    assert sum(p.get_height() for p in figs["variational_gap"].axes[0].patches) == adata.n_obs
+    np.testing.assert_allclose(
+        figs["amortization_gap"].axes[1].collections[0].get_offsets(),
+        obs[["scvae_amortized_elbo", "scvae_amortization_gap"]].to_numpy())
+    curve = figs["rate_distortion"].axes[0].lines[0]
+    np.testing.assert_array_equal(curve.get_xdata(), sweep["rate"])
+    np.testing.assert_array_equal(curve.get_ydata(), sweep["distortion"])
     with pytest.raises(KeyError, match="variational_gap"):
         svt.pl.variational_gap(factors.copy())
     with pytest.raises(KeyError, match="rate_distortion_sweep"):

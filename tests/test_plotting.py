@@ -56,6 +56,14 @@ def test_sparse_validation_checks_are_visible(model):
     val = [ln for ln in fig.axes[0].lines if ln.get_label() == "validation"][0]
     x, y = val.get_data()
     assert len(x) == 3 and np.isfinite(y).all() and val.get_marker() == "o"
+    # The points are the checks themselves: epochs 3, 6, 9 and the ELBO measured there;
+    # the training line has every epoch.
+    h = model.history
+    np.testing.assert_array_equal(x, [3, 6, 9])
+    np.testing.assert_array_equal(y, h.set_index("epoch").loc[[3, 6, 9], "validation_elbo"])
+    train = [ln for ln in fig.axes[0].lines if ln.get_label() == "train"][0]
+    np.testing.assert_array_equal(train.get_xdata(), h["epoch"])
+    np.testing.assert_array_equal(train.get_ydata(), h["train_elbo"])
     plt.close("all")
 
 
@@ -138,6 +146,13 @@ def test_aggregated_posterior_plot_checks_dims(model, data):
         svt.pl.aggregated_posterior(result, dims=(0.0, 1.0))
     fig = svt.pl.aggregated_posterior(result, dims=(2, 0))
     assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("z2", "z0")
+    # ...and the points are the draws on those axes, in that order: grey q(z) draws, then
+    # the prior draws outside and in holes (log q(z) below the threshold).
+    grey, inside, holes = (c.get_offsets() for c in fig.axes[0].collections[:3])
+    np.testing.assert_allclose(grey, result["posterior_samples"][:, [2, 0]])
+    in_hole = result["prior_log_q"] < result["hole_threshold"]
+    np.testing.assert_allclose(inside, result["prior_samples"][~in_hole][:, [2, 0]])
+    np.testing.assert_allclose(holes, result["prior_samples"][in_hole][:, [2, 0]])
     plt.close("all")
 
 

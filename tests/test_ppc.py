@@ -105,6 +105,18 @@ def test_ppc_plot(models, nb_data, tmp_path):
     fig = svt.pl.ppc(tables)
     assert len(fig.axes) == 4
     assert len(fig.axes[2].collections) == 2  # one scatter per model
+    # Each point is a gene at (observed, replicated) from that model's table, and the legend
+    # gives that model's error; the log-scaled panels leave out genes at 0.
+    for ax, stat in zip(fig.axes, ("mean", "variance", "zero_fraction", "cv"), strict=True):
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        for (lik, table), points, label in zip(tables.items(), ax.collections, labels,
+                                               strict=True):
+            obs, rep = table[f"{stat}_obs"].to_numpy(), table[f"{stat}_rep"].to_numpy()
+            keep = np.isfinite(obs) & np.isfinite(rep)
+            if stat != "zero_fraction":
+                keep &= (obs > 0) & (rep > 0)
+            np.testing.assert_allclose(points.get_offsets(), np.column_stack([obs, rep])[keep])
+            assert label == f"{lik} (err {ppc_summary(table)[stat]:.3f})"
     fig.savefig(tmp_path / "ppc.png")
     one = svt.pl.ppc(tables["nb"], stats=("zero_fraction",))
     assert len(one.axes) == 1
