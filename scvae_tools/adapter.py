@@ -50,6 +50,16 @@ def _csr_resident(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class _AsSaved:
+    """The default of ``SCVAE.load(layer=)``: read counts where the model did in training."""
+
+    def __repr__(self) -> str:
+        return "<the layer the model was trained on>"
+
+
+AS_SAVED = _AsSaved()
+
+
 @dataclass
 class DataSpec:
     """What the model reads from an AnnData, and the categories it knows."""
@@ -133,6 +143,9 @@ class DataSpec:
             )
         for key in cont_keys:
             _warn_if_unscaled(_numeric_obs(adata.obs, key), key)
+        for role, key in roles:
+            if role != "continuous_covariate_keys":
+                _warn_if_continuous_labels(adata.obs[key], key, role)
         return cls(
             var_names=[str(v) for v in adata.var_names],
             layer=layer,
@@ -811,6 +824,17 @@ def _check_no_missing_labels(col: pd.Series, key: str) -> None:
             f"obs[{key!r}] has {int(col.isna().sum())} missing label(s). Give those cells a "
             "label of their own (e.g. 'unknown') or drop them."
         )
+
+
+def _warn_if_continuous_labels(col: pd.Series, key: str, role: str) -> None:
+    """A float column with a label for nearly every cell (percent_mito as batch_key) makes
+    each value its own batch: one-hot columns the model cannot learn anything from."""
+    n_labels, n = col.nunique(), len(col)
+    if col.dtype.kind == "f" and n_labels > max(20, n // 10):
+        warnings.warn(
+            f"{role} {key!r} holds {n_labels} distinct numbers among {n} cells: each becomes "
+            f"its own category. If it is a measurement, pass it as "
+            f"continuous_covariate_keys=[{key!r}] instead.", UserWarning, stacklevel=4)
 
 
 def _categories(obs: pd.DataFrame, key: str, known: list[str] | None = None) -> list[str]:

@@ -150,6 +150,7 @@ def _check_save_model(save_model: str | None, *written: str | Path | None) -> No
     from .model import check_save_target
 
     check_save_target(save_model, overwrite=True)
+    _check_writable_parent(save_model, "--save-model")
     folder = Path(save_model).resolve()
     for path in filter(None, written):
         out = Path(path).resolve()
@@ -159,19 +160,29 @@ def _check_save_model(save_model: str | None, *written: str | Path | None) -> No
                              f"e.g. {Path(save_model) / 'model'}.")
 
 
+def _check_writable_parent(path: str | Path, flag: str) -> None:
+    """The nearest existing folder above ``path`` is a folder this process can write into
+    (a file there, e.g. ``env.sh/model``, fails only when the path is created)."""
+    parent = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f"{flag} {path}: cannot write into {parent}"
+                              f"{' (a file, not a folder)' if parent and parent.is_file() else ''}"
+                              "; choose a writable folder.")
+
+
 def _check_output(path: str, input_path: str | None = None) -> None:
     """Refuse, before any training, an output path that could not be written."""
     out = Path(path)
+    if str(path).endswith(("/", os.sep)) and not out.is_dir():  # Path() drops the slash
+        raise IsADirectoryError(f"-o {path} names a folder; pass the path of an .h5ad file, "
+                                f"e.g. {out / 'result.h5ad'}.")
     if out.is_dir():
         raise IsADirectoryError(f"-o {path} is a folder; pass the path of an .h5ad file, e.g. "
                                 f"{out / 'result.h5ad'}.")
     if input_path is not None and out.exists() and out.resolve() == Path(input_path).resolve():
         raise FileExistsError(f"-o {path} is the input file; write the results to a new file "
                               "(the input is only read).")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)  # nearest folder
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PermissionError(f"-o {path}: cannot write into {parent}; choose a writable "
-                              "folder.")
+    _check_writable_parent(out, "-o")
 
 
 def _write(adata, path: str | Path, backed: bool) -> None:
@@ -245,14 +256,17 @@ def cmd_apply(args) -> int:
         raise ValueError("--pad-missing-genes builds a new AnnData in memory; leave out "
                          "--backed, or write a padded file first.")
     adata = _read(args.input, args.backed)
+    args.input_layers = list(adata.layers.keys())  # what an error's --layer hint may name
+    # --layer: where these files keep their counts, if not where the model read them
+    where = {} if args.layer is None else {"layer": None if args.layer == "X" else args.layer}
     if args.pad_missing_genes:
         adata = SCVAE.prepare_query_anndata(adata, args.model,
                                             max_missing_fraction=args.max_missing_fraction)
     if args.query:  # new batches: fit their weights only, the reference stays as it was
         model = SCVAE.load_query(args.model, adata, max_epochs=args.epochs, seed=args.seed or 0,
-                                 device=args.device, progress_bar=not args.quiet)
+                                 device=args.device, progress_bar=not args.quiet, **where)
     else:
-        model = SCVAE.load(args.model, adata, device=args.device)  # checks the genes
+        model = SCVAE.load(args.model, adata, device=args.device, **where)  # checks the genes
         if args.warm_start:  # from the saved weights, on these cells
             model.train(max_epochs=args.epochs, seed=args.seed or 0, warm_start=True,
                         device=args.device, progress_bar=not args.quiet)
@@ -275,7 +289,7 @@ def cmd_demo(args) -> int:
     import scanpy as sc
 
     from . import datasets
-    from .model import check_save_target
+    from .model import check_key_added, check_save_target
     from .plotting import training_history
 
     out = Path(args.output)
@@ -284,6 +298,7 @@ def cmd_demo(args) -> int:
                               "pass a new or existing folder.")
     check_save_target(out / "model", overwrite=True)  # before training, not after
     _check_save_model(args.save_model, out)
+    check_key_added(args.key_added)  # before the folder is made: a refused run leaves none
     out.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc68k()
     print(f"pbmc68k (embedded in scanpy): {adata.n_obs} cells × {adata.n_vars} genes")
@@ -336,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        "or SCVAE.save")
     apply.add_argument("-o", "--output", required=True, help="output .h5ad")
     _add_output_args(apply)
+    apply.add_argument("--layer", default=None,
+                       help="the input's counts are in this layer (X: in adata.X), not where "
+                            "the model read them in training")
     apply.add_argument("--backed", action="store_true", help="stream the counts from disk")
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     apply.add_argument("--query", action="store_true",
@@ -397,10 +415,16 @@ def _flags_for(message: str, command: str, args: argparse.Namespace | None = Non
     ``command`` has them (``apply`` reads the layer the model was trained on); for an obs
     column that does not exist, the flag in ``args`` that named it."""
     flags = []
+    layers = getattr(args, "input_layers", None) or []
+    if command == "apply" and getattr(args, "layer", None) is None:
+        # the counts are elsewhere than the model read them: say where they are
+        named = re.findall(r"adata\.layers\['([^']+)'\] looks like raw counts", message)
+        flags += [f"--layer {m}" for m in named if m in layers]
+        if "The model was trained on adata.layers[" in message:
+            flags.append("--layer X if adata.X holds the counts")
     if command in ("fit", "demo"):
         # Only layers the input has: messages also say "e.g. layer='counts'", or how to
         # make such a layer in Python, which no flag does.
-        layers = getattr(args, "input_layers", None) or []
         flags += [f"--layer {m}" for m in dict.fromkeys(re.findall(r"layer='([^']+)'", message))
                   if m in layers]
         if "Pass layer= naming" in message:
@@ -424,6 +448,14 @@ def _flags_for(message: str, command: str, args: argparse.Namespace | None = Non
                 flags.append(flag)
     if "layers=False" in message:
         flags.append("--no-layers")
+    for python, flag in (("cuda_graphs=False", "leave out --cuda-graphs"),
+                         ("strategy=None", "--strategy none"),
+                         ("resume=False", "leave out --resume"),
+                         ("device='auto'", "--device auto"),
+                         ("dispersion='gene'", "--dispersion gene"),
+                         ("likelihood='nb'", "--likelihood nb")):
+        if python in message and (command != "apply" or python.startswith("device")):
+            flags.append(flag)
     if ("prepare_query_anndata" in message and command == "apply" and args is not None
             and not args.pad_missing_genes and not args.backed):  # (not with --backed)
         flags.append("apply --pad-missing-genes")

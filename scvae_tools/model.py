@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .adapter import DENSE_LIMIT_BYTES, CellData, DataSpec, _label_text
+from .adapter import AS_SAVED, DENSE_LIMIT_BYTES, CellData, DataSpec, _AsSaved, _label_text
 from .backed import BackedCellData, is_backed, make_cell_data, read_backed
 from .checkpoint import (
     CheckpointConfig,
@@ -1173,6 +1173,7 @@ class SCVAE:
         device: str | torch.device = "auto",
         progress_bar: bool = True,
         eps: float = 1e-2,
+        layer: str | None | _AsSaved = AS_SAVED,
     ) -> SCVAE:
         """Map a query dataset with new batches onto a saved reference model (scArches).
 
@@ -1200,6 +1201,9 @@ class SCVAE:
             As in :meth:`train` (no KL warm-up, no weight decay).
         seed, device, progress_bar, eps
             As in :meth:`train` (``eps``: Adam's).
+        layer
+            Where the query keeps its counts, if not where the reference read them (as in
+            :meth:`load`).
 
         Returns
         -------
@@ -1224,7 +1228,7 @@ class SCVAE:
             cls, reference_dir, query_adata, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
             train_size=train_size, early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience, seed=seed, device=device,
-            progress_bar=progress_bar, eps=eps,
+            progress_bar=progress_bar, eps=eps, layer=layer,
         )
 
     @staticmethod
@@ -1426,7 +1430,8 @@ class SCVAE:
         self.history.to_csv(tmp / HISTORY_FILE, index=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, adata=None, device: str | torch.device = "auto") -> SCVAE:
+    def load(cls, path: str | os.PathLike, adata=None, device: str | torch.device = "auto",
+             layer: str | None | _AsSaved = AS_SAVED) -> SCVAE:
         """Load a saved model; attach ``adata`` (checked against the saved genes) if given.
 
         Weights are read with ``torch.load(weights_only=True)``: no code from the file runs,
@@ -1448,6 +1453,11 @@ class SCVAE:
         device
             Where the model runs: ``"auto"`` (CUDA, else MPS, else the CPU), or a torch
             device.
+        layer
+            Where this model reads counts from now on: ``adata.layers[layer]``, or ``X``
+            with ``None``. By default where it read them in training (``model.spec.layer``):
+            pass this for data that keep their counts elsewhere (a model trained on
+            ``layers["counts"]``, new files with counts in ``X``). It is saved with the model.
         """
         path = Path(path)
         if path.is_file():
@@ -1464,6 +1474,10 @@ class SCVAE:
             raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); the file is "
                              "corrupted: re-save the model or restore it from a backup.") from None
         config = validate_model_config(raw, str(path / CONFIG_FILE))
+        if layer is not AS_SAVED:
+            if layer is not None and not isinstance(layer, str):
+                raise TypeError(f"layer must be a layer name or None (X), got {layer!r}.")
+            config["data"].layer = layer
         model = cls.__new__(cls)
         model.spec = config["data"]
         model.module_config = config["module"]

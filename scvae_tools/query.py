@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .adapter import CellData, DataSpec, _check_not_empty, gene_positions
+from .adapter import AS_SAVED, CellData, DataSpec, _AsSaved, _check_not_empty, gene_positions
 from .devices import accumulator_dtype, seeded
 from .module import VAE, ModuleConfig
 from .train import (
@@ -166,6 +166,7 @@ def load_query(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress_bar: bool = True,
+    layer: str | None | _AsSaved = AS_SAVED,
 ) -> SCVAE:
     """Map query cells onto a saved reference; see :meth:`SCVAE.load_query`."""
     from .model import _whole
@@ -184,7 +185,7 @@ def load_query(
     elif getattr(query_adata, "isbacked", False):
         query_adata = query_adata.to_memory()
     check_patience(early_stopping, early_stopping_patience)
-    reference = cls.load(reference_dir, adata=None, device="cpu")
+    reference = cls.load(reference_dir, adata=None, device="cpu", layer=layer)
     ref_spec, ref_cfg = reference.spec, reference.module_config
     if ref_spec.batch_key is None and not ref_spec.categorical_covariate_keys:
         raise ValueError(

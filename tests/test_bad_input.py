@@ -571,6 +571,16 @@ def test_a_warm_up_longer_than_training_and_a_tiny_train_size_are_named(X):
         fit(make(X), train_size=0.001)
 
 
+def test_a_measurement_as_batch_key_warns(X):
+    """percent_mito as batch_key made ~one batch per cell, silently."""
+    with pytest.warns(UserWarning, match=r"batch_key 'pct' holds 60 distinct numbers among "
+                      r"60 cells.*continuous_covariate_keys=\['pct'\]"):
+        svt.SCVAE(make(X, pct=np.linspace(0.1, 0.9, N_CELLS)), batch_key="pct", **MODEL)
+    with warnings.catch_warnings():  # a few numeric labels are batches, not measurements
+        warnings.simplefilter("error")
+        svt.SCVAE(make(X, run=np.arange(N_CELLS) % 3 * 1.0), batch_key="run", **MODEL)
+
+
 def test_unavailable_devices_and_negative_beta(X):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU here.*device='auto' or 'cpu'"):

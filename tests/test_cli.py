@@ -279,7 +279,9 @@ def test_fit_passes_cuda_graphs_on(tmp_path, capsys):
     a.write_h5ad(tmp_path / "in.h5ad")
     rc = main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"),
                "--cuda-graphs", "--device", "cpu", "--quiet"])
-    assert rc == 2 and "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "cuda_graphs=True needs a CUDA device" in err
+    assert "(on the command line: leave out --cuda-graphs)" in err, err
 
 
 def test_demo_as_module(tmp_path):
@@ -415,7 +417,18 @@ def test_output_problems_are_one_line_errors_before_training(tmp_path, capsys, m
         assert main(["fit", *argv, "--epochs", "1", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
-    assert not trained
+    # Two more, also before training: -o "results/" named a folder and wrote a file called
+    # results; --save-model below a file failed with a bare errno after training.
+    (tmp_path / "env.sh").write_text("export X=1")
+    for argv, message in (
+            (["in.h5ad", "-o", "results/"], "-o results/ names a folder"),
+            (["in.h5ad", "-o", "o.h5ad", "--save-model", "env.sh/model"],
+             "--save-model env.sh/model: cannot write into")):
+        assert main(["fit", *argv, "--epochs", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert "env.sh (a file, not a folder)" in err
+    assert not trained and not (tmp_path / "results").exists()
     monkeypatch.undo()
     empty = tmp_path / "here"
     empty.mkdir()
@@ -482,3 +495,37 @@ def test_a_failed_write_keeps_the_previous_output(tmp_path, capsys, monkeypatch)
     assert "No space left on device" in capsys.readouterr().err
     assert (tmp_path / "o.h5ad").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "o.h5ad"]
+
+
+def test_apply_layer_reads_counts_where_the_input_keeps_them(tmp_path, capsys, monkeypatch):
+    """A model trained on layers['counts'], applied to a file with its counts in X (and the
+    reverse): `apply` had no --layer, and its errors named a Python fix only. Same cells,
+    same latent, wherever the counts are; SCVAE.load(layer=) underneath."""
+    monkeypatch.chdir(tmp_path)
+    a = svt.datasets.synthetic_counts(n_cells=120, n_genes=30, n_batches=2, seed=0)
+    b = a.copy()
+    b.layers["counts"] = b.X.copy()
+    b.X = b.X.multiply(1e4 / b.X.sum(1)).tocsr().log1p()
+    b.write_h5ad("layer.h5ad")
+    a.write_h5ad("x.h5ad")
+    assert main(["fit", "layer.h5ad", "-o", "o1.h5ad", "--layer", "counts", "--epochs", "2",
+                 "--quiet", "--save-model", "lmodel", "--batch-key", "batch"]) == 0
+    assert main(["apply", "x.h5ad", "--model", "lmodel", "-o", "o2.h5ad"]) == 2
+    assert "(on the command line: --layer X if adata.X holds the counts)" in capsys.readouterr().err
+    assert main(["apply", "x.h5ad", "--model", "lmodel", "-o", "o2.h5ad", "--layer", "X"]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad("o2.h5ad").obsm["X_scvae"],
+                                  ad.read_h5ad("o1.h5ad").obsm["X_scvae"])
+    assert main(["fit", "x.h5ad", "-o", "o3.h5ad", "--epochs", "2", "--quiet",
+                 "--save-model", "xmodel"]) == 0
+    assert main(["apply", "layer.h5ad", "--model", "xmodel", "-o", "o4.h5ad"]) == 2
+    assert "(on the command line: --layer counts)" in capsys.readouterr().err
+    assert main(["apply", "layer.h5ad", "--model", "xmodel", "-o", "o4.h5ad",
+                 "--layer", "counts"]) == 0
+    o4 = ad.read_h5ad("o4.h5ad")
+    np.testing.assert_array_equal(o4.obsm["X_scvae"], ad.read_h5ad("o3.h5ad").obsm["X_scvae"])
+    np.testing.assert_array_equal(o4.X.toarray(), b.X.toarray())  # the input's X is kept
+    model = svt.SCVAE.load("lmodel", a, layer=None)  # the Python call underneath
+    np.testing.assert_array_equal(model.get_latent_representation(),
+                                  ad.read_h5ad("o1.h5ad").obsm["X_scvae"])
+    with pytest.raises(TypeError, match="layer must be a layer name or None"):
+        svt.SCVAE.load("lmodel", a, layer=0)
