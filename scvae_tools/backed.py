@@ -263,10 +263,12 @@ class BackedCellData:
                 enc = f"{_attr_text(node, 'h5sparse_format')}_matrix"
                 shape_attr = "h5sparse_shape"
             if enc != "csr_matrix":
+                where = ("adata.X" if spec.layer is None
+                         else f"adata.layers[{spec.layer!r}]")
                 raise ValueError(
                     f"{self._key} in {self.path} is stored as {enc or 'an unknown group'}; "
                     "streaming rows needs CSR (or dense) on disk. Rewrite the file with CSR "
-                    "counts, e.g. `adata.X = adata.X.tocsr(); adata.write_h5ad(path)`."
+                    f"counts, e.g. `{where} = {where}.tocsr(); adata.write_h5ad(path)`."
                 )
             self._sparse = True
             self._indptr = np.asarray(node["indptr"][:], dtype=np.int64)

@@ -285,15 +285,15 @@ def variational_gap(
     ``obs[f"{key_added}_log_px_iw"]`` and ``obs[f"{key_added}_variational_gap"]``.
     """
     _per_cell_target(adata, "variational_gap", key_added)
-    if int(n_samples) < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    # a whole number: with 2.5, two draws were normalised by log 2.5 (0.22 nats too low)
+    n_samples = check_positive_int(n_samples, "n_samples")
     data = _data(model, adata)
     elbo, iw = [], []
     with seeded(seed, model.device), torch.inference_mode():
         for b in model._eval_batches(data, batch_size):
             cov = model.module.covariates(b.batch_index, b.cat_covs, b.cont_covs)
             m, v = model.module.encode(b.x, cov)
-            lw = _log_weights(model.module, b, cov, m, v, int(n_samples)).double()
+            lw = _log_weights(model.module, b, cov, m, v, n_samples).double()
             elbo.append(lw.mean(0).cpu())
             iw.append((torch.logsumexp(lw, 0) - math.log(n_samples)).cpu())
     res = pd.DataFrame(
@@ -362,10 +362,10 @@ def amortization_gap(
     with ``return_latents`` a tuple ``(DataFrame, refined_means)``.
     """
     _per_cell_target(adata, "amortization_gap", key_added)
-    for name, val in (("n_steps", n_steps), ("n_mc", n_mc), ("n_eval_samples", n_eval_samples),
-                      ("eval_every", eval_every)):
-        if int(val) < 1:
-            raise ValueError(f"{name} must be at least 1, got {val}.")
+    n_steps, n_mc, n_eval_samples, eval_every = (
+        check_positive_int(val, name) for name, val in (
+            ("n_steps", n_steps), ("n_mc", n_mc), ("n_eval_samples", n_eval_samples),
+            ("eval_every", eval_every)))
     data = _data(model, adata)
     module = model.module
     flags = [p.requires_grad for p in module.parameters()]
@@ -508,8 +508,9 @@ def aggregated_posterior(
         raise ValueError(f"aggregated_posterior stores its summary in adata.uns[{key_added!r}], "
                          "which a file path does not have: pass key_added=None, or read the "
                          "file first (adata = anndata.read_h5ad(path)).")
-    if int(n_samples) < 2:
+    if check_positive_int(n_samples, "n_samples") < 2:
         raise ValueError(f"n_samples must be at least 2, got {n_samples}.")
+    max_cells = check_positive_int(max_cells, "max_cells")
     data = _data(model, adata)
     m_np, v_np = model._posterior(data)
     rng = np.random.default_rng(seed)
@@ -787,6 +788,10 @@ def mutual_information_gap(latent: np.ndarray, factors, n_bins: int = 10) -> dic
     fac = factors if isinstance(factors, pd.DataFrame) else pd.DataFrame(np.asarray(factors))
     if latent.ndim != 2 or latent.shape[1] < 2:
         raise ValueError(f"latent must be cells × (≥ 2) dimensions, got shape {latent.shape}.")
+    bad = int((~np.isfinite(latent)).any(axis=1).sum())
+    if bad:  # a NaN was binned as a level of its own (or broke the binning)
+        raise ValueError(f"latent has non-finite values in {bad} cells; drop those cells "
+                         "(from the latent and the factors) first.")
     if len(fac) != latent.shape[0]:
         raise ValueError(f"factors has {len(fac)} rows but latent has {latent.shape[0]} cells.")
     if n_bins < 2:
@@ -973,6 +978,10 @@ def latent_traversal(
     means, _ = model._posterior(data)
     n_latent = means.shape[1]
     dims = list(range(n_latent)) if dim is None else ([int(dim)] if np.isscalar(dim) else [int(d) for d in dim])
+    if not dims:
+        raise ValueError("dim is empty; pass a latent axis, a list of them, or None for all.")
+    if not (np.isfinite(library_size) and library_size > 0):  # NaN or zero expression
+        raise ValueError(f"library_size must be a positive number, got {library_size!r}.")
     bad = [d for d in dims if not 0 <= d < n_latent]
     if bad:
         raise ValueError(f"dim {bad} out of range; the model has n_latent={n_latent} (0 … {n_latent - 1}).")
@@ -980,11 +989,15 @@ def latent_traversal(
         lo, hi = quantiles
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"quantiles must satisfy 0 <= lo < hi <= 1, got {quantiles}.")
-        if n_steps < 2:
+        if check_positive_int(n_steps, "n_steps") < 2:
             raise ValueError(f"n_steps must be at least 2, got {n_steps}.")
         grid = np.stack([np.linspace(*np.quantile(means[:, d], [lo, hi]), n_steps) for d in dims])
     else:
-        grid = np.tile(np.asarray(values, dtype=np.float64), (len(dims), 1))
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if not len(values) or not np.isfinite(values).all():
+            raise ValueError("values must be one or more finite z values, got "
+                             f"{values.tolist()[:5]}.")
+        grid = np.tile(values, (len(dims), 1))
     ref = np.median(means, axis=0)
     module = model.module
     dev = model.device

@@ -438,6 +438,7 @@ class SCVAE:
             warm_start=bool(warm_start),
         )
         dist_ctx = _dist_context(strategy, device)
+        cfg.world_size = 1 if dist_ctx is None else dist_ctx.world_size
         device = resolve_device(device) if dist_ctx is None else dist_ctx.device
         resuming = checkpoint is not None and checkpoint.resume and checkpoint.path.exists()
         if not (warm_start or resuming):  # (a resumed run starts from its checkpoint)

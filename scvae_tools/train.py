@@ -88,6 +88,9 @@ class TrainConfig:
     dispersion_lr_factor: float = DISPERSION_LR_FACTOR
     # Started from the model's current weights (train(warm_start=True)), not new ones.
     warm_start: bool = False
+    # Processes of a DDP run: batch_size is per process, so each step averaged the
+    # gradients of batch_size × world_size cells.
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):  # NumPy scalars (np.float32 lr, np.bool_) as Python's: JSON

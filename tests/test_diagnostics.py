@@ -182,6 +182,28 @@ def test_marginal_ll_and_elbo_equal_their_exact_values_by_quadrature(factors, op
     assert abs(draws.mean() - float(elbo_exact.mean())) < 4 * se + 0.02
 
 
+def test_counts_and_sizes_of_the_diagnostics_are_checked(trained, factors):
+    """Arguments that computed something else, silently, or failed inside numpy or torch:
+    2.5 importance samples drew two and normalised by log 2.5; a negative library size gave
+    NaN expression; a NaN latent was binned as a level of its own."""
+    a = factors[:20].copy()
+    for call, message in [
+        (lambda: svt.tl.variational_gap(trained, a, n_samples=2.5), "n_samples must be a positive integer, got 2.5"),
+        (lambda: svt.tl.amortization_gap(trained, a, n_steps=2.0), "n_steps must be a positive integer"),
+        (lambda: svt.tl.amortization_gap(trained, a, n_mc=2.5), "n_mc must be a positive integer"),
+        (lambda: svt.tl.aggregated_posterior(trained, max_cells=0), "max_cells must be a positive integer"),
+        (lambda: svt.tl.latent_traversal(trained, dim=0, library_size=-1), "library_size must be a positive number"),
+        (lambda: svt.tl.latent_traversal(trained, dim=0, values=[]), "values must be one or more finite"),
+        (lambda: svt.tl.latent_traversal(trained, dim=[]), "dim is empty"),
+        (lambda: svt.tl.latent_traversal(trained, dim=0, n_steps=2.5), "n_steps must be a positive integer"),
+        (lambda: svt.tl.mutual_information_gap(np.array([[np.nan, 1], [1, 2], [2, 3]]), np.array([0, 1, 0])),
+         "non-finite values in 1 cells"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert list(a.obs.columns) == ["factor0", "factor1"]  # nothing written
+
+
 def test_variational_gap_needs_adata(trained, factors, tmp_path):
     with pytest.raises(ValueError, match="adata"):
         svt.tl.variational_gap(trained, None)
