@@ -92,6 +92,7 @@ def main() -> None:
     if rank == 0:
         result = {
             "world_size": int(os.environ["WORLD_SIZE"]),
+            "recorded_world_size": model.train_config.world_size,
             "heldout_elbo": model.get_elbo(indices=model.validation_indices),
             "train_indices": model.train_indices.tolist(),
             "validation_elbo": model.history["validation_elbo"].tolist(),

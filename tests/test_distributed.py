@@ -101,6 +101,7 @@ def test_two_gloo_ranks_match_single_process(synthetic, tmp_path):
                "--epochs", str(epochs), "--batch-size", str(per_rank_bs), "--backed"])
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world_size"] == 2 and res["epochs"] == epochs
+    assert res["recorded_world_size"] == 2  # batch_size is per rank: the record says so
     train_idx = np.asarray(res["train_indices"])
     seen = [np.load(tmp_path / f"seen_rank{r}.npz") for r in range(2)]
     for e in range(epochs):
