@@ -158,6 +158,17 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}.")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise ValueError(f"Could not read {what} {path}: it is not a regular file.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        lfs = magic == b"vers" and b"git-lfs" in path.read_bytes()[:200]
+        raise ValueError(
+            f"Could not read {what} {path}: it is not a torch file"
+            + (" but a Git LFS pointer (fetch it with `git lfs pull`)" if lfs else
+               " (truncated, another format, or not written by torch.save)")
+            + ". Re-save it, or restore it from a backup.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -166,20 +177,48 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
             "plain containers, which could run arbitrary code. Only load files from sources you "
             f"trust; re-save the model with scvae_tools to get a safe file. ({str(err)[:300]})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    # IndexError, KeyError…: the unpickler tripping over damaged bytes
+    except Exception as err:  # noqa: BLE001
         raise ValueError(
             f"Could not read {what} {path}: the file is truncated or not a torch file "
             f"({type(err).__name__}: {str(err)[:200]}). Re-save it, or restore it from a backup."
         ) from None
 
 
-def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
-    """Check that ``state`` is a ``{name: finite tensor}`` dict; return it."""
+def check_state_dict(state: Any, source: str, reference: dict[str, torch.Tensor] | None = None,
+                     against: str = "the model") -> dict[str, torch.Tensor]:
+    """Check that ``state`` is a ``{name: finite tensor}`` dict; return it.
+
+    With ``reference`` (the module's own ``state_dict()``) the names, shapes and dtypes must
+    be the module's, checked first: a float64 weight could hold values that overflow the
+    module's float32, and a tensor expanded from one number to 10⁶ × 10⁶ (8 KB on disk)
+    would have the finiteness check allocate terabytes.
+    """
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(f"{source} is not a state dict of named tensors.")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if reference is not None:
+        missing = sorted(set(reference) - set(state))
+        extra = sorted(set(state) - set(reference))
+        if missing or extra:
+            raise ValueError(f"{source} does not match {against}: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}; the files come from different models.")
+        odd = [k for k, v in state.items()
+               if v.shape != reference[k].shape or v.dtype != reference[k].dtype]
+        if odd:
+            k = odd[0]
+            raise ValueError(
+                f"{source} does not match {against}: {k} is {state[k].dtype} "
+                f"{tuple(state[k].shape)}, the model's is {reference[k].dtype} "
+                f"{tuple(reference[k].shape)}; the files come from different models.")
+    bloated = [k for k, v in state.items()
+               if v.untyped_storage().nbytes() < v.numel() * v.element_size()]
+    if bloated:  # stride-0 views claim more values than their data holds
+        raise ValueError(f"{source} has tensors larger than the data they hold (in "
+                         f"{bloated[:5]}); it was not written by scvae_tools.")
+    bad = [k for k, v in state.items()
+           if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(
             f"{source} has NaN or inf weights (in {bad[:5]}); it comes from a diverged or "
@@ -200,8 +239,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return value is None
     if tp is bool:
         return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is int:  # within int64: 10**400 would overflow inside torch, not here
+        return isinstance(value, int) and not isinstance(value, bool) and value.bit_length() < 63
     if tp is float:  # JSON writes 1.0 as 1 only by hand, but accept it; never NaN/inf
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is str:
@@ -306,6 +345,11 @@ def validate_model_config(config: Any, source: str = "config.json") -> dict[str,
     # Cross-field consistency: the weights are shaped by `module`, the encoding by `data`.
     if len(set(data.var_names)) != len(data.var_names):
         raise ValueError(f"{source}: 'data.var_names' has duplicate gene names.")
+    for what, cats in [("batch_categories", data.batch_categories), *(
+            (f"categorical_covariate_categories[{k!r}]", v)
+            for k, v in data.categorical_covariate_categories.items())]:
+        if len(set(cats)) != len(cats):  # one label, two columns: encoding is ambiguous
+            raise ValueError(f"{source}: 'data.{what}' lists a category twice.")
     if data.n_genes != module.n_genes:
         raise ValueError(
             f"{source}: 'data.var_names' lists {data.n_genes} genes but 'module.n_genes' is "

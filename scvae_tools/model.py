@@ -1469,11 +1469,19 @@ class SCVAE:
             hint = (f" A save was interrupted while swapping folders: the previous model is in "
                     f"{old}; rename it to {path.name}." if (old / CONFIG_FILE).exists() else "")
             raise FileNotFoundError(f"No saved SCVAE at {path} ({CONFIG_FILE} missing).{hint}")
+        config_file = path / CONFIG_FILE
+        # A regular file of sane size: a FIFO would block, /dev/zero fill the memory.
+        if not config_file.is_file() or config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{config_file} is not a config.json that scvae_tools writes (not "
+                             "a regular file, or over 64 MB); re-save the model or restore it "
+                             "from a backup.")
         try:
-            raw = json.loads((path / CONFIG_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}); the file is "
-                             "corrupted: re-save the model or restore it from a backup.") from None
+            raw = json.loads(config_file.read_text())
+        # RecursionError: nesting thousands deep; ValueError: e.g. an integer of 5,000 digits
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{config_file} is not valid JSON ({type(err).__name__}: "
+                             f"{str(err)[:200]}); the file is corrupted: re-save the model or "
+                             "restore it from a backup.") from None
         config = validate_model_config(raw, str(path / CONFIG_FILE))
         if layer is not AS_SAVED:
             if layer is not None and not isinstance(layer, str):
@@ -1484,14 +1492,16 @@ class SCVAE:
         model.module_config = config["module"]
         model.beta = config["beta"]
         model.free_bits = config["free_bits"]
+        _check_weights_fit(model.module_config, path / WEIGHTS_FILE)
         # Its initial weights are replaced by the saved ones: drawing them must not move
         # the caller's random state.
         with rng_kept(torch.device("cpu")):
             model.module = VAE(model.module_config)
-        state = check_state_dict(safe_torch_load(path / WEIGHTS_FILE, "model weights"),
-                                 str(path / WEIGHTS_FILE))
-        if model.module.log_theta is None:
+        state = safe_torch_load(path / WEIGHTS_FILE, "model weights")
+        if model.module.log_theta is None and isinstance(state, dict):
             state.pop("log_theta", None)  # earlier versions gave Poisson models an unused θ
+        state = check_state_dict(state, str(path / WEIGHTS_FILE),
+                                 reference=model.module.state_dict(), against=CONFIG_FILE)
         try:
             model.module.load_state_dict(state)
         except RuntimeError as err:
@@ -1499,8 +1509,7 @@ class SCVAE:
                              f"({str(err)[:300]}); the two files come from different models.") from None
         model.device = resolve_device(device)
         model.module.to(model.device).eval()
-        hist_file = path / HISTORY_FILE
-        model.history = pd.read_csv(hist_file) if hist_file.exists() and hist_file.stat().st_size > 1 else pd.DataFrame()
+        model.history = _read_history(path / HISTORY_FILE)
         restored = raw.get("restored_epoch")
         if isinstance(restored, int) and not isinstance(restored, bool) and restored >= 0:
             model.history.attrs["restored_epoch"] = restored
@@ -1509,7 +1518,11 @@ class SCVAE:
         model.train_threads = threads if isinstance(threads, int) and threads > 0 else None
         model.train_indices = model.validation_indices = None
         query = raw.get("query")
-        model.query_info = query if isinstance(query, dict) else None
+        if query is not None and not _query_info_ok(query, model.spec):
+            raise ValueError(f"{config_file}: 'query' is not the record of a reference mapping "
+                             "(new_categories per batch or covariate key the model knows); "
+                             "the file was edited or corrupted. Re-save the model.")
+        model.query_info = query
         model.loaded_from = str(path)
         model.is_trained = True
         model._data = None if adata is None else make_cell_data(adata, model.spec, trained=True)
@@ -1535,6 +1548,48 @@ class SCVAE:
         mask = np.unpackbits(bits, count=n).astype(bool)
         self.validation_indices = np.flatnonzero(mask)
         self.train_indices = np.flatnonzero(~mask)
+
+
+MAX_CONFIG_BYTES = 64 << 20
+
+
+def _check_weights_fit(module_config, weights: Path) -> None:
+    """Refuse a config.json whose architecture needs far more memory than the weights file
+    holds (n_latent = 10⁹ would allocate 32 GB before the weights are compared): it is
+    built first on the meta device, which allocates nothing."""
+    with torch.device("meta"), rng_kept(torch.device("cpu")):
+        planned = VAE(module_config)
+    need = sum(t.numel() * t.element_size() for t in planned.state_dict().values())
+    have = weights.stat().st_size if weights.is_file() else 0
+    if have and need > 2 * have + (1 << 20):
+        raise ValueError(
+            f"{weights.parent / CONFIG_FILE} describes a model of {need / 1e6:,.0f} MB of "
+            f"weights, but {weights.name} holds {have / 1e6:,.1f} MB: the two files do not "
+            "belong together (or config.json was edited). Re-save the model.")
+
+
+def _query_info_ok(query: Any, spec: DataSpec) -> bool:
+    """A saved query record names, per batch or covariate key of the model, new categories
+    it knows (what warm-start fine-tuning rebuilds its masks from)."""
+    if not isinstance(query, dict) or not isinstance(query.get("new_categories"), dict):
+        return False
+    known = {spec.batch_key: spec.batch_categories, **spec.categorical_covariate_categories}
+    return all(k in known and isinstance(v, list) and set(map(str, v)) <= set(known[k])
+               for k, v in query["new_categories"].items())
+
+
+def _read_history(path: Path) -> pd.DataFrame:
+    """The saved training history; an unreadable one is reported and left out, since the
+    model itself does not need it."""
+    if not path.is_file() or path.stat().st_size <= 1:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        warnings.warn(f"{path} could not be read ({type(err).__name__}: {str(err)[:120]}); "
+                      "the model is loaded without its training history.", UserWarning,
+                      stacklevel=3)
+        return pd.DataFrame()
 
 
 def default_inference_batch_size(n_genes: int, n_samples: int = 1) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -950,6 +951,59 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     state = ckpt.load_checkpoint(ck.path, required=ckpt.TRAINING_STATE_KEYS)
     if state is None:
         return
+    try:
+        _check_training_state(state, ck.path, module)
+        _restore(state, ck, module, optim, gen, loop, cfg, train_idx, val_idx, device, rank)
+    except (TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
+        # a field of the wrong kind that the checks above do not know of
+        raise ValueError(f"The checkpoint {ck.path} is corrupted ({type(err).__name__}: "
+                         f"{str(err)[:200]}); delete it, pass resume=False, or use another "
+                         "checkpoint_dir.") from None
+
+
+def _check_training_state(state: dict, path: os.PathLike, module: VAE) -> None:
+    """The loop's counters, the weights (current and best) and the optimiser's moments of a
+    checkpoint are what training writes: a tampered one (negative epoch or learning-rate
+    scale, NaN best weights) would otherwise train on silently, or blame the data."""
+    fix = "delete it, pass resume=False, or use another checkpoint_dir"
+
+    def whole(key: str) -> bool:
+        v = state[key]
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    bad = [k for k in ("epoch", "since_best", "rollbacks") if not whole(k)]
+    scale = state.get("lr_scale", 1.0)
+    if not (isinstance(scale, float | int) and math.isfinite(scale) and scale > 0):
+        bad.append("lr_scale")
+    if not (isinstance(state["best"], float | int) and not math.isnan(state["best"])
+            and state["best"] < math.inf):
+        bad.append("best")
+    if not (isinstance(state["rows"], list) and all(isinstance(r, dict) for r in state["rows"])):
+        bad.append("rows")
+    if bad:
+        raise ValueError(f"The checkpoint {path} holds values training does not write "
+                         f"({', '.join(bad)}); {fix}.")
+    if module.log_theta is None and "log_theta" in state["module"]:
+        raise ValueError(f"The checkpoint {path} was written by an older scvae_tools, whose "
+                         "Poisson models carried an unused dispersion parameter, and cannot be "
+                         "resumed; train again with resume=False (the checkpoint is then "
+                         "overwritten).")
+    reference = module.state_dict()
+    ckpt.check_state_dict(state["module"], f"checkpoint {path}", reference)
+    if state["best_state"] is not None:
+        ckpt.check_state_dict(state["best_state"], f"checkpoint {path} (best weights)",
+                              reference)
+    moments = [v for s in state["optimizer"].get("state", {}).values() for v in s.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not all(torch.isfinite(v).all() for v in moments):
+        raise ValueError(f"The checkpoint {path} has NaN or inf optimiser moments; {fix}.")
+
+
+def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
+             gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
+             train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
+             rank: int) -> None:
+    """:func:`_resume` once the checkpoint's values are checked."""
     fix = ("Pass the same settings as the interrupted run, resume=False to start afresh "
            "(the checkpoint is then overwritten), or another checkpoint_dir.")
     if state.get("identity") != ck.identity:
@@ -992,12 +1046,7 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         raise ValueError(f"The checkpoint {ck.path} was written for other batch labels or "
                          "covariate values under the same cell names (relabelled batches, a "
                          f"changed obs column). {fix}")
-    if module.log_theta is None and "log_theta" in state["module"]:
-        raise ValueError(f"The checkpoint {ck.path} was written by an older scvae_tools, whose "
-                         "Poisson models carried an unused dispersion parameter, and cannot be "
-                         "resumed; train again with resume=False (the checkpoint is then "
-                         "overwritten).")
-    module.load_state_dict(ckpt.check_state_dict(state["module"], f"checkpoint {ck.path}"))
+    module.load_state_dict(state["module"])  # checked by _check_training_state
     cfg.dispersion_lr_factor = float(saved_cfg["dispersion_lr_factor"])
     # θ's group (see _param_groups): before loading, as _regroup_state copies lr_scale from
     # a one-group checkpoint's new groups; after, as load_state_dict replaces the groups.

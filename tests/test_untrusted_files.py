@@ -143,6 +143,11 @@ CONFIG_CASES = {
     "infinite float": (_set("train.lr", float("inf")), r"'train\.lr' must be finite, got inf"),
     "foreign format": (_set("format", "someone.else/3"), r"not a scvae_tools model config"),
     "versions not strings": (_set("versions", {"torch": 2}), r"'versions' must map package names"),
+    # a huge architecture was built (32 GB for n_latent = 10⁹) before the weights were read
+    "huge architecture": (_set("module.n_latent", 10**9), r"describes a model of .* MB of weights, but model.pt holds"),
+    "int beyond int64": (_set("module.n_latent", 10**400), r"'module\.n_latent' must be of type int"),
+    "category twice": (_set("data.batch_categories", ["b0", "b0"]), r"'data\.batch_categories' lists a category twice"),
+    "foreign query record": (_set("query", {"x": 1}), r"'query' is not the record of a reference mapping"),
 }
 
 
@@ -162,6 +167,8 @@ def test_invalid_config_gives_clear_error(saved, tmp_path, case):
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ("", "is not valid JSON"),
+    ("[" * 200_000, r"is not valid JSON \(RecursionError"),  # a raw RecursionError before
+    ("{\"beta\": " + "9" * 5000 + "}", "is not valid JSON"),  # Python's 4,300-digit limit
 ])
 def test_unparsable_config(saved, tmp_path, text, message):
     _, path = saved
@@ -261,3 +268,69 @@ def test_foreign_or_incomplete_checkpoint_is_refused(small, tmp_path):
     with pytest.raises(ValueError, match=r"incomplete training checkpoint \(missing \['stopped'"):
         svt.SCVAE(small, n_latent=2, n_hidden=8).train(**TRAIN, checkpoint_dir=tmp_path,
                                                        resume=True)
+
+
+def test_weights_that_fit_no_module_are_refused_before_use(saved, tmp_path):
+    """Float64 weights slipped past the NaN/inf check with values that overflow float32; a
+    tensor expanded from one number to 10⁶ × 10⁶ (8 KB on disk) made that check allocate
+    4 TB; a text file (or a Git LFS pointer) gave an IndexError from the unpickler."""
+    model, path = saved
+    bad = _copy(path, tmp_path / "bad")
+    state = {k: v.clone() for k, v in model.module.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    wide = dict(state, **{name: state[name].double().fill_(1e300)})
+    torch.save(wide, bad / "model.pt")
+    with pytest.raises(ValueError, match=rf"does not match config.json: {name} is torch.float64"):
+        svt.SCVAE.load(bad)
+    bloated = dict(state, **{name: torch.zeros(1).expand(state[name].shape)})
+    torch.save(bloated, bad / "model.pt")
+    with pytest.raises(ValueError, match="larger than the data they hold"):
+        svt.SCVAE.load(bad)
+    (bad / "model.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(ValueError, match="not a torch file"):
+        svt.SCVAE.load(bad)
+    (bad / "model.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
+    with pytest.raises(ValueError, match="Git LFS pointer.*git lfs pull"):
+        svt.SCVAE.load(bad)
+
+
+def test_special_config_file_and_a_broken_history(saved, tmp_path):
+    """config.json as a FIFO hung the load; an unreadable history.csv failed it."""
+    import os
+
+    _, path = saved
+    bad = _copy(path, tmp_path / "bad")
+    (bad / "config.json").unlink()
+    os.mkfifo(bad / "config.json")
+    with pytest.raises(ValueError, match="not a config.json that scvae_tools writes"):
+        svt.SCVAE.load(bad)
+    bad = _copy(path, tmp_path / "bad2")
+    (bad / "history.csv").write_text('epoch,train_elbo\n1,"unterminated\n')
+    with pytest.warns(UserWarning, match="loaded without its training history"):
+        loaded = svt.SCVAE.load(bad)
+    assert loaded.history.empty and loaded.get_latent_representation is not None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epoch", -5, r"holds values training does not write \(epoch\)"),
+    ("lr_scale", -1.0, r"holds values training does not write \(lr_scale\)"),
+    ("rows", 5, r"holds values training does not write \(rows\)"),
+    ("best_state", "nan", r"\(best weights\) has NaN or inf weights"),
+    ("train_idx", [1, 2], r"is corrupted \(AttributeError"),
+])
+def test_a_tampered_checkpoint_is_refused(small, tmp_path, field, value, message):
+    """A negative epoch trained seven extra epochs, a negative learning-rate scale trained
+    uphill, NaN best weights ended the resumed run with a NaN model, all silently; other
+    fields of the wrong kind raised Python's own errors."""
+    model = svt.SCVAE(small, n_latent=2, n_hidden=8)
+    model.train(**TRAIN, seed=0, checkpoint_dir=tmp_path, checkpoint_every=1)
+    state = torch.load(tmp_path / ck.CHECKPOINT_FILE, weights_only=True)
+    if value == "nan":
+        best = state["module"] if state["best_state"] is None else state["best_state"]
+        value = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+                 for k, v in best.items()}
+    state[field] = value
+    torch.save(state, tmp_path / ck.CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match=message):
+        svt.SCVAE(small, n_latent=2, n_hidden=8).train(**(TRAIN | {"max_epochs": 4}), seed=0,
+                                                        checkpoint_dir=tmp_path, resume=True)
