@@ -460,6 +460,7 @@ def _self_check() -> str | None:
     n_rows, n_genes = 24, 97
     x = torch.poisson(torch.rand(n_rows, n_genes, generator=gen, dtype=F32) * 3, generator=gen)
     x[0, :5] = torch.tensor([0.5, 9.0, 40.0, 2.5, 130.0])  # fractions and large counts
+    x[2, 5] = 20000.0  # a deep cell: the kernel sums its linear terms per non-zero
     logits = torch.randn(n_rows, n_genes, generator=gen, dtype=F32) * 2
     log_library = torch.log(x.sum(1, keepdim=True) + 1.0)
     log_theta = torch.randn(n_genes, generator=gen, dtype=F32)
