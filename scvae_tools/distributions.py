@@ -188,6 +188,31 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return mb.neg().reshape(-1).index_copy(0, flat, values).reshape(shape)
 
 
+# Above this many counts a cell's Poisson log-likelihood is summed in float64 (see below).
+DEEP_COUNTS = 16384
+
+
+def log_poisson_sum(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Σ_g log Poisson(x_g; μ_g) per cell: ``log_poisson(x, mu).sum(-1)``, faster.
+
+    On the CPU the element-wise terms x·log μ − μ − lgamma(x+1) in the input's dtype, one
+    fused pass. They cancel (each ~x·log x) and float32 loses ~1.5e-7 nats per count, so
+    cells with more than ``DEEP_COUNTS`` counts (0.002 nats lost there) are summed again
+    from :func:`log_poisson`'s float64 terms. Elsewhere :func:`log_poisson` is summed (no
+    data-dependent indexing on accelerators).
+    """
+    if mu.device.type != "cpu":
+        return log_poisson(x, mu).sum(-1)
+    shape = torch.broadcast_shapes(x.shape, mu.shape)
+    xb, mb = x.expand(shape), mu.expand(shape)
+    ll = (xb * torch.log(mb + _EPS) - mb - torch.lgamma(xb + 1.0)).sum(-1)
+    deep = xb.sum(-1) > DEEP_COUNTS
+    if not bool(deep.any()):
+        return ll
+    exact = log_poisson(xb[deep], mb[deep]).sum(-1, dtype=torch.float64).to(ll.dtype)
+    return ll.masked_scatter(deep, exact)
+
+
 def log_likelihood(
     likelihood: str,
     x: torch.Tensor,

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import native
 from .checkpoint import check_field_types
-from .distributions import LIKELIHOODS, log_likelihood, sample_counts
+from .distributions import LIKELIHOODS, log_likelihood, log_poisson_sum, sample_counts
 from .fused import (
     NonZeros,
     native_ready,
@@ -489,6 +489,8 @@ class VAE(nn.Module):
             return zinb_log_likelihood_from_logits(
                 params["logits"], params["log_library"], params["log_theta"],
                 params["pi_logits"], x, nonzero, params.get("theta_index"))
+        if self.cfg.likelihood == "poisson":  # per cell, at the non-zeros on the CPU
+            return log_poisson_sum(x, params["mu"])
         ll = log_likelihood(
             self.cfg.likelihood, x, params["mu"], params.get("theta"), params.get("pi_logits")
         )

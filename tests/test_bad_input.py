@@ -464,9 +464,11 @@ def test_evaluating_cells_without_the_models_obs_columns(X, tmp_path):
         del a.obs[drop]
         with pytest.raises(KeyError, match=f"The model was set up with {fix}"):
             model.get_latent_representation(a)
-        a.write_h5ad(tmp_path / "a.h5ad")
+        a.write_h5ad(tmp_path / f"without_{drop}.h5ad")
+        backed = ad.read_h5ad(tmp_path / f"without_{drop}.h5ad", backed="r")
         with pytest.raises(KeyError, match=f"The model was set up with {fix}"):
-            model.get_elbo(ad.read_h5ad(tmp_path / "a.h5ad", backed="r"))
+            model.get_elbo(backed)
+        backed.file.close()
 
 
 def test_bad_covariates(X):
