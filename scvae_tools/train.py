@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 import os
@@ -387,29 +388,20 @@ def _epoch_batches(module: VAE, data, train_idx: np.ndarray, batch_size: int,
     return dist.train_batches(data, train_idx, batch_size, gen, device, **option)
 
 
-def train_module(
-    module: VAE,
-    data: CellData,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    cfg: TrainConfig,
-    device: torch.device,
-    progress_bar: bool = True,
-    checkpoint: CheckpointConfig | None = None,
-    dist: DistContext | None = None,
-) -> pd.DataFrame:
-    """Train ``module`` in place; return the per-epoch history (see :func:`_train_module`).
-
-    On CUDA with ``device`` made the current device for the run: CUDA graphs and the
+def _on_its_cuda_device(train):
+    """Run ``train`` with its ``device`` made the current CUDA device: CUDA graphs and the
     side stream of ``cuda_graphs=True`` take the current device's streams, which would
-    otherwise be cuda:0's when training on cuda:1.
-    """
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _train_module(module, data, train_idx, val_idx, cfg, device, progress_bar,
-                             checkpoint, dist)
+    otherwise be cuda:0's when training on cuda:1."""
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        device = kwargs["device"] if "device" in kwargs else args[5]
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return train(*args, **kwargs)
+    return run
 
 
-def _train_module(
+@_on_its_cuda_device
+def train_module(
     module: VAE,
     data: CellData,
     train_idx: np.ndarray,
@@ -898,7 +890,7 @@ def _roll_back(module: VAE, optim: torch.optim.Optimizer, good: dict, loop: _Loo
     warnings.warn(
         f"NaN/inf loss or gradient at {where}; rolled back to {good_point} and "
         f"lowered the learning rate to {new_lr:.3g} (rollback {loop.rollbacks} of at most "
-        f"{cfg.max_rollbacks}).", RuntimeWarning, stacklevel=3,
+        f"{cfg.max_rollbacks}).", RuntimeWarning, stacklevel=4,  # past train_module and its device wrapper
     )
 
 
