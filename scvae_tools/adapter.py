@@ -314,6 +314,7 @@ class CellData:
         nnz = int(np.count_nonzero(self.X))
         if nnz * 12 <= min(n_entries * 4, SPARSE_DEVICE_LIMIT_BYTES):
             self.X = sp.csr_matrix(self.X)
+            self._resident = True  # placed whole again after release_device(), as dense was
 
     def release_device(self) -> None:
         """Drop the tensors placed on a device (e.g. the counts resident on a GPU); the next

@@ -1486,6 +1486,11 @@ class SCVAE:
         if layer is not AS_SAVED:
             if layer is not None and not isinstance(layer, str):
                 raise TypeError(f"layer must be a layer name or None (X), got {layer!r}.")
+            if (layer is not None and adata is not None and hasattr(adata, "layers")
+                    and layer not in adata.layers):  # not "the model was trained on" it
+                raise KeyError(f"layer={layer!r} (given to SCVAE.load) is not a layer of this "
+                               f"AnnData (available: {list(adata.layers)}); name the layer "
+                               "that holds its raw counts, or layer=None for adata.X.")
             config["data"].layer = layer
         model = cls.__new__(cls)
         model.spec = config["data"]
@@ -1573,7 +1578,9 @@ def _query_info_ok(query: Any, spec: DataSpec) -> bool:
     it knows (what warm-start fine-tuning rebuilds its masks from)."""
     if not isinstance(query, dict) or not isinstance(query.get("new_categories"), dict):
         return False
-    known = {spec.batch_key: spec.batch_categories, **spec.categorical_covariate_categories}
+    # keyed as query.py records them: "batch", and "cat:<key>" per categorical covariate
+    known = {"batch": spec.batch_categories, **{
+        f"cat:{k}": v for k, v in spec.categorical_covariate_categories.items()}}
     return all(k in known and isinstance(v, list) and set(map(str, v)) <= set(known[k])
                for k, v in query["new_categories"].items())
 

@@ -943,6 +943,9 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     state = ckpt.load_checkpoint(ck.path, required=ckpt.TRAINING_STATE_KEYS)
     if state is None:
         return
+    if state.get("identity") != ck.identity:  # first: it names the fix
+        raise ValueError(f"The checkpoint {ck.path} belongs to a different model (architecture, "
+                         f"genes or covariates differ). {_RESUME_FIX}")
     try:
         _check_training_state(state, ck.path, module)
         _restore(state, ck, module, optim, gen, loop, cfg, train_idx, val_idx, device, rank)
@@ -951,6 +954,10 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
         raise ValueError(f"The checkpoint {ck.path} is corrupted ({type(err).__name__}: "
                          f"{str(err)[:200]}); delete it, pass resume=False, or use another "
                          "checkpoint_dir.") from None
+
+
+_RESUME_FIX = ("Pass the same settings as the interrupted run, resume=False to start afresh "
+               "(the checkpoint is then overwritten), or another checkpoint_dir.")
 
 
 def _check_training_state(state: dict, path: os.PathLike, module: VAE) -> None:
@@ -995,12 +1002,8 @@ def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.
              gen: torch.Generator, loop: _LoopState, cfg: TrainConfig,
              train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
              rank: int) -> None:
-    """:func:`_resume` once the checkpoint's values are checked."""
-    fix = ("Pass the same settings as the interrupted run, resume=False to start afresh "
-           "(the checkpoint is then overwritten), or another checkpoint_dir.")
-    if state.get("identity") != ck.identity:
-        raise ValueError(f"The checkpoint {ck.path} belongs to a different model (architecture, "
-                         f"genes or covariates differ). {fix}")
+    """:func:`_resume` once the checkpoint's values (and its model's identity) are checked."""
+    fix = _RESUME_FIX
     now_cfg = cfg.to_dict()
     # A setting added after the checkpoint was written had its default then; train_size was
     # used before it was recorded, and the split check below covers it.

@@ -529,3 +529,5 @@ def test_apply_layer_reads_counts_where_the_input_keeps_them(tmp_path, capsys, m
                                   ad.read_h5ad("o1.h5ad").obsm["X_scvae"])
     with pytest.raises(TypeError, match="layer must be a layer name or None"):
         svt.SCVAE.load("lmodel", a, layer=0)
+    with pytest.raises(KeyError, match=r"layer='raw' \(given to SCVAE.load\) is not a layer"):
+        svt.SCVAE.load("lmodel", a, layer="raw")  # not "the model was trained on" it

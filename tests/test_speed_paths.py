@@ -473,6 +473,11 @@ def test_dense_counts_where_csr_stays_resident_carry_their_nonzeros(pbmc68k, mon
         runs[name] = model.history["validation_elbo"].to_numpy()
     assert not searches
     np.testing.assert_array_equal(runs["dense"], runs["csr"])
+    data = adapter.CellData(dense, adapter.DataSpec(var_names=list(dense.var_names)),
+                            copy=False)
+    data._on_device(torch.device("cpu"))
+    data.release_device()  # placed again whole, as CSR (it was skipped: batches from host)
+    assert "x_data" in data._on_device(torch.device("cpu"))
     assert isinstance(dense.X, np.ndarray)
     np.testing.assert_array_equal(dense.X, before)
 

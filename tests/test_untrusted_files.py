@@ -334,3 +334,29 @@ def test_a_tampered_checkpoint_is_refused(small, tmp_path, field, value, message
     with pytest.raises(ValueError, match=message):
         svt.SCVAE(small, n_latent=2, n_hidden=8).train(**(TRAIN | {"max_epochs": 4}), seed=0,
                                                         checkpoint_dir=tmp_path, resume=True)
+
+
+def test_query_models_with_any_batch_key_and_new_covariates_load_again(tmp_path):
+    """The saved query record's check compared "batch" / "cat:<key>" with the batch key's
+    own name: a query model with batch_key="sample", or a new covariate category, was
+    called corrupted when loaded again."""
+    ref = svt.datasets.synthetic_counts(n_cells=120, n_genes=20, n_batches=2, seed=4)
+    ref.obs["sample"] = ref.obs["batch"].astype(str)
+    ref.obs["donor"] = np.where(np.arange(ref.n_obs) % 2, "d1", "d2")
+    svt.SCVAE(ref, batch_key="sample", categorical_covariate_keys=["donor"], n_latent=2,
+              n_hidden=8).train(**TRAIN, seed=0).save(tmp_path / "ref")
+    query = svt.datasets.synthetic_counts(n_cells=40, n_genes=20, n_batches=1, seed=5)
+    query.obs["sample"], query.obs["donor"] = "new_sample", "d9"
+    mapped = svt.SCVAE.load_query(tmp_path / "ref", query, max_epochs=1, progress_bar=False)
+    mapped.save(tmp_path / "q")
+    again = svt.SCVAE.load(tmp_path / "q", query)
+    assert again.query_info["new_categories"] == {"batch": ["new_sample"], "cat:donor": ["d9"]}
+    np.testing.assert_array_equal(again.get_latent_representation(),
+                                  mapped.get_latent_representation())
+
+
+def test_a_checkpoint_of_another_architecture_names_the_fix(small, tmp_path):
+    svt.SCVAE(small, n_latent=2, n_hidden=8).train(**TRAIN, seed=0, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="belongs to a different model.*resume=False"):
+        svt.SCVAE(small, n_latent=3, n_hidden=8).train(**TRAIN, seed=0, checkpoint_dir=tmp_path,
+                                                        resume=True)
