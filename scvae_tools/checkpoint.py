@@ -161,9 +161,9 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
     if not path.is_file():  # a FIFO or device would block or never end
         raise ValueError(f"Could not read {what} {path}: it is not a regular file.")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
-        lfs = magic == b"vers" and b"git-lfs" in path.read_bytes()[:200]
+        head = f.read(200)
+    if head[:4] != b"PK\x03\x04":  # torch.save writes a zip archive
+        lfs = head.startswith(b"version https://git-lfs")
         raise ValueError(
             f"Could not read {what} {path}: it is not a torch file"
             + (" but a Git LFS pointer (fetch it with `git lfs pull`)" if lfs else

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .devices import accumulator_dtype
+
 LIKELIHOODS = ("nb", "zinb", "poisson")
 
 _EPS = 1e-8
@@ -121,7 +123,7 @@ def log_nb_sparse(
     dense = _theta_log_ratio(mu, theta_b) + _x_log_ratio(x_b, mu, theta_b)
     # Summed in float64 (not on MPS, which has none): a float32 sum over thousands of genes
     # of a deep cell keeps ~0.01 nats less.
-    ll = dense.sum(-1, dtype=torch.float32 if dense.device.type == "mps" else torch.float64)
+    ll = dense.sum(-1, dtype=accumulator_dtype(dense.device))
     nz = torch.nonzero(x_b, as_tuple=True)
     xv, tv = x_b[nz], theta_b[nz]
     # In float64, as log_nb: in float32 the two large lgamma values cancel at large θ.
@@ -174,7 +176,7 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """
     shape = torch.broadcast_shapes(x.shape, mu.shape)
     xb, mb = x.expand(shape), mu.expand(shape)
-    wide = torch.float32 if xb.device.type == "mps" else torch.float64
+    wide = accumulator_dtype(xb.device)
 
     def at_counts(xv: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
         xv, mw = xv.to(wide), mv.to(wide)

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from scvae_tools import native
+from scvae_tools.devices import accumulator_dtype
 from scvae_tools.distributions import gamma_differences as _direct_differences
 
 
@@ -311,9 +312,8 @@ def _linear_terms(log_rho: torch.Tensor, log_library: torch.Tensor, log_theta: t
     log-likelihood to float32 rounding that way, 1e6 counts over 1. Summed in float64
     (except on MPS, which has none).
     """
-    wide = torch.float32 if x.device.type == "mps" else torch.float64
     d = torch.sub(log_theta, log_rho).sub_(log_library)
-    return F.softplus(d).mul_(x).sum(-1, dtype=wide).neg_().to(x.dtype)
+    return F.softplus(d).mul_(x).sum(-1, dtype=accumulator_dtype(x.device)).neg_().to(x.dtype)
 
 
 def _nb_core_torch(

@@ -952,20 +952,18 @@ def _resume(ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
     except (TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:
         # a field of the wrong kind that the checks above do not know of
         raise ValueError(f"The checkpoint {ck.path} is corrupted ({type(err).__name__}: "
-                         f"{str(err)[:200]}); delete it, pass resume=False, or use another "
-                         "checkpoint_dir.") from None
+                         f"{str(err)[:200]}); {_CORRUPT_FIX}.") from None
 
 
 _RESUME_FIX = ("Pass the same settings as the interrupted run, resume=False to start afresh "
                "(the checkpoint is then overwritten), or another checkpoint_dir.")
+_CORRUPT_FIX = "delete it, pass resume=False, or use another checkpoint_dir"
 
 
 def _check_training_state(state: dict, path: os.PathLike, module: VAE) -> None:
     """The loop's counters, the weights (current and best) and the optimiser's moments of a
     checkpoint are what training writes: a tampered one (negative epoch or learning-rate
     scale, NaN best weights) would otherwise train on silently, or blame the data."""
-    fix = "delete it, pass resume=False, or use another checkpoint_dir"
-
     def whole(key: str) -> bool:
         v = state[key]
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -981,7 +979,7 @@ def _check_training_state(state: dict, path: os.PathLike, module: VAE) -> None:
         bad.append("rows")
     if bad:
         raise ValueError(f"The checkpoint {path} holds values training does not write "
-                         f"({', '.join(bad)}); {fix}.")
+                         f"({', '.join(bad)}); {_CORRUPT_FIX}.")
     if module.log_theta is None and "log_theta" in state["module"]:
         raise ValueError(f"The checkpoint {path} was written by an older scvae_tools, whose "
                          "Poisson models carried an unused dispersion parameter, and cannot be "
@@ -995,7 +993,8 @@ def _check_training_state(state: dict, path: os.PathLike, module: VAE) -> None:
     moments = [v for s in state["optimizer"].get("state", {}).values() for v in s.values()
                if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if not all(torch.isfinite(v).all() for v in moments):
-        raise ValueError(f"The checkpoint {path} has NaN or inf optimiser moments; {fix}.")
+        raise ValueError(f"The checkpoint {path} has NaN or inf optimiser moments; "
+                         f"{_CORRUPT_FIX}.")
 
 
 def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.Optimizer,
@@ -1003,7 +1002,6 @@ def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.
              train_idx: np.ndarray, val_idx: np.ndarray, device: torch.device,
              rank: int) -> None:
     """:func:`_resume` once the checkpoint's values (and its model's identity) are checked."""
-    fix = _RESUME_FIX
     now_cfg = cfg.to_dict()
     # A setting added after the checkpoint was written had its default then; train_size was
     # used before it was recorded, and the split check below covers it.
@@ -1017,7 +1015,7 @@ def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.
     if diff:
         detail = ", ".join(f"{k}: {saved_cfg[k]!r} → {now_cfg[k]!r}" for k in diff)
         raise ValueError(f"The checkpoint {ck.path} was written with other training settings "
-                         f"({detail}). {fix}")
+                         f"({detail}). {_RESUME_FIX}")
     if int(state["epoch"]) > cfg.max_epochs:  # the record would say fewer than it holds
         raise ValueError(f"The checkpoint {ck.path} already holds {int(state['epoch'])} "
                          f"epochs, more than max_epochs={cfg.max_epochs}; pass max_epochs="
@@ -1026,21 +1024,21 @@ def _restore(state: dict, ck: CheckpointConfig, module: VAE, optim: torch.optim.
     if not (np.array_equal(state["train_idx"].numpy(), train_idx)
             and np.array_equal(state["val_idx"].numpy(), val_idx)):
         raise ValueError(f"The checkpoint {ck.path} used another train/validation split (a "
-                         f"different number of cells or train_size). {fix}")
+                         f"different number of cells or train_size). {_RESUME_FIX}")
     if state.get("cells") and ck.cells and state["cells"] != ck.cells:  # older: not recorded
         raise ValueError(f"The checkpoint {ck.path} was written for other cells, or the same "
-                         f"cells in another order (the split is kept as row numbers). {fix}")
+                         f"cells in another order (the split is kept as row numbers). {_RESUME_FIX}")
     saved_lib = state.get("library")  # older checkpoints: not recorded
     if saved_lib is not None and ck.library is not None and not (
             len(saved_lib) == len(ck.library)
             and np.allclose(saved_lib.numpy(), ck.library, rtol=1e-4, atol=1e-3)):
         raise ValueError(f"The checkpoint {ck.path} was written for other counts: the cells' "
                          "library sizes differ (another layer, or other data under the same "
-                         f"cell names). {fix}")
+                         f"cell names). {_RESUME_FIX}")
     if state.get("covariates") and ck.covariates and state["covariates"] != ck.covariates:
         raise ValueError(f"The checkpoint {ck.path} was written for other batch labels or "
                          "covariate values under the same cell names (relabelled batches, a "
-                         f"changed obs column). {fix}")
+                         f"changed obs column). {_RESUME_FIX}")
     module.load_state_dict(state["module"])  # checked by _check_training_state
     cfg.dispersion_lr_factor = float(saved_cfg["dispersion_lr_factor"])
     # θ's group (see _param_groups): before loading, as _regroup_state copies lr_scale from
