@@ -75,6 +75,11 @@ def read_backed(path: str | os.PathLike):
 
     Note that anndata's backed mode reads ``layers`` into memory; keep the counts of a
     large atlas in ``X`` for out-of-core training.
+
+    Parameters
+    ----------
+    path
+        The .h5ad file.
     """
     return open_h5ad(path, backed=True)
 
@@ -136,6 +141,14 @@ def write_h5ad_backed(adata, path: str | os.PathLike) -> None:
     ``obsp``, ``varp``, ``layers``, ``uns``, e.g. what :meth:`SCVAE.write_to_adata
     <scvae_tools.SCVAE.write_to_adata>` added) are rewritten in the copy. The copy is
     written under a temporary name and renamed into place.
+
+    Parameters
+    ----------
+    adata
+        An AnnData opened with ``backed="r"`` (not a view of one).
+    path
+        The .h5ad to write; a file already there is replaced, unless it is the backing
+        file itself (refused).
     """
     import shutil
 

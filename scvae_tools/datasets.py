@@ -37,7 +37,15 @@ _PBMC3K_TYPE_NAMES = {"CD4 T cells": "CD4 T", "CD14+ Monocytes": "CD14+ Mono", "
 
 
 def get_data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The directory the loaders read from: ``path``, ``$SCVAE_TOOLS_DATA_DIR`` or the user cache."""
+    """The directory the loaders read from: ``path``, ``$SCVAE_TOOLS_DATA_DIR`` or the user cache.
+
+    Parameters
+    ----------
+    path
+        The directory to use (``~`` expanded); ``None``: ``$SCVAE_TOOLS_DATA_DIR`` when set
+        and non-empty, else ``$XDG_CACHE_HOME/scvae_tools`` (``~/.cache/scvae_tools`` when
+        that is unset or relative).
+    """
     if path is not None:
         return Path(path).expanduser()
     env = os.environ.get("SCVAE_TOOLS_DATA_DIR")

@@ -486,11 +486,11 @@ def aggregated_posterior(
         Density threshold for holes, as a quantile of q's own log-densities.
     max_cells
         Cap on the mixture size (cost grows as n_samples × cells).
-    seed
-        Seeds the draws (the global torch RNG is left as it was).
     key_added
         ``adata.uns`` key for the summary numbers (when ``adata`` is given); ``None``: store
         nothing.
+    seed
+        Seeds the draws (the global torch RNG is left as it was).
 
     Returns
     -------
@@ -684,12 +684,14 @@ def jacobian_coupling(
 
     Parameters
     ----------
-    model, adata, n_cells, seed
+    model, adata, n_cells
         As in :func:`decoder_jacobian`.
     active_only
         Average the coupling over active axes only (:func:`posterior_collapse`).
     threshold
         The activity threshold (variance over cells of the posterior mean).
+    seed
+        Seeds the choice of cells, as in :func:`decoder_jacobian`.
 
     Returns
     -------
@@ -918,6 +920,13 @@ class LatentTraversal:
     def top_genes(self, n: int = 10) -> pd.DataFrame:
         """The ``n`` genes that move most along each axis (by log2 range over the traversal).
 
+        Parameters
+        ----------
+        n
+            Genes per axis.
+
+        Returns
+        -------
         Long table with ``dim``, ``rank``, ``gene``, ``log2_range`` (max − min of
         log2(1 + expression) along the axis) and ``log2_fold_change`` (last step vs first; its
         sign is the direction).

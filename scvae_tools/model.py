@@ -202,6 +202,7 @@ class SCVAE:
 
     @property
     def n_latent(self) -> int:
+        """The number of latent dimensions."""
         return self.module_config.n_latent
 
     def __repr__(self) -> str:
@@ -260,14 +261,46 @@ class SCVAE:
             kernel launches, and batch 1024 runs an epoch ~7× faster with a held-out ELBO
             within 0.2% (evidence: ``benchmarks/README.md``). The values used are in
             ``uns["scvae"]["train"]``.
-        lr, weight_decay, eps
-            Adam settings: peak learning rate (decayed, see ``lr_schedule``), by default
-            4e-3, or 1e-2 where the default batch is 1024 (a ``batch_size`` of your own
-            keeps 4e-3); weight decay 1e-6 and eps 1e-2 as in scvi-tools. For scvi-tools'
-            own schedule pass ``batch_size=128, lr=1e-3, lr_schedule="constant",
-            max_epochs=400``. The per-gene (or per-gene-and-batch) dispersions θ learn at
-            10× ``lr`` (their own Adam group): at the networks' rate they hardly moved
-            from their start in a default-length run.
+        lr
+            Adam's peak learning rate (decayed, see ``lr_schedule``): by default 4e-3, or
+            1e-2 where the default batch is 1024 (a ``batch_size`` of your own keeps 4e-3).
+            For scvi-tools' own schedule pass ``batch_size=128, lr=1e-3,
+            lr_schedule="constant", max_epochs=400``. The per-gene (or per-gene-and-batch)
+            dispersions θ learn at 10× ``lr`` (their own Adam group): at the networks' rate
+            they hardly moved from their start in a default-length run.
+        train_size
+            Fraction of cells used for training; the rest is the validation set that early
+            stopping and ``history["validation_*"]`` use. 1.0 trains on all cells.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``
+            epochs (30), and restore the best weights. With ``train_size=1.0`` (no
+            validation cells) it watches the training ELBO instead, averaged over each
+            epoch while the weights change (with dropout on), a noisier guide.
+        seed
+            Seeds the split, initial weights, shuffling and sampling; same seed, device and
+            number of torch threads give identical results on the CPU (the thread count,
+            recorded as ``torch_threads``, sets the order of float sums).
+        device
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        progress_bar
+            Show a tqdm bar with the train and validation ELBO.
+        kl_warmup_epochs
+            Epochs over which β ramps linearly up to ``beta``: epoch e (1, 2, …) uses
+            ``beta · min(1, e / kl_warmup_epochs)``, so the first already has a little KL
+            (scvi-tools' ramp starts at 0); default ``min(10, max_epochs // 4)`` (when
+            resuming, the interrupted run's); 0 disables.
+        weight_decay
+            Adam's weight decay (default 1e-6, as in scvi-tools).
+        eps
+            Adam's eps (default 1e-2, as in scvi-tools); must be positive.
+        early_stopping_patience
+            Scored epochs without improvement before stopping (default 30; with
+            ``validation_every > 1`` it counts validation checks, not epochs).
+        validation_every
+            Score the validation cells every this many epochs and after the last one (like
+            scvi-tools' ``check_val_every_n_epoch``); the ``validation_*`` columns of
+            ``history`` are NaN in between, and early stopping's patience then counts
+            checks, not epochs. Default 1: every epoch.
         lr_schedule
             ``"cosine"`` (default): the learning rate decays from ``lr`` to ``lr / 100``
             over ``max_epochs``, step by step. ``"constant"``: ``lr`` throughout.
@@ -289,35 +322,6 @@ class SCVAE:
             (``benchmarks/gpu_check.py``). This option itself has so far run on the CPU
             only, as the same step without the capture (tests): check it against the
             eager run on your data. Not with ``compile=True`` or DDP.
-        train_size
-            Fraction of cells used for training; the rest is the validation set that early
-            stopping and ``history["validation_*"]`` use. 1.0 trains on all cells.
-        early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience``
-            epochs (30), and restore the best weights. With ``train_size=1.0`` (no
-            validation cells) it watches the training ELBO instead, averaged over each
-            epoch while the weights change (with dropout on), a noisier guide.
-        early_stopping_patience
-            Scored epochs without improvement before stopping (default 30; with
-            ``validation_every > 1`` it counts validation checks, not epochs).
-        validation_every
-            Score the validation cells every this many epochs and after the last one (like
-            scvi-tools' ``check_val_every_n_epoch``); the ``validation_*`` columns of
-            ``history`` are NaN in between, and early stopping's patience then counts
-            checks, not epochs. Default 1: every epoch.
-        seed
-            Seeds the split, initial weights, shuffling and sampling; same seed, device and
-            number of torch threads give identical results on the CPU (the thread count,
-            recorded as ``torch_threads``, sets the order of float sums).
-        device
-            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-        progress_bar
-            Show a tqdm bar with the train and validation ELBO.
-        kl_warmup_epochs
-            Epochs over which β ramps linearly up to ``beta``: epoch e (1, 2, …) uses
-            ``beta · min(1, e / kl_warmup_epochs)``, so the first already has a little KL
-            (scvi-tools' ramp starts at 0); default ``min(10, max_epochs // 4)`` (when
-            resuming, the interrupted run's); 0 disables.
         checkpoint_dir
             Folder for a training checkpoint (model, optimiser, RNG states, epoch, history,
             early-stopping state), written atomically so that a killed run never leaves a
@@ -583,13 +587,23 @@ class SCVAE:
             )
 
     def to_device(self, device: str | torch.device = "auto") -> SCVAE:
-        """Move the model to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or
-        ``"auto"``), as scvi-tools' ``model.to_device``; later evaluation runs there.
+        """Move the model to ``device``, as scvi-tools' ``model.to_device``; later evaluation
+        runs there.
 
         Also frees what the attached data held on the previous device: after training on
         a GPU, ``model.to_device("cpu")`` gives its memory back (the counts stay resident
         there otherwise, for fast evaluation). Training with ``train(device=...)`` moves
-        the model again. Returns the model.
+        the model again.
+
+        Parameters
+        ----------
+        device
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a :class:`torch.device`, or
+            ``"auto"`` (CUDA, then MPS, then CPU). A device that is not there is refused.
+
+        Returns
+        -------
+        The model itself.
         """
         device = resolve_device(device)  # refuses a device that is not there, unchanged
         self.module.to(device)
@@ -933,8 +947,19 @@ class SCVAE:
         """Mean KL(q(z_d|x) ‖ p(z_d)) per latent dimension in nats; near 0 means collapsed.
 
         Closed form for the standard normal prior; a Monte-Carlo estimate against each
-        dimension's marginal for a learned (``"mog"``) prior. ``indices``: only these
-        cells (row numbers or a boolean mask), e.g. ``model.validation_indices``.
+        dimension's marginal for a learned (``"mog"``) prior (the same draws at every call).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None``: the training data.
+        indices
+            Only these cells (row numbers or a boolean mask), e.g.
+            ``model.validation_indices``; ``None``: all of them.
+
+        Returns
+        -------
+        Series indexed ``z0``, ``z1``, …
         """
         self._check_trained()
         data = self._data_for(adata)
@@ -957,9 +982,24 @@ class SCVAE:
     def sample(self, n: int, source: str = "prior", adata=None, seed: int = 0):
         """Generate ``n`` cells of counts from the model; see :func:`scvae_tools.diagnostics.sample`.
 
-        ``source="prior"`` draws z from p(z); ``source="aggregated"`` from the aggregated
-        posterior q(z) = mean over cells of q(z|x). Returns an AnnData (counts in ``X``, the
-        drawn z in ``obsm["X_latent"]``).
+        Each generated cell takes the library size and covariates of a randomly chosen real
+        cell of ``adata``; counts are drawn from p(x|z).
+
+        Parameters
+        ----------
+        n
+            Number of cells to generate.
+        source
+            ``"prior"``: z from p(z); ``"aggregated"``: from the aggregated posterior
+            q(z) = mean over cells of q(z|x) (a draw from the chosen cell's own q(z|x)).
+        adata
+            Real cells to take libraries and covariates from; ``None``: the training data.
+        seed
+            Seeds every draw.
+
+        Returns
+        -------
+        AnnData with counts in ``X`` and the drawn z in ``obsm["X_latent"]``.
         """
         from .diagnostics import sample
 
@@ -1236,8 +1276,17 @@ class SCVAE:
     def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
         """A copy of ``adata`` with exactly the model's genes: extra genes dropped, missing
         ones added as zero counts (flagged in ``var["scvae_padded"]``), as scvi-tools'
-        ``prepare_query_anndata`` but returning a new AnnData. ``reference``: a trained
-        model or its saved folder. See :func:`scvae_tools.query.prepare_query_anndata`.
+        ``prepare_query_anndata`` but returning a new AnnData. See
+        :func:`scvae_tools.query.prepare_query_anndata`.
+
+        Parameters
+        ----------
+        adata
+            Query cells × genes, in memory (``adata.to_memory()`` for a backed one).
+        reference
+            A trained :class:`SCVAE`, or the folder of one saved with :meth:`save`.
+        max_missing_fraction
+            Refuse when more than this share of the model's genes is missing from ``adata``.
 
         Examples
         --------
@@ -1378,8 +1427,15 @@ class SCVAE:
 
         The directory is written to a temporary sibling and renamed into place, so a crash
         mid-save never leaves a half-written model (and with ``overwrite`` the previous one
-        survives until the new one is complete). ``overwrite`` replaces only a saved model:
-        a folder holding anything else is refused (see :func:`check_save_target`).
+        survives until the new one is complete).
+
+        Parameters
+        ----------
+        path
+            The model's folder: new, empty, or (with ``overwrite``) a model saved before.
+        overwrite
+            Replace a model saved at ``path``. Only a saved model is replaced: a folder
+            holding anything else is refused (see :func:`check_save_target`).
         """
         self._check_trained()
         # "." or "..": a folder with a name and a parent. A symlink ("latest" -> "run_3"):

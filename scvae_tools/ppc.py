@@ -103,9 +103,17 @@ def ppc(
 def ppc_summary(table: pd.DataFrame) -> pd.Series:
     """One number per statistic: how far replicated values sit from observed ones.
 
-    ``zero_fraction``: mean absolute difference (fraction of cells). ``mean``, ``variance``
-    and ``cv``: median absolute log10 ratio replicated / observed over genes (0 = perfect;
-    0.3 ≈ a factor of 2). Lower is better.
+    Parameters
+    ----------
+    table
+        A table from :func:`ppc` (``svt.tl.ppc``).
+
+    Returns
+    -------
+    Series indexed by statistic. ``zero_fraction``: mean absolute difference (fraction of
+    cells). ``mean``, ``variance`` and ``cv``: median absolute log10 ratio replicated /
+    observed over genes with both values positive and finite (0 = perfect; 0.3 ≈ a factor
+    of 2; NaN when no gene has both). Lower is better.
     """
     missing = [f"{s}_{k}" for s in STATISTICS for k in ("obs", "rep") if f"{s}_{k}" not in table]
     if missing:
