@@ -119,7 +119,7 @@ class SCVAE:
         BatchNorm after each hidden layer of ``"both"`` networks (default), only the
         ``"encoder"`` or the ``"decoder"``, or ``"none"`` (as scvi-tools). On pbmc3k,
         ``"decoder"`` gave Leiden clusters slightly closer to the annotation (ARI +0.025 ±
-        0.014 over 9 seeds; benchmarks/README.md, the pbmc3k sweeps).
+        0.014 over 9 seeds; benchmarks/CLUSTERING.md, the third sweep).
 
     Examples
     --------
@@ -259,7 +259,7 @@ class SCVAE:
             Cells per minibatch. Default 128, as in scvi-tools; on a CUDA GPU with at least
             100,000 training cells (one process), 1024: there a batch-128 step waits on
             kernel launches, and batch 1024 runs an epoch ~7× faster with a held-out ELBO
-            within 0.2% (evidence: ``benchmarks/README.md``). The values used are in
+            within 0.2% (evidence: ``benchmarks/HISTORY.md``, stop 20). The values used are in
             ``uns["scvae"]["train"]``.
         lr
             Adam's peak learning rate (decayed, see ``lr_schedule``): by default 4e-3, or

@@ -86,7 +86,7 @@ class TrainConfig:
     # their start in a short run: on pbmc3k's default 38 epochs, 80% of genes kept θ within
     # 0.70–1.13 of the initial 1, against 0.12–1.46 at 10×, which fits the held-out cells
     # better (ELBO +3 nats per cell; pbmc68k +4 to +6) and recovers a simulated θ = 5
-    # (4.7 against 2.8). See benchmarks/README.md, stop 22.
+    # (4.7 against 2.8). See benchmarks/HISTORY.md, stop 22.
     dispersion_lr_factor: float = DISPERSION_LR_FACTOR
     # Started from the model's current weights (train(warm_start=True)), not new ones.
     warm_start: bool = False
@@ -191,7 +191,7 @@ def default_max_epochs(n_cells: int) -> int:
 
 # A GPU at batch 128 waits on the host, which launches a step's ~200 kernels one by one:
 # on an H100, an epoch of 1M × 2,000 cells took 41–45 s at batch 128 and 5.8–6.5 s at 1024
-# (benchmarks/README.md, stop 20). With a peak lr of 1e-2, batch 1024 kept the held-out ELBO
+# (benchmarks/HISTORY.md, stop 20). With a peak lr of 1e-2, batch 1024 kept the held-out ELBO
 # of 100k pbmc3k-like cells within 0.2% of the batch-128 default (measured on the CPU; the
 # arithmetic is the same). Smaller data get too few steps per epoch for large batches, and
 # on a CPU the larger batch's faster epochs are cancelled by the extra epochs it needs.
