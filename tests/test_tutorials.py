@@ -10,6 +10,8 @@ epochs only; a failing cell raises ``CellExecutionError`` and fails the test. Da
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 import shutil
 import sys
@@ -103,6 +105,87 @@ def test_committed_notebooks_have_outputs() -> None:
         assert len(_outputs(nb, mime="image/png")) >= 4, f"{name}: figures missing"
         texts = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
         assert "fast mode: False" in texts, f"{name}: committed outputs come from fast mode"
+
+
+def _check_outputs():
+    """tutorials/check_outputs.py (a script, not part of the package), imported by path."""
+    spec = importlib.util.spec_from_file_location("check_outputs", TUTORIALS / "check_outputs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _edit_output(nb, index: int, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in the text outputs of code cell ``index``."""
+    for o in nb.cells[index].outputs:
+        if "text" in o:
+            o["text"] = o["text"].replace(old, new)
+        if "text/plain" in o.get("data", {}):
+            o["data"]["text/plain"] = o["data"]["text/plain"].replace(old, new)
+
+
+def test_stale_output_check_reports_changed_numbers() -> None:
+    """The staleness check on the committed notebooks: a copy agrees with itself; a moved
+    number is reported with its cell and both values; rounding in the last printed digit, a
+    different speed of the progress bar and the history's ``seconds`` column are not; a
+    markdown number read off an output that moved is reported."""
+    co = _check_outputs()
+    stored = nbformat.read(TUTORIALS / "03_embedded_pbmc68k.ipynb", as_version=4)
+    assert co.stale_cells(stored, stored) == [] and co.stale_quotes(stored, stored) == []
+
+    # Cell 10 trains: its progress bar says where early stopping ended (95 of 143 epochs,
+    # as the markdown after it says).
+    fresh = copy.deepcopy(stored)
+    assert "95/143" in fresh.cells[10].outputs[0]["text"]
+    _edit_output(fresh, 10, "95/143", "97/143")
+    (cell,) = co.stale_cells(stored, fresh)
+    assert cell.index == 10
+    assert [(a.value, b.value) for a, b in cell.differing] == [(95.0, 97.0)]
+
+    # The ARI/NMI table (cell 17): one unit in the third decimal is rounding, 0.02 is not.
+    table = stored.cells[17].outputs[0]["data"]["text/plain"]
+    assert "0.442" in table
+    fresh = copy.deepcopy(stored)
+    _edit_output(fresh, 17, "0.442", "0.443")
+    assert co.stale_cells(stored, fresh) == []
+    fresh = copy.deepcopy(stored)
+    _edit_output(fresh, 17, "0.442", "0.462")
+    (cell,) = co.stale_cells(stored, fresh)
+    assert cell.index == 17 and {(a.value, b.value) for a, b in cell.differing} == {(0.442, 0.462)}
+
+    # Time and speed are not results.
+    fresh = copy.deepcopy(stored)
+    _edit_output(fresh, 10, "[00:03<00:01, 30.67epoch/s", "[01:13<00:41, 1.37epoch/s")
+    assert co.stale_cells(stored, fresh) == []
+    quick = nbformat.read(TUTORIALS / "01_pbmc3k_quickstart.ipynb", as_version=4)
+    history = quick.cells[14].outputs[0]["data"]["text/plain"]
+    assert "seconds" in history and "0.101493" in history
+    fresh = copy.deepcopy(quick)
+    _edit_output(fresh, 14, "0.101493", "0.251493")
+    assert co.stale_cells(quick, fresh) == []
+    _edit_output(fresh, 14, "-641.249908", "-651.249908")  # train_elbo, same table
+    assert [c.index for c in co.stale_cells(quick, fresh)] == [14]
+
+    # 02's markdown cell 13 quotes the total rate that code cell 12 prints.
+    vae = nbformat.read(TUTORIALS / "02_understanding_the_vae.ipynb", as_version=4)
+    assert "16.2 nats with 10" in vae.cells[12].outputs[0]["text"]
+    assert "16.2" in vae.cells[13].source
+    fresh = copy.deepcopy(vae)
+    _edit_output(fresh, 12, "16.2 nats with 10", "16.9 nats with 10")
+    assert [c.index for c in co.stale_cells(vae, fresh)] == [12]
+    assert [(q.index, q.number.value) for q in co.stale_quotes(vae, fresh)] == [(13, 16.2)]
+
+
+@pytest.mark.slow
+def test_committed_outputs_not_stale(tmp_path: Path) -> None:
+    """The committed full-mode outputs of 03_embedded_pbmc68k (the quickest notebook, ~25 s
+    in full mode) still come out of the package. Run ``python tutorials/check_outputs.py``
+    for all four before a release."""
+    co = _check_outputs()
+    name = "03_embedded_pbmc68k.ipynb"
+    cells, quotes = co.check(name, workdir=tmp_path)
+    assert not cells and not quotes, co.report(name, cells, quotes)
 
 
 def _readme_quickstart() -> str:
