@@ -177,6 +177,21 @@ def test_stale_output_check_reports_changed_numbers() -> None:
     assert [(q.index, q.number.value) for q in co.stale_quotes(vae, fresh)] == [(13, 16.2)]
 
 
+def test_stack_record_names_what_differs() -> None:
+    """A refreshed notebook records the machine that made its outputs; the check names what
+    differs on another one (a library version, the thread count), and a missing record."""
+    co = _check_outputs()
+    nb = nbformat.v4.new_notebook()
+    assert len(co.stack_differences(nb)) == 1 and "--refresh" in co.stack_differences(nb)[0]
+    nb.metadata[co.STACK_KEY] = co.stack()
+    assert co.stack_differences(nb) == []
+    nb.metadata[co.STACK_KEY] = {**co.stack(), "torch": "1.0.0"}
+    (difference,) = co.stack_differences(nb)
+    assert difference.startswith("torch: 1.0.0 there")
+    assert [d.split(":")[0] for d in co.stack_differences(nb, threads=co.THREADS + 1)] == [
+        "threads", "torch"]
+
+
 @pytest.mark.slow
 def test_committed_outputs_not_stale(tmp_path: Path) -> None:
     """The committed full-mode outputs of 03_embedded_pbmc68k (the quickest notebook, ~25 s
@@ -184,6 +199,11 @@ def test_committed_outputs_not_stale(tmp_path: Path) -> None:
     for all four before a release."""
     co = _check_outputs()
     name = "03_embedded_pbmc68k.ipynb"
+    differences = co.stack_differences(nbformat.read(TUTORIALS / name, as_version=4))
+    if differences:
+        # Another CPU or library version moves the numbers by itself (e.g. the epoch where
+        # early stopping ends): the comparison would test the machine, not the package.
+        pytest.skip(f"{name}'s outputs were made on another stack: " + "; ".join(differences))
     cells, quotes = co.check(name, workdir=tmp_path)
     assert not cells and not quotes, co.report(name, cells, quotes)
 

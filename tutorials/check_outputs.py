@@ -11,6 +11,11 @@ Run from the repository root, before a release or after a change that can move r
 
     python tutorials/check_outputs.py                      # all four notebooks
     python tutorials/check_outputs.py 03_embedded_pbmc68k  # by name, with or without .ipynb
+    python tutorials/check_outputs.py --refresh 03_embedded_pbmc68k  # re-execute in place
+
+A refresh stamps the notebook's metadata with the machine that made its outputs (CPU,
+thread count, library versions); on another machine the numbers can differ for that reason
+alone, and the check says so.
 
 ``tests/test_tutorials.py`` imports it for a ``slow`` test on the quickest notebook.
 """
@@ -247,17 +252,77 @@ def stale_quotes(stored: nbformat.NotebookNode,
     return out
 
 
+# What the numbers depend on besides the package: the CPU (SIMD width and rounding of BLAS
+# and of the compiled likelihood kernel, which is built for this CPU), the thread count and
+# the versions of the libraries that train and cluster. Outputs made with another stack
+# differ by more than rounding (a different early-stopping epoch moves everything after it),
+# so comparing them says nothing about the package.
+STACK_KEY = "scvae_tools_outputs_made_with"
+_STACK_PACKAGES = ("torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn", "igraph",
+                   "leidenalg", "umap-learn")
+
+
+def stack(threads: int = THREADS) -> dict[str, str]:
+    """This machine's fingerprint for full-mode outputs: CPU, thread count, library versions."""
+    import hashlib
+    from importlib import metadata
+
+    from scvae_tools import native
+
+    out = {"cpu": hashlib.sha256(native._cpu_signature().encode()).hexdigest()[:16],
+           "threads": str(threads)}
+    for name in _STACK_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def stack_differences(stored: nbformat.NotebookNode, threads: int = THREADS) -> list[str]:
+    """How the stack that made the committed outputs differs from this one ([] when the same;
+    one entry when the notebook carries no record, i.e. was not refreshed with ``--refresh``)."""
+    made_with = stored.metadata.get(STACK_KEY)
+    if not made_with:
+        return [f"no record of the machine that made the outputs (metadata {STACK_KEY!r}); "
+                "refresh with --refresh"]
+    here = stack(threads)
+    return [f"{k}: {made_with.get(k)} there, {v} here" for k, v in here.items()
+            if made_with.get(k) != v]
+
+
+def refresh(name: str, threads: int = THREADS) -> Path:
+    """Execute a tutorial in full mode and write it back in place, its outputs stamped with
+    this machine's :func:`stack`. Reread its markdown afterwards: quoted numbers may move."""
+    path = _path(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Executed in tutorials/ itself: the files it writes go to its *_outputs/ folders.
+        fresh = execute(path, Path(tmp), threads=threads, workdir_is_tutorials=True)
+    fresh.metadata[STACK_KEY] = stack(threads)
+    nbformat.write(fresh, path)
+    return path
+
+
+def _path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        path = TUTORIALS / (name if name.endswith(".ipynb") else f"{name}.ipynb")
+    return path
+
+
 def execute(path: Path, workdir: Path, fast: bool = False, threads: int = THREADS,
-            timeout: int = 1200) -> nbformat.NotebookNode:
+            timeout: int = 1200, workdir_is_tutorials: bool = False) -> nbformat.NotebookNode:
     """Execute a copy of the notebook at ``path`` in ``workdir`` (full mode unless ``fast``),
     with the ``python3`` kernel, ``threads`` OpenMP threads and coalesced streams, as the
-    committed outputs are made."""
+    committed outputs are made. ``workdir_is_tutorials``: run in the notebook's own folder
+    (a refresh), the copy being read from ``workdir``."""
     import nbclient
 
-    work = Path(workdir) / "tutorials"
+    copy = Path(workdir) / path.name
+    shutil.copy(path, copy)
+    nb = nbformat.read(copy, as_version=4)
+    work = path.parent if workdir_is_tutorials else Path(workdir) / "tutorials"
     work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, work / path.name)
-    nb = nbformat.read(work / path.name, as_version=4)
     env = os.environ.copy()
     env["SCVAE_TUTORIAL_FAST"] = "1" if fast else "0"
     env["OMP_NUM_THREADS"] = str(threads)  # torch's default thread count
@@ -271,10 +336,9 @@ def execute(path: Path, workdir: Path, fast: bool = False, threads: int = THREAD
 def check(name: str, workdir: Path | None = None, rtol: float = RTOL, atol: float = ATOL,
           threads: int = THREADS) -> tuple[list[StaleCell], list[StaleQuote]]:
     """Execute a tutorial in full mode and compare it with its committed copy. ``name``: a
-    notebook in tutorials/ (with or without ``.ipynb``), or the path of a notebook file."""
-    path = Path(name)
-    if not path.is_file():
-        path = TUTORIALS / (name if name.endswith(".ipynb") else f"{name}.ipynb")
+    notebook in tutorials/ (with or without ``.ipynb``), or the path of a notebook file.
+    Meaningful only where :func:`stack_differences` is empty."""
+    path = _path(name)
     stored = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = execute(path, Path(workdir or tmp), threads=threads)
@@ -287,9 +351,8 @@ def report(name: str, cells: list[StaleCell], quotes: list[StaleQuote]) -> str:
         return f"{name}: committed outputs are up to date"
     lines = [f"{name}: committed outputs are stale"]
     lines += [str(c) for c in cells] + [str(q) for q in quotes]
-    lines.append(f"Refresh the outputs: execute the notebook in full mode in place with "
-                 f"OMP_NUM_THREADS={THREADS}, then update the numbers its text quotes "
-                 f"(tutorials/README.md, 'Fast mode (CI)').")
+    lines.append(f"Refresh the outputs: python tutorials/check_outputs.py --refresh {name}, "
+                 "then update the numbers its text quotes (tutorials/README.md).")
     return "\n".join(lines)
 
 
@@ -300,10 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=ATOL)
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="the kernel's OMP_NUM_THREADS (those of the committed run)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="execute in full mode and write the outputs back in place, "
+                             "stamped with this machine's libraries and CPU")
     args = parser.parse_args(argv)
     names = args.names or sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
+    if args.refresh:
+        for name in names:
+            print(f"refreshed {refresh(name, threads=args.threads)}", flush=True)
+        return 0
     stale = 0
     for name in names:
+        for difference in stack_differences(nbformat.read(_path(name), as_version=4),
+                                            args.threads):
+            print(f"{name}: made with another stack, so numbers may differ for that reason "
+                  f"alone: {difference}", flush=True)
         cells, quotes = check(name, rtol=args.rtol, atol=args.atol, threads=args.threads)
         print(report(name, cells, quotes), flush=True)
         stale += bool(cells or quotes)
