@@ -140,6 +140,16 @@ def differential_expression(
             UserWarning, stacklevel=3)
     data = CellData(adata, model.spec, copy=False, trained=True)  # read-only, for this call only
     counts = data.X
+    # Genes prepare_query_anndata added as zeros were not measured: no count of theirs is
+    # "not detected", so they must not set the background level of the pseudocount.
+    padded = np.isin(model.spec.var_names, data.padded_genes)
+    if padded.any():
+        shown = ", ".join(data.padded_genes[:5]) + (", …" if len(data.padded_genes) > 5 else "")
+        warnings.warn(
+            f"var['scvae_padded'] flags {int(padded.sum())} of the model's genes ({shown}) as "
+            "added by prepare_query_anndata, not measured: their rows are the model's "
+            "prediction from the other genes (their raw_* columns are 0), and they are left "
+            "out of the pseudocount estimate.", UserWarning, stacklevel=3)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sums: dict[str, tuple[np.ndarray, ...]] = {}
@@ -181,7 +191,7 @@ def differential_expression(
                               _proportion_variance(sums2, len(cells2)),
                               float(np.mean(1.0 / data.library[cells2])))
         raw = _raw_stats(sums1, len(cells1), sums2, len(cells2))
-        eps = _pseudocount(pseudocounts, m1, m2, raw)
+        eps = _pseudocount(pseudocounts, m1, m2, raw, measured=~padded)
         res = _summarise(m1, m2, mode, delta, eps, fdr_target)
         res = pd.concat([res, raw], axis=1)
         res.index = pd.Index(model.spec.var_names, name=None)
@@ -324,12 +334,15 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
 
 # ---------------------------------------------------------------------- statistics
 def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray,
-                 raw: pd.DataFrame) -> float:
+                 raw: pd.DataFrame, measured: np.ndarray | None = None) -> float:
     """The ε in log2(h + ε); ``None`` estimates it as scvi-tools does.
 
     Estimated from genes never detected in a group: the 90th percentile of their largest
     posterior mean proportion is the model's 'background' level, below which fold changes
-    are not interpretable.
+    are not interpretable. ``measured``: per gene, whether the counts hold it at all; the
+    others (padded by :func:`~scvae_tools.query.prepare_query_anndata`) are zero in every
+    cell without being undetected, and the model predicts them at their usual level: a few
+    padded markers made ε a gene proportion of 0.04 and left 1 of 52 calls.
     """
     if pseudocounts is not None:
         if pseudocounts < 0:
@@ -337,9 +350,11 @@ def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray,
         return float(pseudocounts) + 1e-12
     levels = []
     for m, i in ((m1, 1), (m2, 2)):
-        detected = raw[f"non_zeros_proportion{i}"].to_numpy() > 0
-        if (~detected).any():
-            levels.append(float(np.quantile(m.max(0)[~detected], 0.9)))
+        undetected = raw[f"non_zeros_proportion{i}"].to_numpy() == 0
+        if measured is not None:
+            undetected &= measured
+        if undetected.any():
+            levels.append(float(np.quantile(m.max(0)[undetected], 0.9)))
     return max([*levels, 1e-10])
 
 

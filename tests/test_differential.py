@@ -274,6 +274,24 @@ def test_a_group_named_twice_is_tested_once(fitted):
     assert len(model.differential_expression(a, "type_id", [0, "0"], n_samples=20)) == a.n_vars
 
 
+def test_padded_genes_do_not_set_the_pseudocount(fitted):
+    """Genes prepare_query_anndata added as zeros were taken as 'never detected', so the
+    model's prediction for them (here the five most expressed genes) set the estimated
+    pseudocount: 1e-10 became 0.04 (a gene proportion) and 52 calls became 1."""
+    model, adata = fitted
+    drop = np.argsort(-np.asarray(adata.X.mean(0)).ravel())[:5]
+    keep = adata.var_names.delete(drop)
+    with pytest.warns(UserWarning, match="missing from the query"):
+        query = svt.SCVAE.prepare_query_anndata(adata[:, keep].copy(), model)
+    full = model.differential_expression(adata, "cell_type", "type0", "type1", n_samples=200)
+    with pytest.warns(UserWarning, match=r"flags 5 of the model's genes .*pseudocount"):
+        padded = model.differential_expression(query, "cell_type", "type0", "type1",
+                                               n_samples=200)
+    assert padded["pseudocounts"].iloc[0] == full["pseudocounts"].iloc[0]
+    calls = full.loc[keep, "is_de_fdr_0.05"].sum()
+    assert calls >= 20 and padded.loc[keep, "is_de_fdr_0.05"].sum() >= 0.7 * calls
+    assert (padded.loc[adata.var_names[drop], "raw_mean1"] == 0).all()
+
 @pytest.mark.slow
 def test_pbmc3k_markers_and_null_split(pbmc3k_nb_model, pbmc3k_hvg):
     model = pbmc3k_nb_model
