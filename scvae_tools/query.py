@@ -31,7 +31,15 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .adapter import AS_SAVED, CellData, DataSpec, _AsSaved, _check_not_empty, gene_positions
+from .adapter import (
+    AS_SAVED,
+    CellData,
+    DataSpec,
+    _AsSaved,
+    _check_not_empty,
+    gene_positions,
+    padded_genes,
+)
 from .devices import accumulator_dtype, seeded
 from .module import VAE, ModuleConfig
 from .train import (
@@ -245,7 +253,8 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     ``obs``, ``obsm``, ``obsp`` (e.g. a neighbour graph that ``uns["neighbors"]`` names),
     ``uns``, ``raw`` and the name of the ``var`` index are copied; ``varm`` and ``varp``
     (gene × gene or gene × component matrices that zeros cannot extend) are left out.
-    ``adata`` itself is not changed. ``SCVAE.train`` refuses cells with padded genes
+    ``adata`` itself is not changed; genes it already flags as padded (a query prepared
+    before) stay flagged, and count as missing. ``SCVAE.train`` refuses cells with padded genes
     (except a query model's fine-tuning): it would learn the padded genes as never
     expressed.
 
@@ -278,11 +287,14 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
     _check_not_empty(adata)
     have = pd.Index([str(v) for v in adata.var_names])
     pos = gene_positions(have.tolist(), genes)  # -1: a gene the query lacks
-    missing = int((pos < 0).sum())
+    # Genes an earlier call padded are zeros, not counts: they stay flagged (and missing),
+    # or preparing a prepared query again would pass them off as measured.
+    padded = (pos < 0) | np.isin(genes, padded_genes(adata.var, genes))
+    missing = int(padded.sum())
     if missing > max_missing_fraction * len(genes):
         raise ValueError(
             f"The query lacks {missing} of the model's {len(genes)} genes (e.g. "
-            f"{[genes[j] for j in np.flatnonzero(pos < 0)[:5]]}; the query has e.g. "
+            f"{[genes[j] for j in np.flatnonzero(padded)[:5]]}; the query has e.g. "
             f"{have[:5].tolist()}): more than max_missing_fraction={max_missing_fraction}. "
             "Check that both use the same gene identifiers (symbols or Ensembl IDs) and "
             "species; if that many genes are truly missing, the latent of these cells would "
@@ -317,7 +329,7 @@ def prepare_query_anndata(adata, reference, max_missing_fraction: float = 0.25):
             var[col] = var[col].astype("Int64")
     var = var[var.index.isin(genes)]  # unique there (gene_positions checked): reindex works
     var = var.reindex(pd.Index(genes, name=adata.var.index.name))
-    var["scvae_padded"] = pos < 0
+    var["scvae_padded"] = padded
     out = ad.AnnData(
         X=None if adata.X is None else reindexed(adata.X), obs=adata.obs.copy(), var=var,
         obsm={k: v.copy() for k, v in adata.obsm.items()},

@@ -269,6 +269,25 @@ def test_prepare_query_anndata_pads_and_the_query_still_maps(split, reference, t
         svt.SCVAE.prepare_query_anndata(ad.read_h5ad(tmp_path / "q.h5ad", backed="r"), path)
 
 
+def test_preparing_a_prepared_query_keeps_its_padded_genes_flagged(split, reference, tmp_path):
+    """A prepared query has every gene of the model, so preparing it again (a notebook cell
+    run twice, or a prepared file read back) set var["scvae_padded"] to False everywhere:
+    its zero-filled genes passed for measured ones (train() no longer refused them)."""
+    _, query_adata = split
+    ref_model, _ = reference
+    kept = query_adata.var_names.delete([0, 7, 50, 99, 120])
+    with pytest.warns(UserWarning, match="5 of the model's 150 genes"):
+        once = svt.SCVAE.prepare_query_anndata(query_adata[:, kept].copy(), ref_model)
+    assert once.var["scvae_padded"].sum() == 5
+    once.write_h5ad(tmp_path / "once.h5ad")
+    for again_from in (once, ad.read_h5ad(tmp_path / "once.h5ad")):
+        with pytest.warns(UserWarning, match="5 of the model's 150 genes"):
+            twice = svt.SCVAE.prepare_query_anndata(again_from, ref_model)
+        np.testing.assert_array_equal(twice.var["scvae_padded"].to_numpy(),
+                                      once.var["scvae_padded"].to_numpy())
+    with pytest.raises(ValueError, match="scvae_padded"):
+        svt.SCVAE(twice).train(max_epochs=1, progress_bar=False)
+
 def test_new_batch_dispersion_is_fitted(tmp_path):
     """With ``dispersion="gene-batch"`` a new batch gets its own θ column, started at the
     reference batches' mean and fitted at the training's faster θ rate: a query batch
