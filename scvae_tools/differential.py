@@ -335,11 +335,13 @@ def _bootstrap_means(pool: tuple[torch.Tensor, torch.Tensor], n_draw: int, n_sam
 # ---------------------------------------------------------------------- statistics
 def _pseudocount(pseudocounts: float | None, m1: np.ndarray, m2: np.ndarray,
                  raw: pd.DataFrame, measured: np.ndarray | None = None) -> float:
-    """The ε in log2(h + ε); ``None`` estimates it as scvi-tools does.
+    """The ε in log2(h + ε); ``None`` estimates it from the data.
 
     Estimated from genes never detected in a group: the 90th percentile of their largest
     posterior mean proportion is the model's 'background' level, below which fold changes
-    are not interpretable. ``measured``: per gene, whether the counts hold it at all; the
+    are not interpretable. scvi-tools' ``estimate_pseudocounts_offset`` starts from the
+    same quantile and divides it by the number of genes; we do not, so that ε stays at that
+    background level. ``measured``: per gene, whether the counts hold it at all; the
     others (padded by :func:`~scvae_tools.query.prepare_query_anndata`) are zero in every
     cell without being undetected, and the model predicts them at their usual level: a few
     padded markers made ε a gene proportion of 0.04 and left 1 of 52 calls.

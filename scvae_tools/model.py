@@ -1052,9 +1052,12 @@ class SCVAE:
             only: vanilla mode makes no calls, as in scvi-tools).
         pseudocounts
             ε in log2(mean + ε), on the proportion scale; ``None`` (the default) estimates
-            it from genes not detected in a group, as scvi-tools does when asked to. Its own
-            default is ``pseudocounts=0.0``: pass that to reproduce its log fold changes
-            (the estimate shrinks those of genes barely expressed in one group).
+            it from genes not detected in a group: the 0.9 quantile of their largest
+            posterior proportion, the level from which scvi-tools'
+            ``estimate_pseudocounts_offset`` starts (scvi-tools 1.4 then divides it by the
+            number of genes, which leaves almost no shrinkage). scvi-tools' own default is
+            ``pseudocounts=0.0``: pass that to reproduce its log fold changes (the estimate
+            shrinks those of genes barely expressed in one group).
         batch_correction
             Decode every cell under every batch and average (batch-free expression); default:
             each cell's own batch.
