@@ -148,8 +148,8 @@ def differential_expression(
         warnings.warn(
             f"var['scvae_padded'] flags {int(padded.sum())} of the model's genes ({shown}) as "
             "added by prepare_query_anndata, not measured: their rows are the model's "
-            "prediction from the other genes (their raw_* columns are 0), and they are left "
-            "out of the pseudocount estimate.", UserWarning, stacklevel=3)
+            "prediction from the other genes (their raw_* columns are 0); they are left "
+            "out of the pseudocount estimate and never called DE.", UserWarning, stacklevel=3)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sums: dict[str, tuple[np.ndarray, ...]] = {}
@@ -199,7 +199,12 @@ def differential_expression(
             # Strongest evidence first; genes tied at the same probability by effect size.
             order = np.lexsort((-res["lfc_mean"].abs().to_numpy(), -res["proba_de"].to_numpy()))
             res = res.iloc[order]
-            res[f"is_de_fdr_{fdr_target}"] = _fdr_calls(res["proba_de"].to_numpy(), fdr_target)
+            # Padded genes are imputed, not measured: never called, and not in the called
+            # set whose expected FDR is controlled.
+            measured = ~padded[order]
+            calls = np.zeros(len(res), dtype=bool)
+            calls[measured] = _fdr_calls(res["proba_de"].to_numpy()[measured], fdr_target)
+            res[f"is_de_fdr_{fdr_target}"] = calls
         else:  # the Bayes factor saturates (165 of 765 pbmc68k genes tie at its top)
             order = np.lexsort((-res["lfc_mean"].to_numpy(), -res["bayes_factor"].to_numpy()))
             res = res.iloc[order]

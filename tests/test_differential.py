@@ -291,6 +291,9 @@ def test_padded_genes_do_not_set_the_pseudocount(fitted):
     calls = full.loc[keep, "is_de_fdr_0.05"].sum()
     assert calls >= 20 and padded.loc[keep, "is_de_fdr_0.05"].sum() >= 0.7 * calls
     assert (padded.loc[adata.var_names[drop], "raw_mean1"] == 0).all()
+    # Imputed genes are never called (the five dropped here are called on measured counts).
+    assert full.loc[adata.var_names[drop], "is_de_fdr_0.05"].any()
+    assert not padded.loc[adata.var_names[drop], "is_de_fdr_0.05"].any()
 
 @pytest.mark.slow
 def test_pbmc3k_markers_and_null_split(pbmc3k_nb_model, pbmc3k_hvg):
