@@ -217,7 +217,8 @@ def differential_expression(
     if key_added is not None:
         store_rank_genes_groups(adata, out, groupby=groupby, key_added=key_added, mode=mode,
                                 reference="rest" if group2 is None else str(group2),
-                                fdr_target=fdr_target, delta=delta)
+                                fdr_target=fdr_target, delta=delta,
+                                padded=list(data.padded_genes))
     return out
 
 
@@ -466,7 +467,7 @@ def posterior_expected_fdr(proba_de_sorted: np.ndarray) -> np.ndarray:
 def store_rank_genes_groups(
     adata, results: pd.DataFrame, groupby: str, key_added: str = "rank_genes_groups",
     mode: str = "change", reference: str = "rest", fdr_target: float = 0.05,
-    delta: float = 0.25,
+    delta: float = 0.25, padded: list[str] | None = None,
 ) -> None:
     """Write DE results to ``adata.uns[key_added]`` in ``sc.tl.rank_genes_groups``' layout.
 
@@ -478,8 +479,12 @@ def store_rank_genes_groups(
     expected FDR of calling that gene and all genes with stronger evidence. These are
     Bayesian analogues, not frequentist p-values, but they make ``sc.get.rank_genes_groups_df``
     and ``sc.pl.rank_genes_groups_*`` (e.g. ``values_to_plot="logfoldchanges"``) work.
+    Genes in ``padded`` (added as zeros by ``prepare_query_anndata``, not measured) get
+    ``pvals`` and ``pvals_adj`` of 1 and stay out of the others' expected FDR, as they stay
+    out of the ``is_de_fdr_*`` calls: a ``pval_cutoff`` never keeps them.
     """
     names, scores, lfcs, pvals, padj = {}, {}, {}, {}, {}
+    padded_set = set(padded or ())
     for g1, res in results.groupby("group1", sort=False):
         if mode == "change":
             signed = np.sign(res["lfc_mean"].to_numpy()) * res["proba_de"].to_numpy()
@@ -490,9 +495,13 @@ def store_rank_genes_groups(
             strength = np.maximum(res["proba_m1"].to_numpy(), res["proba_m2"].to_numpy())
             p_not = 1 - strength
         order = np.lexsort((-res["lfc_mean"].to_numpy(), -signed))
-        # Expected FDR along the evidence ranking, whatever the direction.
+        measured = ~res.index.isin(list(padded_set))
+        p_not = np.where(measured, p_not, 1.0)
+        # Expected FDR along the evidence ranking of the measured genes, whatever the
+        # direction.
         ev_order = np.argsort(-strength, kind="stable")
-        efdr = np.empty(len(res))
+        ev_order = ev_order[measured[ev_order]]
+        efdr = np.ones(len(res))
         efdr[ev_order] = posterior_expected_fdr(strength[ev_order])
         key = str(g1)
         names[key] = res.index.to_numpy().astype(object)[order]

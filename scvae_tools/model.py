@@ -1049,7 +1049,9 @@ class SCVAE:
         fdr_target
             Genes are called (column ``is_de_fdr_<fdr_target>``) while the posterior expected
             false discovery rate of the called set stays at or below this (``mode="change"``
-            only: vanilla mode makes no calls, as in scvi-tools).
+            only: vanilla mode makes no calls, as in scvi-tools). Genes that
+            :meth:`prepare_query_anndata` added as zeros (``var["scvae_padded"]``) are never
+            called and stay out of that rate (and of ``key_added``'s ``pvals_adj``).
         pseudocounts
             ε in log2(mean + ε), on the proportion scale; ``None`` (the default) estimates
             it from genes not detected in a group: the 0.9 quantile of their largest

@@ -295,6 +295,34 @@ def test_padded_genes_do_not_set_the_pseudocount(fitted):
     assert full.loc[adata.var_names[drop], "is_de_fdr_0.05"].any()
     assert not padded.loc[adata.var_names[drop], "is_de_fdr_0.05"].any()
 
+
+def test_padded_genes_are_not_called_in_rank_genes_groups(fitted):
+    """key_added= wrote the expected FDR over every gene, padded ones included: a
+    pval_cutoff on sc.get.rank_genes_groups_df kept a gene the DataFrame never calls."""
+    model, adata = fitted
+    drop = np.argsort(-np.asarray(adata.X.mean(0)).ravel())[:5]
+    keep = adata.var_names.delete(drop)
+    with pytest.warns(UserWarning, match="missing from the query"):
+        query = svt.SCVAE.prepare_query_anndata(adata[:, keep].copy(), model)
+    dropped = set(adata.var_names[drop])
+    for mode in ("change", "vanilla"):
+        with pytest.warns(UserWarning, match="flags 5 of the model's genes"):
+            de = model.differential_expression(query, "cell_type", "type0", "type1",
+                                               mode=mode, n_samples=200, key_added=mode)
+        rgg = sc.get.rank_genes_groups_df(query, group="type0", key=mode).set_index("names")
+        assert (rgg.loc[list(dropped), ["pvals", "pvals_adj"]] == 1).all().all()
+        measured = rgg.drop(index=list(dropped))
+        if mode == "change":  # the same calls as the DataFrame's
+            called = set(de.index[de["is_de_fdr_0.05"]])
+            assert len(called) >= 20
+            assert set(measured.index[measured["pvals_adj"] <= 0.05]) == called
+        # The measured genes' expected FDR is that of their own ranking.
+        strength = 1 - measured["pvals"].to_numpy()
+        ranked = np.sort(strength)[::-1]
+        np.testing.assert_allclose(np.sort(measured["pvals_adj"].to_numpy()),
+                                   np.cumsum(1 - ranked) / np.arange(1, len(ranked) + 1))
+
+
 @pytest.mark.slow
 def test_pbmc3k_markers_and_null_split(pbmc3k_nb_model, pbmc3k_hvg):
     model = pbmc3k_nb_model
