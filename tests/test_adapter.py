@@ -359,3 +359,22 @@ def test_anndata_read_counts_cost_no_copy_of_their_indices_per_call():
     fixed = adapter._as_float32(unsorted, copy=False)
     assert fixed.has_canonical_format and not np.shares_memory(fixed.indices, unsorted.indices)
     np.testing.assert_array_equal(fixed.toarray(), unsorted.toarray())
+
+
+def test_int64_indices_with_int32_indptr_are_read_in_place():
+    """CSR counts with int64 indices and an int32 indptr (indices widened by hand, or by a
+    tool that writes them so) are read in place too: matching the indptr to the indices
+    went through scipy's constructor, which narrowed the indices back to int32, a copy of
+    all of them on every read-only use."""
+    from scvae_tools import adapter
+
+    X = _anndata_like_csr(50, 30, 0.3)
+    X.indices, X.indptr = X.indices.astype(np.int64), X.indptr.astype(np.int32)
+    got = adapter._as_float32(X, copy=False)
+    assert np.shares_memory(got.indices, X.indices) and np.shares_memory(got.data, X.data)
+    assert X.indices.dtype == np.int64 and X.indptr.dtype == np.int32  # the user's, untouched
+    rows = np.array([7, 0, 49, 7])
+    cols, vals, _, lengths = adapter._csr_rows(got, rows)
+    np.testing.assert_array_equal(cols, X[rows].indices)
+    np.testing.assert_array_equal(vals, X[rows].data)
+    np.testing.assert_array_equal(lengths, np.diff(X.indptr)[rows])
