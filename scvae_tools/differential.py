@@ -484,7 +484,6 @@ def store_rank_genes_groups(
     out of the ``is_de_fdr_*`` calls: a ``pval_cutoff`` never keeps them.
     """
     names, scores, lfcs, pvals, padj = {}, {}, {}, {}, {}
-    padded_set = set(padded or ())
     for g1, res in results.groupby("group1", sort=False):
         if mode == "change":
             signed = np.sign(res["lfc_mean"].to_numpy()) * res["proba_de"].to_numpy()
@@ -495,7 +494,7 @@ def store_rank_genes_groups(
             strength = np.maximum(res["proba_m1"].to_numpy(), res["proba_m2"].to_numpy())
             p_not = 1 - strength
         order = np.lexsort((-res["lfc_mean"].to_numpy(), -signed))
-        measured = ~res.index.isin(list(padded_set))
+        measured = ~res.index.isin(padded or [])
         p_not = np.where(measured, p_not, 1.0)
         # Expected FDR along the evidence ranking of the measured genes, whatever the
         # direction.
