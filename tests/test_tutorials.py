@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -43,22 +42,14 @@ NOTEBOOKS = {
 
 
 def _run(name: str, tmp_path: Path, monkeypatch) -> nbformat.NotebookNode:
-    src = TUTORIALS / name
-    work = tmp_path / "tutorials"
-    work.mkdir()
-    shutil.copy(src, work / name)
-    nb = nbformat.read(work / name, as_version=4)
-    # Appended to the temporary copy only: which interpreter ran the cells, and its CPU time.
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "import resource, sys\nprint(sys.executable)\n"
-        "r = resource.getrusage(resource.RUSAGE_SELF)\nprint(r.ru_utime + r.ru_stime)"))
-    monkeypatch.setenv("SCVAE_TUTORIAL_FAST", "1")
+    """The notebook executed in fast mode in ``tmp_path``; raises CellExecutionError on the
+    first failing cell."""
     monkeypatch.setenv("SCVAE_TOOLS_NO_DOWNLOAD", "1")
-    client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    return nb
+    # Appended to the executed copy only: which interpreter ran the cells, and its CPU time.
+    probe = ("import resource, sys\nprint(sys.executable)\n"
+             "r = resource.getrusage(resource.RUSAGE_SELF)\nprint(r.ru_utime + r.ru_stime)")
+    return _check_outputs().execute(TUTORIALS / name, tmp_path, fast=True, threads=None,
+                                    timeout=600, append=(probe,))
 
 
 def _outputs(nb, output_type: str | None = None, mime: str | None = None) -> list:

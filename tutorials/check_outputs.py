@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -68,14 +67,14 @@ _VOLATILE = [
     ),
     re.compile(r"(?<![\w+])(?:~|\.{1,2})?/[^\s'\",)\]]+"),  # paths
 ]
-# tqdm's bar: "Training:  66%|██▋  | 95/143 [00:03<00:01, 30.67epoch/s, elbo=-624.4, val=-670.3]".
-# Steps done and total (where early stopping ended) and the postfix values are results; the
-# elapsed and remaining time and the speed are not.
 # Table columns that hold times or memory.
 _VOLATILE_COLUMN = re.compile(
     r"(?<!\S)(?:seconds|secs?|time|elapsed|duration|runtime|wall_?time|memory|mem)(?=\s|\\|$)",
     re.IGNORECASE,
 )
+# tqdm's bar: "Training:  66%|██▋  | 95/143 [00:03<00:01, 30.67epoch/s, elbo=-624.4, val=-670.3]".
+# Steps done and total (where early stopping ended) and the postfix values are results; the
+# elapsed and remaining time and the speed are not.
 _PROGRESS = re.compile(
     r"\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*\[[^\],]*(?:,[^,\]]*/s)?(?P<postfix>[^\]]*)\]"
 )
@@ -235,10 +234,8 @@ def stale_quotes(stored: nbformat.NotebookNode,
     Only numbers with decimals or of at least three digits are considered: small integers
     ("4 resolutions", "30 epochs") match some output anywhere by chance.
     """
-    printed_stored = [n for c in stored.cells if c.cell_type == "code"
-                      for n in _flat(cell_numbers(c))]
-    printed_fresh = [n for c in fresh.cells if c.cell_type == "code"
-                     for n in _flat(cell_numbers(c))]
+    printed_stored, printed_fresh = ([n for c in nb.cells if c.cell_type == "code"
+                                      for n in _flat(cell_numbers(c))] for nb in (stored, fresh))
     out = []
     for i, cell in enumerate(stored.cells):
         if cell.cell_type != "markdown":
@@ -295,9 +292,8 @@ def refresh(name: str, threads: int = THREADS) -> Path:
     """Execute a tutorial in full mode and write it back in place, its outputs stamped with
     this machine's :func:`stack`. Reread its markdown afterwards: quoted numbers may move."""
     path = _path(name)
-    with tempfile.TemporaryDirectory() as tmp:
-        # Executed in tutorials/ itself: the files it writes go to its *_outputs/ folders.
-        fresh = execute(path, Path(tmp), threads=threads, workdir_is_tutorials=True)
+    # Executed in tutorials/ itself: the files it writes go to its *_outputs/ folders.
+    fresh = execute(path, None, threads=threads)
     fresh.metadata[STACK_KEY] = stack(threads)
     nbformat.write(fresh, path)
     return path
@@ -310,22 +306,24 @@ def _path(name: str) -> Path:
     return path
 
 
-def execute(path: Path, workdir: Path, fast: bool = False, threads: int = THREADS,
-            timeout: int = 1200, workdir_is_tutorials: bool = False) -> nbformat.NotebookNode:
-    """Execute a copy of the notebook at ``path`` in ``workdir`` (full mode unless ``fast``),
-    with the ``python3`` kernel, ``threads`` OpenMP threads and coalesced streams, as the
-    committed outputs are made. ``workdir_is_tutorials``: run in the notebook's own folder
-    (a refresh), the copy being read from ``workdir``."""
+def execute(path: Path, workdir: Path | None, fast: bool = False, threads: int | None = THREADS,
+            timeout: int = 1200, append: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    """Execute the notebook at ``path`` (full mode unless ``fast``) and return it with its new
+    outputs; the file itself is not written. With the ``python3`` kernel, ``threads``
+    OpenMP threads (``None``: as this process's environment says) and coalesced streams, as
+    the committed outputs are made. It runs in ``workdir/tutorials`` (files it writes stay
+    there), or with ``workdir=None`` in the notebook's own folder (a refresh). ``append``:
+    code cells added at the end, e.g. for a test to look inside the kernel."""
     import nbclient
 
-    copy = Path(workdir) / path.name
-    shutil.copy(path, copy)
-    nb = nbformat.read(copy, as_version=4)
-    work = path.parent if workdir_is_tutorials else Path(workdir) / "tutorials"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(code) for code in append]
+    work = path.parent if workdir is None else Path(workdir) / "tutorials"
     work.mkdir(parents=True, exist_ok=True)
     env = os.environ.copy()
     env["SCVAE_TUTORIAL_FAST"] = "1" if fast else "0"
-    env["OMP_NUM_THREADS"] = str(threads)  # torch's default thread count
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's default thread count
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                      coalesce_streams=True,
                                      resources={"metadata": {"path": str(work)}})
